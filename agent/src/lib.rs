@@ -1,0 +1,3 @@
+//! serin agent.
+pub mod collect;
+pub mod nginx;

@@ -1,0 +1,557 @@
+//! Analysis: merging what agents measured and judging the canary against it. Pure: no I/O.
+//!
+//! - [`Window`]: request, error and latency-histogram counts of one variant over some time,
+//!   mergeable across instances, agents and ticks.
+//! - [`evaluate_check`]: one check over a pair of windows → [`Verdict`]. A check never passes on
+//!   missing or too little data; it answers [`Verdict::NoData`] and the stage keeps observing.
+//! - [`StageAnalysis`] and [`judge_stage`]: all checks of a stage together.
+//!
+//! The statistical engine (sequential tests) will be another [`Rule`] kind evaluated here; the
+//! verdict type already has the three answers it needs (pass, fail, not enough data).
+
+use serde::{Deserialize, Serialize};
+
+use crate::strategy::{Check, Metric, Rule};
+
+/// Counts of one variant over a span of time. Histogram buckets are cumulative by upper bound
+/// (Prometheus `le`), in seconds, and must share one layout to be merged exactly.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Window {
+    /// Requests served.
+    pub requests: u64,
+    /// Of those, errors (5xx).
+    pub errors: u64,
+    /// Upper bounds in seconds, ascending; the last may be +Inf.
+    pub bounds: Vec<f64>,
+    /// Cumulative count of requests at or under each bound.
+    pub counts: Vec<u64>,
+    /// Sum of latencies in seconds.
+    pub latency_sum: f64,
+    /// Intervals whose scrape failed (missing data).
+    pub missing: u64,
+}
+
+impl Window {
+    /// A window from one report.
+    pub fn from_counts(requests: u64, errors: u64, buckets: &[(f64, u64)], sum: f64) -> Window {
+        Window {
+            requests,
+            errors: errors.min(requests),
+            bounds: buckets.iter().map(|b| b.0).collect(),
+            counts: buckets.iter().map(|b| b.1).collect(),
+            latency_sum: sum,
+            missing: 0,
+        }
+    }
+
+    /// A window recording one failed scrape.
+    pub fn missing() -> Window {
+        Window {
+            missing: 1,
+            ..Window::default()
+        }
+    }
+
+    /// Adds `other` into `self`. Histograms with different bucket layouts are merged onto the
+    /// union of bounds, each count carried to the next bound it is known to lie under
+    /// (conservative: a quantile never reads lower than the truth).
+    pub fn merge(&mut self, other: &Window) {
+        self.requests += other.requests;
+        self.errors += other.errors;
+        self.latency_sum += other.latency_sum;
+        self.missing += other.missing;
+        if other.bounds.is_empty() {
+            return;
+        }
+        if self.bounds.is_empty() {
+            self.bounds = other.bounds.clone();
+            self.counts = other.counts.clone();
+            return;
+        }
+        if self.bounds == other.bounds {
+            for (a, b) in self.counts.iter_mut().zip(&other.counts) {
+                *a += b;
+            }
+            return;
+        }
+        let mut bounds: Vec<f64> = self.bounds.iter().chain(&other.bounds).copied().collect();
+        bounds.sort_by(f64::total_cmp);
+        bounds.dedup();
+        let counts = bounds
+            .iter()
+            .map(|&le| {
+                cumulative_at(&self.bounds, &self.counts, le)
+                    + cumulative_at(&other.bounds, &other.counts, le)
+            })
+            .collect();
+        self.bounds = bounds;
+        self.counts = counts;
+    }
+
+    /// Error share in 0..=1, or `None` with no requests.
+    pub fn error_rate(&self) -> Option<f64> {
+        (self.requests > 0).then(|| self.errors as f64 / self.requests as f64)
+    }
+
+    /// Number of requests counted by the histogram.
+    pub fn observed(&self) -> u64 {
+        self.counts.last().copied().unwrap_or(0)
+    }
+
+    /// Latency quantile `q` in seconds, interpolated linearly within the bucket as Prometheus'
+    /// `histogram_quantile` does. `None` with no observations. A quantile in the +Inf bucket
+    /// answers the highest finite bound.
+    pub fn quantile(&self, q: f64) -> Option<f64> {
+        let total = self.observed();
+        if total == 0 || !(0.0..=1.0).contains(&q) {
+            return None;
+        }
+        let rank = q * total as f64;
+        let mut lower_bound = 0.0;
+        let mut lower_count = 0u64;
+        for (&le, &count) in self.bounds.iter().zip(&self.counts) {
+            if count as f64 >= rank && count > lower_count {
+                if le.is_infinite() {
+                    return Some(lower_bound);
+                }
+                let in_bucket = (count - lower_count) as f64;
+                let fraction = (rank - lower_count as f64) / in_bucket;
+                return Some(lower_bound + (le - lower_bound) * fraction.clamp(0.0, 1.0));
+            }
+            if le.is_finite() {
+                lower_bound = le;
+            }
+            lower_count = count;
+        }
+        Some(lower_bound)
+    }
+
+    /// The value of `metric` (error rate as a fraction, latencies in milliseconds).
+    pub fn metric(&self, metric: Metric) -> Option<f64> {
+        match metric.quantile() {
+            None => self.error_rate(),
+            Some(q) => self.quantile(q).map(|s| s * 1000.0),
+        }
+    }
+
+    /// How many requests back `metric`: all requests for error rate, histogram observations
+    /// for latency.
+    pub fn support(&self, metric: Metric) -> u64 {
+        match metric {
+            Metric::ErrorRate => self.requests,
+            _ => self.observed(),
+        }
+    }
+}
+
+/// Cumulative count at `le` of a histogram with `bounds`: the count of the largest bound ≤ `le`.
+fn cumulative_at(bounds: &[f64], counts: &[u64], le: f64) -> u64 {
+    let below = bounds.partition_point(|&b| b <= le);
+    if below == 0 { 0 } else { counts[below - 1] }
+}
+
+/// Stable and canary windows over the same span.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Pair {
+    /// The stable variant.
+    pub stable: Window,
+    /// The canary variant.
+    pub canary: Window,
+}
+
+/// The answer of one check.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "verdict")]
+pub enum Verdict {
+    /// The condition holds on enough data.
+    Pass {
+        /// Canary value.
+        value: f64,
+        /// The limit it was compared with.
+        threshold: f64,
+    },
+    /// The condition is broken on enough data.
+    Fail {
+        /// Canary value.
+        value: f64,
+        /// The limit it broke.
+        threshold: f64,
+    },
+    /// Not enough data to say either.
+    NoData {
+        /// Why, e.g. "canary has 12 of 50 requests".
+        reason: String,
+    },
+}
+
+impl Verdict {
+    /// Short name: pass, fail or no_data.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Verdict::Pass { .. } => "pass",
+            Verdict::Fail { .. } => "fail",
+            Verdict::NoData { .. } => "no_data",
+        }
+    }
+}
+
+/// A check's name with its verdict, as recorded in evidence.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CheckResult {
+    /// The check's name.
+    pub name: String,
+    /// The metric it measured.
+    pub metric: Metric,
+    /// The answer.
+    pub verdict: Verdict,
+}
+
+impl CheckResult {
+    /// One line for humans: `errors-vs-stable: fail (error_rate 0.2 > 0.015)`.
+    pub fn describe(&self) -> String {
+        let unit = self.metric.unit();
+        match &self.verdict {
+            Verdict::Pass { value, threshold } => format!(
+                "{}: pass ({} {}{unit} <= {}{unit})",
+                self.name,
+                self.metric,
+                round(*value),
+                round(*threshold)
+            ),
+            Verdict::Fail { value, threshold } => format!(
+                "{}: fail ({} {}{unit} > {}{unit})",
+                self.name,
+                self.metric,
+                round(*value),
+                round(*threshold)
+            ),
+            Verdict::NoData { reason } => format!("{}: not enough data ({reason})", self.name),
+        }
+    }
+}
+
+fn round(v: f64) -> f64 {
+    (v * 10_000.0).round() / 10_000.0
+}
+
+/// Evaluates one check over stable and canary windows.
+pub fn evaluate_check(check: &Check, data: &Pair) -> CheckResult {
+    let verdict = verdict(check, data);
+    CheckResult {
+        name: check.name.clone(),
+        metric: check.metric,
+        verdict,
+    }
+}
+
+fn verdict(check: &Check, data: &Pair) -> Verdict {
+    let canary_support = data.canary.support(check.metric);
+    if canary_support < check.min_requests {
+        return Verdict::NoData {
+            reason: format!(
+                "canary has {canary_support} of {} requests needed",
+                check.min_requests
+            ),
+        };
+    }
+    let Some(value) = data.canary.metric(check.metric) else {
+        return Verdict::NoData {
+            reason: "canary has no measurements".to_owned(),
+        };
+    };
+    let threshold = match check.rule {
+        Rule::Max { limit } => limit,
+        Rule::RatioToStable { ratio, slack } => {
+            let stable_support = data.stable.support(check.metric);
+            if stable_support < check.min_requests {
+                return Verdict::NoData {
+                    reason: format!(
+                        "stable has {stable_support} of {} requests needed",
+                        check.min_requests
+                    ),
+                };
+            }
+            let Some(stable) = data.stable.metric(check.metric) else {
+                return Verdict::NoData {
+                    reason: "stable has no measurements".to_owned(),
+                };
+            };
+            (stable * ratio).max(stable + slack)
+        }
+    };
+    if value <= threshold {
+        Verdict::Pass { value, threshold }
+    } else {
+        Verdict::Fail { value, threshold }
+    }
+}
+
+/// Everything measured in one stage and what each check said of it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StageAnalysis {
+    /// The data.
+    pub data: Pair,
+    /// One result per check, in strategy order.
+    pub checks: Vec<CheckResult>,
+}
+
+/// What the checks of a stage say together.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StageVerdict {
+    /// Every check passed (a stage with no checks passes on time alone).
+    Pass,
+    /// This check failed.
+    Fail(CheckResult),
+    /// At least one check lacks data and none failed.
+    NotYet,
+}
+
+/// Evaluates every check of a stage.
+pub fn analyse_stage(checks: &[Check], data: Pair) -> StageAnalysis {
+    let checks = checks.iter().map(|c| evaluate_check(c, &data)).collect();
+    StageAnalysis { data, checks }
+}
+
+/// Combines check results: any failure fails, any missing data waits, else pass.
+pub fn judge_stage(analysis: &StageAnalysis) -> StageVerdict {
+    if let Some(failed) = analysis
+        .checks
+        .iter()
+        .find(|c| matches!(c.verdict, Verdict::Fail { .. }))
+    {
+        return StageVerdict::Fail(failed.clone());
+    }
+    if analysis
+        .checks
+        .iter()
+        .any(|c| matches!(c.verdict, Verdict::NoData { .. }))
+    {
+        return StageVerdict::NotYet;
+    }
+    StageVerdict::Pass
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BOUNDS: [f64; 5] = [0.01, 0.05, 0.1, 0.5, f64::INFINITY];
+
+    fn window(requests: u64, errors: u64, counts: [u64; 5]) -> Window {
+        let buckets: Vec<_> = BOUNDS.iter().copied().zip(counts).collect();
+        Window::from_counts(requests, errors, &buckets, 0.0)
+    }
+
+    fn check(metric: Metric, rule: Rule, min_requests: u64) -> Check {
+        Check {
+            name: "c".into(),
+            metric,
+            rule,
+            min_requests,
+        }
+    }
+
+    #[test]
+    fn merging_same_layout_adds_counts() {
+        let mut a = window(10, 1, [1, 5, 8, 10, 10]);
+        a.merge(&window(20, 4, [0, 10, 15, 19, 20]));
+        assert_eq!(a.requests, 30);
+        assert_eq!(a.errors, 5);
+        assert_eq!(a.counts, [1, 15, 23, 29, 30]);
+    }
+
+    #[test]
+    fn merging_into_empty_takes_the_layout() {
+        let mut a = Window::default();
+        a.merge(&window(10, 0, [1, 5, 8, 10, 10]));
+        assert_eq!(a.bounds, BOUNDS);
+        assert_eq!(a.counts, [1, 5, 8, 10, 10]);
+        let mut b = window(10, 0, [1, 5, 8, 10, 10]);
+        b.merge(&Window::missing());
+        assert_eq!(b.counts, [1, 5, 8, 10, 10]);
+        assert_eq!(b.missing, 1);
+    }
+
+    #[test]
+    fn merging_different_layouts_uses_the_union_of_bounds() {
+        let mut a = Window::from_counts(4, 0, &[(0.1, 2), (1.0, 4), (f64::INFINITY, 4)], 0.0);
+        let b = Window::from_counts(6, 0, &[(0.5, 3), (f64::INFINITY, 6)], 0.0);
+        a.merge(&b);
+        assert_eq!(a.bounds, [0.1, 0.5, 1.0, f64::INFINITY]);
+        // at 0.1: 2 + 0 (b's first bound is 0.5); at 0.5: 2 + 3; at 1.0: 4 + 3; +Inf: 10.
+        assert_eq!(a.counts, [2, 5, 7, 10]);
+        assert_eq!(a.observed(), 10);
+    }
+
+    #[test]
+    fn merging_is_order_independent() {
+        let parts = [
+            window(10, 1, [1, 5, 8, 10, 10]),
+            Window::from_counts(6, 2, &[(0.05, 3), (f64::INFINITY, 6)], 1.0),
+            window(7, 0, [7, 7, 7, 7, 7]),
+        ];
+        let mut forward = Window::default();
+        parts.iter().for_each(|p| forward.merge(p));
+        let mut backward = Window::default();
+        parts.iter().rev().for_each(|p| backward.merge(p));
+        assert_eq!(forward.requests, backward.requests);
+        assert_eq!(forward.bounds, backward.bounds);
+        assert_eq!(forward.counts, backward.counts);
+    }
+
+    #[test]
+    fn quantiles_interpolate_like_prometheus() {
+        // 100 requests: 50 under 10 ms, 40 in (10, 50], 10 in (50, 100].
+        let w = window(100, 0, [50, 90, 100, 100, 100]);
+        assert!((w.quantile(0.5).unwrap() - 0.01).abs() < 1e-12);
+        // p95: rank 95, bucket (0.05, 0.1] holds 90..100 → 0.05 + 0.05 * 0.5.
+        assert!((w.quantile(0.95).unwrap() - 0.075).abs() < 1e-12);
+        assert!((w.metric(Metric::LatencyP95).unwrap() - 75.0).abs() < 1e-9);
+        // Only the +Inf bucket above 0.5 s: answers the highest finite bound.
+        let slow = window(10, 0, [0, 0, 0, 0, 10]);
+        assert_eq!(slow.quantile(0.99), Some(0.5));
+        assert_eq!(Window::default().quantile(0.5), None);
+        assert_eq!(w.quantile(1.5), None);
+    }
+
+    #[test]
+    fn error_rate_needs_requests() {
+        assert_eq!(Window::default().error_rate(), None);
+        assert_eq!(window(200, 10, [0; 5]).error_rate(), Some(0.05));
+        // errors can never exceed requests, even from a confused exporter.
+        assert_eq!(Window::from_counts(5, 9, &[], 0.0).error_rate(), Some(1.0));
+    }
+
+    #[test]
+    fn absolute_checks() {
+        let c = check(Metric::ErrorRate, Rule::Max { limit: 0.05 }, 100);
+        let ok = Pair {
+            canary: window(200, 2, [0; 5]),
+            ..Pair::default()
+        };
+        assert_eq!(evaluate_check(&c, &ok).verdict.label(), "pass");
+        let bad = Pair {
+            canary: window(200, 20, [0; 5]),
+            ..Pair::default()
+        };
+        assert_eq!(
+            evaluate_check(&c, &bad).verdict,
+            Verdict::Fail {
+                value: 0.1,
+                threshold: 0.05
+            }
+        );
+    }
+
+    #[test]
+    fn too_little_data_never_passes_or_fails() {
+        let c = check(Metric::ErrorRate, Rule::Max { limit: 0.05 }, 100);
+        // 99 requests, all errors: still not enough to judge.
+        let few = Pair {
+            canary: window(99, 99, [0; 5]),
+            ..Pair::default()
+        };
+        let r = evaluate_check(&c, &few);
+        assert_eq!(r.verdict.label(), "no_data");
+        assert!(
+            r.describe().contains("canary has 99 of 100"),
+            "{}",
+            r.describe()
+        );
+        let missing = Pair {
+            canary: Window::missing(),
+            ..Pair::default()
+        };
+        assert_eq!(evaluate_check(&c, &missing).verdict.label(), "no_data");
+    }
+
+    #[test]
+    fn ratio_checks_compare_with_stable_and_honour_slack() {
+        let c = check(
+            Metric::ErrorRate,
+            Rule::RatioToStable {
+                ratio: 1.5,
+                slack: 0.0,
+            },
+            50,
+        );
+        let data = |ce, se| Pair {
+            canary: window(100, ce, [0; 5]),
+            stable: window(1000, se, [0; 5]),
+        };
+        assert_eq!(evaluate_check(&c, &data(3, 20)).verdict.label(), "pass"); // 3% vs 2%*1.5
+        assert_eq!(evaluate_check(&c, &data(4, 20)).verdict.label(), "fail"); // 4% > 3%
+        // Stable at zero errors: any canary error fails without slack...
+        assert_eq!(evaluate_check(&c, &data(1, 0)).verdict.label(), "fail");
+        // ...and passes with an absolute allowance.
+        let slack = check(
+            Metric::ErrorRate,
+            Rule::RatioToStable {
+                ratio: 1.5,
+                slack: 0.02,
+            },
+            50,
+        );
+        assert_eq!(evaluate_check(&slack, &data(1, 0)).verdict.label(), "pass");
+        // Stable without data: cannot compare.
+        let no_stable = Pair {
+            canary: window(100, 0, [0; 5]),
+            stable: window(10, 0, [0; 5]),
+        };
+        assert_eq!(evaluate_check(&c, &no_stable).verdict.label(), "no_data");
+    }
+
+    #[test]
+    fn latency_checks_read_the_histogram() {
+        let c = check(Metric::LatencyP95, Rule::Max { limit: 60.0 }, 50);
+        let fast = Pair {
+            canary: window(100, 0, [50, 100, 100, 100, 100]),
+            ..Pair::default()
+        };
+        assert_eq!(evaluate_check(&c, &fast).verdict.label(), "pass");
+        let slow = Pair {
+            canary: window(100, 0, [10, 20, 30, 100, 100]),
+            ..Pair::default()
+        };
+        assert_eq!(evaluate_check(&c, &slow).verdict.label(), "fail");
+        // Requests counted but no histogram: no data, not a pass.
+        let no_hist = Pair {
+            canary: Window::from_counts(100, 0, &[], 0.0),
+            ..Pair::default()
+        };
+        assert_eq!(evaluate_check(&c, &no_hist).verdict.label(), "no_data");
+    }
+
+    #[test]
+    fn stage_judgement_combines_checks() {
+        let checks = vec![
+            check(Metric::ErrorRate, Rule::Max { limit: 0.05 }, 10),
+            check(Metric::LatencyP95, Rule::Max { limit: 60.0 }, 10),
+        ];
+        let good = analyse_stage(
+            &checks,
+            Pair {
+                canary: window(100, 0, [50, 100, 100, 100, 100]),
+                ..Pair::default()
+            },
+        );
+        assert_eq!(judge_stage(&good), StageVerdict::Pass);
+        let waiting = analyse_stage(&checks, Pair::default());
+        assert_eq!(judge_stage(&waiting), StageVerdict::NotYet);
+        let failing = analyse_stage(
+            &checks,
+            Pair {
+                canary: window(100, 50, [0, 0, 0, 0, 0]),
+                ..Pair::default()
+            },
+        );
+        // The error check fails even though latency has no data.
+        assert!(
+            matches!(judge_stage(&failing), StageVerdict::Fail(r) if r.metric == Metric::ErrorRate)
+        );
+        assert_eq!(
+            judge_stage(&analyse_stage(&[], Pair::default())),
+            StageVerdict::Pass
+        );
+    }
+}

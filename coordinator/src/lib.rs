@@ -1,0 +1,22 @@
+//! The serin coordinator: a Raft-replicated control plane that runs rollouts.
+//!
+//! # Layout
+//!
+//! - [`strategy`]: strategy TOML, parsed then validated into a runtime type (pure).
+//! - [`analysis`]: merging agent measurements and judging checks (pure).
+//! - [`rollout`]: the rollout state machine and the controller's decisions (pure, time passed in).
+//! - [`raft`]: the Raft node (raft-rs `RawNode` owned by one task) and its sled storage.
+//! - [`metrics`]: the leader's soft state of recent agent reports per service and variant.
+//! - [`agents`]: connected agents, their sessions and desired-state pushes.
+//! - [`control`]: the leader's control loop: analysis → decision → proposal.
+//! - [`service`]: the gRPC services (agent streams and the operator API).
+//! - [`server`]: wiring of all of the above into a running coordinator.
+//!
+//! Every change of rollout state is a [`rollout::Command`] proposed through Raft and applied by
+//! [`rollout::Registry::apply`]; nothing is decided outside the log.
+#![forbid(unsafe_code)]
+
+pub mod analysis;
+pub mod raft;
+pub mod rollout;
+pub mod strategy;

@@ -1,0 +1,9 @@
+//! Raft: the replicated log under the coordinator's state (raft-rs 0.7 driven over a sled store).
+//!
+//! - [`storage`]: raft-rs `Storage` on sled, plus the applied state machine.
+//! - [`node`]: the task that owns the `RawNode`, and the handle everyone else uses.
+
+pub mod node;
+pub mod storage;
+
+pub use node::{NodeConfig, NodeView, ProposeError, RaftHandle, Role};

@@ -1,0 +1,901 @@
+//! The rollout state machine. Pure and deterministic: no I/O, no clock (every command carries the
+//! time it was proposed at), so every node that applies the same log reaches the same state.
+//!
+//! ```text
+//!              StagePassed (more stages)            StagePassed (gated stage)
+//!   Start ──► progressing ───────────────► progressing ──────────────► awaiting_promotion
+//!               │   ▲  │ StagePassed (last)                              │ Resume: next stage
+//!         Pause │   │  └───────────────────────► promoted ◄── Promote ───┤ Promote: all stages
+//!               ▼   │ Resume                                             │
+//!              paused ───────── RollBack / Abort (from any live state) ──┴──► rolled_back / aborted
+//! ```
+//!
+//! [`Registry`] holds every rollout and every service; [`Registry::apply`] is the only way it
+//! changes and is what the Raft log applies. [`decide`] is the controller's pure judgement: given
+//! a rollout, what was measured and the time, which command (if any) the leader should propose.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::analysis::{CheckResult, StageAnalysis, StageVerdict, Verdict, judge_stage};
+use crate::strategy::{Severity, Strategy};
+
+/// Milliseconds since the Unix epoch, as proposed by the leader.
+pub type Millis = i64;
+
+/// A rollout's identifier, e.g. `api-3f9a1c`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct RolloutId(pub String);
+
+impl fmt::Display for RolloutId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A version of the desired traffic: the term and log index of the entry that set it.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+pub struct Generation {
+    /// Raft term of the entry.
+    pub term: u64,
+    /// Raft log index of the entry.
+    pub index: u64,
+}
+
+impl fmt::Display for Generation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.term, self.index)
+    }
+}
+
+/// Where a rollout is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RolloutState {
+    /// Observing the current stage.
+    Progressing,
+    /// Held at the current stage's weight by an operator or an inconclusive stage.
+    Paused,
+    /// A gated stage passed; waiting for an operator.
+    AwaitingPromotion,
+    /// The canary version became stable.
+    Promoted,
+    /// Automatically returned to stable.
+    RolledBack,
+    /// Returned to stable by an operator.
+    Aborted,
+}
+
+impl RolloutState {
+    /// The name used in the CLI, API and JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            RolloutState::Progressing => "progressing",
+            RolloutState::Paused => "paused",
+            RolloutState::AwaitingPromotion => "awaiting_promotion",
+            RolloutState::Promoted => "promoted",
+            RolloutState::RolledBack => "rolled_back",
+            RolloutState::Aborted => "aborted",
+        }
+    }
+
+    /// True once nothing can change the rollout any more.
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            RolloutState::Promoted | RolloutState::RolledBack | RolloutState::Aborted
+        )
+    }
+}
+
+impl fmt::Display for RolloutState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Who caused a transition.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind", content = "name")]
+pub enum Actor {
+    /// A person, through the CLI or API.
+    Operator(String),
+    /// The leader's control loop.
+    Controller,
+}
+
+impl fmt::Display for Actor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Actor::Operator(name) => write!(f, "operator:{name}"),
+            Actor::Controller => f.write_str("controller"),
+        }
+    }
+}
+
+/// What happened in one transition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    /// The rollout started at its first stage.
+    Started,
+    /// A stage passed and the next one began.
+    StageAdvanced,
+    /// A gated stage passed.
+    AwaitingPromotion,
+    /// Held.
+    Paused,
+    /// Released.
+    Resumed,
+    /// Finished: the canary is the new stable.
+    Promoted,
+    /// Automatically returned to stable.
+    RolledBack,
+    /// Returned to stable by an operator.
+    Aborted,
+}
+
+/// One entry of a rollout's history.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    /// When the command was proposed.
+    pub at: Millis,
+    /// What happened.
+    pub kind: EventKind,
+    /// Who caused it.
+    pub actor: Actor,
+    /// Why: the check, value and threshold, or the operator's words.
+    pub reason: String,
+    /// The stage the rollout is at after the event.
+    pub stage_index: usize,
+    /// The canary weight after the event.
+    pub canary_weight: u32,
+}
+
+/// A snapshot of what was measured and decided, committed at each stage end and rollback.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Evidence {
+    /// When.
+    pub at: Millis,
+    /// The stage it describes.
+    pub stage_index: usize,
+    /// That stage's weight.
+    pub canary_weight: u32,
+    /// passed, rolled_back, ...
+    pub outcome: String,
+    /// Measurements and check results.
+    pub analysis: StageAnalysis,
+}
+
+/// One rollout of a service to a new version.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Rollout {
+    /// Identifier.
+    pub id: RolloutId,
+    /// The service being changed.
+    pub service: String,
+    /// The canary version.
+    pub version: String,
+    /// The version stable instances run.
+    pub stable_version: String,
+    /// The validated strategy.
+    pub strategy: Strategy,
+    /// Where it is.
+    pub state: RolloutState,
+    /// Index into `strategy.stages`.
+    pub stage_index: usize,
+    /// When it started.
+    pub started_at: Millis,
+    /// When the current stage's observation (re)started.
+    pub stage_started_at: Millis,
+    /// History, oldest first.
+    pub events: Vec<Event>,
+    /// Evidence, oldest first.
+    pub evidence: Vec<Evidence>,
+}
+
+impl Rollout {
+    /// The share of traffic the canary should get now.
+    pub fn canary_weight(&self) -> u32 {
+        match self.state {
+            RolloutState::Promoted => 100,
+            RolloutState::RolledBack | RolloutState::Aborted => 0,
+            _ => self.strategy.weight(self.stage_index),
+        }
+    }
+
+    /// The reason of the last transition.
+    pub fn last_reason(&self) -> &str {
+        self.events.last().map_or("", |e| e.reason.as_str())
+    }
+
+    fn record(&mut self, at: Millis, kind: EventKind, actor: Actor, reason: String) {
+        let canary_weight = self.canary_weight();
+        self.events.push(Event {
+            at,
+            kind,
+            actor,
+            reason,
+            stage_index: self.stage_index,
+            canary_weight,
+        });
+    }
+}
+
+/// A promoted version in a service's history.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Revision {
+    /// 1-based revision number.
+    pub number: u32,
+    /// The version.
+    pub version: String,
+    /// The rollout that promoted it (none for the initial version).
+    pub rollout: Option<RolloutId>,
+    /// When.
+    pub at: Millis,
+}
+
+/// Everything known of one service.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Service {
+    /// Name.
+    pub name: String,
+    /// Promoted versions, oldest first.
+    pub revisions: Vec<Revision>,
+    /// The rollout now running, if any.
+    pub active: Option<RolloutId>,
+    /// The most recent rollout (active or finished), which decides the traffic.
+    pub latest: Option<RolloutId>,
+    /// When the desired traffic last changed.
+    pub generation: Generation,
+}
+
+impl Service {
+    /// The current stable version, if known.
+    pub fn stable_version(&self) -> Option<&str> {
+        self.revisions.last().map(|r| r.version.as_str())
+    }
+}
+
+/// The desired traffic of one service, as agents apply it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrafficPlan {
+    /// Service name.
+    pub service: String,
+    /// Canary share, 0..=100.
+    pub canary_weight: u32,
+    /// Stable version.
+    pub stable_version: String,
+    /// Canary version (empty without a rollout).
+    pub canary_version: String,
+    /// The rollout behind it.
+    pub rollout: Option<RolloutId>,
+    /// Sticky split key while a rollout sends traffic to the canary.
+    pub sticky_key: Option<String>,
+    /// When it last changed.
+    pub generation: Generation,
+}
+
+/// A change to the replicated state: the payload of every Raft log entry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "command")]
+pub enum Command {
+    /// Begin a rollout at its first stage.
+    Start {
+        /// New rollout's id (chosen by the proposer).
+        id: RolloutId,
+        /// Service.
+        service: String,
+        /// Canary version.
+        version: String,
+        /// Stable version, when the service has no history yet.
+        stable_version: Option<String>,
+        /// Validated strategy.
+        strategy: Strategy,
+        /// Who.
+        actor: Actor,
+        /// When.
+        at: Millis,
+    },
+    /// The controller judged stage `stage` passed.
+    StagePassed {
+        /// Rollout.
+        id: RolloutId,
+        /// The stage that passed (a stale proposal for another stage is rejected).
+        stage: usize,
+        /// Evidence.
+        analysis: StageAnalysis,
+        /// When.
+        at: Millis,
+    },
+    /// Hold at the current weight.
+    Pause {
+        /// Rollout.
+        id: RolloutId,
+        /// Who.
+        actor: Actor,
+        /// Why.
+        reason: String,
+        /// When.
+        at: Millis,
+    },
+    /// Release a pause, or approve a gated stage.
+    Resume {
+        /// Rollout.
+        id: RolloutId,
+        /// Who.
+        actor: Actor,
+        /// Why.
+        reason: String,
+        /// When.
+        at: Millis,
+    },
+    /// Skip the remaining stages and make the canary stable.
+    Promote {
+        /// Rollout.
+        id: RolloutId,
+        /// Who.
+        actor: Actor,
+        /// Why.
+        reason: String,
+        /// When.
+        at: Millis,
+    },
+    /// An operator returns traffic to stable.
+    Abort {
+        /// Rollout.
+        id: RolloutId,
+        /// Who.
+        actor: Actor,
+        /// Why.
+        reason: String,
+        /// When.
+        at: Millis,
+    },
+    /// The controller returns traffic to stable.
+    RollBack {
+        /// Rollout.
+        id: RolloutId,
+        /// The failed check or trigger, its value and threshold.
+        reason: String,
+        /// What was measured when it decided.
+        analysis: Option<StageAnalysis>,
+        /// When.
+        at: Millis,
+    },
+}
+
+impl Command {
+    /// The rollout the command is about.
+    pub fn rollout_id(&self) -> &RolloutId {
+        match self {
+            Command::Start { id, .. }
+            | Command::StagePassed { id, .. }
+            | Command::Pause { id, .. }
+            | Command::Resume { id, .. }
+            | Command::Promote { id, .. }
+            | Command::Abort { id, .. }
+            | Command::RollBack { id, .. } => id,
+        }
+    }
+
+    fn action(&self) -> &'static str {
+        match self {
+            Command::Start { .. } => "start",
+            Command::StagePassed { .. } => "advance",
+            Command::Pause { .. } => "pause",
+            Command::Resume { .. } => "resume",
+            Command::Promote { .. } => "promote",
+            Command::Abort { .. } => "abort",
+            Command::RollBack { .. } => "roll back",
+        }
+    }
+}
+
+/// Why a command changed nothing.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Rejection {
+    /// No rollout has this id.
+    #[error("rollout '{0}' not found")]
+    UnknownRollout(RolloutId),
+    /// The id is taken.
+    #[error("rollout '{0}' already exists")]
+    DuplicateRollout(RolloutId),
+    /// Another rollout of the service is running.
+    #[error(
+        "service '{service}' already has rollout '{active}' in progress; finish or abort it first"
+    )]
+    ServiceBusy {
+        /// Service.
+        service: String,
+        /// The running rollout.
+        active: RolloutId,
+    },
+    /// The command does not apply in the rollout's state.
+    #[error("cannot {action} rollout '{id}': it is {state}")]
+    InvalidTransition {
+        /// Rollout.
+        id: RolloutId,
+        /// Its state.
+        state: RolloutState,
+        /// What was asked.
+        action: &'static str,
+    },
+    /// A controller proposal about a stage the rollout has already left.
+    #[error("rollout '{id}' is at stage {current}, not {proposed}")]
+    StaleStage {
+        /// Rollout.
+        id: RolloutId,
+        /// Where it is.
+        current: usize,
+        /// What the proposal assumed.
+        proposed: usize,
+    },
+    /// A start for a service with no known stable version and none given.
+    #[error("service '{0}' has no stable version yet: pass --stable-version")]
+    UnknownStableVersion(String),
+}
+
+/// What a successful command did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Applied {
+    /// The rollout it changed.
+    pub id: RolloutId,
+    /// Its state afterwards.
+    pub state: RolloutState,
+    /// Whether the desired traffic of the service changed.
+    pub traffic_changed: bool,
+}
+
+/// The whole replicated state: rollouts and services.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Registry {
+    /// Every rollout ever started.
+    pub rollouts: BTreeMap<RolloutId, Rollout>,
+    /// Every service ever rolled out.
+    pub services: BTreeMap<String, Service>,
+}
+
+impl Registry {
+    /// A rollout by id.
+    pub fn rollout(&self, id: &RolloutId) -> Result<&Rollout, Rejection> {
+        self.rollouts
+            .get(id)
+            .ok_or_else(|| Rejection::UnknownRollout(id.clone()))
+    }
+
+    /// Rollouts not yet finished.
+    pub fn active(&self) -> impl Iterator<Item = &Rollout> {
+        self.rollouts.values().filter(|r| !r.state.is_terminal())
+    }
+
+    /// Checks `command` against the current state without changing it.
+    pub fn validate(&self, command: &Command) -> Result<(), Rejection> {
+        self.clone()
+            .apply(command.clone(), Generation::default())
+            .map(|_| ())
+    }
+
+    /// Applies one committed command. `generation` is the (term, index) of its log entry. A
+    /// rejected command changes nothing.
+    pub fn apply(
+        &mut self,
+        command: Command,
+        generation: Generation,
+    ) -> Result<Applied, Rejection> {
+        if let Command::Start { .. } = command {
+            return self.start(command, generation);
+        }
+        let id = command.rollout_id().clone();
+        let action = command.action();
+        let rollout = self
+            .rollouts
+            .get_mut(&id)
+            .ok_or_else(|| Rejection::UnknownRollout(id.clone()))?;
+        let invalid = |r: &Rollout| Rejection::InvalidTransition {
+            id: r.id.clone(),
+            state: r.state,
+            action,
+        };
+        if rollout.state.is_terminal() {
+            return Err(invalid(rollout));
+        }
+        let weight_before = rollout.canary_weight();
+        let state_before = rollout.state;
+        match command {
+            Command::Start { .. } => unreachable!("handled above"),
+            Command::StagePassed {
+                stage,
+                analysis,
+                at,
+                ..
+            } => {
+                if rollout.state != RolloutState::Progressing {
+                    return Err(invalid(rollout));
+                }
+                if stage != rollout.stage_index {
+                    return Err(Rejection::StaleStage {
+                        id,
+                        current: rollout.stage_index,
+                        proposed: stage,
+                    });
+                }
+                let current = &rollout.strategy.stages[stage];
+                let summary = summarize(&analysis);
+                rollout.evidence.push(Evidence {
+                    at,
+                    stage_index: stage,
+                    canary_weight: current.weight,
+                    outcome: "passed".into(),
+                    analysis,
+                });
+                let reason = format!(
+                    "stage {} ({}%) passed: {summary}",
+                    stage + 1,
+                    current.weight
+                );
+                if current.manual_gate {
+                    rollout.state = RolloutState::AwaitingPromotion;
+                    rollout.record(at, EventKind::AwaitingPromotion, Actor::Controller, reason);
+                } else if stage + 1 == rollout.strategy.stages.len() {
+                    rollout.state = RolloutState::Promoted;
+                    rollout.record(at, EventKind::Promoted, Actor::Controller, reason);
+                } else {
+                    rollout.stage_index += 1;
+                    rollout.stage_started_at = at;
+                    rollout.record(at, EventKind::StageAdvanced, Actor::Controller, reason);
+                }
+            }
+            Command::Pause {
+                actor, reason, at, ..
+            } => {
+                if rollout.state != RolloutState::Progressing {
+                    return Err(invalid(rollout));
+                }
+                rollout.state = RolloutState::Paused;
+                rollout.record(at, EventKind::Paused, actor, reason);
+            }
+            Command::Resume {
+                actor, reason, at, ..
+            } => match rollout.state {
+                RolloutState::Paused => {
+                    rollout.state = RolloutState::Progressing;
+                    rollout.stage_started_at = at;
+                    rollout.record(at, EventKind::Resumed, actor, reason);
+                }
+                RolloutState::AwaitingPromotion => {
+                    if rollout.stage_index + 1 == rollout.strategy.stages.len() {
+                        rollout.state = RolloutState::Promoted;
+                        rollout.record(at, EventKind::Promoted, actor, reason);
+                    } else {
+                        rollout.state = RolloutState::Progressing;
+                        rollout.stage_index += 1;
+                        rollout.stage_started_at = at;
+                        rollout.record(at, EventKind::StageAdvanced, actor, reason);
+                    }
+                }
+                _ => return Err(invalid(rollout)),
+            },
+            Command::Promote {
+                actor, reason, at, ..
+            } => {
+                rollout.state = RolloutState::Promoted;
+                rollout.record(at, EventKind::Promoted, actor, reason);
+            }
+            Command::Abort {
+                actor, reason, at, ..
+            } => {
+                rollout.state = RolloutState::Aborted;
+                rollout.record(at, EventKind::Aborted, actor, reason);
+            }
+            Command::RollBack {
+                reason,
+                analysis,
+                at,
+                ..
+            } => {
+                if let Some(analysis) = analysis {
+                    rollout.evidence.push(Evidence {
+                        at,
+                        stage_index: rollout.stage_index,
+                        canary_weight: weight_before,
+                        outcome: "rolled_back".into(),
+                        analysis,
+                    });
+                }
+                rollout.state = RolloutState::RolledBack;
+                rollout.record(at, EventKind::RolledBack, Actor::Controller, reason);
+            }
+        }
+        let state = rollout.state;
+        let traffic_changed = rollout.canary_weight() != weight_before || state != state_before;
+        let (service_name, version, promoted_at) = (
+            rollout.service.clone(),
+            rollout.version.clone(),
+            rollout.events.last().map_or(0, |e| e.at),
+        );
+        if let Some(service) = self.services.get_mut(&service_name) {
+            if state.is_terminal() {
+                service.active = None;
+            }
+            if state == RolloutState::Promoted {
+                let number = service.revisions.len() as u32 + 1;
+                service.revisions.push(Revision {
+                    number,
+                    version,
+                    rollout: Some(id.clone()),
+                    at: promoted_at,
+                });
+            }
+            if traffic_changed {
+                service.generation = generation;
+            }
+        }
+        Ok(Applied {
+            id,
+            state,
+            traffic_changed,
+        })
+    }
+
+    fn start(&mut self, command: Command, generation: Generation) -> Result<Applied, Rejection> {
+        let Command::Start {
+            id,
+            service,
+            version,
+            stable_version,
+            strategy,
+            actor,
+            at,
+        } = command
+        else {
+            unreachable!("start() only takes Start");
+        };
+        if self.rollouts.contains_key(&id) {
+            return Err(Rejection::DuplicateRollout(id));
+        }
+        let record = self.services.get(&service);
+        if let Some(active) = record.and_then(|s| s.active.clone()) {
+            return Err(Rejection::ServiceBusy { service, active });
+        }
+        let known = record.and_then(|s| s.stable_version()).map(str::to_owned);
+        let stable = match (known, stable_version) {
+            (Some(known), _) => known,
+            (None, Some(given)) => given,
+            (None, None) => return Err(Rejection::UnknownStableVersion(service)),
+        };
+        let record = self
+            .services
+            .entry(service.clone())
+            .or_insert_with(|| Service {
+                name: service.clone(),
+                revisions: vec![Revision {
+                    number: 1,
+                    version: stable.clone(),
+                    rollout: None,
+                    at,
+                }],
+                active: None,
+                latest: None,
+                generation,
+            });
+        record.active = Some(id.clone());
+        record.latest = Some(id.clone());
+        record.generation = generation;
+        let stages = strategy.stages.len();
+        let mut rollout = Rollout {
+            id: id.clone(),
+            service,
+            version: version.clone(),
+            stable_version: stable,
+            strategy,
+            state: RolloutState::Progressing,
+            stage_index: 0,
+            started_at: at,
+            stage_started_at: at,
+            events: Vec::new(),
+            evidence: Vec::new(),
+        };
+        let reason = format!("rolling out {version} in {stages} stages");
+        rollout.record(at, EventKind::Started, actor, reason);
+        self.rollouts.insert(id.clone(), rollout);
+        Ok(Applied {
+            id,
+            state: RolloutState::Progressing,
+            traffic_changed: true,
+        })
+    }
+
+    /// The desired traffic of one service.
+    pub fn traffic(&self, service: &str) -> Option<TrafficPlan> {
+        let record = self.services.get(service)?;
+        let stable = record.stable_version().unwrap_or_default().to_owned();
+        let rollout = record.latest.as_ref().and_then(|id| self.rollouts.get(id));
+        let plan = match rollout {
+            Some(r) => {
+                let weight = r.canary_weight();
+                TrafficPlan {
+                    service: service.to_owned(),
+                    canary_weight: weight,
+                    stable_version: stable,
+                    canary_version: r.version.clone(),
+                    rollout: Some(r.id.clone()),
+                    sticky_key: if weight > 0 && weight < 100 {
+                        r.strategy.traffic.sticky_key.clone()
+                    } else {
+                        None
+                    },
+                    generation: record.generation,
+                }
+            }
+            None => TrafficPlan {
+                service: service.to_owned(),
+                canary_weight: 0,
+                stable_version: stable,
+                canary_version: String::new(),
+                rollout: None,
+                sticky_key: None,
+                generation: record.generation,
+            },
+        };
+        Some(plan)
+    }
+}
+
+fn summarize(analysis: &StageAnalysis) -> String {
+    if analysis.checks.is_empty() {
+        return "no checks configured; minimum time elapsed".into();
+    }
+    analysis
+        .checks
+        .iter()
+        .map(CheckResult::describe)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+// ---------------------------------------------------------------------------------------------
+// The controller's judgement.
+// ---------------------------------------------------------------------------------------------
+
+/// A trigger's result over its sliding window.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TriggerReading {
+    /// The trigger's check result.
+    pub result: CheckResult,
+    /// Its severity.
+    pub severity: Severity,
+    /// Grace for warnings.
+    pub grace: Duration,
+    /// The window it read, for the reason text.
+    pub window: Duration,
+}
+
+/// Everything the leader measured for one rollout at one moment.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Observation {
+    /// The current stage's data and checks.
+    pub stage: StageAnalysis,
+    /// Every trigger's reading.
+    pub triggers: Vec<TriggerReading>,
+    /// Agents that failed to apply this rollout's traffic: (agent, error).
+    pub apply_failures: Vec<(String, String)>,
+}
+
+/// Soft controller memory per rollout: since when each warning trigger has been failing.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TriggerMemory {
+    warning_since: HashMap<String, Millis>,
+}
+
+/// Decides what the leader should propose for `rollout` now, if anything.
+pub fn decide(
+    rollout: &Rollout,
+    observation: &Observation,
+    memory: &mut TriggerMemory,
+    now: Millis,
+) -> Option<Command> {
+    if rollout.state.is_terminal() {
+        return None;
+    }
+    let weight = rollout.canary_weight();
+    let at_stage = format!("at stage {} ({weight}%)", rollout.stage_index + 1);
+    let roll_back = |reason: String| Command::RollBack {
+        id: rollout.id.clone(),
+        reason,
+        analysis: Some(observation.stage.clone()),
+        at: now,
+    };
+    if let Some((agent, error)) = observation.apply_failures.first() {
+        return Some(roll_back(format!(
+            "agent '{agent}' could not apply the traffic change {at_stage}: {error}"
+        )));
+    }
+    let mut fired = None;
+    for reading in &observation.triggers {
+        let name = &reading.result.name;
+        if !matches!(reading.result.verdict, Verdict::Fail { .. }) {
+            memory.warning_since.remove(name);
+            continue;
+        }
+        let window = humantime::format_duration(reading.window);
+        match reading.severity {
+            Severity::Critical => {
+                fired.get_or_insert_with(|| {
+                    format!(
+                        "critical trigger {} over the last {window} {at_stage}",
+                        reading.result.describe()
+                    )
+                });
+            }
+            Severity::Warning => {
+                let since = *memory.warning_since.entry(name.clone()).or_insert(now);
+                if now - since >= reading.grace.as_millis() as Millis {
+                    fired.get_or_insert_with(|| {
+                        format!(
+                            "warning trigger {} held for {} (grace {}) {at_stage}",
+                            reading.result.describe(),
+                            humantime::format_duration(Duration::from_millis(
+                                (now - since).max(0) as u64
+                            )),
+                            humantime::format_duration(reading.grace)
+                        )
+                    });
+                }
+            }
+        }
+    }
+    if let Some(reason) = fired {
+        return Some(roll_back(reason));
+    }
+    if rollout.state != RolloutState::Progressing {
+        return None;
+    }
+    let stage = &rollout.strategy.stages[rollout.stage_index];
+    let elapsed = now - rollout.stage_started_at;
+    if elapsed < stage.min_duration.as_millis() as Millis {
+        return None;
+    }
+    match judge_stage(&observation.stage) {
+        StageVerdict::Pass => Some(Command::StagePassed {
+            id: rollout.id.clone(),
+            stage: rollout.stage_index,
+            analysis: observation.stage.clone(),
+            at: now,
+        }),
+        StageVerdict::Fail(check) => {
+            Some(roll_back(format!("check {} {at_stage}", check.describe())))
+        }
+        StageVerdict::NotYet => match stage.max_duration {
+            Some(max) if elapsed >= max.as_millis() as Millis => {
+                let waiting: Vec<_> = observation
+                    .stage
+                    .checks
+                    .iter()
+                    .filter(|c| c.verdict.label() == "no_data")
+                    .map(CheckResult::describe)
+                    .collect();
+                Some(Command::Pause {
+                    id: rollout.id.clone(),
+                    actor: Actor::Controller,
+                    reason: format!(
+                        "inconclusive {at_stage} after {}: {}",
+                        humantime::format_duration(max),
+                        waiting.join("; ")
+                    ),
+                    at: now,
+                })
+            }
+            _ => None,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests;

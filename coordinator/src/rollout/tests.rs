@@ -1,0 +1,617 @@
+//! Exhaustive tests of the rollout state machine and the controller's decisions.
+
+use std::time::Duration;
+
+use super::*;
+use crate::analysis::{Pair, Window, analyse_stage};
+use crate::strategy::{Check, Metric, Rule, Stage, Traffic, Trigger};
+
+const T0: Millis = 1_000_000;
+
+fn stage(weight: u32, min_secs: u64) -> Stage {
+    Stage {
+        weight,
+        min_duration: Duration::from_secs(min_secs),
+        max_duration: None,
+        manual_gate: false,
+    }
+}
+
+fn strategy(weights: &[u32]) -> Strategy {
+    Strategy {
+        stages: weights.iter().map(|&w| stage(w, 10)).collect(),
+        checks: vec![Check {
+            name: "errors".into(),
+            metric: Metric::ErrorRate,
+            rule: Rule::Max { limit: 0.05 },
+            min_requests: 10,
+        }],
+        triggers: vec![],
+        traffic: Traffic::default(),
+    }
+}
+
+fn id(s: &str) -> RolloutId {
+    RolloutId(s.into())
+}
+
+fn generation(index: u64) -> Generation {
+    Generation { term: 1, index }
+}
+
+fn start_cmd(rid: &str, service: &str, strategy: Strategy) -> Command {
+    Command::Start {
+        id: id(rid),
+        service: service.into(),
+        version: "v2".into(),
+        stable_version: Some("v1".into()),
+        strategy,
+        actor: Actor::Operator("ana".into()),
+        at: T0,
+    }
+}
+
+fn started(weights: &[u32]) -> Registry {
+    let mut reg = Registry::default();
+    reg.apply(start_cmd("r1", "api", strategy(weights)), generation(1))
+        .unwrap();
+    reg
+}
+
+fn operator(kind: &str, at: Millis) -> Command {
+    let (id, actor, reason) = (
+        id("r1"),
+        Actor::Operator("ana".into()),
+        format!("{kind} by hand"),
+    );
+    match kind {
+        "pause" => Command::Pause {
+            id,
+            actor,
+            reason,
+            at,
+        },
+        "resume" => Command::Resume {
+            id,
+            actor,
+            reason,
+            at,
+        },
+        "promote" => Command::Promote {
+            id,
+            actor,
+            reason,
+            at,
+        },
+        "abort" => Command::Abort {
+            id,
+            actor,
+            reason,
+            at,
+        },
+        _ => unreachable!(),
+    }
+}
+
+fn passed(stage: usize, at: Millis) -> Command {
+    Command::StagePassed {
+        id: id("r1"),
+        stage,
+        analysis: StageAnalysis::default(),
+        at,
+    }
+}
+
+fn rollback(at: Millis) -> Command {
+    Command::RollBack {
+        id: id("r1"),
+        reason: "errors: fail".into(),
+        analysis: Some(StageAnalysis::default()),
+        at,
+    }
+}
+
+/// A registry with rollout r1 in each reachable state.
+fn in_state(state: RolloutState) -> Registry {
+    let mut reg = started(&[10, 50]);
+    let cmd = match state {
+        RolloutState::Progressing => return reg,
+        RolloutState::Paused => operator("pause", T0 + 1),
+        RolloutState::AwaitingPromotion => {
+            reg.rollouts.get_mut(&id("r1")).unwrap().strategy.stages[0].manual_gate = true;
+            passed(0, T0 + 1)
+        }
+        RolloutState::Promoted => operator("promote", T0 + 1),
+        RolloutState::RolledBack => rollback(T0 + 1),
+        RolloutState::Aborted => operator("abort", T0 + 1),
+    };
+    reg.apply(cmd, generation(2)).unwrap();
+    assert_eq!(reg.rollouts[&id("r1")].state, state);
+    reg
+}
+
+const ALL_STATES: [RolloutState; 6] = [
+    RolloutState::Progressing,
+    RolloutState::Paused,
+    RolloutState::AwaitingPromotion,
+    RolloutState::Promoted,
+    RolloutState::RolledBack,
+    RolloutState::Aborted,
+];
+
+#[test]
+fn every_command_in_every_state() {
+    use RolloutState::*;
+    // (command, state) → resulting state, or None when the command must be rejected.
+    let table: [(&str, [Option<RolloutState>; 6]); 6] = [
+        //                 progressing        paused             awaiting           promoted rolled_back aborted
+        ("pause", [Some(Paused), None, None, None, None, None]),
+        (
+            "resume",
+            [None, Some(Progressing), Some(Progressing), None, None, None],
+        ),
+        (
+            "promote",
+            [
+                Some(Promoted),
+                Some(Promoted),
+                Some(Promoted),
+                None,
+                None,
+                None,
+            ],
+        ),
+        (
+            "abort",
+            [
+                Some(Aborted),
+                Some(Aborted),
+                Some(Aborted),
+                None,
+                None,
+                None,
+            ],
+        ),
+        ("passed", [Some(Progressing), None, None, None, None, None]),
+        (
+            "rollback",
+            [
+                Some(RolledBack),
+                Some(RolledBack),
+                Some(RolledBack),
+                None,
+                None,
+                None,
+            ],
+        ),
+    ];
+    for (kind, row) in table {
+        for (state, expected) in ALL_STATES.into_iter().zip(row) {
+            let mut reg = in_state(state);
+            let before = reg.clone();
+            let cmd = match kind {
+                "passed" => passed(reg.rollouts[&id("r1")].stage_index, T0 + 5),
+                "rollback" => rollback(T0 + 5),
+                k => operator(k, T0 + 5),
+            };
+            let result = reg.apply(cmd, generation(9));
+            match expected {
+                Some(after) => {
+                    let applied = result.unwrap_or_else(|e| panic!("{kind} in {state}: {e}"));
+                    assert_eq!(applied.state, after, "{kind} in {state}");
+                    let r = &reg.rollouts[&id("r1")];
+                    assert_eq!(r.state, after, "{kind} in {state}");
+                    assert_eq!(r.events.len(), before.rollouts[&id("r1")].events.len() + 1);
+                }
+                None => {
+                    let err = result.expect_err(&format!("{kind} in {state} must be rejected"));
+                    assert!(
+                        matches!(err, Rejection::InvalidTransition { .. }),
+                        "{kind} in {state}: {err}"
+                    );
+                    assert_eq!(reg, before, "a rejected command changes nothing");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn a_good_canary_walks_every_stage_to_promotion() {
+    let mut reg = started(&[1, 5, 25, 50, 100]);
+    let weights: Vec<u32> = (0..5)
+        .map(|i| {
+            let w = reg.rollouts[&id("r1")].canary_weight();
+            reg.apply(
+                passed(i, T0 + 1000 * (i as i64 + 1)),
+                generation(2 + i as u64),
+            )
+            .unwrap();
+            w
+        })
+        .collect();
+    assert_eq!(weights, [1, 5, 25, 50, 100]);
+    let r = &reg.rollouts[&id("r1")];
+    assert_eq!(r.state, RolloutState::Promoted);
+    assert_eq!(r.canary_weight(), 100);
+    assert_eq!(r.evidence.len(), 5);
+    let kinds: Vec<_> = r.events.iter().map(|e| e.kind).collect();
+    assert_eq!(
+        kinds,
+        [
+            EventKind::Started,
+            EventKind::StageAdvanced,
+            EventKind::StageAdvanced,
+            EventKind::StageAdvanced,
+            EventKind::StageAdvanced,
+            EventKind::Promoted
+        ]
+    );
+    let svc = &reg.services["api"];
+    assert_eq!(svc.stable_version(), Some("v2"));
+    assert_eq!(svc.revisions.len(), 2);
+    assert_eq!(svc.active, None);
+    assert_eq!(svc.generation, generation(6));
+    let plan = reg.traffic("api").unwrap();
+    assert_eq!(
+        (plan.canary_weight, plan.stable_version.as_str()),
+        (100, "v2")
+    );
+}
+
+#[test]
+fn a_stage_passing_at_the_last_stage_below_100_promotes() {
+    let mut reg = started(&[10, 50]);
+    reg.apply(passed(0, T0 + 1), generation(2)).unwrap();
+    reg.apply(passed(1, T0 + 2), generation(3)).unwrap();
+    assert_eq!(reg.rollouts[&id("r1")].state, RolloutState::Promoted);
+    assert_eq!(reg.rollouts[&id("r1")].canary_weight(), 100);
+}
+
+#[test]
+fn stale_stage_proposals_are_rejected() {
+    let mut reg = started(&[10, 50]);
+    reg.apply(passed(0, T0 + 1), generation(2)).unwrap();
+    let before = reg.clone();
+    let err = reg.apply(passed(0, T0 + 2), generation(3)).unwrap_err();
+    assert_eq!(
+        err,
+        Rejection::StaleStage {
+            id: id("r1"),
+            current: 1,
+            proposed: 0
+        }
+    );
+    assert_eq!(reg, before);
+}
+
+#[test]
+fn manual_gates_wait_for_resume_or_promote() {
+    let mut s = strategy(&[10, 50, 100]);
+    s.stages[0].manual_gate = true;
+    let mut reg = Registry::default();
+    reg.apply(start_cmd("r1", "api", s), generation(1)).unwrap();
+    reg.apply(passed(0, T0 + 1), generation(2)).unwrap();
+    let r = &reg.rollouts[&id("r1")];
+    assert_eq!(r.state, RolloutState::AwaitingPromotion);
+    assert_eq!(r.canary_weight(), 10, "the gate holds the stage's weight");
+    reg.apply(operator("resume", T0 + 50), generation(3))
+        .unwrap();
+    let r = &reg.rollouts[&id("r1")];
+    assert_eq!((r.state, r.stage_index), (RolloutState::Progressing, 1));
+    assert_eq!(r.stage_started_at, T0 + 50);
+    assert_eq!(
+        r.events.last().unwrap().actor,
+        Actor::Operator("ana".into())
+    );
+}
+
+#[test]
+fn resume_restarts_the_stage_clock() {
+    let mut reg = started(&[10, 50]);
+    reg.apply(operator("pause", T0 + 5), generation(2)).unwrap();
+    assert_eq!(
+        reg.rollouts[&id("r1")].canary_weight(),
+        10,
+        "a pause holds weight"
+    );
+    reg.apply(operator("resume", T0 + 99), generation(3))
+        .unwrap();
+    assert_eq!(reg.rollouts[&id("r1")].stage_started_at, T0 + 99);
+}
+
+#[test]
+fn rollback_and_abort_send_everything_to_stable_and_free_the_service() {
+    for cmd in [rollback(T0 + 7), operator("abort", T0 + 7)] {
+        let mut reg = started(&[10, 50]);
+        let applied = reg.apply(cmd, generation(2)).unwrap();
+        assert!(applied.traffic_changed);
+        let plan = reg.traffic("api").unwrap();
+        assert_eq!(plan.canary_weight, 0);
+        assert_eq!(plan.stable_version, "v1");
+        assert_eq!(plan.generation, generation(2));
+        assert_eq!(reg.services["api"].active, None);
+        assert_eq!(reg.services["api"].revisions.len(), 1);
+        // The service can be rolled out again.
+        reg.apply(start_cmd("r2", "api", strategy(&[20])), generation(3))
+            .unwrap();
+        assert_eq!(reg.traffic("api").unwrap().canary_weight, 20);
+    }
+}
+
+#[test]
+fn rollback_records_evidence_and_reason() {
+    let mut reg = started(&[10, 50]);
+    reg.apply(rollback(T0 + 7), generation(2)).unwrap();
+    let r = &reg.rollouts[&id("r1")];
+    assert_eq!(r.last_reason(), "errors: fail");
+    assert_eq!(r.events.last().unwrap().actor, Actor::Controller);
+    assert_eq!(r.evidence.last().unwrap().outcome, "rolled_back");
+    assert_eq!(r.evidence.last().unwrap().canary_weight, 10);
+}
+
+#[test]
+fn start_is_validated() {
+    let mut reg = started(&[10]);
+    let before = reg.clone();
+    assert_eq!(
+        reg.apply(start_cmd("r2", "api", strategy(&[10])), generation(2)),
+        Err(Rejection::ServiceBusy {
+            service: "api".into(),
+            active: id("r1")
+        })
+    );
+    assert_eq!(
+        reg.apply(start_cmd("r1", "web", strategy(&[10])), generation(2)),
+        Err(Rejection::DuplicateRollout(id("r1")))
+    );
+    let mut no_stable = start_cmd("r3", "web", strategy(&[10]));
+    if let Command::Start { stable_version, .. } = &mut no_stable {
+        *stable_version = None;
+    }
+    assert_eq!(
+        reg.apply(no_stable, generation(2)),
+        Err(Rejection::UnknownStableVersion("web".into()))
+    );
+    assert_eq!(reg, before);
+}
+
+#[test]
+fn unknown_rollouts_are_rejected() {
+    let mut reg = Registry::default();
+    let err = reg.apply(operator("pause", T0), generation(1)).unwrap_err();
+    assert_eq!(err.to_string(), "rollout 'r1' not found");
+    assert!(reg.rollout(&id("nope")).is_err());
+}
+
+#[test]
+fn traffic_generation_only_moves_when_traffic_changes() {
+    let mut reg = started(&[10, 50]);
+    reg.apply(operator("pause", T0 + 1), generation(2)).unwrap();
+    // Pause changes the state but not the weight: agents get a new generation anyway so their
+    // view of the rollout state stays current; the weight is the same.
+    assert_eq!(reg.traffic("api").unwrap().canary_weight, 10);
+    let rejected = reg.apply(operator("pause", T0 + 2), generation(3));
+    assert!(rejected.is_err());
+    assert_eq!(reg.services["api"].generation, generation(2));
+}
+
+#[test]
+fn sticky_key_applies_only_while_split() {
+    let mut s = strategy(&[10, 100]);
+    s.traffic.sticky_key = Some("$cookie_uid".into());
+    let mut reg = Registry::default();
+    reg.apply(start_cmd("r1", "api", s), generation(1)).unwrap();
+    assert_eq!(
+        reg.traffic("api").unwrap().sticky_key.as_deref(),
+        Some("$cookie_uid")
+    );
+    reg.apply(rollback(T0 + 1), generation(2)).unwrap();
+    assert_eq!(reg.traffic("api").unwrap().sticky_key, None);
+    assert_eq!(reg.traffic("unknown"), None);
+}
+
+#[test]
+fn registry_round_trips_through_serde() {
+    let mut reg = started(&[1, 5]);
+    reg.apply(passed(0, T0 + 1), generation(2)).unwrap();
+    let bytes = serde_json::to_vec(&reg).unwrap();
+    let back: Registry = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(reg, back);
+}
+
+// --- decide -----------------------------------------------------------------------------------
+
+fn observation(canary_requests: u64, canary_errors: u64) -> Observation {
+    let s = strategy(&[1]);
+    let data = Pair {
+        stable: Window::from_counts(1000, 0, &[], 0.0),
+        canary: Window::from_counts(canary_requests, canary_errors, &[], 0.0),
+    };
+    Observation {
+        stage: analyse_stage(&s.checks, data),
+        ..Observation::default()
+    }
+}
+
+fn trigger_reading(severity: Severity, fail: bool, grace_secs: u64) -> TriggerReading {
+    let verdict = if fail {
+        Verdict::Fail {
+            value: 0.5,
+            threshold: 0.2,
+        }
+    } else {
+        Verdict::Pass {
+            value: 0.0,
+            threshold: 0.2,
+        }
+    };
+    TriggerReading {
+        result: CheckResult {
+            name: "hard-down".into(),
+            metric: Metric::ErrorRate,
+            verdict,
+        },
+        severity,
+        grace: Duration::from_secs(grace_secs),
+        window: Duration::from_secs(5),
+    }
+}
+
+fn rollout() -> Rollout {
+    started(&[10, 50]).rollouts[&id("r1")].clone()
+}
+
+#[test]
+fn a_stage_waits_for_its_minimum_time() {
+    let r = rollout();
+    let mut m = TriggerMemory::default();
+    assert_eq!(decide(&r, &observation(100, 0), &mut m, T0 + 9_999), None);
+    let cmd = decide(&r, &observation(100, 0), &mut m, T0 + 10_000).unwrap();
+    assert!(
+        matches!(cmd, Command::StagePassed { stage: 0, .. }),
+        "{cmd:?}"
+    );
+}
+
+#[test]
+fn a_stage_never_passes_without_data() {
+    let r = rollout();
+    let mut m = TriggerMemory::default();
+    for requests in [0, 1, 9] {
+        assert_eq!(
+            decide(&r, &observation(requests, 0), &mut m, T0 + 3_600_000),
+            None
+        );
+    }
+}
+
+#[test]
+fn an_inconclusive_stage_pauses_at_its_maximum_time() {
+    let mut r = rollout();
+    r.strategy.stages[0].max_duration = Some(Duration::from_secs(60));
+    let mut m = TriggerMemory::default();
+    assert_eq!(decide(&r, &observation(3, 0), &mut m, T0 + 59_000), None);
+    let cmd = decide(&r, &observation(3, 0), &mut m, T0 + 60_000).unwrap();
+    match cmd {
+        Command::Pause { reason, actor, .. } => {
+            assert_eq!(actor, Actor::Controller);
+            assert!(
+                reason.starts_with("inconclusive at stage 1 (10%) after 1m"),
+                "{reason}"
+            );
+            assert!(reason.contains("canary has 3 of 10"), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_failed_check_at_stage_end_rolls_back_with_its_numbers() {
+    let r = rollout();
+    let mut m = TriggerMemory::default();
+    assert_eq!(decide(&r, &observation(100, 50), &mut m, T0 + 1), None);
+    match decide(&r, &observation(100, 50), &mut m, T0 + 10_000).unwrap() {
+        Command::RollBack { reason, .. } => {
+            assert_eq!(
+                reason,
+                "check errors: fail (error_rate 0.5 > 0.05) at stage 1 (10%)"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn critical_triggers_roll_back_at_once_even_when_paused() {
+    let mut r = rollout();
+    let mut m = TriggerMemory::default();
+    let mut obs = observation(0, 0);
+    obs.triggers = vec![trigger_reading(Severity::Critical, true, 0)];
+    for state in [
+        RolloutState::Progressing,
+        RolloutState::Paused,
+        RolloutState::AwaitingPromotion,
+    ] {
+        r.state = state;
+        match decide(&r, &obs, &mut m, T0 + 1).unwrap() {
+            Command::RollBack { reason, .. } => assert!(
+                reason.starts_with(
+                    "critical trigger hard-down: fail (error_rate 0.5 > 0.2) over the last 5s"
+                ),
+                "{reason}"
+            ),
+            other => panic!("{other:?}"),
+        }
+    }
+    r.state = RolloutState::RolledBack;
+    assert_eq!(decide(&r, &obs, &mut m, T0 + 1), None);
+}
+
+#[test]
+fn warning_triggers_wait_for_their_grace_and_reset_when_healthy() {
+    let r = rollout();
+    let mut m = TriggerMemory::default();
+    let mut failing = observation(0, 0);
+    failing.triggers = vec![trigger_reading(Severity::Warning, true, 60)];
+    let mut healthy = observation(0, 0);
+    healthy.triggers = vec![trigger_reading(Severity::Warning, false, 60)];
+    assert_eq!(decide(&r, &failing, &mut m, T0), None);
+    assert_eq!(decide(&r, &failing, &mut m, T0 + 59_000), None);
+    // Healthy once: the grace period starts over.
+    assert_eq!(decide(&r, &healthy, &mut m, T0 + 59_500), None);
+    assert_eq!(decide(&r, &failing, &mut m, T0 + 60_000), None);
+    assert_eq!(decide(&r, &failing, &mut m, T0 + 119_000), None);
+    let cmd = decide(&r, &failing, &mut m, T0 + 120_000).unwrap();
+    assert!(matches!(cmd, Command::RollBack { .. }), "{cmd:?}");
+}
+
+#[test]
+fn apply_failures_roll_back_first() {
+    let r = rollout();
+    let mut m = TriggerMemory::default();
+    let mut obs = observation(100, 0);
+    obs.apply_failures = vec![("host-a".into(), "nginx -t failed: unknown variable".into())];
+    match decide(&r, &obs, &mut m, T0 + 10_000).unwrap() {
+        Command::RollBack { reason, .. } => assert_eq!(
+            reason,
+            "agent 'host-a' could not apply the traffic change at stage 1 (10%): nginx -t failed: unknown variable"
+        ),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn decisions_are_valid_commands() {
+    // Whatever decide proposes, the registry accepts.
+    let mut reg = started(&[10, 50]);
+    let mut m = TriggerMemory::default();
+    for (i, obs) in [observation(100, 0), observation(100, 0)]
+        .iter()
+        .enumerate()
+    {
+        let r = reg.rollouts[&id("r1")].clone();
+        let now = r.stage_started_at + 10_000;
+        let cmd = decide(&r, obs, &mut m, now).expect("a decision");
+        reg.apply(cmd, generation(2 + i as u64)).unwrap();
+    }
+    assert_eq!(reg.rollouts[&id("r1")].state, RolloutState::Promoted);
+}
+
+#[test]
+fn triggers_and_checks_use_strategy_shapes() {
+    // Triggers in strategies carry a Check; make sure severity and window survive.
+    let t = Trigger {
+        check: Check {
+            name: "t".into(),
+            metric: Metric::ErrorRate,
+            rule: Rule::Max { limit: 0.1 },
+            min_requests: 5,
+        },
+        window: Duration::from_secs(3),
+        severity: Severity::Critical,
+        grace: Duration::ZERO,
+    };
+    let json = serde_json::to_string(&t).unwrap();
+    assert_eq!(serde_json::from_str::<Trigger>(&json).unwrap(), t);
+}

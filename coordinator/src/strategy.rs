@@ -1,0 +1,869 @@
+//! Rollout strategies: the TOML an operator writes, and its validated runtime form.
+//!
+//! Parsing happens in two steps, as Neon and Vector do: serde reads a raw file (unknown fields
+//! rejected), then [`Strategy::from_raw`] checks every field and returns *all* problems at once,
+//! each naming its field (`stages[2].weight: must be in 1..=100, got 120`).
+
+use std::fmt;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Default minimum observation time of a stage.
+pub const DEFAULT_MIN_DURATION: Duration = Duration::from_secs(60);
+/// Default number of requests each variant must serve in a stage before a check can pass.
+pub const DEFAULT_MIN_REQUESTS: u64 = 50;
+/// Default sliding window of a trigger.
+pub const DEFAULT_TRIGGER_WINDOW: Duration = Duration::from_secs(10);
+/// Default number of requests a trigger window needs before the trigger may fire.
+pub const DEFAULT_TRIGGER_MIN_REQUESTS: u64 = 20;
+/// Longest trigger window accepted (the coordinator keeps this much recent data per service).
+pub const MAX_TRIGGER_WINDOW: Duration = Duration::from_secs(600);
+
+/// A validated strategy: stages, checks and triggers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Strategy {
+    /// Stages in order; weights strictly increasing, each in 1..=100.
+    pub stages: Vec<Stage>,
+    /// Checks that must all pass before a stage may end.
+    pub checks: Vec<Check>,
+    /// Conditions that roll back without waiting for the stage's end.
+    pub triggers: Vec<Trigger>,
+    /// How the weight becomes real on the load balancer.
+    pub traffic: Traffic,
+}
+
+/// One step of a rollout.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Stage {
+    /// Percentage of traffic sent to the canary, 1..=100.
+    pub weight: u32,
+    /// Minimum observation time before the stage may pass.
+    #[serde(with = "humantime_serde")]
+    pub min_duration: Duration,
+    /// When set, a stage that has not passed by then pauses as inconclusive.
+    #[serde(with = "humantime_serde")]
+    pub max_duration: Option<Duration>,
+    /// Wait for an operator (`serin rollout resume`) after the stage passes.
+    pub manual_gate: bool,
+}
+
+/// Traffic settings.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Traffic {
+    /// nginx variable for a sticky per-user split (e.g. `$cookie_uid`); `None` = weighted.
+    pub sticky_key: Option<String>,
+}
+
+/// What a check or trigger measures, always over the canary (and stable, for ratios).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Metric {
+    /// Share of requests answered with a 5xx status, 0..=1.
+    ErrorRate,
+    /// Latency quantiles in milliseconds, from merged histograms.
+    LatencyP50,
+    /// 90th percentile latency (ms).
+    LatencyP90,
+    /// 95th percentile latency (ms).
+    LatencyP95,
+    /// 99th percentile latency (ms).
+    LatencyP99,
+}
+
+impl Metric {
+    /// All metrics with their TOML names.
+    pub const ALL: [(&'static str, Metric); 5] = [
+        ("error_rate", Metric::ErrorRate),
+        ("latency_p50", Metric::LatencyP50),
+        ("latency_p90", Metric::LatencyP90),
+        ("latency_p95", Metric::LatencyP95),
+        ("latency_p99", Metric::LatencyP99),
+    ];
+
+    fn parse(name: &str) -> Option<Metric> {
+        Self::ALL.iter().find(|(n, _)| *n == name).map(|(_, m)| *m)
+    }
+
+    /// The TOML name.
+    pub fn name(self) -> &'static str {
+        Self::ALL
+            .iter()
+            .find(|(_, m)| *m == self)
+            .map(|(n, _)| *n)
+            .unwrap_or("?")
+    }
+
+    /// The latency quantile this metric asks for, if it is a latency metric.
+    pub fn quantile(self) -> Option<f64> {
+        match self {
+            Metric::ErrorRate => None,
+            Metric::LatencyP50 => Some(0.50),
+            Metric::LatencyP90 => Some(0.90),
+            Metric::LatencyP95 => Some(0.95),
+            Metric::LatencyP99 => Some(0.99),
+        }
+    }
+
+    /// Unit for display.
+    pub fn unit(self) -> &'static str {
+        match self {
+            Metric::ErrorRate => "",
+            _ => "ms",
+        }
+    }
+}
+
+impl fmt::Display for Metric {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The condition a metric must meet.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum Rule {
+    /// Canary value must be at most this.
+    Max {
+        /// The ceiling.
+        limit: f64,
+    },
+    /// Canary value must be at most `ratio` x stable's, or stable + `slack`, whichever is larger.
+    RatioToStable {
+        /// Tolerated canary / stable ratio.
+        ratio: f64,
+        /// Absolute allowance for services whose stable value is near zero.
+        slack: f64,
+    },
+}
+
+/// A named pass criterion evaluated over the whole stage.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Check {
+    /// Name shown in verdicts and events.
+    pub name: String,
+    /// What is measured.
+    pub metric: Metric,
+    /// The condition.
+    pub rule: Rule,
+    /// Requests each variant the rule reads must have served before the check can pass.
+    pub min_requests: u64,
+}
+
+/// How urgently a trigger rolls back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Severity {
+    /// Roll back at once.
+    Critical,
+    /// Roll back when the condition has held for the grace period.
+    Warning,
+}
+
+/// A condition watched continuously over a sliding window.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Trigger {
+    /// The condition, as for checks.
+    pub check: Check,
+    /// Sliding window the condition is evaluated over.
+    #[serde(with = "humantime_serde")]
+    pub window: Duration,
+    /// Critical or warning.
+    pub severity: Severity,
+    /// For warnings: how long the condition must hold.
+    #[serde(with = "humantime_serde")]
+    pub grace: Duration,
+}
+
+/// One problem found in a strategy, naming its field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    /// Dotted path of the field, e.g. `stages[2].weight`.
+    pub field: String,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.reason)
+    }
+}
+
+/// A strategy that could not be read or is invalid.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StrategyError {
+    /// The TOML itself is malformed or has unknown fields.
+    #[error("{0}")]
+    Syntax(FieldError),
+    /// The TOML parsed but some fields are invalid.
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    Invalid(Vec<FieldError>),
+}
+
+impl StrategyError {
+    /// Every problem, one per field.
+    pub fn problems(&self) -> Vec<FieldError> {
+        match self {
+            StrategyError::Syntax(e) => vec![e.clone()],
+            StrategyError::Invalid(v) => v.clone(),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The file format.
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStrategy {
+    #[serde(default)]
+    stages: Vec<RawStage>,
+    #[serde(default)]
+    checks: Vec<RawCheck>,
+    #[serde(default)]
+    triggers: Vec<RawTrigger>,
+    #[serde(default)]
+    traffic: RawTraffic,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTraffic {
+    sticky_key: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStage {
+    weight: i64,
+    min_duration: Option<String>,
+    max_duration: Option<String>,
+    #[serde(default)]
+    manual_gate: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCheck {
+    name: Option<String>,
+    metric: String,
+    max: Option<f64>,
+    max_ratio: Option<f64>,
+    slack: Option<f64>,
+    min_requests: Option<i64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTrigger {
+    name: Option<String>,
+    metric: String,
+    max: Option<f64>,
+    max_ratio: Option<f64>,
+    slack: Option<f64>,
+    min_requests: Option<i64>,
+    window: Option<String>,
+    severity: Option<String>,
+    grace: Option<String>,
+}
+
+/// Collects problems while walking the raw file.
+#[derive(Default)]
+struct Problems(Vec<FieldError>);
+
+impl Problems {
+    fn push(&mut self, field: impl Into<String>, reason: impl Into<String>) {
+        self.0.push(FieldError {
+            field: field.into(),
+            reason: reason.into(),
+        });
+    }
+
+    fn duration(&mut self, field: &str, text: Option<&str>) -> Option<Duration> {
+        let text = text?;
+        match humantime::parse_duration(text) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                self.push(
+                    field,
+                    format!("invalid duration '{text}' ({e}); write e.g. \"30s\" or \"5m\""),
+                );
+                None
+            }
+        }
+    }
+}
+
+impl Strategy {
+    /// Parses and validates a strategy's TOML text.
+    pub fn from_toml(text: &str) -> Result<Strategy, StrategyError> {
+        let raw: RawStrategy = toml::from_str(text).map_err(|e| {
+            let field = e
+                .span()
+                .map(|span| describe_position(text, span.start))
+                .unwrap_or_else(|| "strategy".to_owned());
+            StrategyError::Syntax(FieldError {
+                field,
+                reason: e.message().trim().to_owned(),
+            })
+        })?;
+        Strategy::from_raw(raw)
+    }
+
+    fn from_raw(raw: RawStrategy) -> Result<Strategy, StrategyError> {
+        let mut p = Problems::default();
+        if raw.stages.is_empty() {
+            p.push("stages", "at least one [[stages]] entry is required");
+        }
+        let mut stages = Vec::with_capacity(raw.stages.len());
+        let mut previous: Option<i64> = None;
+        for (i, s) in raw.stages.iter().enumerate() {
+            let field = format!("stages[{i}]");
+            if !(1..=100).contains(&s.weight) {
+                p.push(
+                    format!("{field}.weight"),
+                    format!("must be in 1..=100 (percent of traffic), got {}", s.weight),
+                );
+            } else if let Some(prev) = previous
+                && s.weight <= prev
+            {
+                p.push(
+                    format!("{field}.weight"),
+                    format!(
+                        "stage weights must strictly increase, got {} after {prev}",
+                        s.weight
+                    ),
+                );
+            }
+            previous = Some(s.weight.max(previous.unwrap_or(i64::MIN)));
+            let min_duration = p
+                .duration(&format!("{field}.min_duration"), s.min_duration.as_deref())
+                .unwrap_or(DEFAULT_MIN_DURATION);
+            let max_duration =
+                p.duration(&format!("{field}.max_duration"), s.max_duration.as_deref());
+            if let Some(max) = max_duration
+                && max < min_duration
+            {
+                p.push(
+                    format!("{field}.max_duration"),
+                    format!(
+                        "must be at least min_duration ({}), got {}",
+                        humantime::format_duration(min_duration),
+                        humantime::format_duration(max)
+                    ),
+                );
+            }
+            stages.push(Stage {
+                weight: s.weight.clamp(0, 100) as u32,
+                min_duration,
+                max_duration,
+                manual_gate: s.manual_gate,
+            });
+        }
+
+        let mut names = std::collections::BTreeSet::new();
+        let mut checks = Vec::with_capacity(raw.checks.len());
+        for (i, c) in raw.checks.iter().enumerate() {
+            let field = format!("checks[{i}]");
+            let spec = RuleFields {
+                name: c.name.as_deref(),
+                metric: &c.metric,
+                max: c.max,
+                max_ratio: c.max_ratio,
+                slack: c.slack,
+                min_requests: c.min_requests,
+            };
+            if let Some(check) = spec.validate(&field, DEFAULT_MIN_REQUESTS, &mut p) {
+                if !names.insert(check.name.clone()) {
+                    p.push(
+                        format!("{field}.name"),
+                        format!("duplicate check or trigger name '{}'", check.name),
+                    );
+                }
+                checks.push(check);
+            }
+        }
+
+        let mut triggers = Vec::with_capacity(raw.triggers.len());
+        for (i, t) in raw.triggers.iter().enumerate() {
+            let field = format!("triggers[{i}]");
+            let spec = RuleFields {
+                name: t.name.as_deref(),
+                metric: &t.metric,
+                max: t.max,
+                max_ratio: t.max_ratio,
+                slack: t.slack,
+                min_requests: t.min_requests,
+            };
+            let check = spec.validate(&field, DEFAULT_TRIGGER_MIN_REQUESTS, &mut p);
+            let window = p
+                .duration(&format!("{field}.window"), t.window.as_deref())
+                .unwrap_or(DEFAULT_TRIGGER_WINDOW);
+            if window.is_zero() || window > MAX_TRIGGER_WINDOW {
+                p.push(
+                    format!("{field}.window"),
+                    format!(
+                        "must be between 1s and {}, got {}",
+                        humantime::format_duration(MAX_TRIGGER_WINDOW),
+                        humantime::format_duration(window)
+                    ),
+                );
+            }
+            let severity = match t.severity.as_deref().unwrap_or("critical") {
+                "critical" => Severity::Critical,
+                "warning" => Severity::Warning,
+                other => {
+                    p.push(
+                        format!("{field}.severity"),
+                        format!("must be \"critical\" or \"warning\", got \"{other}\""),
+                    );
+                    Severity::Critical
+                }
+            };
+            let grace = p.duration(&format!("{field}.grace"), t.grace.as_deref());
+            match (severity, grace) {
+                (Severity::Critical, Some(_)) => p.push(
+                    format!("{field}.grace"),
+                    "only warning triggers have a grace period (critical ones fire at once)",
+                ),
+                (Severity::Warning, None) if t.grace.is_none() => p.push(
+                    format!("{field}.grace"),
+                    "a warning trigger needs a grace period, e.g. grace = \"5m\"",
+                ),
+                _ => {}
+            }
+            if let Some(check) = check {
+                if !names.insert(check.name.clone()) {
+                    p.push(
+                        format!("{field}.name"),
+                        format!("duplicate check or trigger name '{}'", check.name),
+                    );
+                }
+                triggers.push(Trigger {
+                    check,
+                    window,
+                    severity,
+                    grace: grace.unwrap_or(Duration::ZERO),
+                });
+            }
+        }
+
+        if let Some(key) = &raw.traffic.sticky_key
+            && let Err(reason) = validate_sticky_key(key)
+        {
+            p.push("traffic.sticky_key", reason);
+        }
+
+        if p.0.is_empty() {
+            Ok(Strategy {
+                stages,
+                checks,
+                triggers,
+                traffic: Traffic {
+                    sticky_key: raw.traffic.sticky_key,
+                },
+            })
+        } else {
+            Err(StrategyError::Invalid(p.0))
+        }
+    }
+
+    /// The canary weight of stage `index` (0 when out of range).
+    pub fn weight(&self, index: usize) -> u32 {
+        self.stages.get(index).map_or(0, |s| s.weight)
+    }
+
+    /// The longest trigger window, which bounds how much recent data the analysis keeps.
+    pub fn longest_trigger_window(&self) -> Duration {
+        self.triggers
+            .iter()
+            .map(|t| t.window)
+            .max()
+            .unwrap_or(Duration::ZERO)
+    }
+}
+
+struct RuleFields<'a> {
+    name: Option<&'a str>,
+    metric: &'a str,
+    max: Option<f64>,
+    max_ratio: Option<f64>,
+    slack: Option<f64>,
+    min_requests: Option<i64>,
+}
+
+impl RuleFields<'_> {
+    fn validate(&self, field: &str, default_min: u64, p: &mut Problems) -> Option<Check> {
+        let before = p.0.len();
+        let metric = Metric::parse(self.metric);
+        if metric.is_none() {
+            let known: Vec<_> = Metric::ALL.iter().map(|(n, _)| *n).collect();
+            p.push(
+                format!("{field}.metric"),
+                format!(
+                    "unknown metric \"{}\"; expected one of {}",
+                    self.metric,
+                    known.join(", ")
+                ),
+            );
+        }
+        let rule = match (self.max, self.max_ratio) {
+            (Some(_), Some(_)) => {
+                p.push(
+                    field,
+                    "set either `max` (absolute ceiling) or `max_ratio` (compared with stable), not both",
+                );
+                None
+            }
+            (None, None) => {
+                p.push(
+                    field,
+                    "needs a rule: `max` (absolute ceiling) or `max_ratio` (compared with stable)",
+                );
+                None
+            }
+            (Some(limit), None) => {
+                if !limit.is_finite() || limit < 0.0 {
+                    p.push(
+                        format!("{field}.max"),
+                        format!("must be a finite number >= 0, got {limit}"),
+                    );
+                } else if metric == Some(Metric::ErrorRate) && limit > 1.0 {
+                    p.push(
+                        format!("{field}.max"),
+                        format!("error_rate is a fraction in 0..=1 (0.01 = 1%), got {limit}"),
+                    );
+                }
+                if self.slack.is_some() {
+                    p.push(
+                        format!("{field}.slack"),
+                        "slack only applies to `max_ratio` rules",
+                    );
+                }
+                Some(Rule::Max { limit })
+            }
+            (None, Some(ratio)) => {
+                if !ratio.is_finite() || ratio < 1.0 {
+                    p.push(
+                        format!("{field}.max_ratio"),
+                        format!("must be a finite number >= 1 (canary / stable), got {ratio}"),
+                    );
+                }
+                let slack = self.slack.unwrap_or(0.0);
+                if !slack.is_finite() || slack < 0.0 {
+                    p.push(
+                        format!("{field}.slack"),
+                        format!("must be a finite number >= 0, got {slack}"),
+                    );
+                }
+                Some(Rule::RatioToStable { ratio, slack })
+            }
+        };
+        let min_requests = match self.min_requests {
+            None => default_min,
+            Some(n) if n >= 1 => n as u64,
+            Some(n) => {
+                p.push(
+                    format!("{field}.min_requests"),
+                    format!("must be at least 1 (a check never passes on no data), got {n}"),
+                );
+                default_min
+            }
+        };
+        let name = match self.name {
+            Some(n) if n.trim().is_empty() => {
+                p.push(format!("{field}.name"), "must not be empty");
+                String::new()
+            }
+            Some(n) => n.to_owned(),
+            None => self.metric.to_owned(),
+        };
+        if p.0.len() > before {
+            return None;
+        }
+        Some(Check {
+            name,
+            metric: metric?,
+            rule: rule?,
+            min_requests,
+        })
+    }
+}
+
+/// An nginx variable expression: `$name` or `${name}`, letters, digits and `_` only.
+fn validate_sticky_key(key: &str) -> Result<(), String> {
+    let name = key
+        .strip_prefix("${")
+        .and_then(|k| k.strip_suffix('}'))
+        .or_else(|| key.strip_prefix('$'));
+    match name {
+        Some(n) if !n.is_empty() && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') => {
+            Ok(())
+        }
+        _ => Err(format!(
+            "must be one nginx variable such as \"$cookie_uid\" or \"${{remote_addr}}\", got \"{key}\""
+        )),
+    }
+}
+
+/// Turns a byte offset into the nearest TOML key path, for syntax errors.
+fn describe_position(text: &str, offset: usize) -> String {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let mut table = None;
+    for l in before.lines().rev() {
+        let t = l.trim();
+        if t.starts_with('[') {
+            table = Some(t.trim_matches(|c| c == '[' || c == ']').to_owned());
+            break;
+        }
+    }
+    match table {
+        Some(t) => format!("line {line} (in [{t}])"),
+        None => format!("line {line}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[traffic]
+sticky_key = "$cookie_uid"
+
+[[stages]]
+weight = 1
+min_duration = "30s"
+
+[[stages]]
+weight = 5
+min_duration = "1m"
+max_duration = "10m"
+
+[[stages]]
+weight = 50
+manual_gate = true
+
+[[stages]]
+weight = 100
+
+[[checks]]
+name = "errors-vs-stable"
+metric = "error_rate"
+max_ratio = 1.5
+slack = 0.005
+
+[[checks]]
+metric = "latency_p95"
+max = 200
+min_requests = 100
+
+[[triggers]]
+name = "hard-down"
+metric = "error_rate"
+max = 0.2
+window = "5s"
+
+[[triggers]]
+name = "slow"
+metric = "latency_p99"
+max = 1000
+severity = "warning"
+grace = "5m"
+"#;
+
+    fn problems(text: &str) -> Vec<String> {
+        match Strategy::from_toml(text) {
+            Ok(_) => vec![],
+            Err(e) => e.problems().iter().map(ToString::to_string).collect(),
+        }
+    }
+
+    #[test]
+    fn a_full_strategy_parses_with_defaults() {
+        let s = Strategy::from_toml(GOOD).expect("valid");
+        assert_eq!(
+            s.stages.iter().map(|s| s.weight).collect::<Vec<_>>(),
+            [1, 5, 50, 100]
+        );
+        assert_eq!(s.stages[0].min_duration, Duration::from_secs(30));
+        assert_eq!(s.stages[2].min_duration, DEFAULT_MIN_DURATION);
+        assert_eq!(s.stages[1].max_duration, Some(Duration::from_secs(600)));
+        assert!(s.stages[2].manual_gate);
+        assert_eq!(
+            s.checks[0].rule,
+            Rule::RatioToStable {
+                ratio: 1.5,
+                slack: 0.005
+            }
+        );
+        assert_eq!(s.checks[1].name, "latency_p95");
+        assert_eq!(s.checks[1].min_requests, 100);
+        assert_eq!(s.checks[0].min_requests, DEFAULT_MIN_REQUESTS);
+        assert_eq!(s.triggers[0].severity, Severity::Critical);
+        assert_eq!(s.triggers[0].window, Duration::from_secs(5));
+        assert_eq!(s.triggers[1].grace, Duration::from_secs(300));
+        assert_eq!(s.traffic.sticky_key.as_deref(), Some("$cookie_uid"));
+        assert_eq!(s.longest_trigger_window(), DEFAULT_TRIGGER_WINDOW);
+    }
+
+    #[test]
+    fn weight_120_is_named() {
+        let p = problems("[[stages]]\nweight = 120\n");
+        assert_eq!(
+            p,
+            ["stages[0].weight: must be in 1..=100 (percent of traffic), got 120"]
+        );
+    }
+
+    #[test]
+    fn zero_and_negative_weights_are_rejected() {
+        assert_eq!(problems("[[stages]]\nweight = 0\n").len(), 1);
+        assert_eq!(problems("[[stages]]\nweight = -5\n").len(), 1);
+    }
+
+    #[test]
+    fn decreasing_and_repeated_stages_are_named() {
+        let p =
+            problems("[[stages]]\nweight = 50\n[[stages]]\nweight = 25\n[[stages]]\nweight = 25\n");
+        assert_eq!(
+            p,
+            [
+                "stages[1].weight: stage weights must strictly increase, got 25 after 50",
+                "stages[2].weight: stage weights must strictly increase, got 25 after 50",
+            ]
+        );
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let p = problems(
+            r#"
+[[stages]]
+weight = 120
+min_duration = "soon"
+[[checks]]
+metric = "error_rates"
+max = 0.1
+[[checks]]
+metric = "error_rate"
+max = 2
+[[triggers]]
+metric = "latency_p95"
+max = 100
+severity = "loud"
+window = "0s"
+[traffic]
+sticky_key = "cookie uid"
+"#,
+        );
+        let fields: Vec<_> = p.iter().map(|l| l.split(':').next().unwrap()).collect();
+        assert_eq!(
+            fields,
+            [
+                "stages[0].weight",
+                "stages[0].min_duration",
+                "checks[0].metric",
+                "checks[1].max",
+                "triggers[0].window",
+                "triggers[0].severity",
+                "traffic.sticky_key",
+            ],
+            "{p:#?}"
+        );
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected_with_their_position() {
+        let e = Strategy::from_toml("[[stages]]\nweight = 5\nwieght = 6\n").unwrap_err();
+        let text = e.to_string();
+        assert!(text.contains("unknown field `wieght`"), "{text}");
+        assert!(text.starts_with("line 3 (in [stages])"), "{text}");
+        let e = Strategy::from_toml("[[stage]]\nweight = 5\n").unwrap_err();
+        assert!(e.to_string().contains("unknown field `stage`"), "{e}");
+    }
+
+    #[test]
+    fn missing_stages_is_an_error() {
+        assert_eq!(
+            problems(""),
+            ["stages: at least one [[stages]] entry is required"]
+        );
+    }
+
+    #[test]
+    fn rule_shapes_are_checked() {
+        let base = "[[stages]]\nweight = 5\n";
+        let p = problems(&format!("{base}[[checks]]\nmetric = \"error_rate\"\n"));
+        assert!(p[0].starts_with("checks[0]: needs a rule"), "{p:?}");
+        let p = problems(&format!(
+            "{base}[[checks]]\nmetric = \"error_rate\"\nmax = 0.1\nmax_ratio = 2.0\n"
+        ));
+        assert!(p[0].starts_with("checks[0]: set either"), "{p:?}");
+        let p = problems(&format!(
+            "{base}[[checks]]\nmetric = \"error_rate\"\nmax_ratio = 0.5\n"
+        ));
+        assert!(p[0].starts_with("checks[0].max_ratio"), "{p:?}");
+        let p = problems(&format!(
+            "{base}[[checks]]\nmetric = \"error_rate\"\nmax = 0.1\nslack = 0.1\n"
+        ));
+        assert!(p[0].starts_with("checks[0].slack"), "{p:?}");
+        let p = problems(&format!(
+            "{base}[[checks]]\nmetric = \"error_rate\"\nmax = 0.1\nmin_requests = 0\n"
+        ));
+        assert!(p[0].starts_with("checks[0].min_requests"), "{p:?}");
+    }
+
+    #[test]
+    fn durations_and_trigger_severity_are_checked() {
+        let base = "[[stages]]\nweight = 5\n";
+        let p = problems(&format!(
+            "{base}[[triggers]]\nmetric = \"error_rate\"\nmax = 0.5\nseverity = \"warning\"\n"
+        ));
+        assert!(
+            p[0].starts_with("triggers[0].grace: a warning trigger needs"),
+            "{p:?}"
+        );
+        let p = problems(&format!(
+            "{base}[[triggers]]\nmetric = \"error_rate\"\nmax = 0.5\ngrace = \"1m\"\n"
+        ));
+        assert!(p[0].starts_with("triggers[0].grace: only warning"), "{p:?}");
+        let p = problems("[[stages]]\nweight = 5\nmin_duration = \"5m\"\nmax_duration = \"1m\"\n");
+        assert!(
+            p[0].starts_with("stages[0].max_duration: must be at least"),
+            "{p:?}"
+        );
+    }
+
+    #[test]
+    fn duplicate_names_are_rejected() {
+        let p = problems(
+            "[[stages]]\nweight = 5\n[[checks]]\nmetric = \"error_rate\"\nmax = 0.1\n[[triggers]]\nmetric = \"error_rate\"\nmax = 0.5\n",
+        );
+        assert_eq!(
+            p,
+            ["triggers[0].name: duplicate check or trigger name 'error_rate'"]
+        );
+    }
+
+    #[test]
+    fn sticky_keys() {
+        assert!(validate_sticky_key("$cookie_uid").is_ok());
+        assert!(validate_sticky_key("${remote_addr}").is_ok());
+        for bad in ["cookie", "$", "${}", "$a b", "$a;", "${a", "$cookie-uid"] {
+            assert!(validate_sticky_key(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn strategies_round_trip_through_serde() {
+        let s = Strategy::from_toml(GOOD).unwrap();
+        let json = serde_json::to_string(&s).unwrap();
+        let back: Strategy = serde_json::from_str(&json).unwrap();
+        assert_eq!(s, back);
+    }
+}

@@ -1,0 +1,645 @@
+//! `serin demo-app`: a tiny HTTP service to roll out in demos and tests.
+//!
+//! Every path except the special ones below is "the app": it waits `latency_ms` (±20% uniform
+//! jitter), then answers `500` with probability `error_rate`, else `200`, with body
+//! `"<version>\n"` and header `x-serin-version: <version>`.
+//!
+//! Special paths (not counted in the metrics):
+//! - `GET /metrics`: Prometheus/OpenMetrics text with `http_requests_total{code="200"|"500"}`
+//!   and the `http_request_duration_seconds` histogram, the names serin's agent reads by default,
+//!   plus the `http_requests_in_flight` gauge;
+//! - `GET /healthz`: `200 ok`;
+//! - `GET /admin`: `{"version", "error_rate", "latency_ms"}`;
+//! - `POST /admin` with `{"error_rate": 0.5}` and/or `{"latency_ms": 200}`: changes them at run
+//!   time, so a demo can break the canary on purpose. Invalid input is a `400` naming the field,
+//!   and changes nothing.
+//!
+//! [`bind`] then [`DemoApp::serve`] (or [`run`], which does both). On shutdown, requests still
+//! waiting out their latency are answered at once, the server drains, and after
+//! [`SHUTDOWN_GRACE`] it stops waiting for connections that have not finished.
+
+use std::future::{Future, IntoFuture};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderName, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use rand::Rng;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Largest accepted `latency_ms`, on the command line and through `POST /admin`.
+pub const MAX_LATENCY_MS: u64 = 60_000;
+
+/// How long [`DemoApp::serve`] waits for open connections after the shutdown signal.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Bucket bounds of `http_request_duration_seconds`.
+const LATENCY_BUCKETS: [f64; 10] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
+
+const VERSION_HEADER: HeaderName = HeaderName::from_static("x-serin-version");
+
+const OPENMETRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Arguments of `serin demo-app`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DemoAppArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port to listen on (0: any free port).
+    #[arg(long)]
+    pub port: u16,
+    /// Version string returned in every answer.
+    #[arg(long)]
+    pub version: String,
+    /// Share of requests answered with 500, between 0 and 1.
+    #[arg(long, default_value_t = 0.0)]
+    pub error_rate: f64,
+    /// Mean time to answer, in milliseconds (±20% jitter; at most 60000).
+    #[arg(long, default_value_t = 5)]
+    pub latency_ms: u64,
+}
+
+/// Binds and serves until `shutdown` completes.
+pub async fn run(
+    args: DemoAppArgs,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let (addr, app) = bind(args).await?;
+    tracing::info!(%addr, "demo app listening");
+    app.serve(shutdown).await
+}
+
+/// Validates `args` and binds the listening socket, without serving yet, so the caller learns
+/// the address (useful with `--port 0`) before any request can arrive. Serve with
+/// [`DemoApp::serve`].
+pub async fn bind(args: DemoAppArgs) -> anyhow::Result<(SocketAddr, DemoApp)> {
+    let shared = Arc::new(Shared::new(&args)?);
+    let listener = TcpListener::bind((args.host.as_str(), args.port))
+        .await
+        .with_context(|| format!("binding the demo app to {}:{}", args.host, args.port))?;
+    let addr = listener
+        .local_addr()
+        .context("reading the demo app's bound address")?;
+    Ok((addr, DemoApp { listener, shared }))
+}
+
+/// A bound demo app, not serving yet.
+pub struct DemoApp {
+    listener: TcpListener,
+    shared: Arc<Shared>,
+}
+
+impl DemoApp {
+    /// Serves until `shutdown` completes, then drains: requests waiting out their latency are
+    /// answered at once, and connections still open after [`SHUTDOWN_GRACE`] are abandoned.
+    pub async fn serve(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let stop = self.shared.stop.clone();
+        let signal = {
+            let stop = stop.clone();
+            async move {
+                shutdown.await;
+                stop.cancel();
+            }
+        };
+        let server = axum::serve(self.listener, router(self.shared))
+            .with_graceful_shutdown(signal)
+            .into_future();
+        tokio::select! {
+            res = server => res.context("serving the demo app")?,
+            () = async {
+                stop.cancelled().await;
+                tokio::time::sleep(SHUTDOWN_GRACE).await;
+            } => tracing::warn!(grace = ?SHUTDOWN_GRACE, "demo app: connections still open after the grace period; stopping anyway"),
+        }
+        Ok(())
+    }
+}
+
+fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/admin", get(admin_get).post(admin_post))
+        .fallback(app_request)
+        .with_state(shared)
+}
+
+/// State shared by the handlers.
+struct Shared {
+    version: String,
+    version_header: HeaderValue,
+    /// `f64` bits.
+    error_rate: AtomicU64,
+    latency_ms: AtomicU64,
+    registry: Registry,
+    ok: Counter,
+    failed: Counter,
+    duration: Histogram,
+    in_flight: Gauge,
+    /// Cancelled on shutdown: cuts latency sleeps short.
+    stop: CancellationToken,
+}
+
+impl Shared {
+    fn new(args: &DemoAppArgs) -> anyhow::Result<Self> {
+        if !(0.0..=1.0).contains(&args.error_rate) {
+            bail!(
+                "--error-rate must be between 0 and 1, got {}",
+                args.error_rate
+            );
+        }
+        if args.latency_ms > MAX_LATENCY_MS {
+            bail!(
+                "--latency-ms must be at most {MAX_LATENCY_MS}, got {}",
+                args.latency_ms
+            );
+        }
+        if args.version.is_empty() {
+            bail!("--version must not be empty");
+        }
+        let version_header = HeaderValue::from_str(&args.version).map_err(|_| {
+            anyhow::anyhow!(
+                "--version must be printable ASCII without control characters, got {:?}",
+                args.version
+            )
+        })?;
+
+        let requests = Family::<[(&'static str, &'static str); 1], Counter>::default();
+        // Both series exist from the start, so a scraper finds the metric before any traffic.
+        let ok = requests.get_or_create_owned(&[("code", "200")]);
+        let failed = requests.get_or_create_owned(&[("code", "500")]);
+        let duration = Histogram::new(LATENCY_BUCKETS);
+        let in_flight = Gauge::default();
+        let mut registry = Registry::default();
+        // The encoder appends `_total` to counters.
+        registry.register(
+            "http_requests",
+            "HTTP requests handled, by status code",
+            requests,
+        );
+        registry.register(
+            "http_request_duration_seconds",
+            "Time to answer HTTP requests, in seconds",
+            duration.clone(),
+        );
+        registry.register(
+            "http_requests_in_flight",
+            "HTTP requests being handled now",
+            in_flight.clone(),
+        );
+
+        Ok(Self {
+            version: args.version.clone(),
+            version_header,
+            error_rate: AtomicU64::new(args.error_rate.to_bits()),
+            latency_ms: AtomicU64::new(args.latency_ms),
+            registry,
+            ok,
+            failed,
+            duration,
+            in_flight,
+            stop: CancellationToken::new(),
+        })
+    }
+
+    fn error_rate(&self) -> f64 {
+        f64::from_bits(self.error_rate.load(Ordering::Relaxed))
+    }
+
+    fn latency_ms(&self) -> u64 {
+        self.latency_ms.load(Ordering::Relaxed)
+    }
+
+    fn settings_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "version": self.version,
+            "error_rate": self.error_rate(),
+            "latency_ms": self.latency_ms(),
+        })
+    }
+}
+
+/// Any path but the special ones.
+async fn app_request(State(shared): State<Arc<Shared>>) -> Response {
+    let start = Instant::now();
+    let _in_flight = InFlight::enter(&shared.in_flight);
+    let (delay, fail) = {
+        let mut rng = rand::rng();
+        let jitter: f64 = rng.random_range(0.8..=1.2);
+        let delay = Duration::from_secs_f64(shared.latency_ms() as f64 * jitter / 1000.0);
+        // `random` is in [0, 1): rate 0 never fails, rate 1 always does.
+        (delay, rng.random::<f64>() < shared.error_rate())
+    };
+    if !delay.is_zero() {
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = shared.stop.cancelled() => {}
+        }
+    }
+    let status = if fail {
+        shared.failed.inc();
+        StatusCode::INTERNAL_SERVER_ERROR
+    } else {
+        shared.ok.inc();
+        StatusCode::OK
+    };
+    shared.duration.observe(start.elapsed().as_secs_f64());
+    (
+        status,
+        [(VERSION_HEADER, shared.version_header.clone())],
+        format!("{}\n", shared.version),
+    )
+        .into_response()
+}
+
+/// Counts a request in `http_requests_in_flight` until dropped, even if the client goes away.
+struct InFlight<'a>(&'a Gauge);
+
+impl<'a> InFlight<'a> {
+    fn enter(gauge: &'a Gauge) -> Self {
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
+    let mut text = String::new();
+    match prometheus_client::encoding::text::encode(&mut text, &shared.registry) {
+        Ok(()) => ([(header::CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE)], text).into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "encoding metrics");
+            (StatusCode::INTERNAL_SERVER_ERROR, "cannot encode metrics\n").into_response()
+        }
+    }
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn admin_get(State(shared): State<Arc<Shared>>) -> Response {
+    axum::Json(shared.settings_json()).into_response()
+}
+
+async fn admin_post(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
+    match parse_admin_update(&body) {
+        Ok(update) => {
+            if let Some(rate) = update.error_rate {
+                shared.error_rate.store(rate.to_bits(), Ordering::Relaxed);
+            }
+            if let Some(ms) = update.latency_ms {
+                shared.latency_ms.store(ms, Ordering::Relaxed);
+            }
+            tracing::info!(
+                error_rate = shared.error_rate(),
+                latency_ms = shared.latency_ms(),
+                "demo app settings changed"
+            );
+            axum::Json(shared.settings_json()).into_response()
+        }
+        Err(msg) => (StatusCode::BAD_REQUEST, format!("{msg}\n")).into_response(),
+    }
+}
+
+/// A validated `POST /admin` body.
+#[derive(Debug, Default, PartialEq)]
+struct AdminUpdate {
+    error_rate: Option<f64>,
+    latency_ms: Option<u64>,
+}
+
+/// Parses and validates a `POST /admin` body; the error message names the offending field.
+fn parse_admin_update(body: &[u8]) -> Result<AdminUpdate, String> {
+    let value: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| format!("body is not valid JSON: {e}"))?;
+    let fields = value
+        .as_object()
+        .ok_or(r#"body must be a JSON object such as {"error_rate": 0.5}"#)?;
+    let mut update = AdminUpdate::default();
+    for (key, v) in fields {
+        match key.as_str() {
+            "error_rate" => {
+                let rate = v
+                    .as_f64()
+                    .filter(|r| (0.0..=1.0).contains(r))
+                    .ok_or_else(|| {
+                        format!("error_rate must be a number between 0 and 1, got {v}")
+                    })?;
+                update.error_rate = Some(rate);
+            }
+            "latency_ms" => {
+                let ms = v
+                    .as_u64()
+                    .filter(|ms| *ms <= MAX_LATENCY_MS)
+                    .ok_or_else(|| {
+                        format!(
+                            "latency_ms must be an integer between 0 and {MAX_LATENCY_MS}, got {v}"
+                        )
+                    })?;
+                update.latency_ms = Some(ms);
+            }
+            other => {
+                return Err(format!(
+                    "unknown field '{other}' (expected error_rate and/or latency_ms)"
+                ));
+            }
+        }
+    }
+    if update == AdminUpdate::default() {
+        return Err("expected at least one of error_rate, latency_ms".to_owned());
+    }
+    Ok(update)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use serin_agent::collect::{MetricNames, parse_sample};
+
+    fn args(error_rate: f64, latency_ms: u64) -> DemoAppArgs {
+        DemoAppArgs {
+            host: "127.0.0.1".into(),
+            port: 0,
+            version: "v1.2.3".into(),
+            error_rate,
+            latency_ms,
+        }
+    }
+
+    /// A running app, stopped when dropped... or explicitly, to check shutdown.
+    struct Running {
+        base: String,
+        stop: Option<tokio::sync::oneshot::Sender<()>>,
+        task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    }
+
+    impl Running {
+        async fn start(args: DemoAppArgs) -> Self {
+            let (addr, app) = bind(args).await.unwrap();
+            let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+            let task = tokio::spawn(app.serve(async move {
+                let _ = rx.await;
+            }));
+            Self {
+                base: format!("http://{addr}"),
+                stop: Some(tx),
+                task,
+            }
+        }
+
+        async fn stop(mut self) -> anyhow::Result<()> {
+            if let Some(tx) = self.stop.take() {
+                let _ = tx.send(());
+            }
+            (&mut self.task).await.unwrap()
+        }
+    }
+
+    impl Drop for Running {
+        fn drop(&mut self) {
+            self.task.abort();
+        }
+    }
+
+    fn client() -> reqwest::Client {
+        reqwest::Client::builder().no_proxy().build().unwrap()
+    }
+
+    async fn get(c: &reqwest::Client, url: &str) -> (u16, String) {
+        let resp = c.get(url).send().await.unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.text().await.unwrap())
+    }
+
+    async fn post_admin(c: &reqwest::Client, base: &str, body: &str) -> (u16, String) {
+        let resp = c
+            .post(format!("{base}/admin"))
+            .header("content-type", "application/json")
+            .body(body.to_owned())
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.text().await.unwrap())
+    }
+
+    #[tokio::test]
+    async fn metrics_count_exactly_the_app_requests() {
+        let app = Running::start(args(0.5, 0)).await;
+        let c = client();
+        let (mut ok, mut failed) = (0u64, 0u64);
+        for i in 0..40 {
+            let path = ["/", "/orders", "/a/b?c=d"][i % 3];
+            let resp = c.get(format!("{}{path}", app.base)).send().await.unwrap();
+            assert_eq!(resp.headers()["x-serin-version"], "v1.2.3");
+            match resp.status().as_u16() {
+                200 => ok += 1,
+                500 => failed += 1,
+                s => panic!("unexpected status {s}"),
+            }
+            assert_eq!(resp.text().await.unwrap(), "v1.2.3\n");
+        }
+        // Neither of these count.
+        assert_eq!(get(&c, &format!("{}/healthz", app.base)).await.0, 200);
+        assert_eq!(get(&c, &format!("{}/admin", app.base)).await.0, 200);
+        assert_eq!(get(&c, &format!("{}/metrics", app.base)).await.0, 200);
+
+        let (status, page) = get(&c, &format!("{}/metrics", app.base)).await;
+        assert_eq!(status, 200);
+        assert!(
+            page.contains(&format!("http_requests_total{{code=\"200\"}} {ok}")),
+            "{page}"
+        );
+        assert!(
+            page.contains(&format!("http_requests_total{{code=\"500\"}} {failed}")),
+            "{page}"
+        );
+        // And the agent's parser reads it the same way.
+        let sample = parse_sample(&page, &MetricNames::default()).unwrap();
+        assert_eq!(sample.requests, 40.0);
+        assert_eq!(sample.errors, failed as f64);
+        let bounds: Vec<f64> = sample.buckets.iter().map(|b| b.0).collect();
+        let mut expected = LATENCY_BUCKETS.to_vec();
+        expected.push(f64::INFINITY);
+        assert_eq!(bounds, expected);
+        assert_eq!(sample.buckets.last().unwrap().1, 40.0);
+        app.stop().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn metrics_exist_before_any_traffic() {
+        let app = Running::start(args(0.0, 0)).await;
+        let (_, page) = get(&client(), &format!("{}/metrics", app.base)).await;
+        let sample = parse_sample(&page, &MetricNames::default()).unwrap();
+        assert_eq!((sample.requests, sample.errors), (0.0, 0.0));
+        app.stop().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn admin_changes_error_rate_and_latency_at_run_time() {
+        let app = Running::start(args(0.0, 0)).await;
+        let c = client();
+        for _ in 0..5 {
+            assert_eq!(get(&c, &format!("{}/", app.base)).await.0, 200);
+        }
+
+        let (status, body) = post_admin(&c, &app.base, r#"{"error_rate": 1.0}"#).await;
+        assert_eq!(status, 200, "{body}");
+        for _ in 0..20 {
+            assert_eq!(get(&c, &format!("{}/x", app.base)).await.0, 500);
+        }
+        let (_, body) = get(&c, &format!("{}/admin", app.base)).await;
+        let settings: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(
+            settings,
+            serde_json::json!({"version": "v1.2.3", "error_rate": 1.0, "latency_ms": 0})
+        );
+
+        let (status, body) =
+            post_admin(&c, &app.base, r#"{"error_rate": 0, "latency_ms": 200}"#).await;
+        assert_eq!(status, 200, "{body}");
+        let start = Instant::now();
+        assert_eq!(get(&c, &format!("{}/", app.base)).await.0, 200);
+        assert!(
+            start.elapsed() >= Duration::from_millis(160),
+            "{:?}",
+            start.elapsed()
+        );
+        app.stop().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn bad_admin_input_is_400_naming_the_field_and_changes_nothing() {
+        let app = Running::start(args(0.25, 0)).await;
+        let c = client();
+        let cases = [
+            (r#"{"error_rate": 1.5}"#, "error_rate"),
+            (r#"{"error_rate": -0.1}"#, "error_rate"),
+            (r#"{"error_rate": "high"}"#, "error_rate"),
+            (r#"{"latency_ms": 60001}"#, "latency_ms"),
+            (r#"{"latency_ms": -5}"#, "latency_ms"),
+            (r#"{"latency_ms": 1.5}"#, "latency_ms"),
+            // Valid error_rate, invalid latency: neither is applied.
+            (r#"{"error_rate": 0.9, "latency_ms": 999999}"#, "latency_ms"),
+            (r#"{"eror_rate": 0.9}"#, "eror_rate"),
+            (r#"{}"#, "at least one"),
+            (r#"[0.5]"#, "JSON object"),
+            ("error_rate=0.5", "not valid JSON"),
+        ];
+        for (body, needle) in cases {
+            let (status, msg) = post_admin(&c, &app.base, body).await;
+            assert_eq!(status, 400, "{body} -> {msg}");
+            assert!(msg.contains(needle), "{body} -> {msg}");
+        }
+        let (_, body) = get(&c, &format!("{}/admin", app.base)).await;
+        let settings: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(settings["error_rate"], 0.25);
+        assert_eq!(settings["latency_ms"], 0);
+        app.stop().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn invalid_args_name_the_flag() {
+        for (a, flag) in [
+            (args(1.5, 5), "--error-rate"),
+            (args(-0.1, 5), "--error-rate"),
+            (args(f64::NAN, 5), "--error-rate"),
+            (args(0.0, MAX_LATENCY_MS + 1), "--latency-ms"),
+            (
+                DemoAppArgs {
+                    version: "v1\nv2".into(),
+                    ..args(0.0, 5)
+                },
+                "--version",
+            ),
+            (
+                DemoAppArgs {
+                    version: String::new(),
+                    ..args(0.0, 5)
+                },
+                "--version",
+            ),
+        ] {
+            let err = match bind(a).await {
+                Ok(_) => panic!("expected an error mentioning {flag}"),
+                Err(e) => e.to_string(),
+            };
+            assert!(err.contains(flag), "{err}");
+        }
+    }
+
+    #[tokio::test]
+    async fn shutdown_answers_slow_requests_and_stops_promptly() {
+        let app = Running::start(args(0.0, MAX_LATENCY_MS)).await;
+        let c = client();
+        let url = format!("{}/", app.base);
+        let in_flight = tokio::spawn({
+            let c = c.clone();
+            async move { get(&c, &url).await }
+        });
+        // Stop only once the request is being handled.
+        let metrics_url = format!("{}/metrics", app.base);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !get(&c, &metrics_url)
+            .await
+            .1
+            .contains("http_requests_in_flight 1")
+        {
+            assert!(Instant::now() < deadline, "the slow request never arrived");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let start = Instant::now();
+        app.stop().await.unwrap();
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            start.elapsed()
+        );
+        let (status, body) = in_flight.await.unwrap();
+        assert_eq!((status, body.as_str()), (200, "v1.2.3\n"));
+    }
+
+    #[test]
+    fn admin_update_parsing() {
+        assert_eq!(
+            parse_admin_update(br#"{"error_rate": 0.5}"#),
+            Ok(AdminUpdate {
+                error_rate: Some(0.5),
+                latency_ms: None
+            })
+        );
+        assert_eq!(
+            parse_admin_update(br#"{"latency_ms": 200, "error_rate": 0}"#),
+            Ok(AdminUpdate {
+                error_rate: Some(0.0),
+                latency_ms: Some(200)
+            })
+        );
+        assert!(parse_admin_update(br#"{"latency_ms": 60000}"#).is_ok());
+        assert!(parse_admin_update(br#"{"latency_ms": 60001}"#).is_err());
+    }
+}
