@@ -1,16 +1,209 @@
+//! `serin`: the operator's CLI, which also runs the coordinator, the agent, the demo service and
+//! the demo. This file only parses arguments and wires the libraries together.
+#![forbid(unsafe_code)]
+
+mod cli;
+mod demo;
 mod demo_app;
-#[derive(clap::Parser)]
-#[command(version)]
-enum Cli {
-    DemoApp(demo_app::DemoAppArgs),
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use serin_agent::config::{AgentConfig, ConfigOverrides};
+use serin_coordinator::server::CoordinatorConfig;
+use tokio_util::sync::CancellationToken;
+
+/// Progressive delivery for fleets that do not run Kubernetes.
+#[derive(Parser, Debug)]
+#[command(name = "serin", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
 }
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run a coordinator node.
+    Coordinator {
+        #[command(subcommand)]
+        command: CoordinatorCommand,
+    },
+    /// Run the agent of this host.
+    Agent {
+        #[command(subcommand)]
+        command: AgentCommand,
+    },
+    /// Start, watch and steer rollouts.
+    Rollout {
+        #[command(subcommand)]
+        command: cli::rollout::RolloutCommand,
+    },
+    /// Work with strategy files.
+    Strategy {
+        #[command(subcommand)]
+        command: cli::strategy::StrategyCommand,
+    },
+    /// Run the demo HTTP service (stable or canary instance of a fake app).
+    DemoApp(demo_app::DemoAppArgs),
+    /// Run a full demo on loopback: a good canary promoted, a bad one rolled back.
+    Demo(demo::DemoArgs),
+}
+
+#[derive(Subcommand, Debug)]
+enum CoordinatorCommand {
+    /// Run a coordinator until SIGINT/SIGTERM.
+    ///
+    /// Example: serin coordinator run --data-dir /var/lib/serin --listen 0.0.0.0:7000
+    Run {
+        /// TOML config file (node_id, listen, data_dir); flags override it.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Raft node id (non-zero).
+        #[arg(long)]
+        node_id: Option<u64>,
+        /// gRPC listen address for agents and operators.
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// Directory for the raft log and state.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum AgentCommand {
+    /// Run the agent until SIGINT/SIGTERM.
+    ///
+    /// Example: serin agent run --config /etc/serin/agent.toml
+    Run {
+        /// Agent config file (see deploy/agent.toml).
+        #[arg(long)]
+        config: PathBuf,
+        /// Coordinator address(es), comma-separated; overrides the config's `coordinators`.
+        #[arg(long, env = "SERIN_COORDINATOR", value_delimiter = ',')]
+        coordinator: Option<Vec<String>>,
+    },
+}
+
+fn init_logging(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SERIN_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// A token cancelled on SIGINT or SIGTERM.
+fn shutdown_on_signals() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot listen for SIGTERM");
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutting down");
+        t.cancel();
+    });
+    token
+}
+
+async fn run_coordinator(command: CoordinatorCommand) -> anyhow::Result<ExitCode> {
+    let CoordinatorCommand::Run {
+        config,
+        node_id,
+        listen,
+        data_dir,
+    } = command;
+    let mut cfg = match &config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read coordinator config {}", path.display()))?;
+            CoordinatorConfig::from_toml(&text).with_context(|| format!("in {}", path.display()))?
+        }
+        None => CoordinatorConfig {
+            node_id: 1,
+            listen: SocketAddr::from(([127, 0, 0, 1], 7000)),
+            data_dir: data_dir
+                .clone()
+                .context("--data-dir is required (or a --config file with data_dir)")?,
+        },
+    };
+    if let Some(id) = node_id {
+        cfg.node_id = id;
+    }
+    if let Some(l) = listen {
+        cfg.listen = l;
+    }
+    if let Some(d) = data_dir {
+        cfg.data_dir = d;
+    }
+    serin_coordinator::server::run(cfg, shutdown_on_signals(), None).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn run_agent(command: AgentCommand) -> anyhow::Result<ExitCode> {
+    let AgentCommand::Run {
+        config,
+        coordinator,
+    } = command;
+    let overrides = ConfigOverrides {
+        coordinators: coordinator,
+    };
+    let cfg = AgentConfig::load_with(&config, &overrides)?;
+    serin_agent::runtime::run(cfg, shutdown_on_signals()).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    use clap::Parser;
-    tracing_subscriber::fmt::init();
-    let Cli::DemoApp(a) = Cli::parse();
-    demo_app::run(a, async {
-        let _ = tokio::signal::ctrl_c().await;
-    })
-    .await
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Coordinator { command } => {
+            init_logging("info,raft=warn");
+            run_coordinator(command).await
+        }
+        Command::Agent { command } => {
+            init_logging("info");
+            run_agent(command).await
+        }
+        Command::Rollout { command } => {
+            init_logging("warn");
+            cli::rollout::run_rollout(command).await
+        }
+        Command::Strategy { command } => {
+            init_logging("warn");
+            cli::strategy::run_strategy(command)
+        }
+        Command::DemoApp(args) => {
+            init_logging("info");
+            let stop = shutdown_on_signals();
+            demo_app::run(args, stop.cancelled_owned())
+                .await
+                .map(|()| ExitCode::SUCCESS)
+        }
+        Command::Demo(args) => {
+            init_logging("warn");
+            demo::run(args).await
+        }
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {}", cli::error_chain(e.as_ref()));
+            ExitCode::FAILURE
+        }
+    }
 }

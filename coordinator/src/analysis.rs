@@ -22,6 +22,7 @@ pub struct Window {
     /// Of those, errors (5xx).
     pub errors: u64,
     /// Upper bounds in seconds, ascending; the last may be +Inf.
+    #[serde(with = "bounds_serde")]
     pub bounds: Vec<f64>,
     /// Cumulative count of requests at or under each bound.
     pub counts: Vec<u64>,
@@ -141,6 +142,45 @@ impl Window {
             Metric::ErrorRate => self.requests,
             _ => self.observed(),
         }
+    }
+}
+
+/// JSON has no infinity: bucket bounds are written as numbers, with `"+Inf"` for the last.
+mod bounds_serde {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    #[derive(Serialize, Deserialize)]
+    #[serde(untagged)]
+    enum Bound {
+        Finite(f64),
+        Text(String),
+    }
+
+    pub fn serialize<S: Serializer>(bounds: &[f64], s: S) -> Result<S::Ok, S::Error> {
+        let out: Vec<Bound> = bounds
+            .iter()
+            .map(|&b| {
+                if b.is_finite() {
+                    Bound::Finite(b)
+                } else {
+                    Bound::Text("+Inf".to_owned())
+                }
+            })
+            .collect();
+        out.serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<f64>, D::Error> {
+        Vec::<Bound>::deserialize(d)?
+            .into_iter()
+            .map(|b| match b {
+                Bound::Finite(f) => Ok(f),
+                Bound::Text(t) if t == "+Inf" => Ok(f64::INFINITY),
+                Bound::Text(t) => Err(serde::de::Error::custom(format!(
+                    "bucket bound must be a number or \"+Inf\", got {t:?}"
+                ))),
+            })
+            .collect()
     }
 }
 
@@ -412,6 +452,15 @@ mod tests {
         assert_eq!(slow.quantile(0.99), Some(0.5));
         assert_eq!(Window::default().quantile(0.5), None);
         assert_eq!(w.quantile(1.5), None);
+    }
+
+    #[test]
+    fn windows_with_infinite_bounds_round_trip_through_json() {
+        let w = window(10, 1, [1, 5, 8, 10, 10]);
+        let text = serde_json::to_string(&w).unwrap();
+        assert!(text.contains("\"+Inf\""), "{text}");
+        assert_eq!(serde_json::from_str::<Window>(&text).unwrap(), w);
+        assert!(serde_json::from_str::<Window>(&text.replace("+Inf", "lots")).is_err());
     }
 
     #[test]

@@ -16,7 +16,12 @@
 //! [`rollout::Registry::apply`]; nothing is decided outside the log.
 #![forbid(unsafe_code)]
 
+pub mod agents;
 pub mod analysis;
+pub mod control;
+pub mod metrics;
 pub mod raft;
 pub mod rollout;
+pub mod server;
+pub mod service;
 pub mod strategy;

@@ -297,10 +297,16 @@ impl<T: Transport> RaftNode<T> {
                     let _ = reply.send(Err(ProposeError::NotLeader { leader }));
                     return;
                 }
-                let data = match serde_json::to_vec(&command) {
+                // Refuse here what could not be decoded when applied: a bad entry must never
+                // reach the log.
+                let data = match serde_json::to_vec(&command)
+                    .and_then(|d| serde_json::from_slice::<Command>(&d).map(|_| d))
+                {
                     Ok(d) => d,
                     Err(e) => {
-                        let _ = reply.send(Err(ProposeError::Raft(e.to_string())));
+                        let _ = reply.send(Err(ProposeError::Raft(format!(
+                            "command cannot be encoded for the log: {e}"
+                        ))));
                         return;
                     }
                 };

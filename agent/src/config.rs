@@ -1,0 +1,793 @@
+//! The agent's configuration file: parsed from TOML, then validated into [`AgentConfig`].
+//!
+//! Parsing rejects unknown fields (a typo is an error, not a silently ignored setting).
+//! Validation then checks every field and reports all problems at once, each named by its
+//! path in the file (`instances[1].variant: must be "stable" or "canary", got "canry"`).
+//!
+//! ```toml
+//! name = "web-1"
+//! coordinators = ["http://10.0.0.1:7000", "http://10.0.0.2:7000"]
+//! interval = "1s"              # default 1s, between 100ms and 60s
+//! scrape_timeout = "800ms"     # default 80% of interval
+//! data_dir = "/var/lib/serin"
+//! labels = { zone = "eu-1" }
+//!
+//! [[instances]]
+//! name = "api-stable"
+//! service = "api"
+//! variant = "stable"           # or "canary"
+//! address = "127.0.0.1:8081"   # where the balancer sends traffic
+//! metrics_url = "http://127.0.0.1:8081/metrics"
+//! # metrics = { requests = "http_requests_total", status_label = "code",
+//! #             latency = "http_request_duration_seconds" }
+//!
+//! [nginx]                      # optional: this host's nginx carries these services
+//! config = "/etc/nginx/nginx.conf"
+//! site = "/etc/nginx/conf.d/serin.conf"
+//! services = [{ service = "api", listen = "0.0.0.0:80" }]
+//! ```
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::collect::MetricNames;
+use crate::nginx::{NginxSettings, Variant};
+
+/// Report interval when the file sets none.
+pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(1);
+/// Shortest allowed report interval.
+pub const MIN_INTERVAL: Duration = Duration::from_millis(100);
+/// Longest allowed report interval.
+pub const MAX_INTERVAL: Duration = Duration::from_secs(60);
+
+/// A validated agent configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AgentConfig {
+    /// The agent's name, unique in the fleet: `[A-Za-z0-9._-]+`.
+    pub name: String,
+    /// Coordinator gRPC addresses (`http://host:port`), tried in turn. Never empty.
+    pub coordinators: Vec<String>,
+    /// How often the agent scrapes its instances and reports.
+    pub interval: Duration,
+    /// Upper bound on one scrape; at most `interval`.
+    pub scrape_timeout: Duration,
+    /// Directory of the local store (`<data_dir>/agent.sled`).
+    pub data_dir: PathBuf,
+    /// Free-form labels sent to the coordinator at registration.
+    pub labels: BTreeMap<String, String>,
+    /// The local app instances this agent watches (names unique).
+    pub instances: Vec<InstanceConfig>,
+    /// The local nginx, when this host balances traffic.
+    pub nginx: Option<NginxSettings>,
+}
+
+/// One local app instance.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InstanceConfig {
+    /// Unique among this agent's instances.
+    pub name: String,
+    /// The service it belongs to.
+    pub service: String,
+    /// Which side of a rollout it serves.
+    pub variant: Variant,
+    /// `host:port` the load balancer forwards to.
+    pub address: String,
+    /// Its Prometheus metrics page (`http://…`).
+    pub metrics_url: String,
+    /// Which series mean requests, errors and latency.
+    pub metrics: MetricNames,
+}
+
+/// Values that replace the file's, applied before validation (the binary's
+/// `--coordinator` flag and environment).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConfigOverrides {
+    /// Replaces `coordinators` when `Some`.
+    pub coordinators: Option<Vec<String>>,
+}
+
+/// One problem with one field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    /// Path of the field in the file, e.g. `instances[1].variant`.
+    pub field: String,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.reason)
+    }
+}
+
+/// Why a configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read agent config '{}': {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The text is not TOML, has an unknown field, or a value of the wrong type.
+    #[error("{}{message}", in_file(path))]
+    Parse {
+        path: Option<PathBuf>,
+        message: String,
+    },
+    /// The TOML parsed but some fields are invalid; every problem is listed, one per line.
+    #[error("{}{}", in_file(path), join_lines(errors))]
+    Invalid {
+        path: Option<PathBuf>,
+        errors: Vec<FieldError>,
+    },
+}
+
+impl ConfigError {
+    /// The field problems, if this is a validation error.
+    pub fn field_errors(&self) -> &[FieldError] {
+        match self {
+            ConfigError::Invalid { errors, .. } => errors,
+            _ => &[],
+        }
+    }
+
+    fn with_path(self, path: &Path) -> Self {
+        match self {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: Some(path.to_owned()),
+                message,
+            },
+            ConfigError::Invalid { errors, .. } => ConfigError::Invalid {
+                path: Some(path.to_owned()),
+                errors,
+            },
+            other => other,
+        }
+    }
+}
+
+fn in_file(path: &Option<PathBuf>) -> String {
+    path.as_ref()
+        .map(|p| format!("invalid agent config '{}':\n", p.display()))
+        .unwrap_or_default()
+}
+
+fn join_lines(errors: &[FieldError]) -> String {
+    errors
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The file as written; every field optional so that validation can name missing ones.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    name: Option<String>,
+    #[serde(default)]
+    coordinators: Vec<String>,
+    #[serde(default, with = "humantime_serde::option")]
+    interval: Option<Duration>,
+    #[serde(default, with = "humantime_serde::option")]
+    scrape_timeout: Option<Duration>,
+    data_dir: Option<PathBuf>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    #[serde(default)]
+    instances: Vec<RawInstance>,
+    nginx: Option<NginxSettings>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawInstance {
+    name: Option<String>,
+    service: Option<String>,
+    variant: Option<String>,
+    address: Option<String>,
+    metrics_url: Option<String>,
+    metrics: Option<MetricNames>,
+}
+
+impl AgentConfig {
+    /// Parses and validates a configuration file's text.
+    pub fn from_toml(text: &str) -> Result<AgentConfig, ConfigError> {
+        Self::from_toml_with(text, &ConfigOverrides::default())
+    }
+
+    /// Like [`from_toml`](Self::from_toml), with `overrides` applied before validation.
+    pub fn from_toml_with(
+        text: &str,
+        overrides: &ConfigOverrides,
+    ) -> Result<AgentConfig, ConfigError> {
+        let mut raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: None,
+            message: e.to_string().trim_end().to_owned(),
+        })?;
+        if let Some(coordinators) = &overrides.coordinators {
+            raw.coordinators.clone_from(coordinators);
+        }
+        validate(raw)
+    }
+
+    /// Reads, parses and validates the file at `path`; errors name the path.
+    pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
+        Self::load_with(path, &ConfigOverrides::default())
+    }
+
+    /// Like [`load`](Self::load), with `overrides` applied before validation.
+    pub fn load_with(path: &Path, overrides: &ConfigOverrides) -> Result<AgentConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_toml_with(&text, overrides).map_err(|e| e.with_path(path))
+    }
+
+    /// The services this agent's nginx carries (empty without `[nginx]`).
+    pub fn balancer_services(&self) -> Vec<String> {
+        self.nginx
+            .iter()
+            .flat_map(|n| n.services.iter().map(|s| s.service.clone()))
+            .collect()
+    }
+}
+
+/// Collects field errors in file order.
+#[derive(Default)]
+struct Problems(Vec<FieldError>);
+
+impl Problems {
+    fn add(&mut self, field: impl Into<String>, reason: impl Into<String>) {
+        self.0.push(FieldError {
+            field: field.into(),
+            reason: reason.into(),
+        });
+    }
+
+    /// The value of a required field, or a "required" problem.
+    fn required<T>(&mut self, field: &str, value: Option<T>) -> Option<T> {
+        if value.is_none() {
+            self.add(field, "required");
+        }
+        value
+    }
+
+    /// Checks a required identifier against `[A-Za-z0-9._-]+`.
+    fn identifier(&mut self, field: &str, value: Option<String>) -> Option<String> {
+        let value = self.required(field, value)?;
+        if is_identifier(&value) {
+            Some(value)
+        } else {
+            self.add(field, format!("must match [A-Za-z0-9._-]+, got {value:?}"));
+            None
+        }
+    }
+}
+
+fn is_identifier(s: &str) -> bool {
+    !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
+/// `host:port` with a non-empty host of plain characters and a port in 1..=65535.
+fn check_address(value: &str) -> Result<(), String> {
+    let Some((host, port)) = value.rsplit_once(':') else {
+        return Err(format!("must be host:port, got {value:?}"));
+    };
+    let host_ok = !host.is_empty()
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | ':' | '[' | ']'));
+    let port_ok = port.parse::<u16>().is_ok_and(|p| p != 0);
+    if host_ok && port_ok {
+        Ok(())
+    } else {
+        Err(format!("must be host:port, got {value:?}"))
+    }
+}
+
+/// An `http://host[:port]` URL; `with_path` allows a path and query (metrics pages).
+fn check_http_url(value: &str, with_path: bool) -> Result<(), String> {
+    let url = reqwest::Url::parse(value).map_err(|e| format!("invalid URL {value:?}: {e}"))?;
+    match url.scheme() {
+        "http" => {}
+        "https" => {
+            return Err(format!(
+                "{value:?}: https is not supported yet; use an http:// URL"
+            ));
+        }
+        other => return Err(format!("{value:?}: scheme must be http, got {other:?}")),
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(format!("{value:?} has no host"));
+    }
+    if !with_path && (url.path() != "/" || url.query().is_some()) {
+        return Err(format!(
+            "{value:?} must be just http://host:port, without a path"
+        ));
+    }
+    Ok(())
+}
+
+fn validate(raw: RawConfig) -> Result<AgentConfig, ConfigError> {
+    let mut p = Problems::default();
+
+    let name = p.identifier("name", raw.name);
+
+    if raw.coordinators.is_empty() {
+        p.add(
+            "coordinators",
+            "at least one coordinator address is required, e.g. \"http://127.0.0.1:7000\"",
+        );
+    }
+    for (i, c) in raw.coordinators.iter().enumerate() {
+        if let Err(reason) = check_http_url(c, false) {
+            p.add(format!("coordinators[{i}]"), reason);
+        }
+    }
+
+    let interval = raw.interval.unwrap_or(DEFAULT_INTERVAL);
+    let interval_ok = (MIN_INTERVAL..=MAX_INTERVAL).contains(&interval);
+    if !interval_ok {
+        p.add(
+            "interval",
+            format!("must be between 100ms and 60s, got {interval:?}"),
+        );
+    }
+    let scrape_timeout = raw.scrape_timeout.unwrap_or(interval * 4 / 5);
+    if scrape_timeout.is_zero() {
+        p.add("scrape_timeout", "must be greater than zero");
+    } else if interval_ok && scrape_timeout > interval {
+        p.add(
+            "scrape_timeout",
+            format!("must not exceed interval ({interval:?}), got {scrape_timeout:?}"),
+        );
+    }
+
+    let data_dir = p.required("data_dir", raw.data_dir);
+    if data_dir.as_ref().is_some_and(|d| d.as_os_str().is_empty()) {
+        p.add("data_dir", "must not be empty");
+    }
+
+    for key in raw.labels.keys() {
+        if key.is_empty() {
+            p.add("labels", "label names must not be empty");
+        }
+    }
+
+    let problems_before_instances = p.0.len();
+    let mut instances = Vec::with_capacity(raw.instances.len());
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for (i, inst) in raw.instances.into_iter().enumerate() {
+        let at = |f: &str| format!("instances[{i}].{f}");
+        let name = p.identifier(&at("name"), inst.name);
+        if let Some(name) = &name {
+            if let Some(first) = seen.get(name) {
+                p.add(
+                    at("name"),
+                    format!("{name:?} is already used by instances[{first}]"),
+                );
+            } else {
+                seen.insert(name.clone(), i);
+            }
+        }
+        let service = p.identifier(&at("service"), inst.service);
+        let variant = match p.required(&at("variant"), inst.variant).as_deref() {
+            Some("stable") => Some(Variant::Stable),
+            Some("canary") => Some(Variant::Canary),
+            Some(other) => {
+                p.add(
+                    at("variant"),
+                    format!("must be \"stable\" or \"canary\", got {other:?}"),
+                );
+                None
+            }
+            None => None,
+        };
+        let address = p.required(&at("address"), inst.address);
+        if let Some(Err(reason)) = address.as_deref().map(check_address) {
+            p.add(at("address"), reason);
+        }
+        let metrics_url = p.required(&at("metrics_url"), inst.metrics_url);
+        if let Some(Err(reason)) = metrics_url.as_deref().map(|u| check_http_url(u, true)) {
+            p.add(at("metrics_url"), reason);
+        }
+        let metrics = inst.metrics.unwrap_or_default();
+        for (field, value) in [
+            ("requests", &metrics.requests),
+            ("status_label", &metrics.status_label),
+            ("latency", &metrics.latency),
+        ] {
+            if value.is_empty() {
+                p.add(at(&format!("metrics.{field}")), "must not be empty");
+            }
+        }
+        if let (Some(name), Some(service), Some(variant), Some(address), Some(metrics_url)) =
+            (name, service, variant, address, metrics_url)
+        {
+            instances.push(InstanceConfig {
+                name,
+                service,
+                variant,
+                address,
+                metrics_url,
+                metrics,
+            });
+        }
+    }
+
+    let instances_ok = p.0.len() == problems_before_instances;
+    if let Some(nginx) = &raw.nginx {
+        for (i, svc) in nginx.services.iter().enumerate() {
+            let has_stable = instances
+                .iter()
+                .any(|inst| inst.service == svc.service && inst.variant == Variant::Stable);
+            // Only meaningful once every instance is valid; otherwise the cause is reported above.
+            if !has_stable && instances_ok {
+                p.add(
+                    format!("nginx.services[{i}].service"),
+                    format!(
+                        "no stable instance of service {:?} in [[instances]]; nginx needs one to \
+                         send traffic to",
+                        svc.service
+                    ),
+                );
+            }
+        }
+    }
+
+    match (name, data_dir) {
+        (Some(name), Some(data_dir)) if p.0.is_empty() => Ok(AgentConfig {
+            name,
+            coordinators: raw.coordinators,
+            interval,
+            scrape_timeout,
+            data_dir,
+            labels: raw.labels,
+            instances,
+            nginx: raw.nginx,
+        }),
+        _ => Err(ConfigError::Invalid {
+            path: None,
+            errors: p.0,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FULL: &str = r#"
+        name = "web-1"
+        coordinators = ["http://127.0.0.1:7000", "http://10.0.0.2:7000"]
+        interval = "500ms"
+        scrape_timeout = "300ms"
+        data_dir = "/var/lib/serin"
+        labels = { zone = "eu-1", rack = "r7" }
+
+        [[instances]]
+        name = "api-stable"
+        service = "api"
+        variant = "stable"
+        address = "127.0.0.1:8081"
+        metrics_url = "http://127.0.0.1:8081/metrics"
+
+        [[instances]]
+        name = "api-canary"
+        service = "api"
+        variant = "canary"
+        address = "127.0.0.1:8082"
+        metrics_url = "http://127.0.0.1:8082/metrics?format=text"
+        metrics = { requests = "app_requests_total", status_label = "status" }
+
+        [nginx]
+        binary = "/usr/sbin/nginx"
+        config = "/etc/nginx/nginx.conf"
+        site = "/etc/nginx/conf.d/serin.conf"
+        services = [{ service = "api", listen = "0.0.0.0:80" }]
+    "#;
+
+    /// A minimal valid file, to which each test adds one bad line.
+    const MINIMAL: &str = r#"
+        name = "a"
+        coordinators = ["http://127.0.0.1:7000"]
+        data_dir = "/tmp/serin"
+    "#;
+
+    const STABLE_INSTANCE: &str = r#"
+        [[instances]]
+        name = "web-1"
+        service = "web"
+        variant = "stable"
+        address = "127.0.0.1:8081"
+        metrics_url = "http://127.0.0.1:8081/metrics"
+    "#;
+
+    fn errors_of(text: &str) -> Vec<String> {
+        match AgentConfig::from_toml(text) {
+            Ok(c) => panic!("expected an error, got {c:?}"),
+            Err(e) => {
+                assert!(
+                    matches!(e, ConfigError::Invalid { .. }),
+                    "expected a validation error, got {e}"
+                );
+                e.field_errors().iter().map(ToString::to_string).collect()
+            }
+        }
+    }
+
+    #[track_caller]
+    fn assert_single_error(text: &str, expected: &str) {
+        assert_eq!(errors_of(text), vec![expected.to_owned()], "for:\n{text}");
+    }
+
+    #[test]
+    fn full_example_parses() {
+        let c = AgentConfig::from_toml(FULL).unwrap();
+        assert_eq!(c.name, "web-1");
+        assert_eq!(
+            c.coordinators,
+            ["http://127.0.0.1:7000", "http://10.0.0.2:7000"]
+        );
+        assert_eq!(c.interval, Duration::from_millis(500));
+        assert_eq!(c.scrape_timeout, Duration::from_millis(300));
+        assert_eq!(c.data_dir, PathBuf::from("/var/lib/serin"));
+        assert_eq!(c.labels.get("zone").map(String::as_str), Some("eu-1"));
+        assert_eq!(c.instances.len(), 2);
+        assert_eq!(
+            c.instances[0],
+            InstanceConfig {
+                name: "api-stable".into(),
+                service: "api".into(),
+                variant: Variant::Stable,
+                address: "127.0.0.1:8081".into(),
+                metrics_url: "http://127.0.0.1:8081/metrics".into(),
+                metrics: MetricNames::default(),
+            }
+        );
+        assert_eq!(c.instances[1].variant, Variant::Canary);
+        assert_eq!(c.instances[1].metrics.requests, "app_requests_total");
+        assert_eq!(c.instances[1].metrics.status_label, "status");
+        assert_eq!(
+            c.instances[1].metrics.latency,
+            MetricNames::default().latency
+        );
+        let nginx = c.nginx.as_ref().unwrap();
+        assert_eq!(nginx.binary, PathBuf::from("/usr/sbin/nginx"));
+        assert_eq!(c.balancer_services(), ["api"]);
+    }
+
+    #[test]
+    fn defaults_apply() {
+        let c = AgentConfig::from_toml(MINIMAL).unwrap();
+        assert_eq!(c.interval, Duration::from_secs(1));
+        assert_eq!(c.scrape_timeout, Duration::from_millis(800));
+        assert!(c.labels.is_empty());
+        assert!(c.instances.is_empty());
+        assert!(c.nginx.is_none());
+        assert!(c.balancer_services().is_empty());
+
+        let c = AgentConfig::from_toml(&format!("interval = \"200ms\"\n{MINIMAL}")).unwrap();
+        assert_eq!(c.scrape_timeout, Duration::from_millis(160));
+    }
+
+    #[test]
+    fn bad_name() {
+        assert_single_error(
+            r#"name = "web 1"
+               coordinators = ["http://127.0.0.1:7000"]
+               data_dir = "/d""#,
+            r#"name: must match [A-Za-z0-9._-]+, got "web 1""#,
+        );
+        assert_single_error(
+            r#"coordinators = ["http://127.0.0.1:7000"]
+               data_dir = "/d""#,
+            "name: required",
+        );
+    }
+
+    #[test]
+    fn bad_coordinators() {
+        assert_single_error(
+            r#"name = "a"
+               data_dir = "/d""#,
+            "coordinators: at least one coordinator address is required, e.g. \
+             \"http://127.0.0.1:7000\"",
+        );
+        let errors = errors_of(
+            r#"name = "a"
+               data_dir = "/d"
+               coordinators = ["127.0.0.1:7000", "https://c:7000", "http://c:7000/x", "http://ok:1"]"#,
+        );
+        assert_eq!(errors.len(), 3, "{errors:#?}");
+        assert!(errors[0].starts_with("coordinators[0]: "), "{errors:#?}");
+        assert!(
+            errors[1].starts_with("coordinators[1]: ") && errors[1].contains("https"),
+            "{errors:#?}"
+        );
+        assert!(
+            errors[2].starts_with("coordinators[2]: ") && errors[2].contains("without a path"),
+            "{errors:#?}"
+        );
+    }
+
+    #[test]
+    fn overrides_replace_coordinators_before_validation() {
+        let text = r#"name = "a"
+                      data_dir = "/d""#;
+        let c = AgentConfig::from_toml_with(
+            text,
+            &ConfigOverrides {
+                coordinators: Some(vec!["http://127.0.0.1:9000".into()]),
+            },
+        )
+        .unwrap();
+        assert_eq!(c.coordinators, ["http://127.0.0.1:9000"]);
+        let err = AgentConfig::from_toml_with(
+            MINIMAL,
+            &ConfigOverrides {
+                coordinators: Some(vec!["nope".into()]),
+            },
+        )
+        .unwrap_err();
+        assert!(err.to_string().starts_with("coordinators[0]: "), "{err}");
+    }
+
+    #[test]
+    fn bad_interval_and_scrape_timeout() {
+        assert_single_error(
+            &format!("interval = \"50ms\"\n{MINIMAL}"),
+            "interval: must be between 100ms and 60s, got 50ms",
+        );
+        assert_single_error(
+            &format!("interval = \"2m\"\n{MINIMAL}"),
+            "interval: must be between 100ms and 60s, got 120s",
+        );
+        assert_single_error(
+            &format!("scrape_timeout = \"2s\"\n{MINIMAL}"),
+            "scrape_timeout: must not exceed interval (1s), got 2s",
+        );
+        assert_single_error(
+            &format!("scrape_timeout = \"0s\"\n{MINIMAL}"),
+            "scrape_timeout: must be greater than zero",
+        );
+        // Not a duration at all: a parse error naming the key.
+        let err = AgentConfig::from_toml(&format!("interval = \"soon\"\n{MINIMAL}")).unwrap_err();
+        assert!(matches!(err, ConfigError::Parse { .. }), "{err}");
+        assert!(err.to_string().contains("interval"), "{err}");
+    }
+
+    #[test]
+    fn bad_data_dir() {
+        assert_single_error(
+            r#"name = "a"
+               coordinators = ["http://127.0.0.1:7000"]"#,
+            "data_dir: required",
+        );
+    }
+
+    #[test]
+    fn bad_instance_fields() {
+        let text = format!(
+            r#"{MINIMAL}
+            {STABLE_INSTANCE}
+            [[instances]]
+            name = "web-2"
+            service = "web"
+            variant = "canry"
+            address = "127.0.0.1"
+            metrics_url = "ftp://127.0.0.1:8082/metrics"
+            metrics = {{ requests = "" }}
+
+            [[instances]]
+            name = "web-1"
+            service = "we b"
+            variant = "canary"
+            address = "127.0.0.1:99999"
+            "#
+        );
+        assert_eq!(
+            errors_of(&text),
+            vec![
+                r#"instances[1].variant: must be "stable" or "canary", got "canry""#,
+                r#"instances[1].address: must be host:port, got "127.0.0.1""#,
+                r#"instances[1].metrics_url: "ftp://127.0.0.1:8082/metrics": scheme must be http, got "ftp""#,
+                "instances[1].metrics.requests: must not be empty",
+                r#"instances[2].name: "web-1" is already used by instances[0]"#,
+                r#"instances[2].service: must match [A-Za-z0-9._-]+, got "we b""#,
+                r#"instances[2].address: must be host:port, got "127.0.0.1:99999""#,
+                "instances[2].metrics_url: required",
+            ]
+        );
+    }
+
+    #[test]
+    fn nginx_services_need_a_stable_instance() {
+        let nginx = r#"
+            [nginx]
+            config = "/etc/nginx/nginx.conf"
+            site = "/etc/nginx/conf.d/serin.conf"
+            services = [
+                { service = "web", listen = "0.0.0.0:80" },
+                { service = "api", listen = "0.0.0.0:81" },
+            ]
+        "#;
+        assert_single_error(
+            &format!("{MINIMAL}\n{STABLE_INSTANCE}\n{nginx}"),
+            "nginx.services[1].service: no stable instance of service \"api\" in [[instances]]; \
+             nginx needs one to send traffic to",
+        );
+    }
+
+    #[test]
+    fn all_problems_are_reported_one_per_line() {
+        let err = AgentConfig::from_toml("name = \"\"\ninterval = \"1ms\"").unwrap_err();
+        let text = err.to_string();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines,
+            [
+                "name: must match [A-Za-z0-9._-]+, got \"\"",
+                "coordinators: at least one coordinator address is required, e.g. \
+                 \"http://127.0.0.1:7000\"",
+                "interval: must be between 100ms and 60s, got 1ms",
+                "data_dir: required",
+            ]
+        );
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected() {
+        for text in [
+            format!("{MINIMAL}\nintervall = \"1s\""),
+            format!("{MINIMAL}\n{STABLE_INSTANCE}\nweight = 5"),
+            format!(
+                "{MINIMAL}\n{STABLE_INSTANCE}\nmetrics = {{ requests = \"r\", errors = \"e\" }}"
+            ),
+            format!(
+                "{MINIMAL}\n{STABLE_INSTANCE}\n[nginx]\nconfig = \"/c\"\nsite = \"/s\"\n\
+                 services = []\nreload = \"always\""
+            ),
+        ] {
+            let err = AgentConfig::from_toml(&text).unwrap_err();
+            assert!(matches!(err, ConfigError::Parse { .. }), "{err}");
+            assert!(err.to_string().contains("unknown field"), "{err}");
+        }
+    }
+
+    #[test]
+    fn load_names_the_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("agent.toml");
+        let err = AgentConfig::load(&missing).unwrap_err();
+        assert!(matches!(err, ConfigError::Read { .. }), "{err}");
+        assert!(
+            err.to_string().contains(&missing.display().to_string()),
+            "{err}"
+        );
+
+        std::fs::write(
+            &missing,
+            "name = \"a b\"\ncoordinators = [\"http://c:1\"]\ndata_dir = \"/d\"",
+        )
+        .unwrap();
+        let err = AgentConfig::load(&missing).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains(&missing.display().to_string()), "{text}");
+        assert!(text.contains("name: must match"), "{text}");
+
+        std::fs::write(&missing, MINIMAL).unwrap();
+        assert_eq!(AgentConfig::load(&missing).unwrap().name, "a");
+    }
+}

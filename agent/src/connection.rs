@@ -1,0 +1,443 @@
+//! The agent's side of the coordinator session: one gRPC `AgentService.Session` stream at a
+//! time, reconnected for as long as the agent runs.
+//!
+//! Per session:
+//! 1. connect to the next coordinator address (a `NotLeader` hint goes first, then the
+//!    configured addresses in turn);
+//! 2. queue `Register` (with the last applied generation) as the first outbound message,
+//!    drop reports measured while disconnected, open the stream;
+//! 3. forward reports and acks up, and hand desired states down to the applier through a
+//!    `watch` channel, which keeps only the newest (so queued states coalesce).
+//!
+//! Any error, a closed stream or `NotLeader` ends the session; the next attempt waits
+//! [`Backoff`] (100 ms doubling to 5 s, with jitter). One warning is logged per failure
+//! streak, the retries themselves at debug level.
+//!
+//! Reports are soft state: dropped while disconnected, never queued. Acks are kept (a few)
+//! and sent after the next `Register`.
+
+use std::time::Duration;
+
+use rand::Rng;
+use serin_proto::v1 as pb;
+use serin_proto::v1::agent_service_client::AgentServiceClient;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Endpoint;
+
+use crate::store::{DesiredState, Generation};
+
+/// First reconnect delay of a failure streak.
+pub const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
+/// Longest reconnect delay.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// TCP connect timeout for a coordinator.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the coordinator may take to accept the session stream.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+/// HTTP/2 pings detect a coordinator that vanished without closing the connection.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A session that lasted this long resets the backoff; a shorter one continues the streak,
+/// so a coordinator that accepts and at once drops the stream is not hammered.
+const STABLE_SESSION: Duration = MAX_BACKOFF;
+/// Outbound messages buffered for the gRPC stream.
+const OUTBOUND_CAPACITY: usize = 64;
+
+/// Exponential reconnect delay: [`INITIAL_BACKOFF`] doubling up to [`MAX_BACKOFF`]; each
+/// delay is drawn uniformly from the upper half of the current step, so a fleet that lost
+/// its coordinator at once does not reconnect in lockstep.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    step: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            step: INITIAL_BACKOFF,
+        }
+    }
+}
+
+impl Backoff {
+    /// The delay before the next attempt; doubles the step for the one after.
+    pub fn next_delay(&mut self) -> Duration {
+        let step = self.step;
+        self.step = (self.step * 2).min(MAX_BACKOFF);
+        step.mul_f64(rand::rng().random_range(0.5..=1.0))
+    }
+
+    /// Starts over at [`INITIAL_BACKOFF`].
+    pub fn reset(&mut self) {
+        self.step = INITIAL_BACKOFF;
+    }
+}
+
+/// The coordinator addresses, tried in turn; a leader hint is tried next, once.
+#[derive(Debug, Clone)]
+pub struct Coordinators {
+    addresses: Vec<String>,
+    next: usize,
+    hint: Option<String>,
+}
+
+impl Coordinators {
+    /// `addresses` must not be empty (the configuration guarantees it).
+    pub fn new(addresses: Vec<String>) -> Coordinators {
+        Coordinators {
+            addresses,
+            next: 0,
+            hint: None,
+        }
+    }
+
+    /// The address for the next attempt.
+    pub fn next_address(&mut self) -> String {
+        if let Some(hint) = self.hint.take() {
+            return hint;
+        }
+        let Some(address) = self.addresses.get(self.next % self.addresses.len().max(1)) else {
+            return String::new();
+        };
+        self.next = (self.next + 1) % self.addresses.len();
+        address.clone()
+    }
+
+    /// Makes `leader_hint` the next address tried (ignored when empty). A bare `host:port`
+    /// gets `http://`.
+    pub fn prefer(&mut self, leader_hint: &str) {
+        let hint = leader_hint.trim();
+        if hint.is_empty() {
+            return;
+        }
+        self.hint = Some(if hint.contains("://") {
+            hint.to_owned()
+        } else {
+            format!("http://{hint}")
+        });
+    }
+}
+
+/// The gRPC endpoint for a coordinator address, or why it is unusable.
+pub(crate) fn endpoint(address: &str) -> Result<Endpoint, String> {
+    let endpoint = Endpoint::from_shared(address.to_owned()).map_err(|e| error_chain(&e))?;
+    Ok(endpoint
+        .connect_timeout(CONNECT_TIMEOUT)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(true))
+}
+
+/// An error's message followed by its causes, skipping causes already quoted in it.
+pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut cur = e.source();
+    while let Some(inner) = cur {
+        let s = inner.to_string();
+        if !text.contains(&s) {
+            text.push_str(": ");
+            text.push_str(&s);
+        }
+        cur = inner.source();
+    }
+    text
+}
+
+fn status_text(status: &tonic::Status) -> String {
+    let mut text = format!("{:?}: {}", status.code(), status.message());
+    if let Some(source) = std::error::Error::source(status) {
+        let s = error_chain(source);
+        if !text.contains(&s) {
+            text.push_str(": ");
+            text.push_str(&s);
+        }
+    }
+    text
+}
+
+/// How one session attempt ended.
+enum SessionEnd {
+    Shutdown,
+    /// No session was established.
+    Failed(String),
+    /// An established session ended.
+    Ended {
+        reason: String,
+        lasted: Duration,
+    },
+    /// The coordinator is not the leader.
+    NotLeader {
+        hint: String,
+    },
+}
+
+/// The connection task's state.
+pub(crate) struct Connection {
+    pub(crate) coordinators: Coordinators,
+    /// `Register` without `last_applied`, which is filled in per session.
+    pub(crate) register: pb::Register,
+    /// The last generation the applier recorded.
+    pub(crate) applied: watch::Receiver<Option<Generation>>,
+    pub(crate) reports: mpsc::Receiver<pb::Report>,
+    pub(crate) acks: mpsc::Receiver<pb::Ack>,
+    /// Desired states for the applier; holds the newest received.
+    pub(crate) desired: watch::Sender<Option<DesiredState>>,
+    pub(crate) backoff: Backoff,
+    /// Failed attempts in the current streak.
+    pub(crate) failures: u32,
+}
+
+impl Connection {
+    /// Keeps a session open until `shutdown`.
+    pub(crate) async fn run(mut self, shutdown: CancellationToken) {
+        loop {
+            let address = self.coordinators.next_address();
+            match self.session(&address, &shutdown).await {
+                SessionEnd::Shutdown => return,
+                SessionEnd::Failed(error) => {
+                    self.failures += 1;
+                    if self.failures == 1 {
+                        tracing::warn!(
+                            coordinator = %address, %error,
+                            "cannot reach the coordinator; retrying with backoff"
+                        );
+                    } else {
+                        tracing::debug!(
+                            coordinator = %address, %error, attempt = self.failures,
+                            "cannot reach the coordinator"
+                        );
+                    }
+                }
+                SessionEnd::Ended { reason, lasted } => {
+                    if lasted >= STABLE_SESSION {
+                        self.backoff.reset();
+                    }
+                    self.failures = 1;
+                    tracing::warn!(
+                        coordinator = %address, %reason, ?lasted,
+                        "coordinator session ended; reconnecting"
+                    );
+                }
+                SessionEnd::NotLeader { hint } => {
+                    self.failures += 1;
+                    tracing::info!(
+                        coordinator = %address, leader_hint = %hint,
+                        "coordinator is not the leader; trying the hint"
+                    );
+                    self.coordinators.prefer(&hint);
+                }
+            }
+            let delay = self.backoff.next_delay();
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+
+    fn register_message(&self) -> pb::AgentMessage {
+        let mut register = self.register.clone();
+        register.last_applied = (*self.applied.borrow()).map(Into::into);
+        pb::AgentMessage {
+            body: Some(pb::agent_message::Body::Register(register)),
+        }
+    }
+
+    async fn session(&mut self, address: &str, shutdown: &CancellationToken) -> SessionEnd {
+        let endpoint = match endpoint(address) {
+            Ok(e) => e,
+            Err(e) => return SessionEnd::Failed(format!("invalid address: {e}")),
+        };
+        let channel = tokio::select! {
+            _ = shutdown.cancelled() => return SessionEnd::Shutdown,
+            r = endpoint.connect() => match r {
+                Ok(channel) => channel,
+                Err(e) => return SessionEnd::Failed(error_chain(&e)),
+            },
+        };
+
+        let (out_tx, out_rx) = mpsc::channel(OUTBOUND_CAPACITY);
+        // A fresh channel has room: Register is the first message of the stream.
+        if out_tx.try_send(self.register_message()).is_err() {
+            return SessionEnd::Failed("outbound stream closed before Register".into());
+        }
+        // Reports measured while disconnected are soft state: drop them.
+        while self.reports.try_recv().is_ok() {}
+
+        let mut client = AgentServiceClient::new(channel);
+        let opened = tokio::select! {
+            _ = shutdown.cancelled() => return SessionEnd::Shutdown,
+            r = tokio::time::timeout(OPEN_TIMEOUT, client.session(ReceiverStream::new(out_rx))) => r,
+        };
+        let mut inbound = match opened {
+            Ok(Ok(response)) => response.into_inner(),
+            Ok(Err(status)) => return SessionEnd::Failed(status_text(&status)),
+            Err(_) => {
+                return SessionEnd::Failed(format!(
+                    "the session was not accepted within {OPEN_TIMEOUT:?}"
+                ));
+            }
+        };
+        let connected_at = Instant::now();
+        tracing::info!(
+            coordinator = %address,
+            failed_attempts = self.failures,
+            last_applied = ?*self.applied.borrow(),
+            "connected to the coordinator"
+        );
+        self.failures = 0;
+        let ended = |reason: String| SessionEnd::Ended {
+            reason,
+            lasted: connected_at.elapsed(),
+        };
+
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return SessionEnd::Shutdown,
+                message = inbound.message() => match message {
+                    Ok(Some(pb::CoordinatorMessage { body: Some(body) })) => match body {
+                        pb::coordinator_message::Body::Desired(desired) => self.on_desired(desired),
+                        pb::coordinator_message::Body::NotLeader(n) => {
+                            return SessionEnd::NotLeader { hint: n.leader_hint };
+                        }
+                    },
+                    Ok(Some(pb::CoordinatorMessage { body: None })) => {
+                        tracing::debug!("empty message from the coordinator; ignored");
+                    }
+                    Ok(None) => return ended("the coordinator closed the stream".into()),
+                    Err(status) => return ended(status_text(&status)),
+                },
+                Some(report) = self.reports.recv() => {
+                    let seq = report.seq;
+                    let message = pb::AgentMessage {
+                        body: Some(pb::agent_message::Body::Report(report)),
+                    };
+                    match out_tx.try_send(message) {
+                        Ok(()) => {}
+                        Err(mpsc::error::TrySendError::Full(_)) => {
+                            tracing::debug!(seq, "outbound stream full; report dropped");
+                        }
+                        Err(mpsc::error::TrySendError::Closed(_)) => {
+                            return ended("the outbound stream closed".into());
+                        }
+                    }
+                }
+                Some(ack) = self.acks.recv() => {
+                    let generation = ack.generation;
+                    let message = pb::AgentMessage {
+                        body: Some(pb::agent_message::Body::Ack(ack)),
+                    };
+                    match out_tx.try_send(message) {
+                        Ok(()) => {}
+                        Err(mpsc::error::TrySendError::Full(_)) => {
+                            tracing::warn!(?generation, "outbound stream full; ack dropped");
+                        }
+                        Err(mpsc::error::TrySendError::Closed(_)) => {
+                            return ended("the outbound stream closed".into());
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Hands a desired state to the applier unless a newer one is already pending.
+    fn on_desired(&self, desired: pb::DesiredState) {
+        let Some(desired) = DesiredState::from_proto(desired) else {
+            tracing::warn!("desired state without a generation; ignored");
+            return;
+        };
+        let generation = desired.generation;
+        let taken = self.desired.send_if_modified(|pending| match pending {
+            Some(p) if p.generation > generation => false,
+            _ => {
+                *pending = Some(desired);
+                true
+            }
+        });
+        if taken {
+            tracing::debug!(%generation, "desired state received");
+        } else {
+            tracing::debug!(%generation, "desired state older than one already received; ignored");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_the_cap_with_jitter_and_resets() {
+        let mut b = Backoff::default();
+        let mut step = INITIAL_BACKOFF;
+        for _ in 0..12 {
+            let d = b.next_delay();
+            assert!(
+                d >= step / 2 && d <= step,
+                "{d:?} not in [{:?}, {step:?}]",
+                step / 2
+            );
+            step = (step * 2).min(MAX_BACKOFF);
+        }
+        assert_eq!(step, MAX_BACKOFF);
+        b.reset();
+        assert!(b.next_delay() <= INITIAL_BACKOFF);
+    }
+
+    #[test]
+    fn coordinators_rotate_and_take_a_hint_first_once() {
+        let mut c = Coordinators::new(vec!["http://a:1".into(), "http://b:1".into()]);
+        assert_eq!(c.next_address(), "http://a:1");
+        assert_eq!(c.next_address(), "http://b:1");
+        assert_eq!(c.next_address(), "http://a:1");
+        c.prefer("10.0.0.9:7000");
+        assert_eq!(c.next_address(), "http://10.0.0.9:7000");
+        assert_eq!(c.next_address(), "http://b:1");
+        c.prefer("");
+        assert_eq!(c.next_address(), "http://a:1");
+        c.prefer("http://c:2");
+        assert_eq!(c.next_address(), "http://c:2");
+    }
+
+    #[test]
+    fn endpoints_are_checked() {
+        assert!(endpoint("http://127.0.0.1:7000").is_ok());
+        assert!(endpoint("not a url").is_err());
+    }
+
+    #[tokio::test]
+    async fn older_desired_states_do_not_replace_newer_pending_ones() {
+        let (desired_tx, desired_rx) = watch::channel(None);
+        let (_applied_tx, applied) = watch::channel(None);
+        let (_r_tx, reports) = mpsc::channel(1);
+        let (_a_tx, acks) = mpsc::channel(1);
+        let conn = Connection {
+            coordinators: Coordinators::new(vec!["http://a:1".into()]),
+            register: pb::Register::default(),
+            applied,
+            reports,
+            acks,
+            desired: desired_tx,
+            backoff: Backoff::default(),
+            failures: 0,
+        };
+        let state = |term, index| pb::DesiredState {
+            generation: Some(pb::Generation { term, index }),
+            services: vec![],
+        };
+        let pending = || desired_rx.borrow().as_ref().map(|d| d.generation);
+        conn.on_desired(state(2, 5));
+        assert_eq!(pending(), Some(Generation { term: 2, index: 5 }));
+        conn.on_desired(state(1, 9));
+        assert_eq!(pending(), Some(Generation { term: 2, index: 5 }));
+        conn.on_desired(state(2, 6));
+        assert_eq!(pending(), Some(Generation { term: 2, index: 6 }));
+        conn.on_desired(pb::DesiredState::default());
+        assert_eq!(pending(), Some(Generation { term: 2, index: 6 }));
+    }
+}

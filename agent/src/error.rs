@@ -1,0 +1,33 @@
+//! [`AgentError`]: why the agent could not start or had to stop.
+//!
+//! Everything here is fatal. Transient trouble (a coordinator that is down, a metrics page
+//! that does not answer, an nginx reload that fails) is retried, reported or acknowledged as
+//! a failure by the runtime, never returned.
+
+use crate::collect::{HostError, ScrapeError};
+use crate::nginx::NginxError;
+use crate::store::StoreError;
+
+/// A fatal agent error.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The local store could not be opened or read at startup.
+    #[error("local store: {0}")]
+    Store(#[from] StoreError),
+    /// The `[nginx]` section does not describe a usable nginx (binary, main config, site
+    /// directory).
+    #[error("nginx: {0}")]
+    Nginx(#[from] NginxError),
+    /// The scraper's HTTP client could not be built.
+    #[error("metrics scraper: {0}")]
+    Scraper(#[from] ScrapeError),
+    /// Host metrics cannot be read on this platform.
+    #[error("host metrics: {0}")]
+    Host(#[from] HostError),
+    /// A configured coordinator address is not a usable gRPC endpoint.
+    #[error("coordinator address '{address}': {reason}")]
+    Coordinator { address: String, reason: String },
+    /// One of the agent's tasks panicked; the others were stopped.
+    #[error("agent task '{task}' failed: {reason}")]
+    TaskFailed { task: &'static str, reason: String },
+}

@@ -1,0 +1,319 @@
+//! The agent's local store: what it last applied, so that a restarted agent tells the
+//! coordinator where it stands (`Register.last_applied`) and ignores older desired states.
+//!
+//! One sled database at `<data_dir>/agent.sled`. Each record is written and flushed before
+//! the agent acknowledges it, so an acknowledged generation survives a crash. Records are
+//! JSON with a format number, read back without trusting the bytes: a damaged record is an
+//! error naming the store, never a panic.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use serin_proto::v1 as pb;
+
+/// Name of the sled directory inside the agent's `data_dir`.
+pub const STORE_DIR: &str = "agent.sled";
+
+const LAST_APPLIED_KEY: &[u8] = b"last_applied";
+const RECORD_FORMAT: u32 = 1;
+/// sled's page cache limit; the store holds a single small record.
+const CACHE_BYTES: u64 = 1 << 20;
+
+/// A desired-state version: the leader's term and the log index of the change. Ordered
+/// lexicographically (term first), as the coordinator assigns them.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default,
+)]
+pub struct Generation {
+    pub term: u64,
+    pub index: u64,
+}
+
+impl fmt::Display for Generation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.term, self.index)
+    }
+}
+
+impl From<pb::Generation> for Generation {
+    fn from(g: pb::Generation) -> Self {
+        Generation {
+            term: g.term,
+            index: g.index,
+        }
+    }
+}
+
+impl From<Generation> for pb::Generation {
+    fn from(g: Generation) -> Self {
+        pb::Generation {
+            term: g.term,
+            index: g.index,
+        }
+    }
+}
+
+/// What one service's traffic should look like (the agent's copy of `ServiceTraffic`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceTraffic {
+    pub service: String,
+    /// Percentage of traffic for the canary; the wire allows any `u32`, the actuator checks.
+    pub canary_weight: u32,
+    pub stable_version: String,
+    pub canary_version: String,
+    pub rollout_id: String,
+    /// nginx variable to key a sticky split on; `None` = weighted.
+    pub sticky_key: Option<String>,
+}
+
+impl From<pb::ServiceTraffic> for ServiceTraffic {
+    fn from(s: pb::ServiceTraffic) -> Self {
+        ServiceTraffic {
+            service: s.service,
+            canary_weight: s.canary_weight,
+            stable_version: s.stable_version,
+            canary_version: s.canary_version,
+            rollout_id: s.rollout_id,
+            sticky_key: Some(s.sticky_key).filter(|k| !k.is_empty()),
+        }
+    }
+}
+
+/// One desired state: everything the agent should make true, at one generation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DesiredState {
+    pub generation: Generation,
+    pub services: Vec<ServiceTraffic>,
+}
+
+impl DesiredState {
+    /// Converts the wire message; `None` when it carries no generation (which cannot be
+    /// ordered or acknowledged).
+    pub fn from_proto(d: pb::DesiredState) -> Option<DesiredState> {
+        Some(DesiredState {
+            generation: d.generation?.into(),
+            services: d.services.into_iter().map(Into::into).collect(),
+        })
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct Record {
+    format: u32,
+    desired: DesiredState,
+}
+
+/// Errors of the local store; each names the store's path.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot create the agent data directory '{}': {source}", path.display())]
+    CreateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "cannot open the agent store '{}': {source} (is another agent using this data_dir?)",
+        path.display()
+    )]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: sled::Error,
+    },
+    #[error("cannot {action} the agent store '{}': {source}", path.display())]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: sled::Error,
+    },
+    #[error("the agent store '{}' holds an unreadable {key} record: {reason}", path.display())]
+    Corrupt {
+        path: PathBuf,
+        key: &'static str,
+        reason: String,
+    },
+}
+
+/// The agent's sled store. Cheap to clone (handles share one database).
+#[derive(Clone)]
+pub struct LocalStore {
+    db: sled::Db,
+    path: PathBuf,
+}
+
+impl fmt::Debug for LocalStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LocalStore")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+impl LocalStore {
+    /// Opens (creating if needed) `<data_dir>/agent.sled`. Blocking.
+    pub fn open(data_dir: &Path) -> Result<LocalStore, StoreError> {
+        std::fs::create_dir_all(data_dir).map_err(|source| StoreError::CreateDir {
+            path: data_dir.to_owned(),
+            source,
+        })?;
+        let path = data_dir.join(STORE_DIR);
+        let db = sled::Config::new()
+            .path(&path)
+            // One small record: keep the page cache (and the agent's memory) small.
+            .cache_capacity(CACHE_BYTES)
+            .open()
+            .map_err(|source| StoreError::Open {
+                path: path.clone(),
+                source,
+            })?;
+        Ok(LocalStore { db, path })
+    }
+
+    /// Where the database lives.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The last desired state recorded by [`record_applied`](Self::record_applied), if any.
+    pub fn last_applied(&self) -> Result<Option<DesiredState>, StoreError> {
+        let Some(bytes) = self
+            .db
+            .get(LAST_APPLIED_KEY)
+            .map_err(|source| self.io("read", source))?
+        else {
+            return Ok(None);
+        };
+        let corrupt = |reason: String| StoreError::Corrupt {
+            path: self.path.clone(),
+            key: "last_applied",
+            reason,
+        };
+        let record: Record = serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
+        if record.format != RECORD_FORMAT {
+            return Err(corrupt(format!(
+                "format {} is not known to this agent (expected {RECORD_FORMAT})",
+                record.format
+            )));
+        }
+        Ok(Some(record.desired))
+    }
+
+    /// Records `desired` as applied and flushes it to disk before returning. Blocking.
+    pub fn record_applied(&self, desired: &DesiredState) -> Result<(), StoreError> {
+        let record = Record {
+            format: RECORD_FORMAT,
+            desired: desired.clone(),
+        };
+        // Serializing plain strings and integers cannot fail.
+        let bytes = serde_json::to_vec(&record).map_err(|e| StoreError::Corrupt {
+            path: self.path.clone(),
+            key: "last_applied",
+            reason: format!("cannot encode: {e}"),
+        })?;
+        self.db
+            .insert(LAST_APPLIED_KEY, bytes)
+            .map_err(|source| self.io("write", source))?;
+        self.db.flush().map_err(|source| self.io("flush", source))?;
+        Ok(())
+    }
+
+    fn io(&self, action: &'static str, source: sled::Error) -> StoreError {
+        StoreError::Io {
+            action,
+            path: self.path.clone(),
+            source,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn desired(term: u64, index: u64, weight: u32) -> DesiredState {
+        DesiredState {
+            generation: Generation { term, index },
+            services: vec![ServiceTraffic {
+                service: "web".into(),
+                canary_weight: weight,
+                stable_version: "v1".into(),
+                canary_version: "v2".into(),
+                rollout_id: "r-1".into(),
+                sticky_key: Some("$cookie_uid".into()),
+            }],
+        }
+    }
+
+    #[test]
+    fn empty_store_has_nothing_applied() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(&dir.path().join("nested/data")).unwrap();
+        assert_eq!(store.last_applied().unwrap(), None);
+        assert!(store.path().ends_with("nested/data/agent.sled"));
+    }
+
+    #[test]
+    fn reopen_keeps_the_last_applied_state() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = LocalStore::open(dir.path()).unwrap();
+            store.record_applied(&desired(1, 5, 10)).unwrap();
+            store.record_applied(&desired(2, 7, 50)).unwrap();
+            assert_eq!(store.last_applied().unwrap(), Some(desired(2, 7, 50)));
+        }
+        let store = LocalStore::open(dir.path()).unwrap();
+        assert_eq!(store.last_applied().unwrap(), Some(desired(2, 7, 50)));
+    }
+
+    #[test]
+    fn damaged_record_is_an_error_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(dir.path()).unwrap();
+        store
+            .db
+            .insert(LAST_APPLIED_KEY, &b"\xff{not json"[..])
+            .unwrap();
+        let err = store.last_applied().unwrap_err();
+        assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
+        assert!(err.to_string().contains("agent.sled"), "{err}");
+
+        store
+            .db
+            .insert(
+                LAST_APPLIED_KEY,
+                &br#"{"format":9,"desired":{"generation":{"term":1,"index":1},"services":[]}}"#[..],
+            )
+            .unwrap();
+        let err = store.last_applied().unwrap_err();
+        assert!(err.to_string().contains("format 9"), "{err}");
+    }
+
+    #[test]
+    fn generations_order_by_term_then_index() {
+        let g = |term, index| Generation { term, index };
+        assert!(g(1, 9) < g(2, 1));
+        assert!(g(2, 1) < g(2, 2));
+        assert_eq!(g(3, 4).to_string(), "3.4");
+    }
+
+    #[test]
+    fn desired_state_from_proto() {
+        let d = DesiredState::from_proto(pb::DesiredState {
+            generation: Some(pb::Generation { term: 3, index: 9 }),
+            services: vec![pb::ServiceTraffic {
+                service: "web".into(),
+                canary_weight: 5,
+                sticky_key: String::new(),
+                ..Default::default()
+            }],
+        })
+        .unwrap();
+        assert_eq!(d.generation, Generation { term: 3, index: 9 });
+        assert_eq!(d.services[0].sticky_key, None);
+        assert_eq!(d.services[0].canary_weight, 5);
+        assert!(DesiredState::from_proto(pb::DesiredState::default()).is_none());
+    }
+}

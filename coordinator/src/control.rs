@@ -1,0 +1,173 @@
+//! The leader's control loop: for every live rollout, gather what agents measured, run the
+//! analysis and the controller's [`decide`], and propose the resulting command through Raft.
+//!
+//! It wakes every [`EVALUATE_EVERY`] and whenever a report arrives, so a critical trigger acts on
+//! the report that shows it rather than on the next timer tick. Followers run nothing here.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::agents::AgentRegistry;
+use crate::analysis::{Pair, StageAnalysis, analyse_stage, evaluate_check};
+use crate::metrics::{MetricsStore, StageKey};
+use crate::raft::{ProposeError, RaftHandle, Role};
+use crate::rollout::{
+    Millis, Observation, Rollout, RolloutId, TriggerMemory, TriggerReading, decide,
+};
+
+/// The control loop's timer.
+pub const EVALUATE_EVERY: Duration = Duration::from_millis(250);
+/// Span of the request-rate figure in the live view.
+pub const RATE_WINDOW: Duration = Duration::from_secs(5);
+
+/// The current wall-clock time in milliseconds since the epoch.
+pub fn now_millis() -> Millis {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as Millis)
+}
+
+/// What the leader last measured for a rollout, for status displays.
+#[derive(Debug, Clone, Default)]
+pub struct LiveView {
+    /// The current stage's data and check results.
+    pub stage: StageAnalysis,
+    /// The last [`RATE_WINDOW`] of data.
+    pub recent: Pair,
+    /// When it was computed.
+    pub at: Millis,
+}
+
+/// Shared state the control loop reads and writes.
+#[derive(Clone)]
+pub struct Shared {
+    /// The raft node.
+    pub raft: RaftHandle,
+    /// Agent measurements.
+    pub metrics: Arc<Mutex<MetricsStore>>,
+    /// Agent sessions.
+    pub agents: Arc<AgentRegistry>,
+    /// Latest live view per rollout.
+    pub live: Arc<Mutex<HashMap<RolloutId, LiveView>>>,
+    /// Wakes the control loop early (a report arrived).
+    pub wake: Arc<Notify>,
+}
+
+impl Shared {
+    /// Locks the metrics store (never poisoned in practice: only data is mutated under it).
+    pub fn metrics(&self) -> std::sync::MutexGuard<'_, MetricsStore> {
+        self.metrics.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The live view of a rollout, if the leader computed one.
+    pub fn live(&self, id: &RolloutId) -> Option<LiveView> {
+        self.live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .cloned()
+    }
+}
+
+/// Runs the control loop until `shutdown`.
+pub async fn run(shared: Shared, shutdown: CancellationToken) {
+    let mut memories: HashMap<RolloutId, TriggerMemory> = HashMap::new();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(EVALUATE_EVERY) => {}
+            _ = shared.wake.notified() => {}
+        }
+        let view = shared.raft.view();
+        if view.role != Role::Leader {
+            memories.clear();
+            continue;
+        }
+        let now = now_millis();
+        shared.metrics().prune(now);
+        let active: Vec<Rollout> = view.registry.active().cloned().collect();
+        memories.retain(|id, _| active.iter().any(|r| &r.id == id));
+        for rollout in active {
+            let memory = memories.entry(rollout.id.clone()).or_default();
+            let (observation, live) = observe(&shared, &view.registry, &rollout, now);
+            shared
+                .live
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(rollout.id.clone(), live);
+            let Some(command) = decide(&rollout, &observation, memory, now) else {
+                continue;
+            };
+            tracing::info!(rollout = %rollout.id, ?command, "proposing");
+            match shared.raft.propose(command).await {
+                Ok(applied) => {
+                    tracing::info!(rollout = %applied.id, state = %applied.state, "decision applied")
+                }
+                Err(ProposeError::Rejected(rejection)) => {
+                    // Another decision got there first (e.g. an operator's abort).
+                    tracing::debug!(rollout = %rollout.id, %rejection, "decision superseded")
+                }
+                Err(e) => tracing::warn!(rollout = %rollout.id, error = %e, "proposal failed"),
+            }
+        }
+    }
+}
+
+/// Gathers the observation of one rollout at `now`.
+fn observe(
+    shared: &Shared,
+    registry: &crate::rollout::Registry,
+    rollout: &Rollout,
+    now: Millis,
+) -> (Observation, LiveView) {
+    let key = StageKey {
+        rollout: rollout.id.clone(),
+        stage: rollout.stage_index,
+        started_at: rollout.stage_started_at,
+    };
+    let (stage_data, windows, recent) = {
+        let mut metrics = shared.metrics();
+        let stage_data = metrics.stage(&rollout.service, &key);
+        let windows: Vec<Pair> = rollout
+            .strategy
+            .triggers
+            .iter()
+            .map(|t| metrics.since(&rollout.service, now - t.window.as_millis() as Millis))
+            .collect();
+        let recent = metrics.since(&rollout.service, now - RATE_WINDOW.as_millis() as Millis);
+        (stage_data, windows, recent)
+    };
+    let stage = analyse_stage(&rollout.strategy.checks, stage_data);
+    let triggers = rollout
+        .strategy
+        .triggers
+        .iter()
+        .zip(&windows)
+        .map(|(t, data)| TriggerReading {
+            result: evaluate_check(&t.check, data),
+            severity: t.severity,
+            grace: t.grace,
+            window: t.window,
+        })
+        .collect();
+    let generation = registry
+        .services
+        .get(&rollout.service)
+        .map(|s| s.generation)
+        .unwrap_or_default();
+    let observation = Observation {
+        stage: stage.clone(),
+        triggers,
+        apply_failures: shared.agents.failures(&rollout.service, generation),
+    };
+    let live = LiveView {
+        stage,
+        recent,
+        at: now,
+    };
+    (observation, live)
+}

@@ -1,0 +1,176 @@
+//! The leader's soft state of agent measurements, per service and variant.
+//!
+//! Reports arrive every interval from every agent. They are not replicated (too many, and fresh
+//! ones arrive every second): the leader keeps a short history for trigger windows and a running
+//! total for the current stage. Time is passed in, so this is tested without a clock.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::Duration;
+
+use crate::analysis::{Pair, Window};
+use crate::rollout::{Millis, RolloutId};
+
+/// Which side of a rollout a measurement belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Side {
+    /// The stable variant.
+    Stable,
+    /// The canary variant.
+    Canary,
+}
+
+/// Identifies a stage's observation: a new key starts a new stage total.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StageKey {
+    /// Rollout.
+    pub rollout: RolloutId,
+    /// Stage index.
+    pub stage: usize,
+    /// When the stage's observation started (a resume restarts it).
+    pub started_at: Millis,
+}
+
+#[derive(Debug, Default)]
+struct ServiceMetrics {
+    recent: VecDeque<(Millis, Side, Window)>,
+    stage: Option<StageKey>,
+    stage_data: Pair,
+}
+
+/// Recent measurements of every service.
+#[derive(Debug)]
+pub struct MetricsStore {
+    services: HashMap<String, ServiceMetrics>,
+    retain: Duration,
+}
+
+impl MetricsStore {
+    /// A store keeping `retain` of history per service (at least the longest trigger window).
+    pub fn new(retain: Duration) -> MetricsStore {
+        MetricsStore {
+            services: HashMap::new(),
+            retain,
+        }
+    }
+
+    /// Records one instance's window received at `at`.
+    pub fn record(&mut self, service: &str, side: Side, window: Window, at: Millis) {
+        let entry = self.services.entry(service.to_owned()).or_default();
+        let target = match side {
+            Side::Stable => &mut entry.stage_data.stable,
+            Side::Canary => &mut entry.stage_data.canary,
+        };
+        target.merge(&window);
+        entry.recent.push_back((at, side, window));
+        let horizon = at - self.retain.as_millis() as Millis;
+        while entry.recent.front().is_some_and(|(t, _, _)| *t < horizon) {
+            entry.recent.pop_front();
+        }
+    }
+
+    /// Everything measured for `service` since the stage identified by `key` started. When the
+    /// key changes the total starts over.
+    pub fn stage(&mut self, service: &str, key: &StageKey) -> Pair {
+        let entry = self.services.entry(service.to_owned()).or_default();
+        if entry.stage.as_ref() != Some(key) {
+            // Keep what arrived since the stage started; drop the rest.
+            let mut data = Pair::default();
+            for (at, side, window) in &entry.recent {
+                if *at >= key.started_at {
+                    match side {
+                        Side::Stable => data.stable.merge(window),
+                        Side::Canary => data.canary.merge(window),
+                    }
+                }
+            }
+            entry.stage = Some(key.clone());
+            entry.stage_data = data;
+        }
+        entry.stage_data.clone()
+    }
+
+    /// Everything measured for `service` at or after `since`.
+    pub fn since(&self, service: &str, since: Millis) -> Pair {
+        let mut data = Pair::default();
+        if let Some(entry) = self.services.get(service) {
+            for (at, side, window) in entry.recent.iter().rev() {
+                if *at < since {
+                    break;
+                }
+                match side {
+                    Side::Stable => data.stable.merge(window),
+                    Side::Canary => data.canary.merge(window),
+                }
+            }
+        }
+        data
+    }
+
+    /// Drops history older than the retention before `now`.
+    pub fn prune(&mut self, now: Millis) {
+        let horizon = now - self.retain.as_millis() as Millis;
+        for entry in self.services.values_mut() {
+            while entry.recent.front().is_some_and(|(t, _, _)| *t < horizon) {
+                entry.recent.pop_front();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn w(requests: u64, errors: u64) -> Window {
+        Window::from_counts(
+            requests,
+            errors,
+            &[(0.1, requests), (f64::INFINITY, requests)],
+            0.0,
+        )
+    }
+
+    fn key(stage: usize, started_at: Millis) -> StageKey {
+        StageKey {
+            rollout: RolloutId("r".into()),
+            stage,
+            started_at,
+        }
+    }
+
+    #[test]
+    fn stage_totals_accumulate_and_restart_with_the_stage() {
+        let mut m = MetricsStore::new(Duration::from_secs(60));
+        assert_eq!(m.stage("api", &key(0, 0)), Pair::default());
+        m.record("api", Side::Canary, w(10, 1), 1_000);
+        m.record("api", Side::Stable, w(90, 0), 1_000);
+        m.record("api", Side::Canary, w(10, 0), 2_000);
+        let p = m.stage("api", &key(0, 0));
+        assert_eq!(
+            (p.canary.requests, p.canary.errors, p.stable.requests),
+            (20, 1, 90)
+        );
+        // Next stage started at 1500: only what arrived since counts.
+        let p = m.stage("api", &key(1, 1_500));
+        assert_eq!((p.canary.requests, p.stable.requests), (10, 0));
+        m.record("api", Side::Canary, w(5, 5), 3_000);
+        assert_eq!(m.stage("api", &key(1, 1_500)).canary.requests, 15);
+        // Other services are separate.
+        assert_eq!(m.stage("web", &key(1, 1_500)), Pair::default());
+    }
+
+    #[test]
+    fn sliding_windows_and_pruning() {
+        let mut m = MetricsStore::new(Duration::from_secs(10));
+        for t in 0..20 {
+            m.record("api", Side::Canary, w(1, t % 2), t as Millis * 1_000);
+        }
+        // Retention 10 s: entries older than 19 s - 10 s are gone.
+        assert_eq!(m.since("api", 0).canary.requests, 11);
+        assert_eq!(m.since("api", 15_000).canary.requests, 5);
+        assert_eq!(m.since("api", 15_000).canary.errors, 3); // t = 15, 17, 19
+        m.prune(100_000);
+        assert_eq!(m.since("api", 0).canary.requests, 0);
+        assert_eq!(m.since("nope", 0), Pair::default());
+    }
+}

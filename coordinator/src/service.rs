@@ -1,0 +1,465 @@
+//! The gRPC services: agent sessions and the operator API. Errors become `tonic::Status` here
+//! and only here; decisions are never made in a handler (they are commands through Raft).
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+
+use futures::Stream;
+use serin_proto::v1::{
+    self, AgentMessage, CoordinatorMessage, agent_message, agent_service_server::AgentService,
+    control_service_server::ControlService,
+};
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::agents::AgentInfo;
+use crate::analysis::{Pair, Window};
+use crate::control::{LiveView, RATE_WINDOW, Shared, now_millis};
+use crate::metrics::Side;
+use crate::raft::{ProposeError, Role};
+use crate::rollout::{Actor, Command, Generation, Rejection, Rollout, RolloutId};
+use crate::strategy::Strategy;
+
+/// Implements both services over the shared coordinator state.
+#[derive(Clone)]
+pub struct Api {
+    shared: Shared,
+}
+
+impl Api {
+    /// An API over `shared`.
+    pub fn new(shared: Shared) -> Api {
+        Api { shared }
+    }
+
+    fn require_leader(&self) -> Result<(), Status> {
+        let view = self.shared.raft.view();
+        match view.role {
+            Role::Leader => Ok(()),
+            _ => Err(not_leader(view.leader)),
+        }
+    }
+
+    fn to_proto(&self, rollout: &Rollout) -> v1::Rollout {
+        let live = self.shared.live(&rollout.id);
+        rollout_to_proto(rollout, live.as_ref())
+    }
+
+    async fn propose(&self, command: Command) -> Result<v1::Rollout, Status> {
+        let id = command.rollout_id().clone();
+        self.shared
+            .raft
+            .propose(command)
+            .await
+            .map_err(propose_status)?;
+        let view = self.shared.raft.view();
+        let rollout = view.registry.rollout(&id).map_err(rejection_status)?;
+        Ok(self.to_proto(rollout))
+    }
+}
+
+fn not_leader(leader: Option<u64>) -> Status {
+    let hint = leader
+        .map(|l| format!(" (leader is node {l})"))
+        .unwrap_or_default();
+    Status::unavailable(format!("this coordinator is not the leader{hint}; retry"))
+}
+
+fn rejection_status(rejection: Rejection) -> Status {
+    match rejection {
+        Rejection::UnknownRollout(_) => Status::not_found(rejection.to_string()),
+        Rejection::DuplicateRollout(_) => Status::already_exists(rejection.to_string()),
+        _ => Status::failed_precondition(rejection.to_string()),
+    }
+}
+
+fn propose_status(error: ProposeError) -> Status {
+    match error {
+        ProposeError::Rejected(r) => rejection_status(r),
+        ProposeError::NotLeader { leader } => not_leader(leader),
+        ProposeError::Dropped | ProposeError::Stopped => Status::unavailable(error.to_string()),
+        ProposeError::Raft(_) => Status::internal(error.to_string()),
+    }
+}
+
+/// A service or version name: letters, digits, `.`, `_`, `-`, 1..=64 characters.
+fn valid_name(field: &str, value: &str) -> Result<(), Status> {
+    let ok = !value.is_empty()
+        && value.len() <= 64
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '+'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Status::invalid_argument(format!(
+            "{field}: must be 1-64 characters of letters, digits, '.', '_', '-', '+', got {value:?}"
+        )))
+    }
+}
+
+fn variant_stats(window: &Window, recent: &Window) -> v1::VariantStats {
+    v1::VariantStats {
+        requests: window.requests,
+        errors: window.errors,
+        error_rate: window.error_rate().unwrap_or(0.0),
+        p95_ms: window.quantile(0.95).map_or(-1.0, |s| s * 1000.0),
+        requests_per_second: recent.requests as f64 / RATE_WINDOW.as_secs_f64(),
+    }
+}
+
+/// Converts a rollout (and the leader's live view of it) to its wire form.
+pub fn rollout_to_proto(rollout: &Rollout, live: Option<&LiveView>) -> v1::Rollout {
+    let live = live.map(|l| {
+        let Pair { stable, canary } = &l.stage.data;
+        v1::LiveAnalysis {
+            stable: Some(variant_stats(stable, &l.recent.stable)),
+            canary: Some(variant_stats(canary, &l.recent.canary)),
+            checks: l
+                .stage
+                .checks
+                .iter()
+                .map(|c| v1::CheckOutcome {
+                    name: c.name.clone(),
+                    verdict: c.verdict.label().to_owned(),
+                    detail: c.describe(),
+                })
+                .collect(),
+        }
+    });
+    v1::Rollout {
+        id: rollout.id.0.clone(),
+        service: rollout.service.clone(),
+        version: rollout.version.clone(),
+        stable_version: rollout.stable_version.clone(),
+        state: rollout.state.name().to_owned(),
+        stage_index: rollout.stage_index as u32,
+        stage_count: rollout.strategy.stages.len() as u32,
+        canary_weight: rollout.canary_weight(),
+        last_reason: rollout.last_reason().to_owned(),
+        started_at_ms: rollout.started_at,
+        stage_started_at_ms: rollout.stage_started_at,
+        events: rollout
+            .events
+            .iter()
+            .map(|e| v1::RolloutEvent {
+                at_ms: e.at,
+                kind: serde_json::to_value(e.kind)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default(),
+                actor: e.actor.to_string(),
+                reason: e.reason.clone(),
+                stage_index: e.stage_index as u32,
+                canary_weight: e.canary_weight,
+            })
+            .collect(),
+        live,
+        detail_json: serde_json::to_string(rollout).unwrap_or_default(),
+    }
+}
+
+#[tonic::async_trait]
+impl ControlService for Api {
+    async fn start_rollout(
+        &self,
+        request: Request<v1::StartRolloutRequest>,
+    ) -> Result<Response<v1::RolloutReply>, Status> {
+        let req = request.into_inner();
+        valid_name("service", &req.service)?;
+        valid_name("version", &req.version)?;
+        if !req.stable_version.is_empty() {
+            valid_name("stable_version", &req.stable_version)?;
+        }
+        let strategy = Strategy::from_toml(&req.strategy_toml).map_err(|e| {
+            let lines: Vec<String> = e.problems().iter().map(|p| p.to_string()).collect();
+            Status::invalid_argument(format!("invalid strategy:\n{}", lines.join("\n")))
+        })?;
+        self.require_leader()?;
+        let coverage = self.shared.agents.coverage(&req.service);
+        let mut missing = vec![];
+        if !coverage.balancer {
+            missing.push("a load balancer ([nginx] services)");
+        }
+        if !coverage.stable {
+            missing.push("a stable instance");
+        }
+        if !coverage.canary {
+            missing.push("a canary instance");
+        }
+        if !missing.is_empty() {
+            return Err(Status::failed_precondition(format!(
+                "no connected agent provides {} for service '{}'; start or fix the agents first (`serin agent run`)",
+                missing.join(", "),
+                req.service
+            )));
+        }
+        let suffix: u32 = rand::random::<u32>() & 0xff_ffff;
+        let id = RolloutId(format!("{}-{suffix:06x}", req.service));
+        let actor = if req.actor.is_empty() {
+            "operator".to_owned()
+        } else {
+            req.actor
+        };
+        let rollout = self
+            .propose(Command::Start {
+                id,
+                service: req.service,
+                version: req.version,
+                stable_version: Some(req.stable_version).filter(|s| !s.is_empty()),
+                strategy,
+                actor: Actor::Operator(actor),
+                at: now_millis(),
+            })
+            .await?;
+        Ok(Response::new(v1::RolloutReply {
+            rollout: Some(rollout),
+        }))
+    }
+
+    async fn get_rollout(
+        &self,
+        request: Request<v1::GetRolloutRequest>,
+    ) -> Result<Response<v1::RolloutReply>, Status> {
+        let id = RolloutId(request.into_inner().id);
+        let view = self.shared.raft.view();
+        let rollout = view.registry.rollout(&id).map_err(rejection_status)?;
+        Ok(Response::new(v1::RolloutReply {
+            rollout: Some(self.to_proto(rollout)),
+        }))
+    }
+
+    async fn list_rollouts(
+        &self,
+        _request: Request<v1::ListRolloutsRequest>,
+    ) -> Result<Response<v1::ListRolloutsReply>, Status> {
+        let view = self.shared.raft.view();
+        let mut rollouts: Vec<_> = view.registry.rollouts.values().collect();
+        rollouts.sort_by_key(|r| (r.started_at, r.id.clone()));
+        Ok(Response::new(v1::ListRolloutsReply {
+            rollouts: rollouts.into_iter().map(|r| self.to_proto(r)).collect(),
+        }))
+    }
+
+    async fn steer_rollout(
+        &self,
+        request: Request<v1::SteerRolloutRequest>,
+    ) -> Result<Response<v1::RolloutReply>, Status> {
+        let req = request.into_inner();
+        let id = RolloutId(req.id);
+        // Unknown ids get NotFound even on a follower.
+        self.shared
+            .raft
+            .view()
+            .registry
+            .rollout(&id)
+            .map_err(rejection_status)?;
+        let actor = Actor::Operator(if req.actor.is_empty() {
+            "operator".to_owned()
+        } else {
+            req.actor
+        });
+        let at = now_millis();
+        let action = v1::SteerAction::try_from(req.action).map_err(|_| {
+            Status::invalid_argument(format!("action: unknown value {}", req.action))
+        })?;
+        let reason = |default: &str| {
+            if req.reason.is_empty() {
+                default.to_owned()
+            } else {
+                req.reason.clone()
+            }
+        };
+        let command = match action {
+            v1::SteerAction::Pause => Command::Pause {
+                id,
+                actor,
+                reason: reason("paused by operator"),
+                at,
+            },
+            v1::SteerAction::Resume => Command::Resume {
+                id,
+                actor,
+                reason: reason("resumed by operator"),
+                at,
+            },
+            v1::SteerAction::Promote => Command::Promote {
+                id,
+                actor,
+                reason: reason("promoted by operator"),
+                at,
+            },
+            v1::SteerAction::Abort => Command::Abort {
+                id,
+                actor,
+                reason: reason("aborted by operator"),
+                at,
+            },
+            v1::SteerAction::Unspecified => {
+                return Err(Status::invalid_argument(
+                    "action: one of pause, resume, promote, abort is required",
+                ));
+            }
+        };
+        let rollout = self.propose(command).await?;
+        Ok(Response::new(v1::RolloutReply {
+            rollout: Some(rollout),
+        }))
+    }
+
+    async fn list_agents(
+        &self,
+        _request: Request<v1::ListAgentsRequest>,
+    ) -> Result<Response<v1::ListAgentsReply>, Status> {
+        let agents = self
+            .shared
+            .agents
+            .list()
+            .into_iter()
+            .map(|a| v1::AgentInfo {
+                name: a.name,
+                labels: a.labels.into_iter().collect(),
+                targets: a.targets,
+                connected: a.connected,
+                applied: a.applied.map(|g| v1::Generation {
+                    term: g.term,
+                    index: g.index,
+                }),
+                last_error: a.last_error.unwrap_or_default(),
+                last_report_ms: a.last_report.unwrap_or(0),
+            })
+            .collect();
+        Ok(Response::new(v1::ListAgentsReply { agents }))
+    }
+}
+
+type SessionStream = Pin<Box<dyn Stream<Item = Result<CoordinatorMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl AgentService for Api {
+    type SessionStream = SessionStream;
+
+    async fn session(
+        &self,
+        request: Request<Streaming<AgentMessage>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        let mut inbound = request.into_inner();
+        let view = self.shared.raft.view();
+        if view.role != Role::Leader {
+            let (tx, rx) = mpsc::channel(1);
+            let _ = tx
+                .send(Ok(CoordinatorMessage {
+                    body: Some(v1::coordinator_message::Body::NotLeader(v1::NotLeader {
+                        leader_hint: String::new(),
+                    })),
+                }))
+                .await;
+            return Ok(Response::new(Box::pin(ReceiverStream::new(rx))));
+        }
+        let first = inbound
+            .next()
+            .await
+            .ok_or_else(|| Status::invalid_argument("the stream closed before Register"))??;
+        let Some(agent_message::Body::Register(register)) = first.body else {
+            return Err(Status::invalid_argument(
+                "the first message of a session must be Register",
+            ));
+        };
+        if register.agent.is_empty() {
+            return Err(Status::invalid_argument(
+                "register.agent: must not be empty",
+            ));
+        }
+        for (i, t) in register.targets.iter().enumerate() {
+            if t.variant != v1::Variant::Stable as i32 && t.variant != v1::Variant::Canary as i32 {
+                return Err(Status::invalid_argument(format!(
+                    "register.targets[{i}].variant: must be STABLE or CANARY"
+                )));
+            }
+        }
+        let name = register.agent.clone();
+        let (tx, rx) = mpsc::channel(64);
+        let info = AgentInfo {
+            name: name.clone(),
+            labels: register.labels.into_iter().collect::<BTreeMap<_, _>>(),
+            targets: register.targets,
+            balancer_services: register.balancer_services,
+            connected: true,
+            applied: register.last_applied.map(|g| Generation {
+                term: g.term,
+                index: g.index,
+            }),
+            last_error: None,
+            last_report: None,
+        };
+        tracing::info!(agent = %name, targets = info.targets.len(), "agent connected");
+        let session = self.shared.agents.connect(info, tx);
+        self.shared.agents.push_desired(&view.registry);
+        let shared = self.shared.clone();
+        // The session task ends when the agent's stream ends; it owns nothing that outlives it.
+        tokio::spawn(async move {
+            while let Some(message) = inbound.next().await {
+                let Ok(message) = message else { break };
+                match message.body {
+                    Some(agent_message::Body::Report(report)) => {
+                        let now = now_millis();
+                        shared.agents.reported(&name, now);
+                        {
+                            let mut metrics = shared.metrics();
+                            for w in report.instances {
+                                let side = if w.variant == v1::Variant::Canary as i32 {
+                                    Side::Canary
+                                } else if w.variant == v1::Variant::Stable as i32 {
+                                    Side::Stable
+                                } else {
+                                    continue;
+                                };
+                                let window = if w.scrape_ok {
+                                    let buckets: Vec<(f64, u64)> =
+                                        w.latency.iter().map(|b| (b.le, b.count)).collect();
+                                    Window::from_counts(
+                                        w.requests,
+                                        w.errors,
+                                        &buckets,
+                                        w.latency_sum_seconds,
+                                    )
+                                } else {
+                                    Window::missing()
+                                };
+                                metrics.record(&w.service, side, window, now);
+                            }
+                        }
+                        shared.wake.notify_one();
+                    }
+                    Some(agent_message::Body::Ack(ack)) => {
+                        let generation = ack
+                            .generation
+                            .map(|g| Generation {
+                                term: g.term,
+                                index: g.index,
+                            })
+                            .unwrap_or_default();
+                        let failures = ack
+                            .failures
+                            .into_iter()
+                            .map(|f| (f.service, f.error))
+                            .collect::<Vec<_>>();
+                        if failures.is_empty() {
+                            tracing::info!(agent = %name, %generation, "agent applied");
+                        }
+                        shared.agents.acknowledged(&name, generation, failures);
+                        shared.wake.notify_one();
+                    }
+                    Some(agent_message::Body::Register(_)) | None => {
+                        tracing::warn!(agent = %name, "unexpected message on an open session ignored");
+                    }
+                }
+            }
+            shared.agents.disconnect(&name, session);
+            tracing::info!(agent = %name, "agent disconnected");
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}

@@ -1,0 +1,1379 @@
+//! `serin rollout …`: start, inspect, watch and steer rollouts through the coordinator's
+//! `ControlService`.
+//!
+//! The renderers are pure and take the time as an argument ([`render_status`], [`compact_line`],
+//! [`rollout_json`], [`render_list`]), so the demo and the tests reuse them without a network.
+//! gRPC errors become operator-facing messages in [`describe_status`].
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde_json::{Value, json};
+use serin_proto::v1::control_service_client::ControlServiceClient;
+use serin_proto::v1::{
+    GetRolloutRequest, ListRolloutsRequest, Rollout, RolloutReply, StartRolloutRequest,
+    SteerAction, SteerRolloutRequest, VariantStats,
+};
+use tonic::Code;
+use tonic::transport::Channel;
+
+use super::output::{Table, clock_utc, percent, short_duration, timestamp_utc, truncate};
+use super::strategy::{check_outcome, read_strategy};
+use super::{CoordinatorArgs, connect};
+
+/// States after which nothing changes a rollout any more.
+pub const TERMINAL_STATES: [&str; 3] = ["promoted", "rolled_back", "aborted"];
+/// How often `status --watch` asks again.
+pub const WATCH_INTERVAL: Duration = Duration::from_secs(1);
+/// How long `status --watch` keeps retrying an unreachable coordinator before giving up.
+pub const WATCH_GIVE_UP: Duration = Duration::from_secs(30);
+/// Longest `last reason` shown by `rollout list`.
+const LIST_REASON_CHARS: usize = 60;
+
+/// Rollout commands.
+#[derive(clap::Subcommand, Debug, Clone)]
+pub enum RolloutCommand {
+    /// Start a rollout of a new version of a service.
+    ///
+    /// The strategy file is validated locally first (as `serin strategy check` does; exit 2 when
+    /// invalid), then sent to the coordinator. Prints only the new rollout's id on stdout, so
+    /// scripts can capture it.
+    #[command(after_help = "Examples:\n  \
+        serin rollout start checkout --version 1.5.0 --strategy canary.toml\n  \
+        id=$(serin rollout start checkout --version 1.5.0 --strategy canary.toml \
+        --stable-version 1.4.2) && serin rollout status \"$id\" --watch")]
+    Start {
+        /// The service to roll out.
+        service: String,
+        /// The new (canary) version.
+        #[arg(long)]
+        version: String,
+        /// Strategy TOML file: stages, checks and triggers.
+        #[arg(long)]
+        strategy: PathBuf,
+        /// Version the stable instances run (default: the service's last promoted version).
+        #[arg(long)]
+        stable_version: Option<String>,
+        /// Print the created rollout as JSON instead of its id.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        coordinator: CoordinatorArgs,
+    },
+    /// Show a rollout: stage, weight, live analysis and history.
+    ///
+    /// Without an id, shows the most recently started rollout that is still running, else the
+    /// most recent one. With --watch, redraws every second until the rollout finishes (promoted,
+    /// rolled_back or aborted), then prints its final state and exits 0 whatever the outcome;
+    /// read `state` from `--json` to branch on it. When stdout is not a terminal, --watch prints
+    /// one compact line per change instead of redrawing (one JSON object per change with --json).
+    #[command(after_help = "Examples:\n  \
+        serin rollout status\n  \
+        serin rollout status checkout-3f9a1c --watch\n  \
+        serin rollout status checkout-3f9a1c --json | jq -r .state")]
+    Status {
+        /// Rollout id (default: the latest running rollout, else the latest).
+        id: Option<String>,
+        /// Follow the rollout until it finishes; always exits 0 once it has.
+        #[arg(long)]
+        watch: bool,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        coordinator: CoordinatorArgs,
+    },
+    /// List rollouts, newest first.
+    #[command(
+        after_help = "Example:\n  serin rollout list --json | jq -r '.[] | select(.state == \"paused\") | .id'"
+    )]
+    List {
+        /// Print a JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        coordinator: CoordinatorArgs,
+    },
+    /// Hold a rollout at its current stage and weight.
+    #[command(
+        after_help = "Example:\n  serin rollout pause checkout-3f9a1c --reason \"investigating latency\""
+    )]
+    Pause(SteerArgs),
+    /// Continue a paused rollout, or pass the manual gate of one awaiting promotion.
+    #[command(after_help = "Example:\n  serin rollout resume checkout-3f9a1c")]
+    Resume(SteerArgs),
+    /// Skip the remaining stages: make the canary version the new stable now.
+    #[command(
+        after_help = "Example:\n  serin rollout promote checkout-3f9a1c --reason \"verified by QA\""
+    )]
+    Promote(SteerArgs),
+    /// Stop a rollout and send all traffic back to stable.
+    #[command(
+        after_help = "Example:\n  serin rollout abort checkout-3f9a1c --reason \"bad release\""
+    )]
+    Abort(SteerArgs),
+}
+
+/// Arguments of pause, resume, promote and abort.
+#[derive(clap::Args, Debug, Clone)]
+pub struct SteerArgs {
+    /// Rollout id.
+    pub id: String,
+    /// Why, recorded in the rollout's history.
+    #[arg(long)]
+    pub reason: Option<String>,
+    /// Print the updated rollout as JSON.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub coordinator: CoordinatorArgs,
+}
+
+/// Runs a `serin rollout …` command and returns the process exit code.
+pub async fn run_rollout(cmd: RolloutCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        RolloutCommand::Start {
+            service,
+            version,
+            strategy,
+            stable_version,
+            json,
+            coordinator,
+        } => {
+            start(
+                service,
+                version,
+                strategy,
+                stable_version,
+                json,
+                &coordinator,
+            )
+            .await
+        }
+        RolloutCommand::Status {
+            id,
+            watch: true,
+            json,
+            coordinator,
+        } => watch(id, json, &coordinator).await,
+        RolloutCommand::Status {
+            id,
+            watch: false,
+            json,
+            coordinator,
+        } => {
+            let mut client = connect(&coordinator).await?;
+            let id = match id {
+                Some(id) => id,
+                None => default_id(&mut client, &coordinator).await?,
+            };
+            let rollout = get(&mut client, &id)
+                .await
+                .map_err(|s| describe_status(&s, &coordinator, Some(&id)))?;
+            if json {
+                println!("{:#}", rollout_json(&rollout));
+            } else {
+                print!("{}", render_status(&rollout, now_ms()));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        RolloutCommand::List { json, coordinator } => {
+            let mut client = connect(&coordinator).await?;
+            let mut rollouts = list(&mut client)
+                .await
+                .map_err(|s| describe_status(&s, &coordinator, None))?;
+            rollouts.sort_by_key(|r| std::cmp::Reverse(r.started_at_ms));
+            if json {
+                let all: Vec<Value> = rollouts.iter().map(rollout_json).collect();
+                println!("{:#}", Value::Array(all));
+            } else {
+                print!("{}", render_list(&rollouts));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        RolloutCommand::Pause(args) => steer(SteerAction::Pause, args).await,
+        RolloutCommand::Resume(args) => steer(SteerAction::Resume, args).await,
+        RolloutCommand::Promote(args) => steer(SteerAction::Promote, args).await,
+        RolloutCommand::Abort(args) => steer(SteerAction::Abort, args).await,
+    }
+}
+
+async fn start(
+    service: String,
+    version: String,
+    strategy: PathBuf,
+    stable_version: Option<String>,
+    json: bool,
+    coordinator: &CoordinatorArgs,
+) -> anyhow::Result<ExitCode> {
+    let text = match read_strategy(&strategy) {
+        Ok(text) => text,
+        Err(unreadable) => return Ok(unreadable.print()),
+    };
+    let checked = check_outcome(&strategy.display().to_string(), &text, json);
+    if !checked.is_valid() {
+        return Ok(checked.print());
+    }
+    let request = StartRolloutRequest {
+        service,
+        version,
+        strategy_toml: text,
+        actor: actor(),
+        stable_version: stable_version.unwrap_or_default(),
+    };
+    let reply = on_leader(coordinator, None, |mut client| {
+        let request = request.clone();
+        async move { client.start_rollout(request).await }
+    })
+    .await?;
+    let rollout = unwrap_reply(reply)?;
+    if json {
+        println!("{:#}", rollout_json(&rollout));
+    } else {
+        println!("{}", rollout.id);
+        eprintln!(
+            "started {}: {} {} → {}, {}",
+            rollout.id,
+            rollout.service,
+            or_unknown(&rollout.stable_version),
+            rollout.version,
+            stage_text(&rollout)
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn steer(action: SteerAction, args: SteerArgs) -> anyhow::Result<ExitCode> {
+    let request = SteerRolloutRequest {
+        id: args.id.clone(),
+        action: action as i32,
+        reason: args.reason.unwrap_or_default(),
+        actor: actor(),
+    };
+    let reply = on_leader(&args.coordinator, Some(&args.id), |mut client| {
+        let request = request.clone();
+        async move { client.steer_rollout(request).await }
+    })
+    .await?;
+    let rollout = unwrap_reply(reply)?;
+    if args.json {
+        println!("{:#}", rollout_json(&rollout));
+    } else {
+        println!(
+            "{}: {}, {}",
+            rollout.id,
+            rollout.state,
+            stage_text(&rollout)
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn watch(
+    id: Option<String>,
+    json: bool,
+    coordinator: &CoordinatorArgs,
+) -> anyhow::Result<ExitCode> {
+    let mut client = connect(coordinator).await?;
+    let id = match id {
+        Some(id) => id,
+        None => default_id(&mut client, coordinator).await?,
+    };
+    let redraw = !json && std::io::stdout().is_terminal();
+    let mut last_printed: Option<String> = None;
+    let mut failing_since: Option<Instant> = None;
+    let mut ticker = tokio::time::interval(WATCH_INTERVAL);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        ticker.tick().await;
+        let rollout = match get(&mut client, &id).await {
+            Ok(r) => {
+                if failing_since.take().is_some() {
+                    eprintln!("reconnected to the coordinator");
+                }
+                r
+            }
+            Err(status) if status.code() == Code::Unavailable => {
+                // Leader change or a lost connection: try every address again, for a while.
+                let since = *failing_since.get_or_insert_with(|| {
+                    eprintln!(
+                        "lost the coordinator ({}); retrying for up to {}s",
+                        status.message(),
+                        WATCH_GIVE_UP.as_secs()
+                    );
+                    Instant::now()
+                });
+                if since.elapsed() >= WATCH_GIVE_UP {
+                    return Err(describe_status(&status, coordinator, Some(&id)));
+                }
+                if let Ok(c) = connect(coordinator).await {
+                    client = c;
+                }
+                continue;
+            }
+            Err(status) => return Err(describe_status(&status, coordinator, Some(&id))),
+        };
+        let now = now_ms();
+        let finished = is_terminal(&rollout.state);
+        if json {
+            let line = rollout_json(&rollout).to_string();
+            if last_printed.as_deref() != Some(line.as_str()) {
+                println!("{line}");
+                last_printed = Some(line);
+            }
+        } else if redraw {
+            print!("\x1b[2J\x1b[H{}", render_status(&rollout, now));
+            if !finished {
+                println!(
+                    "\nwatching {id} every {}s; Ctrl-C to stop",
+                    WATCH_INTERVAL.as_secs()
+                );
+            }
+        } else {
+            let line = compact_line(&rollout, now);
+            // Compare without the leading clock so only real changes print.
+            let key = line.split_once(' ').map_or("", |(_, rest)| rest).to_owned();
+            if last_printed.as_deref() != Some(key.as_str()) {
+                println!("{line}");
+                last_printed = Some(key);
+            }
+        }
+        if finished {
+            if !json {
+                println!("{}", finished_line(&rollout));
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+    }
+}
+
+async fn get(
+    client: &mut ControlServiceClient<Channel>,
+    id: &str,
+) -> Result<Rollout, tonic::Status> {
+    let reply = client
+        .get_rollout(GetRolloutRequest { id: id.to_owned() })
+        .await?
+        .into_inner();
+    reply
+        .rollout
+        .ok_or_else(|| tonic::Status::internal("the coordinator sent an empty reply"))
+}
+
+async fn list(client: &mut ControlServiceClient<Channel>) -> Result<Vec<Rollout>, tonic::Status> {
+    Ok(client
+        .list_rollouts(ListRolloutsRequest {})
+        .await?
+        .into_inner()
+        .rollouts)
+}
+
+/// The id `status` shows when none is given.
+async fn default_id(
+    client: &mut ControlServiceClient<Channel>,
+    coordinator: &CoordinatorArgs,
+) -> anyhow::Result<String> {
+    let rollouts = list(client)
+        .await
+        .map_err(|s| describe_status(&s, coordinator, None))?;
+    pick_default(&rollouts)
+        .map(|r| r.id.clone())
+        .ok_or_else(|| anyhow::anyhow!("no rollouts yet; start one with `serin rollout start`"))
+}
+
+/// Sends a change (start or steer) to the leader. Followers answer `Unavailable` ("not the
+/// leader"), so when several addresses are given each is tried in turn until one accepts; the
+/// first answer that is not `Unavailable` is final.
+async fn on_leader<F, Fut>(
+    coordinator: &CoordinatorArgs,
+    id: Option<&str>,
+    call: F,
+) -> anyhow::Result<RolloutReply>
+where
+    F: Fn(ControlServiceClient<Channel>) -> Fut,
+    Fut: Future<Output = Result<tonic::Response<RolloutReply>, tonic::Status>>,
+{
+    let unavailable = match call(connect(coordinator).await?).await {
+        Ok(reply) => return Ok(reply.into_inner()),
+        Err(s) if s.code() == Code::Unavailable => s,
+        Err(s) => return Err(describe_status(&s, coordinator, id)),
+    };
+    let addresses = coordinator.addresses();
+    if addresses.len() > 1 {
+        for address in addresses {
+            let one = CoordinatorArgs {
+                coordinator: vec![address],
+            };
+            let Ok(client) = connect(&one).await else {
+                continue;
+            };
+            match call(client).await {
+                Ok(reply) => return Ok(reply.into_inner()),
+                Err(s) if s.code() == Code::Unavailable => continue,
+                Err(s) => return Err(describe_status(&s, &one, id)),
+            }
+        }
+    }
+    Err(describe_status(&unavailable, coordinator, id))
+}
+
+fn unwrap_reply(reply: RolloutReply) -> anyhow::Result<Rollout> {
+    reply
+        .rollout
+        .ok_or_else(|| anyhow::anyhow!("the coordinator sent an empty reply"))
+}
+
+/// The most recently started rollout that is still running, else the most recent one.
+pub fn pick_default(rollouts: &[Rollout]) -> Option<&Rollout> {
+    rollouts
+        .iter()
+        .filter(|r| !is_terminal(&r.state))
+        .max_by_key(|r| r.started_at_ms)
+        .or_else(|| rollouts.iter().max_by_key(|r| r.started_at_ms))
+}
+
+/// True for promoted, rolled_back and aborted.
+pub fn is_terminal(state: &str) -> bool {
+    TERMINAL_STATES.contains(&state)
+}
+
+/// Turns a gRPC error into the message an operator reads (exit code 1).
+pub fn describe_status(
+    status: &tonic::Status,
+    coordinator: &CoordinatorArgs,
+    id: Option<&str>,
+) -> anyhow::Error {
+    let message = status.message().trim();
+    let text = match (status.code(), id) {
+        (Code::NotFound, Some(id)) => format!("rollout '{id}' not found"),
+        (Code::InvalidArgument | Code::FailedPrecondition | Code::NotFound, _) => {
+            message.to_owned()
+        }
+        (Code::Unavailable, _) => {
+            let mut text = format!(
+                "coordinator unavailable at {}",
+                coordinator.addresses().join(", ")
+            );
+            if !message.is_empty() {
+                text.push_str(": ");
+                text.push_str(message);
+            }
+            text
+        }
+        (Code::Unimplemented, _) => format!(
+            "{} does not serve serin's control API (is it a serin coordinator?): {message}",
+            coordinator.addresses().join(", ")
+        ),
+        (Code::DeadlineExceeded, _) => format!("the coordinator did not answer in time: {message}"),
+        (code, _) => format!("the coordinator failed the request ({code:?}): {message}"),
+    };
+    anyhow::anyhow!(text)
+}
+
+/// The actor recorded for operator actions: `$USER`, else `operator`.
+fn actor() -> String {
+    std::env::var("USER")
+        .ok()
+        .filter(|u| !u.trim().is_empty())
+        .unwrap_or_else(|| "operator".to_owned())
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+fn or_unknown(s: &str) -> &str {
+    if s.is_empty() { "(unknown)" } else { s }
+}
+
+/// `2/5 at 5%`: the 1-based stage of the rollout and the canary weight.
+fn position_text(r: &Rollout) -> String {
+    format!(
+        "{}/{} at {}%",
+        r.stage_index + 1,
+        r.stage_count,
+        r.canary_weight
+    )
+}
+
+/// `stage 2/5 at 5%`.
+fn stage_text(r: &Rollout) -> String {
+    format!("stage {}", position_text(r))
+}
+
+fn finished_line(r: &Rollout) -> String {
+    let mut line = format!("rollout {} finished: {}", r.id, r.state);
+    if !r.last_reason.is_empty() {
+        line.push_str(" (");
+        line.push_str(&r.last_reason);
+        line.push(')');
+    }
+    line
+}
+
+fn p95_text(s: &VariantStats) -> String {
+    if s.p95_ms < 0.0 {
+        "-".to_owned()
+    } else {
+        format!("{:.1}", s.p95_ms)
+    }
+}
+
+/// The full human status of a rollout: header, live analysis, event history.
+pub fn render_status(r: &Rollout, now_ms: i64) -> String {
+    let mut out = String::new();
+    let finished = is_terminal(&r.state);
+    let mut head = Table::new(&["rollout", &r.id]);
+    head.row(vec!["service".into(), r.service.clone()]);
+    head.row(vec![
+        "version".into(),
+        format!(
+            "{} → {} (stable → canary)",
+            or_unknown(&r.stable_version),
+            r.version
+        ),
+    ]);
+    head.row(vec!["state".into(), r.state.clone()]);
+    let mut stage = position_text(r);
+    if !finished && r.stage_started_at_ms > 0 {
+        stage.push_str(&format!(
+            " (for {})",
+            short_duration(now_ms - r.stage_started_at_ms)
+        ));
+    }
+    head.row(vec!["stage".into(), stage]);
+    head.row(vec![
+        "started".into(),
+        format!(
+            "{} ago ({})",
+            short_duration(now_ms - r.started_at_ms),
+            timestamp_utc(r.started_at_ms)
+        ),
+    ]);
+    head.row(vec![
+        "reason".into(),
+        if r.last_reason.is_empty() {
+            "-".into()
+        } else {
+            r.last_reason.clone()
+        },
+    ]);
+    out.push_str(&head.render(""));
+
+    match &r.live {
+        Some(live) => {
+            out.push_str("\nlive analysis (current stage)\n");
+            let mut stats = Table::new(&[
+                "VARIANT",
+                "REQUESTS",
+                "ERRORS",
+                "ERROR RATE",
+                "P95 MS",
+                "RPS",
+            ])
+            .right(&[1, 2, 3, 4, 5]);
+            for (name, s) in [("stable", &live.stable), ("canary", &live.canary)] {
+                match s {
+                    Some(s) => stats.row(vec![
+                        name.into(),
+                        s.requests.to_string(),
+                        s.errors.to_string(),
+                        percent(s.error_rate),
+                        p95_text(s),
+                        format!("{:.1}", s.requests_per_second),
+                    ]),
+                    None => stats.row(vec![
+                        name.into(),
+                        "-".into(),
+                        "-".into(),
+                        "-".into(),
+                        "-".into(),
+                        "-".into(),
+                    ]),
+                }
+            }
+            out.push_str(&stats.render("  "));
+            if live.checks.is_empty() {
+                out.push_str("\n  no checks\n");
+            } else {
+                let mut checks = Table::new(&["CHECK", "VERDICT", "DETAIL"]);
+                for c in &live.checks {
+                    checks.row(vec![c.name.clone(), c.verdict.clone(), c.detail.clone()]);
+                }
+                out.push('\n');
+                out.push_str(&checks.render("  "));
+            }
+        }
+        None if !finished => {
+            out.push_str("\nlive analysis: none yet (the leader reports it while a stage runs)\n")
+        }
+        None => {}
+    }
+
+    out.push_str("\nevents\n");
+    if r.events.is_empty() {
+        out.push_str("  none\n");
+    } else {
+        let mut events =
+            Table::new(&["TIME (UTC)", "KIND", "STAGE", "WEIGHT", "ACTOR", "REASON"]).right(&[3]);
+        for e in &r.events {
+            events.row(vec![
+                clock_utc(e.at_ms),
+                e.kind.clone(),
+                format!("{}/{}", e.stage_index + 1, r.stage_count),
+                format!("{}%", e.canary_weight),
+                e.actor.clone(),
+                e.reason.clone(),
+            ]);
+        }
+        out.push_str(&events.render("  "));
+    }
+    out
+}
+
+/// One line for `status --watch` when stdout is not a terminal:
+/// `HH:MM:SS stage 2/5 5% progressing canary err 0.00% p95 12ms | stable err 0.10% p95 11ms`.
+pub fn compact_line(r: &Rollout, now_ms: i64) -> String {
+    let mut line = format!(
+        "{} stage {}/{} {}% {}",
+        clock_utc(now_ms),
+        r.stage_index + 1,
+        r.stage_count,
+        r.canary_weight,
+        r.state
+    );
+    let variant = |name: &str, s: &Option<VariantStats>| match s {
+        Some(s) => {
+            let p95 = if s.p95_ms < 0.0 {
+                "-".to_owned()
+            } else {
+                format!("{:.0}ms", s.p95_ms)
+            };
+            format!("{name} err {} p95 {p95}", percent(s.error_rate))
+        }
+        None => format!("{name} no data"),
+    };
+    if let Some(live) = &r.live
+        && !is_terminal(&r.state)
+    {
+        line.push(' ');
+        line.push_str(&variant("canary", &live.canary));
+        line.push_str(" | ");
+        line.push_str(&variant("stable", &live.stable));
+    }
+    line
+}
+
+/// The `rollout list` table: id, service, version, state, stage, weight, last reason.
+pub fn render_list(rollouts: &[Rollout]) -> String {
+    if rollouts.is_empty() {
+        return "no rollouts\n".to_owned();
+    }
+    let mut table = Table::new(&[
+        "ID",
+        "SERVICE",
+        "VERSION",
+        "STATE",
+        "STAGE",
+        "WEIGHT",
+        "LAST REASON",
+    ])
+    .right(&[5]);
+    for r in rollouts {
+        table.row(vec![
+            r.id.clone(),
+            r.service.clone(),
+            r.version.clone(),
+            r.state.clone(),
+            format!("{}/{}", r.stage_index + 1, r.stage_count),
+            format!("{}%", r.canary_weight),
+            truncate(&r.last_reason, LIST_REASON_CHARS),
+        ]);
+    }
+    table.render("")
+}
+
+fn stats_json(s: &Option<VariantStats>) -> Value {
+    match s {
+        Some(s) => json!({
+            "requests": s.requests,
+            "errors": s.errors,
+            "error_rate": s.error_rate,
+            "p95_ms": if s.p95_ms < 0.0 { Value::Null } else { json!(s.p95_ms) },
+            "requests_per_second": s.requests_per_second,
+        }),
+        None => Value::Null,
+    }
+}
+
+/// A rollout as a JSON object (`--json`). `stage_index` is 0-based as on the wire; `detail` is
+/// the coordinator's full record when it sent one (kept as a string if it is not valid JSON).
+pub fn rollout_json(r: &Rollout) -> Value {
+    let events: Vec<Value> = r
+        .events
+        .iter()
+        .map(|e| {
+            json!({
+                "at_ms": e.at_ms,
+                "kind": e.kind,
+                "actor": e.actor,
+                "reason": e.reason,
+                "stage_index": e.stage_index,
+                "canary_weight": e.canary_weight,
+            })
+        })
+        .collect();
+    let live = match &r.live {
+        Some(l) => json!({
+            "stable": stats_json(&l.stable),
+            "canary": stats_json(&l.canary),
+            "checks": l.checks.iter().map(|c| json!({
+                "name": c.name,
+                "verdict": c.verdict,
+                "detail": c.detail,
+            })).collect::<Vec<_>>(),
+        }),
+        None => Value::Null,
+    };
+    let mut value = json!({
+        "id": r.id,
+        "service": r.service,
+        "version": r.version,
+        "stable_version": r.stable_version,
+        "state": r.state,
+        "terminal": is_terminal(&r.state),
+        "stage_index": r.stage_index,
+        "stage_count": r.stage_count,
+        "canary_weight": r.canary_weight,
+        "last_reason": r.last_reason,
+        "started_at_ms": r.started_at_ms,
+        "stage_started_at_ms": r.stage_started_at_ms,
+        "events": events,
+        "live": live,
+    });
+    if !r.detail_json.is_empty() {
+        let detail = serde_json::from_str::<Value>(&r.detail_json)
+            .unwrap_or_else(|_| Value::String(r.detail_json.clone()));
+        value["detail"] = detail;
+    }
+    value
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::{CommandFactory, Parser};
+    use serin_proto::v1::{CheckOutcome, LiveAnalysis, RolloutEvent};
+
+    /// 2026-05-01 12:00:00 UTC.
+    const T0: i64 = 1_777_636_800_000;
+
+    fn sample() -> Rollout {
+        Rollout {
+            id: "checkout-3f9a1c".into(),
+            service: "checkout".into(),
+            version: "1.5.0".into(),
+            stable_version: "1.4.2".into(),
+            state: "progressing".into(),
+            stage_index: 1,
+            stage_count: 4,
+            canary_weight: 5,
+            last_reason: "stage 1 passed: all 2 checks pass".into(),
+            started_at_ms: T0,
+            stage_started_at_ms: T0 + 60_000,
+            events: vec![
+                RolloutEvent {
+                    at_ms: T0,
+                    kind: "started".into(),
+                    actor: "operator:alice".into(),
+                    reason: "release 1.5.0".into(),
+                    stage_index: 0,
+                    canary_weight: 1,
+                },
+                RolloutEvent {
+                    at_ms: T0 + 60_000,
+                    kind: "stage_advanced".into(),
+                    actor: "controller".into(),
+                    reason: "stage 1 passed: all 2 checks pass".into(),
+                    stage_index: 1,
+                    canary_weight: 5,
+                },
+            ],
+            live: Some(LiveAnalysis {
+                stable: Some(VariantStats {
+                    requests: 1200,
+                    errors: 1,
+                    error_rate: 1.0 / 1200.0,
+                    p95_ms: 11.2,
+                    requests_per_second: 20.0,
+                }),
+                canary: Some(VariantStats {
+                    requests: 60,
+                    errors: 0,
+                    error_rate: 0.0,
+                    p95_ms: 12.4,
+                    requests_per_second: 1.0,
+                }),
+                checks: vec![
+                    CheckOutcome {
+                        name: "errors-vs-stable".into(),
+                        verdict: "pass".into(),
+                        detail: "canary 0.00% <= 0.58%".into(),
+                    },
+                    CheckOutcome {
+                        name: "latency_p95".into(),
+                        verdict: "no_data".into(),
+                        detail: "canary has 60 of 100 requests".into(),
+                    },
+                ],
+            }),
+            detail_json: String::new(),
+        }
+    }
+
+    #[test]
+    fn status_shows_header_live_analysis_and_events() {
+        let text = render_status(&sample(), T0 + 184_000);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], "rollout  checkout-3f9a1c");
+        assert_eq!(lines[1], "service  checkout");
+        assert_eq!(lines[2], "version  1.4.2 → 1.5.0 (stable → canary)");
+        assert_eq!(lines[3], "state    progressing");
+        assert_eq!(lines[4], "stage    2/4 at 5% (for 2m 4s)");
+        assert_eq!(lines[5], "started  3m 4s ago (2026-05-01 12:00:00 UTC)");
+        assert_eq!(lines[6], "reason   stage 1 passed: all 2 checks pass");
+        assert!(
+            text.contains(
+                "  VARIANT  REQUESTS  ERRORS  ERROR RATE  P95 MS   RPS\n  \
+             stable       1200       1       0.08%    11.2  20.0\n  \
+             canary         60       0       0.00%    12.4   1.0\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("  errors-vs-stable  pass     canary 0.00% <= 0.58%\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("  latency_p95       no_data  canary has 60 of 100 requests\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "  12:00:00    started         1/4        1%  operator:alice  release 1.5.0\n"
+            ),
+            "{text}"
+        );
+        assert!(text.contains(
+            "  12:01:00    stage_advanced  2/4        5%  controller      stage 1 passed: all 2 checks pass\n"
+        ), "{text}");
+    }
+
+    #[test]
+    fn finished_status_has_no_live_block_and_unknown_p95_is_a_dash() {
+        let mut r = sample();
+        r.state = "rolled_back".into();
+        r.canary_weight = 0;
+        r.live = None;
+        let text = render_status(&r, T0 + 10_000);
+        assert!(text.contains("state    rolled_back\n"), "{text}");
+        assert!(text.contains("stage    2/4 at 0%\n"), "{text}");
+        assert!(!text.contains("live analysis"), "{text}");
+
+        let mut r = sample();
+        r.live.as_mut().unwrap().canary.as_mut().unwrap().p95_ms = -1.0;
+        r.events.clear();
+        let text = render_status(&r, T0);
+        assert!(
+            text.contains("  canary         60       0       0.00%       -   1.0\n"),
+            "{text}"
+        );
+        assert!(text.ends_with("events\n  none\n"), "{text}");
+    }
+
+    #[test]
+    fn json_has_the_documented_keys() {
+        let mut r = sample();
+        r.detail_json = r#"{"strategy":{"stages":[]}}"#.into();
+        let v = rollout_json(&r);
+        for key in [
+            "id",
+            "service",
+            "version",
+            "stable_version",
+            "state",
+            "stage_index",
+            "stage_count",
+            "canary_weight",
+            "last_reason",
+            "started_at_ms",
+            "events",
+            "live",
+            "detail",
+        ] {
+            assert!(v.get(key).is_some(), "missing {key}: {v}");
+        }
+        assert_eq!(v["id"], "checkout-3f9a1c");
+        assert_eq!(v["stage_index"], 1);
+        assert_eq!(v["canary_weight"], 5);
+        assert_eq!(v["terminal"], false);
+        assert_eq!(
+            v["events"][1],
+            json!({
+                "at_ms": T0 + 60_000,
+                "kind": "stage_advanced",
+                "actor": "controller",
+                "reason": "stage 1 passed: all 2 checks pass",
+                "stage_index": 1,
+                "canary_weight": 5,
+            })
+        );
+        assert_eq!(v["live"]["canary"]["requests"], 60);
+        assert_eq!(v["live"]["stable"]["p95_ms"], 11.2);
+        assert_eq!(v["live"]["checks"][1]["verdict"], "no_data");
+        assert_eq!(v["detail"], json!({"strategy": {"stages": []}}));
+    }
+
+    #[test]
+    fn json_without_detail_or_live() {
+        let mut r = sample();
+        r.live = None;
+        let v = rollout_json(&r);
+        assert!(v.get("detail").is_none(), "{v}");
+        assert_eq!(v["live"], Value::Null);
+        r.detail_json = "not json".into();
+        assert_eq!(rollout_json(&r)["detail"], "not json");
+    }
+
+    #[test]
+    fn compact_lines_for_watching_without_a_terminal() {
+        let r = sample();
+        assert_eq!(
+            compact_line(&r, T0 + 3_723_000),
+            "13:02:03 stage 2/4 5% progressing canary err 0.00% p95 12ms | stable err 0.08% p95 11ms"
+        );
+        let mut done = r.clone();
+        done.state = "promoted".into();
+        done.stage_index = 3;
+        done.canary_weight = 100;
+        assert_eq!(compact_line(&done, T0), "12:00:00 stage 4/4 100% promoted");
+        done.last_reason = "all stages passed".into();
+        assert_eq!(
+            finished_line(&done),
+            "rollout checkout-3f9a1c finished: promoted (all stages passed)"
+        );
+    }
+
+    #[test]
+    fn list_is_a_table_with_truncated_reasons() {
+        let mut long = sample();
+        long.id = "api-1".into();
+        long.service = "api".into();
+        long.state = "paused".into();
+        long.last_reason = "x".repeat(100);
+        let text = render_list(&[sample(), long]);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        assert!(
+            lines[0].starts_with(
+                "ID               SERVICE   VERSION  STATE        STAGE  WEIGHT  LAST REASON"
+            ),
+            "{text}"
+        );
+        assert!(
+            lines[1].starts_with(
+                "checkout-3f9a1c  checkout  1.5.0    progressing  2/4        5%  stage 1 passed"
+            ),
+            "{text}"
+        );
+        assert!(
+            lines[2].ends_with(&format!("{}…", "x".repeat(59))),
+            "{text}"
+        );
+        assert_eq!(render_list(&[]), "no rollouts\n");
+    }
+
+    #[test]
+    fn the_default_rollout_is_the_latest_running_else_the_latest() {
+        let at = |id: &str, state: &str, started: i64| Rollout {
+            id: id.into(),
+            state: state.into(),
+            started_at_ms: started,
+            ..Rollout::default()
+        };
+        let rs = [
+            at("old-running", "paused", 1),
+            at("new-running", "progressing", 2),
+            at("newest-done", "promoted", 3),
+        ];
+        assert_eq!(pick_default(&rs).unwrap().id, "new-running");
+        let done = [at("a", "aborted", 1), at("b", "rolled_back", 2)];
+        assert_eq!(pick_default(&done).unwrap().id, "b");
+        assert!(pick_default(&[]).is_none());
+    }
+
+    #[test]
+    fn grpc_errors_become_operator_messages() {
+        let coordinator = CoordinatorArgs {
+            coordinator: vec!["c1:7000".into()],
+        };
+        let msg =
+            |s: tonic::Status, id: Option<&str>| describe_status(&s, &coordinator, id).to_string();
+        assert_eq!(
+            msg(tonic::Status::not_found("no such rollout"), Some("x")),
+            "rollout 'x' not found"
+        );
+        assert_eq!(
+            msg(
+                tonic::Status::invalid_argument("stages[0].weight: bad\nchecks[0].metric: bad"),
+                None
+            ),
+            "stages[0].weight: bad\nchecks[0].metric: bad"
+        );
+        assert_eq!(
+            msg(tonic::Status::unavailable("no leader"), Some("x")),
+            "coordinator unavailable at http://c1:7000: no leader"
+        );
+        assert_eq!(
+            msg(
+                tonic::Status::failed_precondition("cannot pause rollout 'x': it is promoted"),
+                Some("x")
+            ),
+            "cannot pause rollout 'x': it is promoted"
+        );
+    }
+
+    #[derive(clap::Parser, Debug)]
+    struct Cli {
+        #[command(subcommand)]
+        cmd: RolloutCommand,
+    }
+
+    #[test]
+    fn the_command_line_parses() {
+        Cli::command().debug_assert();
+        let cli = Cli::try_parse_from([
+            "rollout",
+            "start",
+            "checkout",
+            "--version",
+            "1.5.0",
+            "--strategy",
+            "s.toml",
+            "--coordinator",
+            "a:7000,b:7000",
+        ])
+        .unwrap();
+        match cli.cmd {
+            RolloutCommand::Start {
+                service,
+                version,
+                stable_version,
+                coordinator,
+                ..
+            } => {
+                assert_eq!(service, "checkout");
+                assert_eq!(version, "1.5.0");
+                assert_eq!(stable_version, None);
+                assert_eq!(coordinator.coordinator, ["a:7000", "b:7000"]);
+            }
+            other => panic!("{other:?}"),
+        }
+        let cli = Cli::try_parse_from(["rollout", "status", "--watch"]).unwrap();
+        assert!(matches!(
+            cli.cmd,
+            RolloutCommand::Status {
+                id: None,
+                watch: true,
+                json: false,
+                ..
+            }
+        ));
+        let cli =
+            Cli::try_parse_from(["rollout", "abort", "api-1", "--reason", "bad build"]).unwrap();
+        match cli.cmd {
+            RolloutCommand::Abort(a) => {
+                assert_eq!(a.id, "api-1");
+                assert_eq!(a.reason.as_deref(), Some("bad build"));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(Cli::try_parse_from(["rollout", "pause"]).is_err());
+    }
+
+    /// An in-process ControlService that keeps rollouts in memory.
+    #[derive(Default)]
+    struct FakeCoordinator {
+        /// Answers changes with `Unavailable`, as a follower does.
+        follower: bool,
+        rollouts: std::sync::Mutex<Vec<Rollout>>,
+        starts: std::sync::Mutex<Vec<StartRolloutRequest>>,
+    }
+
+    type Reply<T> = Result<tonic::Response<T>, tonic::Status>;
+
+    #[tonic::async_trait]
+    impl serin_proto::v1::control_service_server::ControlService for FakeCoordinator {
+        async fn start_rollout(
+            &self,
+            request: tonic::Request<StartRolloutRequest>,
+        ) -> Reply<RolloutReply> {
+            if self.follower {
+                return Err(tonic::Status::unavailable(
+                    "this coordinator is not the leader; retry",
+                ));
+            }
+            let request = request.into_inner();
+            let rollout = Rollout {
+                id: format!("{}-1", request.service),
+                service: request.service.clone(),
+                version: request.version.clone(),
+                stable_version: request.stable_version.clone(),
+                state: "progressing".into(),
+                stage_count: 2,
+                canary_weight: 1,
+                started_at_ms: T0,
+                ..Rollout::default()
+            };
+            self.starts.lock().unwrap().push(request);
+            self.rollouts.lock().unwrap().push(rollout.clone());
+            Ok(tonic::Response::new(RolloutReply {
+                rollout: Some(rollout),
+            }))
+        }
+
+        async fn get_rollout(
+            &self,
+            request: tonic::Request<GetRolloutRequest>,
+        ) -> Reply<RolloutReply> {
+            let id = request.into_inner().id;
+            let rollouts = self.rollouts.lock().unwrap();
+            match rollouts.iter().find(|r| r.id == id) {
+                Some(r) => Ok(tonic::Response::new(RolloutReply {
+                    rollout: Some(r.clone()),
+                })),
+                None => Err(tonic::Status::not_found(format!(
+                    "rollout '{id}' not found"
+                ))),
+            }
+        }
+
+        async fn list_rollouts(
+            &self,
+            _: tonic::Request<ListRolloutsRequest>,
+        ) -> Reply<serin_proto::v1::ListRolloutsReply> {
+            let rollouts = self.rollouts.lock().unwrap().clone();
+            Ok(tonic::Response::new(serin_proto::v1::ListRolloutsReply {
+                rollouts,
+            }))
+        }
+
+        async fn steer_rollout(
+            &self,
+            request: tonic::Request<SteerRolloutRequest>,
+        ) -> Reply<RolloutReply> {
+            if self.follower {
+                return Err(tonic::Status::unavailable(
+                    "this coordinator is not the leader; retry",
+                ));
+            }
+            let request = request.into_inner();
+            let mut rollouts = self.rollouts.lock().unwrap();
+            let Some(r) = rollouts.iter_mut().find(|r| r.id == request.id) else {
+                return Err(tonic::Status::not_found("no such rollout"));
+            };
+            if is_terminal(&r.state) {
+                return Err(tonic::Status::failed_precondition(format!(
+                    "cannot change rollout '{}': it is {}",
+                    r.id, r.state
+                )));
+            }
+            r.state = match request.action() {
+                SteerAction::Abort => "aborted",
+                SteerAction::Promote => "promoted",
+                SteerAction::Pause => "paused",
+                _ => "progressing",
+            }
+            .into();
+            r.last_reason = request.reason;
+            Ok(tonic::Response::new(RolloutReply {
+                rollout: Some(r.clone()),
+            }))
+        }
+
+        async fn list_agents(
+            &self,
+            _: tonic::Request<serin_proto::v1::ListAgentsRequest>,
+        ) -> Reply<serin_proto::v1::ListAgentsReply> {
+            Ok(tonic::Response::new(
+                serin_proto::v1::ListAgentsReply::default(),
+            ))
+        }
+    }
+
+    /// Serves `fake` on a free port until the returned sender is dropped or fired.
+    async fn serve(
+        fake: std::sync::Arc<FakeCoordinator>,
+    ) -> (
+        CoordinatorArgs,
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let incoming =
+            tonic::transport::server::TcpIncoming::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = incoming.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(async move {
+            tonic::transport::Server::builder()
+                .add_service(
+                    serin_proto::v1::control_service_server::ControlServiceServer::from_arc(fake),
+                )
+                .serve_with_incoming_shutdown(incoming, async {
+                    let _ = stopped.await;
+                })
+                .await
+                .unwrap();
+        });
+        let args = CoordinatorArgs {
+            coordinator: vec![addr.to_string()],
+        };
+        (args, stop, server)
+    }
+
+    #[tokio::test]
+    async fn commands_against_an_in_process_coordinator() {
+        let fake = std::sync::Arc::new(FakeCoordinator::default());
+        let (coordinator, stop, server) = serve(fake.clone()).await;
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("good.toml");
+        let bad = dir.path().join("bad.toml");
+        let strategy = "[[stages]]\nweight = 1\n[[stages]]\nweight = 100\n";
+        std::fs::write(&good, strategy).unwrap();
+        std::fs::write(&bad, "[[stages]]\nweight = 120\n").unwrap();
+        let start = |file: &std::path::Path| RolloutCommand::Start {
+            service: "api".into(),
+            version: "2.0".into(),
+            strategy: file.to_path_buf(),
+            stable_version: Some("1.0".into()),
+            json: false,
+            coordinator: coordinator.clone(),
+        };
+
+        // An invalid strategy never reaches the coordinator.
+        assert_eq!(run_rollout(start(&bad)).await.unwrap(), ExitCode::from(2));
+        assert!(fake.starts.lock().unwrap().is_empty());
+
+        assert_eq!(run_rollout(start(&good)).await.unwrap(), ExitCode::SUCCESS);
+        {
+            let starts = fake.starts.lock().unwrap();
+            assert_eq!(starts.len(), 1);
+            assert_eq!(starts[0].strategy_toml, strategy);
+            assert_eq!(starts[0].stable_version, "1.0");
+            assert!(!starts[0].actor.is_empty());
+        }
+
+        let mut client = connect(&coordinator).await.unwrap();
+        assert_eq!(
+            default_id(&mut client, &coordinator).await.unwrap(),
+            "api-1"
+        );
+        let status = get(&mut client, "nope").await.unwrap_err();
+        assert_eq!(
+            describe_status(&status, &coordinator, Some("nope")).to_string(),
+            "rollout 'nope' not found"
+        );
+
+        let steer = |id: &str| SteerArgs {
+            id: id.into(),
+            reason: Some("bad build".into()),
+            json: false,
+            coordinator: coordinator.clone(),
+        };
+        let err = run_rollout(RolloutCommand::Pause(steer("nope")))
+            .await
+            .unwrap_err();
+        assert_eq!(err.to_string(), "rollout 'nope' not found");
+        assert_eq!(
+            run_rollout(RolloutCommand::Abort(steer("api-1")))
+                .await
+                .unwrap(),
+            ExitCode::SUCCESS
+        );
+        let r = get(&mut client, "api-1").await.unwrap();
+        assert_eq!(
+            (r.state.as_str(), r.last_reason.as_str()),
+            ("aborted", "bad build")
+        );
+        let err = run_rollout(RolloutCommand::Resume(steer("api-1")))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "cannot change rollout 'api-1': it is aborted"
+        );
+
+        // Watching a finished rollout returns at once, with success whatever the outcome.
+        let watched = tokio::time::timeout(
+            Duration::from_secs(5),
+            run_rollout(RolloutCommand::Status {
+                id: None,
+                watch: true,
+                json: true,
+                coordinator: coordinator.clone(),
+            }),
+        )
+        .await
+        .expect("watch ends when the rollout has finished");
+        assert_eq!(watched.unwrap(), ExitCode::SUCCESS);
+
+        stop.send(()).unwrap();
+        server.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn changes_go_past_a_follower_to_the_leader() {
+        let follower = std::sync::Arc::new(FakeCoordinator {
+            follower: true,
+            ..FakeCoordinator::default()
+        });
+        let leader = std::sync::Arc::new(FakeCoordinator::default());
+        leader.rollouts.lock().unwrap().push(sample());
+        let (to_follower, stop_follower, follower_task) = serve(follower).await;
+        let (to_leader, stop_leader, leader_task) = serve(leader.clone()).await;
+        let both = CoordinatorArgs {
+            coordinator: [to_follower.coordinator.clone(), to_leader.coordinator].concat(),
+        };
+        let pause = |coordinator: CoordinatorArgs| {
+            RolloutCommand::Pause(SteerArgs {
+                id: "checkout-3f9a1c".into(),
+                reason: None,
+                json: false,
+                coordinator,
+            })
+        };
+
+        assert_eq!(run_rollout(pause(both)).await.unwrap(), ExitCode::SUCCESS);
+        assert_eq!(leader.rollouts.lock().unwrap()[0].state, "paused");
+
+        let err = run_rollout(pause(to_follower.clone()))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            format!(
+                "coordinator unavailable at http://{}: this coordinator is not the leader; retry",
+                to_follower.coordinator[0]
+            )
+        );
+
+        stop_follower.send(()).unwrap();
+        stop_leader.send(()).unwrap();
+        follower_task.await.unwrap();
+        leader_task.await.unwrap();
+    }
+}
