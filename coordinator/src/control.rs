@@ -16,11 +16,14 @@ use crate::analysis::{Pair, StageAnalysis, analyse_stage, evaluate_check};
 use crate::metrics::{MetricsStore, StageKey};
 use crate::raft::{ProposeError, RaftHandle, Role};
 use crate::rollout::{
-    Millis, Observation, Rollout, RolloutId, TriggerMemory, TriggerReading, decide,
+    Checkpoint, Command, Millis, Observation, Rollout, RolloutId, TriggerMemory, TriggerReading,
+    decide,
 };
 
 /// The control loop's timer.
 pub const EVALUATE_EVERY: Duration = Duration::from_millis(250);
+/// How often the leader commits a checkpoint of each live stage's analysis.
+pub const CHECKPOINT_EVERY: Duration = Duration::from_secs(5);
 /// Span of the request-rate figure in the live view.
 pub const RATE_WINDOW: Duration = Duration::from_secs(5);
 
@@ -76,6 +79,7 @@ impl Shared {
 /// Runs the control loop until `shutdown`.
 pub async fn run(shared: Shared, shutdown: CancellationToken) {
     let mut memories: HashMap<RolloutId, TriggerMemory> = HashMap::new();
+    let mut checkpointed: HashMap<RolloutId, (Millis, Pair)> = HashMap::new();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -85,12 +89,14 @@ pub async fn run(shared: Shared, shutdown: CancellationToken) {
         let view = shared.raft.view();
         if view.role != Role::Leader {
             memories.clear();
+            checkpointed.clear();
             continue;
         }
         let now = now_millis();
         shared.metrics().prune(now);
         let active: Vec<Rollout> = view.registry.active().cloned().collect();
         memories.retain(|id, _| active.iter().any(|r| &r.id == id));
+        checkpointed.retain(|id, _| active.iter().any(|r| &r.id == id));
         for rollout in active {
             let memory = memories.entry(rollout.id.clone()).or_default();
             let (observation, live) = observe(&shared, &view.registry, &rollout, now);
@@ -99,10 +105,14 @@ pub async fn run(shared: Shared, shutdown: CancellationToken) {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .insert(rollout.id.clone(), live);
-            let Some(command) = decide(&rollout, &observation, memory, now) else {
+            let Some(command) = decide(&rollout, &observation, memory, now).or_else(|| {
+                checkpoint_due(&rollout, &observation, &mut checkpointed, now)
+            }) else {
                 continue;
             };
-            tracing::info!(rollout = %rollout.id, ?command, "proposing");
+            if !matches!(command, Command::Checkpoint { .. }) {
+                tracing::info!(rollout = %rollout.id, command = command.action(), "proposing");
+            }
             match shared.raft.propose(command).await {
                 Ok(applied) => {
                     tracing::info!(rollout = %applied.id, state = %applied.state, "decision applied")
@@ -115,6 +125,34 @@ pub async fn run(shared: Shared, shutdown: CancellationToken) {
             }
         }
     }
+}
+
+/// A checkpoint of the stage's data when [`CHECKPOINT_EVERY`] has passed and it changed.
+fn checkpoint_due(
+    rollout: &Rollout,
+    observation: &Observation,
+    last: &mut HashMap<RolloutId, (Millis, Pair)>,
+    now: Millis,
+) -> Option<Command> {
+    let data = &observation.stage.data;
+    if let Some((at, previous)) = last.get(&rollout.id)
+        && (now - at < CHECKPOINT_EVERY.as_millis() as Millis || previous == data)
+    {
+        return None;
+    }
+    if data.stable.requests + data.canary.requests == 0 {
+        return None;
+    }
+    last.insert(rollout.id.clone(), (now, data.clone()));
+    Some(Command::Checkpoint {
+        id: rollout.id.clone(),
+        checkpoint: Checkpoint {
+            stage: rollout.stage_index,
+            stage_started_at: rollout.stage_started_at,
+            data: data.clone(),
+            at: now,
+        },
+    })
 }
 
 /// Gathers the observation of one rollout at `now`.
@@ -131,7 +169,12 @@ fn observe(
     };
     let (stage_data, windows, recent) = {
         let mut metrics = shared.metrics();
-        let stage_data = metrics.stage(&rollout.service, &key);
+        let checkpoint = rollout
+            .checkpoint
+            .as_ref()
+            .filter(|c| c.matches(rollout))
+            .map(|c| &c.data);
+        let stage_data = metrics.stage(&rollout.service, &key, checkpoint);
         let windows: Vec<Pair> = rollout
             .strategy
             .triggers

@@ -69,12 +69,13 @@ impl MetricsStore {
     }
 
     /// Everything measured for `service` since the stage identified by `key` started. When the
-    /// key changes the total starts over.
-    pub fn stage(&mut self, service: &str, key: &StageKey) -> Pair {
+    /// key changes the total starts over, from `checkpoint` when one is given (a leader resuming
+    /// a stage another leader, or an earlier run of this one, was observing).
+    pub fn stage(&mut self, service: &str, key: &StageKey, checkpoint: Option<&Pair>) -> Pair {
         let entry = self.services.entry(service.to_owned()).or_default();
         if entry.stage.as_ref() != Some(key) {
             // Keep what arrived since the stage started; drop the rest.
-            let mut data = Pair::default();
+            let mut data = checkpoint.cloned().unwrap_or_default();
             for (at, side, window) in &entry.recent {
                 if *at >= key.started_at {
                     match side {
@@ -141,22 +142,38 @@ mod tests {
     #[test]
     fn stage_totals_accumulate_and_restart_with_the_stage() {
         let mut m = MetricsStore::new(Duration::from_secs(60));
-        assert_eq!(m.stage("api", &key(0, 0)), Pair::default());
+        assert_eq!(m.stage("api", &key(0, 0), None), Pair::default());
         m.record("api", Side::Canary, w(10, 1), 1_000);
         m.record("api", Side::Stable, w(90, 0), 1_000);
         m.record("api", Side::Canary, w(10, 0), 2_000);
-        let p = m.stage("api", &key(0, 0));
+        let p = m.stage("api", &key(0, 0), None);
         assert_eq!(
             (p.canary.requests, p.canary.errors, p.stable.requests),
             (20, 1, 90)
         );
         // Next stage started at 1500: only what arrived since counts.
-        let p = m.stage("api", &key(1, 1_500));
+        let p = m.stage("api", &key(1, 1_500), None);
         assert_eq!((p.canary.requests, p.stable.requests), (10, 0));
         m.record("api", Side::Canary, w(5, 5), 3_000);
-        assert_eq!(m.stage("api", &key(1, 1_500)).canary.requests, 15);
+        assert_eq!(m.stage("api", &key(1, 1_500), None).canary.requests, 15);
         // Other services are separate.
-        assert_eq!(m.stage("web", &key(1, 1_500)), Pair::default());
+        assert_eq!(m.stage("web", &key(1, 1_500), None), Pair::default());
+    }
+
+    #[test]
+    fn a_new_leader_resumes_from_the_checkpoint() {
+        let mut m = MetricsStore::new(Duration::from_secs(60));
+        let checkpoint = Pair {
+            canary: w(30, 2),
+            stable: w(300, 1),
+        };
+        m.record("api", Side::Canary, w(5, 0), 10_000);
+        let p = m.stage("api", &key(2, 1_000), Some(&checkpoint));
+        assert_eq!((p.canary.requests, p.canary.errors, p.stable.requests), (35, 2, 300));
+        // The checkpoint seeds only once: later calls with the same key keep accumulating.
+        m.record("api", Side::Canary, w(5, 0), 11_000);
+        let p = m.stage("api", &key(2, 1_000), Some(&checkpoint));
+        assert_eq!(p.canary.requests, 40);
     }
 
     #[test]

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::analysis::{CheckResult, StageAnalysis, StageVerdict, Verdict, judge_stage};
+use crate::analysis::{CheckResult, Pair, StageAnalysis, StageVerdict, Verdict, judge_stage};
 use crate::strategy::{Severity, Strategy};
 
 /// Milliseconds since the Unix epoch, as proposed by the leader.
@@ -198,6 +198,30 @@ pub struct Rollout {
     pub events: Vec<Event>,
     /// Evidence, oldest first.
     pub evidence: Vec<Evidence>,
+    /// The leader's running analysis of the current stage, as last checkpointed.
+    #[serde(default)]
+    pub checkpoint: Option<Checkpoint>,
+}
+
+/// The measurements of a stage so far, committed every few seconds so that a new leader (or a
+/// restarted one) resumes the stage's analysis instead of starting from zero.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    /// The stage it belongs to.
+    pub stage: usize,
+    /// That stage's observation start, so a resumed stage does not inherit old data.
+    pub stage_started_at: Millis,
+    /// Stable and canary totals since the stage started.
+    pub data: Pair,
+    /// When it was taken.
+    pub at: Millis,
+}
+
+impl Checkpoint {
+    /// Whether this checkpoint describes the rollout's current stage observation.
+    pub fn matches(&self, rollout: &Rollout) -> bool {
+        self.stage == rollout.stage_index && self.stage_started_at == rollout.stage_started_at
+    }
 }
 
 impl Rollout {
@@ -358,6 +382,13 @@ pub enum Command {
         /// When.
         at: Millis,
     },
+    /// The leader's running analysis of the current stage (changes no state but the checkpoint).
+    Checkpoint {
+        /// Rollout.
+        id: RolloutId,
+        /// The measurements.
+        checkpoint: Checkpoint,
+    },
     /// The controller returns traffic to stable.
     RollBack {
         /// Rollout.
@@ -381,11 +412,13 @@ impl Command {
             | Command::Resume { id, .. }
             | Command::Promote { id, .. }
             | Command::Abort { id, .. }
+            | Command::Checkpoint { id, .. }
             | Command::RollBack { id, .. } => id,
         }
     }
 
-    fn action(&self) -> &'static str {
+    /// A short name of the command, for logs and errors.
+    pub fn action(&self) -> &'static str {
         match self {
             Command::Start { .. } => "start",
             Command::StagePassed { .. } => "advance",
@@ -393,6 +426,7 @@ impl Command {
             Command::Resume { .. } => "resume",
             Command::Promote { .. } => "promote",
             Command::Abort { .. } => "abort",
+            Command::Checkpoint { .. } => "checkpoint",
             Command::RollBack { .. } => "roll back",
         }
     }
@@ -594,6 +628,16 @@ impl Registry {
                 rollout.state = RolloutState::Aborted;
                 rollout.record(at, EventKind::Aborted, actor, reason);
             }
+            Command::Checkpoint { checkpoint, .. } => {
+                if !checkpoint.matches(rollout) {
+                    return Err(Rejection::StaleStage {
+                        id,
+                        current: rollout.stage_index,
+                        proposed: checkpoint.stage,
+                    });
+                }
+                rollout.checkpoint = Some(checkpoint);
+            }
             Command::RollBack {
                 reason,
                 analysis,
@@ -701,6 +745,7 @@ impl Registry {
             stage_started_at: at,
             events: Vec::new(),
             evidence: Vec::new(),
+            checkpoint: None,
         };
         let reason = format!("rolling out {version} in {stages} stages");
         rollout.record(at, EventKind::Started, actor, reason);

@@ -615,3 +615,39 @@ fn triggers_and_checks_use_strategy_shapes() {
     let json = serde_json::to_string(&t).unwrap();
     assert_eq!(serde_json::from_str::<Trigger>(&json).unwrap(), t);
 }
+
+#[test]
+fn checkpoints_attach_to_the_current_stage_only() {
+    let mut reg = started(&[10, 50]);
+    let data = Pair {
+        canary: Window::from_counts(40, 1, &[], 0.0),
+        ..Pair::default()
+    };
+    let checkpoint = |stage, stage_started_at| Command::Checkpoint {
+        id: id("r1"),
+        checkpoint: Checkpoint {
+            stage,
+            stage_started_at,
+            data: data.clone(),
+            at: T0 + 5,
+        },
+    };
+    let applied = reg.apply(checkpoint(0, T0), generation(2)).unwrap();
+    assert!(!applied.traffic_changed, "a checkpoint changes no traffic");
+    assert_eq!(reg.services["api"].generation, generation(1));
+    let r = &reg.rollouts[&id("r1")];
+    assert!(r.checkpoint.as_ref().unwrap().matches(r));
+    assert_eq!(r.events.len(), 1, "checkpoints are not events");
+    // A checkpoint of another stage, or of the stage before a resume, is stale.
+    let before = reg.clone();
+    assert!(matches!(
+        reg.apply(checkpoint(1, T0), generation(3)),
+        Err(Rejection::StaleStage { .. })
+    ));
+    assert!(reg.apply(checkpoint(0, T0 + 1), generation(3)).is_err());
+    assert_eq!(reg, before);
+    // After the stage passes, the old checkpoint no longer matches.
+    reg.apply(passed(0, T0 + 10), generation(4)).unwrap();
+    let r = &reg.rollouts[&id("r1")];
+    assert!(!r.checkpoint.as_ref().unwrap().matches(r));
+}
