@@ -105,9 +105,9 @@ pub async fn run(shared: Shared, shutdown: CancellationToken) {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .insert(rollout.id.clone(), live);
-            let Some(command) = decide(&rollout, &observation, memory, now).or_else(|| {
-                checkpoint_due(&rollout, &observation, &mut checkpointed, now)
-            }) else {
+            let Some(command) = decide(&rollout, &observation, memory, now)
+                .or_else(|| checkpoint_due(&rollout, &observation, &mut checkpointed, now))
+            else {
                 continue;
             };
             if !matches!(command, Command::Checkpoint { .. }) {

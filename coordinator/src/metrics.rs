@@ -169,7 +169,10 @@ mod tests {
         };
         m.record("api", Side::Canary, w(5, 0), 10_000);
         let p = m.stage("api", &key(2, 1_000), Some(&checkpoint));
-        assert_eq!((p.canary.requests, p.canary.errors, p.stable.requests), (35, 2, 300));
+        assert_eq!(
+            (p.canary.requests, p.canary.errors, p.stable.requests),
+            (35, 2, 300)
+        );
         // The checkpoint seeds only once: later calls with the same key keep accumulating.
         m.record("api", Side::Canary, w(5, 0), 11_000);
         let p = m.stage("api", &key(2, 1_000), Some(&checkpoint));

@@ -96,6 +96,19 @@ pub enum RolloutCommand {
         #[command(flatten)]
         coordinator: CoordinatorArgs,
     },
+    /// Print what was measured and decided at every stage end and rollback, with the history.
+    ///
+    /// Markdown by default (paste it into a change ticket); --json for machines.
+    #[command(after_help = "Example:\n  serin rollout evidence checkout-3f9a1c > evidence.md")]
+    Evidence {
+        /// Rollout id.
+        id: String,
+        /// Print JSON instead of Markdown.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        coordinator: CoordinatorArgs,
+    },
     /// Hold a rollout at its current stage and weight.
     #[command(
         after_help = "Example:\n  serin rollout pause checkout-3f9a1c --reason \"investigating latency\""
@@ -190,6 +203,23 @@ pub async fn run_rollout(cmd: RolloutCommand) -> anyhow::Result<ExitCode> {
                 println!("{:#}", Value::Array(all));
             } else {
                 print!("{}", render_list(&rollouts));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        RolloutCommand::Evidence {
+            id,
+            json,
+            coordinator,
+        } => {
+            let mut client = connect(&coordinator).await?;
+            let rollout = get(&mut client, &id)
+                .await
+                .map_err(|s| describe_status(&s, &coordinator, Some(&id)))?;
+            let record = super::evidence::decode(&rollout.detail_json)?;
+            if json {
+                println!("{:#}", super::evidence::to_json(&record));
+            } else {
+                print!("{}", super::evidence::to_markdown(&record));
             }
             Ok(ExitCode::SUCCESS)
         }
