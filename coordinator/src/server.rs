@@ -142,7 +142,8 @@ pub async fn run(
     let control_task = tokio::spawn(control::run(shared.clone(), tasks.clone()));
     let push_task = tokio::spawn(push_desired(shared.clone(), tasks.clone()));
 
-    let api = Api::new(shared);
+    let sessions = tokio_util::task::TaskTracker::new();
+    let api = Api::new(shared, shutdown.clone(), sessions.clone());
     tracing::info!(%addr, node_id = config.node_id, data_dir = %config.data_dir.display(), "coordinator listening");
     if let Some(ready) = ready {
         let _ = ready.send(addr);
@@ -153,6 +154,8 @@ pub async fn run(
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled());
     let served = server.await;
 
+    sessions.close();
+    sessions.wait().await;
     tasks.cancel();
     let _ = control_task.await;
     let _ = push_task.await;

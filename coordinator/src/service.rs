@@ -12,6 +12,8 @@ use serin_proto::v1::{
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::agents::AgentInfo;
@@ -26,12 +28,21 @@ use crate::strategy::Strategy;
 #[derive(Clone)]
 pub struct Api {
     shared: Shared,
+    /// Ends agent sessions at shutdown (open streams would otherwise hold the server).
+    shutdown: CancellationToken,
+    /// The per-session tasks, awaited at shutdown.
+    sessions: TaskTracker,
 }
 
 impl Api {
-    /// An API over `shared`.
-    pub fn new(shared: Shared) -> Api {
-        Api { shared }
+    /// An API over `shared`; agent sessions end when `shutdown` fires and are tracked by
+    /// `sessions`.
+    pub fn new(shared: Shared, shutdown: CancellationToken, sessions: TaskTracker) -> Api {
+        Api {
+            shared,
+            shutdown,
+            sessions,
+        }
     }
 
     fn require_leader(&self) -> Result<(), Status> {
@@ -398,10 +409,16 @@ impl AgentService for Api {
         let session = self.shared.agents.connect(info, tx);
         self.shared.agents.push_desired(&view.registry);
         let shared = self.shared.clone();
-        // The session task ends when the agent's stream ends; it owns nothing that outlives it.
-        tokio::spawn(async move {
-            while let Some(message) = inbound.next().await {
-                let Ok(message) = message else { break };
+        let shutdown = self.shutdown.clone();
+        // The session task ends when the agent's stream ends or at shutdown; it is tracked so
+        // shutdown can wait for it.
+        self.sessions.spawn(async move {
+            loop {
+                let message = tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    message = inbound.next() => message,
+                };
+                let Some(Ok(message)) = message else { break };
                 match message.body {
                     Some(agent_message::Body::Report(report)) => {
                         let now = now_millis();
@@ -460,6 +477,10 @@ impl AgentService for Api {
             shared.agents.disconnect(&name, session);
             tracing::info!(agent = %name, "agent disconnected");
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let outbound = futures::StreamExt::take_until(
+            ReceiverStream::new(rx),
+            self.shutdown.clone().cancelled_owned(),
+        );
+        Ok(Response::new(Box::pin(outbound)))
     }
 }
