@@ -474,6 +474,26 @@ pub enum Rejection {
     /// A start for a service with no known stable version and none given.
     #[error("service '{0}' has no stable version yet: pass --stable-version")]
     UnknownStableVersion(String),
+    /// The given stable version is not the one serin knows the service runs.
+    #[error(
+        "service '{service}' runs {known} (its last promoted revision), not {given}; leave out --stable-version or pass {known}"
+    )]
+    StableVersionMismatch {
+        /// Service.
+        service: String,
+        /// What serin recorded.
+        known: String,
+        /// What the operator said.
+        given: String,
+    },
+    /// The canary version is the version already stable.
+    #[error("service '{service}' already runs {version} as stable; nothing to roll out")]
+    AlreadyStable {
+        /// Service.
+        service: String,
+        /// Version.
+        version: String,
+    },
 }
 
 /// What a successful command did.
@@ -710,10 +730,20 @@ impl Registry {
         }
         let known = record.and_then(|s| s.stable_version()).map(str::to_owned);
         let stable = match (known, stable_version) {
+            (Some(known), Some(given)) if known != given => {
+                return Err(Rejection::StableVersionMismatch {
+                    service,
+                    known,
+                    given,
+                });
+            }
             (Some(known), _) => known,
             (None, Some(given)) => given,
             (None, None) => return Err(Rejection::UnknownStableVersion(service)),
         };
+        if stable == version {
+            return Err(Rejection::AlreadyStable { service, version });
+        }
         let record = self
             .services
             .entry(service.clone())

@@ -377,6 +377,37 @@ fn start_is_validated() {
 }
 
 #[test]
+fn the_stable_version_must_agree_with_history() {
+    let mut reg = started(&[10]);
+    reg.apply(operator("promote", T0 + 1), generation(2))
+        .unwrap();
+    // api now runs v2. A start claiming v1 is stable is refused...
+    let mut claims_v1 = start_cmd("r2", "api", strategy(&[10]));
+    if let Command::Start { version, .. } = &mut claims_v1 {
+        *version = "v3".into();
+    }
+    let err = reg.apply(claims_v1.clone(), generation(3)).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "service 'api' runs v2 (its last promoted revision), not v1; leave out --stable-version or pass v2"
+    );
+    // ...as is rolling out the stable version itself; leaving the stable version out works.
+    let mut same = start_cmd("r2", "api", strategy(&[10]));
+    if let Command::Start { stable_version, .. } = &mut same {
+        *stable_version = None;
+    }
+    assert!(matches!(
+        reg.apply(same, generation(3)),
+        Err(Rejection::AlreadyStable { .. })
+    ));
+    if let Command::Start { stable_version, .. } = &mut claims_v1 {
+        *stable_version = None;
+    }
+    let applied = reg.apply(claims_v1, generation(3)).unwrap();
+    assert_eq!(reg.rollouts[&applied.id].stable_version, "v2");
+}
+
+#[test]
 fn unknown_rollouts_are_rejected() {
     let mut reg = Registry::default();
     let err = reg.apply(operator("pause", T0), generation(1)).unwrap_err();
