@@ -60,6 +60,14 @@ impl Api {
 
     async fn propose(&self, command: Command) -> Result<v1::Rollout, Status> {
         let id = command.rollout_id().clone();
+        // Refuse what the state machine would refuse without writing it to the log; the
+        // state machine checks again when it applies (the state may change in between).
+        self.shared
+            .raft
+            .view()
+            .registry
+            .validate(&command)
+            .map_err(rejection_status)?;
         self.shared
             .raft
             .propose(command)
