@@ -27,6 +27,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Endpoint;
 
+use crate::error::error_chain;
 use crate::store::{DesiredState, Generation};
 
 /// First reconnect delay of a failure streak.
@@ -130,21 +131,6 @@ pub(crate) fn endpoint(address: &str) -> Result<Endpoint, String> {
         .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
         .keep_alive_timeout(KEEPALIVE_TIMEOUT)
         .keep_alive_while_idle(true))
-}
-
-/// An error's message followed by its causes, skipping causes already quoted in it.
-pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = e.to_string();
-    let mut cur = e.source();
-    while let Some(inner) = cur {
-        let s = inner.to_string();
-        if !text.contains(&s) {
-            text.push_str(": ");
-            text.push_str(&s);
-        }
-        cur = inner.source();
-    }
-    text
 }
 
 fn status_text(status: &tonic::Status) -> String {

@@ -3,6 +3,8 @@
 //! Everything here is fatal. Transient trouble (a coordinator that is down, a metrics page
 //! that does not answer, an nginx reload that fails) is retried, reported or acknowledged as
 //! a failure by the runtime, never returned.
+//!
+//! Also `error_chain`: an error and its causes as one line of text, for logs and acks.
 
 use crate::collect::{HostError, ScrapeError};
 use crate::nginx::NginxError;
@@ -30,4 +32,19 @@ pub enum AgentError {
     /// One of the agent's tasks panicked; the others were stopped.
     #[error("agent task '{task}' failed: {reason}")]
     TaskFailed { task: &'static str, reason: String },
+}
+
+/// An error's message followed by its causes, skipping causes already quoted in it.
+pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut cur = e.source();
+    while let Some(inner) = cur {
+        let s = inner.to_string();
+        if !text.contains(&s) {
+            text.push_str(": ");
+            text.push_str(&s);
+        }
+        cur = inner.source();
+    }
+    text
 }

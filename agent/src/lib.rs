@@ -3,12 +3,19 @@
 //! Layout:
 //! - [`config`]: the agent's TOML file, parsed then validated into [`config::AgentConfig`].
 //! - [`runtime`]: [`runtime::run`] wires everything together until shutdown (collector,
-//!   applier and connection tasks).
+//!   applier and connection tasks). The applier's generation logic and the collector's
+//!   report building are generic over the two I/O edges below.
 //! - [`connection`]: the gRPC session with the coordinator, reconnected with backoff.
 //! - [`store`]: the local sled store of the last applied desired state.
 //! - [`error`]: [`error::AgentError`], the agent's fatal errors.
-//! - [`collect`]: metrics collectors (app Prometheus pages, host CPU and memory).
-//! - [`nginx`]: the nginx traffic actuator.
+//! - [`actuator`]: [`actuator::TrafficActuator`], the I/O edge that makes a desired state's
+//!   traffic real on this host, with the contract every implementation keeps.
+//! - [`collect`]: metrics collectors (app Prometheus pages, host CPU and memory) and
+//!   [`collect::MetricsSource`], the I/O edge the collector scrapes through
+//!   ([`collect::Scraper`] implements it).
+//! - [`nginx`]: the nginx traffic actuator ([`nginx::NginxActuator`] implements
+//!   [`actuator::TrafficActuator`]).
+pub mod actuator;
 pub mod collect;
 pub mod config;
 pub mod connection;

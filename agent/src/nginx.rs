@@ -5,20 +5,25 @@
 //! - `render`: pure rendering of [`Route`]s into the site file, and [`RenderError`].
 //! - this file: [`NginxSettings`] (agent config), [`NginxActuator`] (the I/O edge),
 //!   [`NginxError`].
+//! - `actuator_impl`: [`NginxActuator`] as a [`crate::actuator::TrafficActuator`]: a desired
+//!   state becomes one [`Route`] per carried service (pure), then one
+//!   [`NginxActuator::apply_routes`]; a failure is attributed to the desired services nginx
+//!   carries.
 //! - `local`: [`LocalNginx`], a private nginx instance for `serin demo` and the tests.
 //!
 //! Why the marker: `nginx -s reload` exits 0 even when the master fails to apply the new
 //! config (for example a listen port already bound); the old config stays live and the only
 //! trace is an `emerg` line in error.log. Every rendered server block therefore answers
-//! `GET /__serin/generation` with the generation it was rendered for, and [`NginxActuator::apply`]
-//! polls that until the new generation answers, or restores the previous file.
+//! `GET /__serin/generation` with the generation it was rendered for, and
+//! [`NginxActuator::apply_routes`] polls that until the new generation answers, or restores the previous file.
 //!
 //! Why the settle window: after a reload the nginx master starts the new workers, sleeps
 //! 100 ms ("allow new processes to start", `ngx_process_cycle.c`), and only then asks the
 //! old workers to stop accepting. For that window a fresh connection can land on either
-//! generation. `apply` returns once the new generation has answered every probe for
+//! generation. `apply_routes` returns once the new generation has answered every probe for
 //! [`RELOAD_SETTLE`], so that traffic after `Ok` follows the new routes.
 
+mod actuator_impl;
 mod local;
 mod render;
 #[cfg(test)]
@@ -114,7 +119,7 @@ pub struct Route {
     pub sticky_key: Option<String>,
 }
 
-/// Outcome of a successful [`NginxActuator::apply`].
+/// Outcome of a successful [`NginxActuator::apply_routes`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Applied {
     /// The rendering (ignoring the generation marker) equals what is live; nothing was
@@ -408,7 +413,7 @@ impl NginxActuator {
     /// again. Re-applying routes equal to the live ones (ignoring the generation) while the
     /// site file is still the one written here returns [`Applied::Unchanged`] without a
     /// reload.
-    pub async fn apply(
+    pub async fn apply_routes(
         &mut self,
         routes: &[Route],
         generation: &str,

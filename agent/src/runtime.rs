@@ -1,15 +1,21 @@
 //! The agent's runtime: [`run`] wires the collectors, the actuator, the local store and the
 //! coordinator connection together until shutdown.
 //!
+//! The two I/O edges are traits, and the tasks are generic over them: the collector scrapes
+//! through a [`MetricsSource`] ([`Scraper`] in production) and the applier drives a
+//! [`TrafficActuator`] ([`NginxActuator`] when the config has `[nginx]`; none otherwise).
+//! The unit tests below run both tasks' logic against in-memory fakes.
+//!
 //! Three tasks, each owning its state and stopped by one cancellation token:
 //! - **collector**: every `interval` (missed ticks delay the next) scrapes every instance
 //!   concurrently, each bounded by `scrape_timeout`, samples the host, and turns the
 //!   results into a `Report`. It keeps scraping while disconnected so that deltas stay
 //!   right; the connection drops reports it cannot send.
 //! - **connection** ([`crate::connection`]): the gRPC session, reconnected with backoff.
-//! - **applier**: owns the nginx actuator and the store; applies desired states serially,
+//! - **applier**: owns the traffic actuator and the store; applies desired states serially,
 //!   newest first (states that queue up while one applies are coalesced), records each
-//!   success in the store *before* acknowledging it, then acks.
+//!   success in the store *before* acknowledging it, then acks. A failed apply is
+//!   acknowledged with one failure per service the actuator names.
 //!
 //! An apply in progress is allowed to finish at shutdown (the actuator restores the
 //! previous nginx site file on failure, and interrupting it halfway would leave a written
@@ -37,11 +43,15 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::collect::{DeltaTracker, HostCollector, HostSample, Sample, Scraper, Window};
+use crate::actuator::{ActuatorFailure, ActuatorOutcome, TrafficActuator};
+use crate::collect::{
+    DeltaTracker, HostCollector, HostSample, MetricsSource, Sample, Scraper, Window,
+};
 use crate::config::{AgentConfig, InstanceConfig};
-use crate::connection::{self, Backoff, Connection, Coordinators, error_chain};
+use crate::connection::{self, Backoff, Connection, Coordinators};
 pub use crate::error::AgentError;
-use crate::nginx::{Applied, NginxActuator, NginxSettings, Route, Upstream, Variant};
+use crate::error::error_chain;
+use crate::nginx::{NginxActuator, Variant};
 use crate::store::{DesiredState, Generation, LocalStore};
 
 /// Reports waiting for the connection; more are dropped (they are soft state).
@@ -67,8 +77,8 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
 
 /// Everything [`run`] starts, built and checked before any task runs.
 struct Tasks {
-    collector: Collector,
-    applier: Applier,
+    collector: Collector<Scraper>,
+    applier: Applier<NginxActuator>,
     connection: Connection,
 }
 
@@ -122,7 +132,7 @@ async fn start(config: AgentConfig) -> Result<Tasks, AgentError> {
                 .map(|_| DeltaTracker::default())
                 .collect(),
             config: Arc::clone(&config),
-            scraper,
+            source: scraper,
             host,
             reports: report_tx,
             seq: 0,
@@ -240,9 +250,9 @@ fn register(config: &AgentConfig) -> pb::Register {
 // Collector
 // ---------------------------------------------------------------------------------------
 
-struct Collector {
+struct Collector<M> {
     config: Arc<AgentConfig>,
-    scraper: Scraper,
+    source: M,
     /// One per instance, in `config.instances` order.
     trackers: Vec<DeltaTracker>,
     host: HostCollector,
@@ -250,7 +260,7 @@ struct Collector {
     seq: u64,
 }
 
-impl Collector {
+impl<M: MetricsSource> Collector<M> {
     async fn run(mut self, shutdown: CancellationToken) {
         let mut ticker = tokio::time::interval(self.config.interval);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -262,31 +272,13 @@ impl Collector {
                 _ = ticker.tick() => {}
             }
             let now = Instant::now();
-            let results = tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => return,
-                results = scrape_all(&self.scraper, &self.config.instances, self.config.scrape_timeout) => results,
-            };
-            let host = self.host.sample();
             let elapsed = previous.map_or(self.config.interval, |p| now - p);
             previous = Some(now);
-
-            self.seq += 1;
-            let instances = self
-                .config
-                .instances
-                .iter()
-                .zip(&mut self.trackers)
-                .zip(results)
-                .filter_map(|((instance, tracker), result)| {
-                    instance_window(instance, tracker, result)
-                })
-                .collect();
-            let report = pb::Report {
-                seq: self.seq,
-                interval_ms: u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
-                host: Some(host_metrics(host)),
-                instances,
+            // Nothing is changed until the scrapes are in, so stopping midway loses nothing.
+            let report = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return,
+                report = self.collect(elapsed) => report,
             };
             match self.reports.try_send(report) {
                 Ok(()) => {}
@@ -297,11 +289,38 @@ impl Collector {
             }
         }
     }
+
+    /// Scrapes every instance, samples the host and builds the next report, covering
+    /// `elapsed` since the previous one.
+    async fn collect(&mut self, elapsed: Duration) -> pb::Report {
+        let results = scrape_all(
+            &self.source,
+            &self.config.instances,
+            self.config.scrape_timeout,
+        )
+        .await;
+        let host = self.host.sample();
+        self.seq += 1;
+        let instances = self
+            .config
+            .instances
+            .iter()
+            .zip(&mut self.trackers)
+            .zip(results)
+            .filter_map(|((instance, tracker), result)| instance_window(instance, tracker, result))
+            .collect();
+        pb::Report {
+            seq: self.seq,
+            interval_ms: u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
+            host: Some(host_metrics(host)),
+            instances,
+        }
+    }
 }
 
 /// Scrapes every instance concurrently; each result is the sample or the error text.
-async fn scrape_all(
-    scraper: &Scraper,
+async fn scrape_all<M: MetricsSource>(
+    source: &M,
     instances: &[InstanceConfig],
     timeout: Duration,
 ) -> Vec<Result<Sample, String>> {
@@ -309,7 +328,7 @@ async fn scrape_all(
         // The scraper's client has the same timeout; this bounds the whole call regardless.
         match tokio::time::timeout(
             timeout,
-            scraper.scrape(&instance.metrics_url, &instance.metrics),
+            source.scrape(&instance.metrics_url, &instance.metrics),
         )
         .await
         {
@@ -393,44 +412,11 @@ fn decide(applied: Option<Generation>, incoming: Generation) -> Decision {
     }
 }
 
-/// nginx routes for `desired`: one per service the local nginx carries, upstreams from this
-/// agent's instances of that service. A carried service the desired state does not mention
-/// gets all its traffic on stable (no rollout).
-fn nginx_routes(
-    settings: &NginxSettings,
-    instances: &[InstanceConfig],
-    desired: &DesiredState,
-) -> Vec<Route> {
-    settings
-        .services
-        .iter()
-        .map(|balanced| {
-            let traffic = desired
-                .services
-                .iter()
-                .find(|s| s.service == balanced.service);
-            Route {
-                service: balanced.service.clone(),
-                listen: balanced.listen.clone(),
-                upstreams: instances
-                    .iter()
-                    .filter(|i| i.service == balanced.service)
-                    .map(|i| Upstream {
-                        address: i.address.clone(),
-                        variant: i.variant,
-                    })
-                    .collect(),
-                canary_weight: traffic.map_or(0, |t| t.canary_weight),
-                sticky_key: traffic.and_then(|t| t.sticky_key.clone()),
-            }
-        })
-        .collect()
-}
-
-struct Applier {
+struct Applier<A> {
     config: Arc<AgentConfig>,
     store: LocalStore,
-    actuator: Option<NginxActuator>,
+    /// `None` on a host that carries no traffic: desired states are recorded and acked.
+    actuator: Option<A>,
     /// Last generation applied and recorded.
     applied: Option<Generation>,
     desired: watch::Receiver<Option<DesiredState>>,
@@ -438,7 +424,7 @@ struct Applier {
     acks: mpsc::Sender<pb::Ack>,
 }
 
-impl Applier {
+impl<A: TrafficActuator> Applier<A> {
     async fn run(mut self, shutdown: CancellationToken) {
         loop {
             tokio::select! {
@@ -450,21 +436,26 @@ impl Applier {
             let Some(desired) = self.desired.borrow_and_update().clone() else {
                 continue;
             };
-            let generation = desired.generation;
-            match decide(self.applied, generation) {
-                Decision::Stale => tracing::info!(
-                    %generation,
-                    applied = ?self.applied,
-                    "ignoring a desired state older than the applied one"
-                ),
-                Decision::Reack => {
-                    tracing::debug!(%generation, "generation already applied; acknowledging again");
-                    self.ack(generation, Vec::new());
-                }
-                Decision::Apply => {
-                    let failures = self.apply(&desired).await;
-                    self.ack(generation, failures);
-                }
+            self.handle(&desired).await;
+        }
+    }
+
+    /// Ignores, re-acks or applies `desired` according to its generation.
+    async fn handle(&mut self, desired: &DesiredState) {
+        let generation = desired.generation;
+        match decide(self.applied, generation) {
+            Decision::Stale => tracing::info!(
+                %generation,
+                applied = ?self.applied,
+                "ignoring a desired state older than the applied one"
+            ),
+            Decision::Reack => {
+                tracing::debug!(%generation, "generation already applied; acknowledging again");
+                self.ack(generation, Vec::new());
+            }
+            Decision::Apply => {
+                let failures = self.apply(desired).await;
+                self.ack(generation, failures);
             }
         }
     }
@@ -482,26 +473,12 @@ impl Applier {
 
         let mut reload = None;
         if let Some(actuator) = &mut self.actuator {
-            let routes = nginx_routes(actuator.settings(), &self.config.instances, desired);
-            match actuator.apply(&routes, &generation.to_string()).await {
-                Ok(Applied::Reloaded { elapsed }) => reload = Some(elapsed),
-                Ok(Applied::Unchanged) => {}
-                Err(e) => {
-                    let error = error_chain(&e);
+            match actuator.apply(desired, &self.config.instances).await {
+                Ok(ActuatorOutcome::Changed { elapsed }) => reload = Some(elapsed),
+                Ok(ActuatorOutcome::Unchanged) => {}
+                Err(ActuatorFailure { services, error }) => {
                     tracing::warn!(%generation, weights, %error, "apply failed");
-                    // Attribute the failure to the desired services nginx carries; if the
-                    // state names none of them, to every carried service.
-                    let carried: Vec<&str> = routes.iter().map(|r| r.service.as_str()).collect();
-                    let mut failed: Vec<String> = desired
-                        .services
-                        .iter()
-                        .filter(|s| carried.contains(&s.service.as_str()))
-                        .map(|s| s.service.clone())
-                        .collect();
-                    if failed.is_empty() {
-                        failed = carried.iter().map(|s| (*s).to_owned()).collect();
-                    }
-                    return failed
+                    return services
                         .into_iter()
                         .map(|service| pb::ServiceFailure {
                             service,
@@ -567,6 +544,7 @@ mod tests {
     use tonic::{Request, Response, Status, Streaming};
 
     use super::*;
+    use crate::actuator::fake::FakeActuator;
     use crate::nginx::{BalancedService, LocalNginx, find_nginx};
     use crate::store::ServiceTraffic;
 
@@ -627,73 +605,6 @@ mod tests {
     }
 
     #[test]
-    fn routes_cover_every_balanced_service_with_local_upstreams() {
-        let settings = NginxSettings {
-            binary: "nginx".into(),
-            config: "/c".into(),
-            prefix: None,
-            site: "/s".into(),
-            confirm_timeout: Duration::from_secs(1),
-            services: vec![
-                BalancedService {
-                    service: "web".into(),
-                    listen: "0.0.0.0:80".into(),
-                },
-                BalancedService {
-                    service: "api".into(),
-                    listen: "0.0.0.0:81".into(),
-                },
-            ],
-        };
-        let instances = [
-            instance("web-s", "web", Variant::Stable, 8001),
-            instance("web-c", "web", Variant::Canary, 8002),
-            instance("api-s", "api", Variant::Stable, 8003),
-            instance("bot-s", "bot", Variant::Stable, 8004),
-        ];
-        let desired = DesiredState {
-            generation: generation(1, 2),
-            services: vec![
-                traffic("web", 25, Some("$cookie_uid")),
-                traffic("bot", 50, None),
-            ],
-        };
-        let routes = nginx_routes(&settings, &instances, &desired);
-        assert_eq!(
-            routes,
-            vec![
-                Route {
-                    service: "web".into(),
-                    listen: "0.0.0.0:80".into(),
-                    upstreams: vec![
-                        Upstream {
-                            address: "127.0.0.1:8001".into(),
-                            variant: Variant::Stable
-                        },
-                        Upstream {
-                            address: "127.0.0.1:8002".into(),
-                            variant: Variant::Canary
-                        },
-                    ],
-                    canary_weight: 25,
-                    sticky_key: Some("$cookie_uid".into()),
-                },
-                // Not in the desired state: all traffic on stable.
-                Route {
-                    service: "api".into(),
-                    listen: "0.0.0.0:81".into(),
-                    upstreams: vec![Upstream {
-                        address: "127.0.0.1:8003".into(),
-                        variant: Variant::Stable
-                    }],
-                    canary_weight: 0,
-                    sticky_key: None,
-                },
-            ]
-        );
-    }
-
-    #[test]
     fn baseline_sample_gives_no_window_and_failures_reset_it() {
         let inst = instance("web-s", "web", Variant::Stable, 8001);
         let mut tracker = DeltaTracker::default();
@@ -724,6 +635,371 @@ mod tests {
         assert_eq!(w.requests, 0);
         // After a failure the next success is a new baseline.
         assert_eq!(instance_window(&inst, &mut tracker, Ok(sample(40.0))), None);
+    }
+
+    // --- the collector against a fake metrics source -----------------------------------
+
+    /// One scripted answer of [`FakeSource`].
+    enum Step {
+        Page(Sample),
+        /// A 503 from the app.
+        Fail,
+        /// No answer at all.
+        Hang,
+    }
+
+    /// A [`MetricsSource`] answering each URL with its scripted steps in order, then failing.
+    struct FakeSource {
+        steps: HashMap<String, std::sync::Mutex<std::collections::VecDeque<Step>>>,
+    }
+
+    impl MetricsSource for FakeSource {
+        fn scrape(
+            &self,
+            url: &str,
+            _names: &crate::collect::MetricNames,
+        ) -> impl Future<Output = Result<Sample, crate::collect::ScrapeError>> + Send {
+            let step = self
+                .steps
+                .get(url)
+                .and_then(|q| q.lock().expect("fake source lock").pop_front());
+            let url = url.to_owned();
+            async move {
+                match step {
+                    Some(Step::Page(sample)) => Ok(sample),
+                    Some(Step::Hang) => std::future::pending().await,
+                    Some(Step::Fail) | None => Err(crate::collect::ScrapeError::Status {
+                        url,
+                        status: reqwest::StatusCode::SERVICE_UNAVAILABLE,
+                    }),
+                }
+            }
+        }
+    }
+
+    fn page(requests: f64) -> Step {
+        Step::Page(Sample {
+            requests,
+            errors: requests / 10.0,
+            buckets: vec![(0.1, requests), (f64::INFINITY, requests)],
+            latency_sum: requests / 100.0,
+        })
+    }
+
+    fn collector(
+        steps: Vec<(&str, Vec<Step>)>,
+    ) -> (Collector<FakeSource>, mpsc::Receiver<pb::Report>) {
+        let instances: String = steps
+            .iter()
+            .enumerate()
+            .map(|(i, (name, _))| {
+                format!(
+                    "[[instances]]\nname = \"{name}\"\nservice = \"web\"\nvariant = \"stable\"\n\
+                     address = \"127.0.0.1:{port}\"\nmetrics_url = \"http://127.0.0.1:{port}/metrics\"\n",
+                    port = 8001 + i
+                )
+            })
+            .collect();
+        let config = AgentConfig::from_toml(&format!(
+            "name = \"a\"\ncoordinators = [\"http://127.0.0.1:9\"]\ninterval = \"1s\"\n\
+             scrape_timeout = \"50ms\"\ndata_dir = \"/nonexistent/serin-test\"\n{instances}"
+        ))
+        .expect("valid config");
+        let source = FakeSource {
+            steps: steps
+                .into_iter()
+                .enumerate()
+                .map(|(i, (_, steps))| {
+                    (
+                        format!("http://127.0.0.1:{}/metrics", 8001 + i),
+                        std::sync::Mutex::new(steps.into()),
+                    )
+                })
+                .collect(),
+        };
+        let (reports, rx) = mpsc::channel(1);
+        let collector = Collector {
+            trackers: config
+                .instances
+                .iter()
+                .map(|_| DeltaTracker::default())
+                .collect(),
+            config: Arc::new(config),
+            source,
+            host: HostCollector::new().expect("host metrics"),
+            reports,
+            seq: 0,
+        };
+        (collector, rx)
+    }
+
+    fn window<'a>(report: &'a pb::Report, instance: &str) -> Option<&'a pb::InstanceWindow> {
+        report.instances.iter().find(|w| w.instance == instance)
+    }
+
+    #[tokio::test]
+    async fn collector_reports_windows_after_a_baseline_and_failed_scrapes_with_their_error() {
+        let (mut collector, _reports) = collector(vec![
+            (
+                "a",
+                vec![page(10.0), page(30.0), Step::Fail, page(40.0), page(60.0)],
+            ),
+            ("b", vec![Step::Hang, page(5.0), page(6.0)]),
+        ]);
+
+        // a: a baseline only; b: no answer within scrape_timeout.
+        let report = collector.collect(Duration::from_millis(1000)).await;
+        assert_eq!((report.seq, report.interval_ms), (1, 1000));
+        assert!(report.host.expect("host metrics").memory_total_bytes > 0);
+        assert_eq!(window(&report, "a"), None);
+        let b = window(&report, "b").expect("a failed scrape is reported");
+        assert!(!b.scrape_ok, "{b:?}");
+        assert!(b.scrape_error.contains("within 50ms"), "{b:?}");
+        assert_eq!((b.requests, b.service.as_str()), (0, "web"));
+
+        // a: the first window; b: its first answer is a new baseline.
+        let report = collector.collect(Duration::from_millis(1200)).await;
+        assert_eq!((report.seq, report.interval_ms), (2, 1200));
+        let a = window(&report, "a").expect("a has a window");
+        assert!(a.scrape_ok, "{a:?}");
+        assert_eq!((a.requests, a.errors), (20, 2));
+        assert_eq!(window(&report, "b"), None);
+
+        // a fails (and loses its baseline); b has a window.
+        let report = collector.collect(Duration::from_millis(1000)).await;
+        let a = window(&report, "a").expect("a failed scrape is reported");
+        assert!(!a.scrape_ok, "{a:?}");
+        assert!(a.scrape_error.contains("HTTP status 503"), "{a:?}");
+        let b = window(&report, "b").expect("b has a window");
+        assert!(b.scrape_ok && b.requests == 1, "{b:?}");
+
+        // a: a new baseline after the failure, then a window from it.
+        let report = collector.collect(Duration::from_millis(1000)).await;
+        assert_eq!(window(&report, "a"), None);
+        let report = collector.collect(Duration::from_millis(1000)).await;
+        assert_eq!(report.seq, 5);
+        let a = window(&report, "a").expect("a has a window");
+        assert_eq!((a.scrape_ok, a.requests, a.errors), (true, 20, 2));
+    }
+
+    // --- the applier against a fake actuator --------------------------------------------
+
+    struct ApplierHarness {
+        applier: Applier<FakeActuator>,
+        acks: mpsc::Receiver<pb::Ack>,
+        applied: watch::Receiver<Option<Generation>>,
+        desired: watch::Sender<Option<DesiredState>>,
+        store: LocalStore,
+        _dir: tempfile::TempDir,
+    }
+
+    impl ApplierHarness {
+        fn new(actuator: Option<FakeActuator>) -> Self {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let config = AgentConfig::from_toml(&format!(
+                "name = \"a\"\ncoordinators = [\"http://127.0.0.1:9\"]\ndata_dir = \"{}\"",
+                dir.path().display()
+            ))
+            .expect("valid config");
+            let store = LocalStore::open(dir.path()).expect("store opens");
+            let (desired, desired_rx) = watch::channel(None);
+            let (applied_tx, applied) = watch::channel(None);
+            let (ack_tx, acks) = mpsc::channel(ACK_QUEUE);
+            ApplierHarness {
+                applier: Applier {
+                    config: Arc::new(config),
+                    store: store.clone(),
+                    actuator,
+                    applied: None,
+                    desired: desired_rx,
+                    applied_tx,
+                    acks: ack_tx,
+                },
+                acks,
+                applied,
+                desired,
+                store,
+                _dir: dir,
+            }
+        }
+
+        fn fake(&mut self) -> &mut FakeActuator {
+            self.applier.actuator.as_mut().expect("a fake actuator")
+        }
+
+        /// Generations the fake actuator was asked to apply, in order.
+        fn calls(&mut self) -> Vec<Generation> {
+            self.fake().calls.iter().map(|d| d.generation).collect()
+        }
+
+        fn stored(&self) -> Option<Generation> {
+            self.store
+                .last_applied()
+                .expect("store readable")
+                .map(|d| d.generation)
+        }
+
+        /// The ack `handle` sent, as (generation, [(service, error)]).
+        fn ack(&mut self) -> (Generation, Vec<(String, String)>) {
+            let ack = self.acks.try_recv().expect("an ack was sent");
+            (
+                ack.generation.expect("acks carry a generation").into(),
+                ack.failures
+                    .into_iter()
+                    .map(|f| (f.service, f.error))
+                    .collect(),
+            )
+        }
+
+        fn no_ack(&mut self) {
+            assert_eq!(
+                self.acks.try_recv().map(|a| a.generation),
+                Err(mpsc::error::TryRecvError::Empty)
+            );
+        }
+
+        /// Both the task's memory and the connection's view of the applied generation.
+        fn applied(&self) -> Option<Generation> {
+            assert_eq!(self.applier.applied, *self.applied.borrow());
+            self.applier.applied
+        }
+    }
+
+    fn desired_state(term: u64, index: u64, services: &[(&str, u32)]) -> DesiredState {
+        DesiredState {
+            generation: generation(term, index),
+            services: services
+                .iter()
+                .map(|(service, weight)| traffic(service, *weight, None))
+                .collect(),
+        }
+    }
+
+    #[tokio::test]
+    async fn newer_generation_is_applied_and_recorded_before_the_ack() {
+        let h = ApplierHarness::new(Some(FakeActuator::new(&["web"])));
+        let shutdown = CancellationToken::new();
+        let store = h.store.clone();
+        let mut acks = h.acks;
+        let desired = h.desired.clone();
+        let task = tokio::spawn(h.applier.run(shutdown.clone()));
+        for (index, weight) in [(1, 10), (2, 20)] {
+            desired.send_replace(Some(desired_state(1, index, &[("web", weight)])));
+            let ack = tokio::time::timeout(WAIT, acks.recv())
+                .await
+                .expect("an ack in time")
+                .expect("applier running");
+            assert_eq!(ack.generation, Some(pb::Generation { term: 1, index }));
+            assert!(ack.failures.is_empty(), "{:?}", ack.failures);
+            // Recorded before the ack went out.
+            let stored = store.last_applied().expect("store readable");
+            assert_eq!(stored.map(|d| d.generation), Some(generation(1, index)));
+        }
+        assert_eq!(*h.applied.borrow(), Some(generation(1, 2)));
+        shutdown.cancel();
+        tokio::time::timeout(WAIT, task)
+            .await
+            .expect("the applier stops on shutdown")
+            .expect("applier task");
+    }
+
+    #[tokio::test]
+    async fn failed_apply_is_acked_per_failing_service_not_recorded_and_retried() {
+        let mut h = ApplierHarness::new(Some(FakeActuator::new(&["web", "api"])));
+        h.fake().fail_with = Some("nginx said no".into());
+
+        // Attributed to the desired services the actuator carries.
+        h.applier
+            .handle(&desired_state(1, 1, &[("web", 10), ("bot", 5)]))
+            .await;
+        assert_eq!(
+            h.ack(),
+            (
+                generation(1, 1),
+                vec![("web".into(), "nginx said no".into())]
+            )
+        );
+        assert_eq!((h.stored(), h.applied()), (None, None));
+
+        // Re-sending the same generation retries it.
+        h.applier
+            .handle(&desired_state(1, 1, &[("web", 10), ("bot", 5)]))
+            .await;
+        assert_eq!(h.calls(), [generation(1, 1), generation(1, 1)]);
+        assert_eq!(h.ack().1.len(), 1);
+
+        h.fake().fail_with = None;
+        h.applier
+            .handle(&desired_state(1, 1, &[("web", 10), ("bot", 5)]))
+            .await;
+        assert_eq!(h.calls().len(), 3);
+        assert_eq!(h.ack(), (generation(1, 1), vec![]));
+        assert_eq!(h.stored(), Some(generation(1, 1)));
+        assert_eq!(h.applied(), Some(generation(1, 1)));
+
+        // A state naming none of the carried services fails for all of them; the last
+        // success stays recorded.
+        h.fake().fail_with = Some("boom".into());
+        h.applier.handle(&desired_state(1, 2, &[("bot", 5)])).await;
+        assert_eq!(
+            h.ack(),
+            (
+                generation(1, 2),
+                vec![("web".into(), "boom".into()), ("api".into(), "boom".into())]
+            )
+        );
+        assert_eq!(h.stored(), Some(generation(1, 1)));
+        assert_eq!(h.applied(), Some(generation(1, 1)));
+
+        // A refusal of the actuator's own (weight out of range) travels the same way.
+        h.fake().fail_with = None;
+        h.applier
+            .handle(&desired_state(1, 3, &[("api", 150)]))
+            .await;
+        let (acked, failures) = h.ack();
+        assert_eq!(acked, generation(1, 3));
+        assert_eq!(failures.len(), 1, "{failures:?}");
+        assert_eq!(failures[0].0, "api");
+        assert!(failures[0].1.contains("150"), "{failures:?}");
+        assert_eq!(h.stored(), Some(generation(1, 1)));
+    }
+
+    #[tokio::test]
+    async fn older_generation_is_ignored_without_an_ack() {
+        let mut h = ApplierHarness::new(Some(FakeActuator::new(&["web"])));
+        h.applier.handle(&desired_state(2, 5, &[("web", 50)])).await;
+        assert_eq!(h.ack(), (generation(2, 5), vec![]));
+        for (term, index) in [(2, 4), (1, 9)] {
+            h.applier
+                .handle(&desired_state(term, index, &[("web", 0)]))
+                .await;
+            h.no_ack();
+        }
+        assert_eq!(h.calls(), [generation(2, 5)]);
+        assert_eq!(h.stored(), Some(generation(2, 5)));
+        assert_eq!(h.applied(), Some(generation(2, 5)));
+    }
+
+    #[tokio::test]
+    async fn equal_generation_is_reacked_without_calling_the_actuator() {
+        let mut h = ApplierHarness::new(Some(FakeActuator::new(&["web"])));
+        h.applier.handle(&desired_state(1, 1, &[("web", 10)])).await;
+        assert_eq!(h.ack(), (generation(1, 1), vec![]));
+        // Even when the actuator would now fail.
+        h.fake().fail_with = Some("boom".into());
+        h.applier.handle(&desired_state(1, 1, &[("web", 10)])).await;
+        assert_eq!(h.ack(), (generation(1, 1), vec![]));
+        assert_eq!(h.calls(), [generation(1, 1)]);
+        assert_eq!(h.stored(), Some(generation(1, 1)));
+    }
+
+    #[tokio::test]
+    async fn without_an_actuator_states_are_recorded_and_acked() {
+        let mut h = ApplierHarness::new(None);
+        h.applier.handle(&desired_state(1, 1, &[("web", 10)])).await;
+        assert_eq!(h.ack(), (generation(1, 1), vec![]));
+        assert_eq!(h.stored(), Some(generation(1, 1)));
+        assert_eq!(h.applied(), Some(generation(1, 1)));
     }
 
     // --- in-test coordinator ------------------------------------------------------------

@@ -7,6 +7,9 @@
 //! 3. [`DeltaTracker`] turns successive samples into per-interval [`Window`]s, handling app
 //!    restarts (counter resets) and histogram layout changes.
 //!
+//! Steps 1 and 2 together are [`Scraper`]'s [`MetricsSource`] implementation, which the
+//! runtime's collector uses.
+//!
 //! Parsing uses the `prometheus-parse` crate. That crate never reports an error: it silently
 //! skips lines it cannot read. [`parse_sample`] therefore first checks every line with the
 //! crate's own line classifier and rejects pages that are not in the text format (an HTML error
@@ -17,6 +20,8 @@ use std::time::Duration;
 use prometheus_parse::{LineInfo, Scrape, Value};
 use reqwest::header::ACCEPT;
 use serde::Deserialize;
+
+use super::MetricsSource;
 
 /// Largest metrics page the scraper reads, in bytes.
 pub const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
@@ -401,6 +406,16 @@ impl Scraper {
         } else {
             ScrapeError::Http { url, source: err }
         }
+    }
+}
+
+impl MetricsSource for Scraper {
+    fn scrape(
+        &self,
+        url: &str,
+        names: &MetricNames,
+    ) -> impl Future<Output = Result<Sample, ScrapeError>> + Send {
+        Scraper::scrape(self, url, names)
     }
 }
 

@@ -181,7 +181,11 @@ async fn weighted_split_is_exact_and_zero_sends_nothing_to_canary() {
     );
     // 2 stable servers and 1 canary: per-server weights 3, 3 and 2.
     let routes = [route(&h.listen, &[&s1, &s2], &[&c1], 25, None)];
-    let applied = h.actuator.apply(&routes, "1.1").await.expect("apply 25%");
+    let applied = h
+        .actuator
+        .apply_routes(&routes, "1.1")
+        .await
+        .expect("apply 25%");
     assert!(matches!(applied, Applied::Reloaded { .. }), "{applied:?}");
     assert_eq!(served_generation(&h.listen).await, "1.1");
 
@@ -189,7 +193,7 @@ async fn weighted_split_is_exact_and_zero_sends_nothing_to_canary() {
     // worker (worker_processes 1) picks from weights {3, 3, 2} in a cycle of 8 with exactly
     // 2 canary picks, so 400 requests = 50 cycles = exactly 100 canary. The only
     // legitimate slack is a request served by a second worker generation, each worker
-    // being off by at most one canary pick; `apply` settles until old workers stopped
+    // being off by at most one canary pick; `apply_routes` settles until old workers stopped
     // accepting, so that is at most 2 workers -> |canary - 100| <= 2, plus 1 to spare.
     // A binomial model (as for a random balancer) would need +-4 sigma =
     // +-4*sqrt(400*0.25*0.75) ~ +-35, which would let a wrong ratio such as 1/5 (80)
@@ -202,7 +206,11 @@ async fn weighted_split_is_exact_and_zero_sends_nothing_to_canary() {
 
     // (b) back to 0%: the canary variant leaves the balanced upstream entirely...
     let routes = [route(&h.listen, &[&s1, &s2], &[&c1], 0, None)];
-    let applied = h.actuator.apply(&routes, "1.2").await.expect("apply 0%");
+    let applied = h
+        .actuator
+        .apply_routes(&routes, "1.2")
+        .await
+        .expect("apply 0%");
     assert!(matches!(applied, Applied::Reloaded { .. }), "{applied:?}");
     assert_eq!(count_canary(&h.listen, 200).await, 0);
     // ...but stays reachable directly.
@@ -221,14 +229,17 @@ async fn failed_config_test_restores_previous_file_and_traffic() {
     let mut h = harness().await;
     let (s, c) = (backend("stable-1").await, backend("canary-1").await);
     let good = [route(&h.listen, &[&s], &[&c], 25, None)];
-    h.actuator.apply(&good, "2.1").await.expect("apply good");
+    h.actuator
+        .apply_routes(&good, "2.1")
+        .await
+        .expect("apply good");
     let site = h.nginx.site_path().to_owned();
     let before = std::fs::read(&site).expect("read site");
 
     let bad = [route(&h.listen, &[&s], &[&c], 50, Some("$cokie_uid"))];
     let err = h
         .actuator
-        .apply(&bad, "2.2")
+        .apply_routes(&bad, "2.2")
         .await
         .expect_err("unknown variable");
     match &err {
@@ -252,7 +263,10 @@ async fn failed_config_test_restores_previous_file_and_traffic() {
 
     // The actuator is still usable after the failure.
     let fixed = [route(&h.listen, &[&s], &[&c], 50, Some("$cookie_uid"))];
-    h.actuator.apply(&fixed, "2.3").await.expect("apply fixed");
+    h.actuator
+        .apply_routes(&fixed, "2.3")
+        .await
+        .expect("apply fixed");
     assert_eq!(served_generation(&h.listen).await, "2.3");
     h.nginx.stop().await;
 }
@@ -345,16 +359,28 @@ async fn reapplying_identical_routes_is_unchanged() {
     let mut h = harness().await;
     let (s, c) = (backend("stable-1").await, backend("canary-1").await);
     let routes = [route(&h.listen, &[&s], &[&c], 10, None)];
-    let first = h.actuator.apply(&routes, "3.1").await.expect("first apply");
+    let first = h
+        .actuator
+        .apply_routes(&routes, "3.1")
+        .await
+        .expect("first apply");
     assert!(matches!(first, Applied::Reloaded { .. }), "{first:?}");
 
-    let again = h.actuator.apply(&routes, "3.2").await.expect("re-apply");
+    let again = h
+        .actuator
+        .apply_routes(&routes, "3.2")
+        .await
+        .expect("re-apply");
     assert_eq!(again, Applied::Unchanged);
     assert_eq!(served_generation(&h.listen).await, "3.1");
 
     // A different weight is a change.
     let changed = [route(&h.listen, &[&s], &[&c], 20, None)];
-    let applied = h.actuator.apply(&changed, "3.3").await.expect("changed");
+    let applied = h
+        .actuator
+        .apply_routes(&changed, "3.3")
+        .await
+        .expect("changed");
     assert!(matches!(applied, Applied::Reloaded { .. }), "{applied:?}");
     assert_eq!(served_generation(&h.listen).await, "3.3");
 
@@ -363,7 +389,11 @@ async fn reapplying_identical_routes_is_unchanged() {
     let mut text = std::fs::read_to_string(&site).expect("read site");
     text.push_str("# hand edit\n");
     std::fs::write(&site, text).expect("edit site");
-    let applied = h.actuator.apply(&changed, "3.4").await.expect("re-own");
+    let applied = h
+        .actuator
+        .apply_routes(&changed, "3.4")
+        .await
+        .expect("re-own");
     assert!(matches!(applied, Applied::Reloaded { .. }), "{applied:?}");
     assert_eq!(served_generation(&h.listen).await, "3.4");
     h.nginx.stop().await;
@@ -379,7 +409,10 @@ async fn reload_that_cannot_bind_is_not_confirmed_and_rolled_back() {
     h.actuator = NginxActuator::new(settings).await.expect("actuator");
     let (s, c) = (backend("stable-1").await, backend("canary-1").await);
     let first = [route(&h.listen, &[&s], &[&c], 0, None)];
-    h.actuator.apply(&first, "4.1").await.expect("apply first");
+    h.actuator
+        .apply_routes(&first, "4.1")
+        .await
+        .expect("apply first");
     let site = h.nginx.site_path().to_owned();
     let before = std::fs::read(&site).expect("read site");
 
@@ -392,7 +425,7 @@ async fn reload_that_cannot_bind_is_not_confirmed_and_rolled_back() {
     let both = [first[0].clone(), second];
     let err = h
         .actuator
-        .apply(&both, "4.2")
+        .apply_routes(&both, "4.2")
         .await
         .expect_err("port in use");
     match &err {
@@ -456,7 +489,10 @@ async fn sticky_split_keeps_canary_users_as_share_grows() {
     };
 
     let at30 = [route(&h.listen, &[&s], &[&c], 30, Some("$cookie_uid"))];
-    h.actuator.apply(&at30, "5.1").await.expect("apply 30%");
+    h.actuator
+        .apply_routes(&at30, "5.1")
+        .await
+        .expect("apply 30%");
     let first = canary_users(h.listen.clone(), users.clone()).await;
     let repeat = canary_users(h.listen.clone(), users.clone()).await;
     assert_eq!(first, repeat, "assignment must be stable per key");
@@ -469,7 +505,10 @@ async fn sticky_split_keeps_canary_users_as_share_grows() {
     );
 
     let at60 = [route(&h.listen, &[&s], &[&c], 60, Some("$cookie_uid"))];
-    h.actuator.apply(&at60, "5.2").await.expect("apply 60%");
+    h.actuator
+        .apply_routes(&at60, "5.2")
+        .await
+        .expect("apply 60%");
     let grown = canary_users(h.listen.clone(), users.clone()).await;
     assert!(
         first.is_subset(&grown),
@@ -543,7 +582,7 @@ async fn local_nginx_stops_and_removes_pid_file() {
     assert!(!pid_file.exists(), "nginx left its pid file behind");
 }
 
-/// After `apply` returns, fresh connections only ever see the new generation, although
+/// After `apply_routes` returns, fresh connections only ever see the new generation, although
 /// nginx itself keeps old workers accepting for ~100 ms after the new ones answer.
 #[tokio::test]
 async fn no_old_generation_after_apply_returns() {
@@ -552,13 +591,37 @@ async fn no_old_generation_after_apply_returns() {
     for i in 0..6u32 {
         let generation = format!("6.{i}");
         let routes = [route(&h.listen, &[&s], &[&c], (i % 2) * 50, None)];
-        let applied = h.actuator.apply(&routes, &generation).await.expect("apply");
+        let applied = h
+            .actuator
+            .apply_routes(&routes, &generation)
+            .await
+            .expect("apply");
         assert!(matches!(applied, Applied::Reloaded { .. }), "{applied:?}");
         for _ in 0..30 {
             assert_eq!(served_generation(&h.listen).await, generation);
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
+    h.nginx.stop().await;
+}
+
+/// The [`crate::actuator::TrafficActuator`] contract, against real nginx; then the traffic it
+/// left live is the last state's (all stable).
+#[tokio::test]
+async fn nginx_actuator_keeps_the_traffic_actuator_contract() {
+    let mut h = harness().await;
+    let (s, c) = (backend("stable-1").await, backend("canary-1").await);
+    let instance = |b: &Backend, variant| crate::config::InstanceConfig {
+        name: format!("web-{variant:?}"),
+        service: "web".into(),
+        variant,
+        address: b.addr.to_string(),
+        metrics_url: format!("http://{}/metrics", b.addr),
+        metrics: Default::default(),
+    };
+    let instances = [instance(&s, Variant::Stable), instance(&c, Variant::Canary)];
+    crate::actuator::conformance::check(&mut h.actuator, &instances).await;
+    assert_eq!(count_canary(&h.listen, 20).await, 0);
     h.nginx.stop().await;
 }
 

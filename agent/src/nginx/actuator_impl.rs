@@ -1,0 +1,173 @@
+//! [`NginxActuator`] as a [`TrafficActuator`]: a desired state becomes one [`Route`] per
+//! service the local nginx carries ([`nginx_routes`], pure), then one site file and one
+//! reload ([`NginxActuator::apply_routes`]).
+
+use super::{Applied, NginxActuator, NginxSettings, Route, Upstream};
+use crate::actuator::{ActuatorFailure, ActuatorOutcome, TrafficActuator};
+use crate::config::InstanceConfig;
+use crate::error::error_chain;
+use crate::store::DesiredState;
+
+impl TrafficActuator for NginxActuator {
+    fn services(&self) -> Vec<String> {
+        self.settings
+            .services
+            .iter()
+            .map(|s| s.service.clone())
+            .collect()
+    }
+
+    /// One site file carries every service, so a failure is attributed with
+    /// [`ActuatorFailure::attributed`].
+    async fn apply(
+        &mut self,
+        desired: &DesiredState,
+        instances: &[InstanceConfig],
+    ) -> Result<ActuatorOutcome, ActuatorFailure> {
+        let routes = nginx_routes(&self.settings, instances, desired);
+        match self
+            .apply_routes(&routes, &desired.generation.to_string())
+            .await
+        {
+            Ok(Applied::Reloaded { elapsed }) => Ok(ActuatorOutcome::Changed { elapsed }),
+            Ok(Applied::Unchanged) => Ok(ActuatorOutcome::Unchanged),
+            Err(e) => Err(ActuatorFailure::attributed(
+                &self.services(),
+                desired,
+                error_chain(&e),
+            )),
+        }
+    }
+}
+
+/// nginx routes for `desired`: one per service the local nginx carries, upstreams from this
+/// agent's instances of that service. A carried service the desired state does not mention
+/// gets all its traffic on stable (no rollout).
+fn nginx_routes(
+    settings: &NginxSettings,
+    instances: &[InstanceConfig],
+    desired: &DesiredState,
+) -> Vec<Route> {
+    settings
+        .services
+        .iter()
+        .map(|balanced| {
+            let traffic = desired
+                .services
+                .iter()
+                .find(|s| s.service == balanced.service);
+            Route {
+                service: balanced.service.clone(),
+                listen: balanced.listen.clone(),
+                upstreams: instances
+                    .iter()
+                    .filter(|i| i.service == balanced.service)
+                    .map(|i| Upstream {
+                        address: i.address.clone(),
+                        variant: i.variant,
+                    })
+                    .collect(),
+                canary_weight: traffic.map_or(0, |t| t.canary_weight),
+                sticky_key: traffic.and_then(|t| t.sticky_key.clone()),
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::nginx::{BalancedService, Variant};
+    use crate::store::{Generation, ServiceTraffic};
+
+    fn instance(name: &str, service: &str, variant: Variant, port: u16) -> InstanceConfig {
+        InstanceConfig {
+            name: name.into(),
+            service: service.into(),
+            variant,
+            address: format!("127.0.0.1:{port}"),
+            metrics_url: format!("http://127.0.0.1:{port}/metrics"),
+            metrics: Default::default(),
+        }
+    }
+
+    fn traffic(service: &str, weight: u32, sticky: Option<&str>) -> ServiceTraffic {
+        ServiceTraffic {
+            service: service.into(),
+            canary_weight: weight,
+            stable_version: "v1".into(),
+            canary_version: "v2".into(),
+            rollout_id: "r1".into(),
+            sticky_key: sticky.map(Into::into),
+        }
+    }
+
+    #[test]
+    fn routes_cover_every_balanced_service_with_local_upstreams() {
+        let settings = NginxSettings {
+            binary: "nginx".into(),
+            config: "/c".into(),
+            prefix: None,
+            site: "/s".into(),
+            confirm_timeout: Duration::from_secs(1),
+            services: vec![
+                BalancedService {
+                    service: "web".into(),
+                    listen: "0.0.0.0:80".into(),
+                },
+                BalancedService {
+                    service: "api".into(),
+                    listen: "0.0.0.0:81".into(),
+                },
+            ],
+        };
+        let instances = [
+            instance("web-s", "web", Variant::Stable, 8001),
+            instance("web-c", "web", Variant::Canary, 8002),
+            instance("api-s", "api", Variant::Stable, 8003),
+            instance("bot-s", "bot", Variant::Stable, 8004),
+        ];
+        let desired = DesiredState {
+            generation: Generation { term: 1, index: 2 },
+            services: vec![
+                traffic("web", 25, Some("$cookie_uid")),
+                traffic("bot", 50, None),
+            ],
+        };
+        let routes = nginx_routes(&settings, &instances, &desired);
+        assert_eq!(
+            routes,
+            vec![
+                Route {
+                    service: "web".into(),
+                    listen: "0.0.0.0:80".into(),
+                    upstreams: vec![
+                        Upstream {
+                            address: "127.0.0.1:8001".into(),
+                            variant: Variant::Stable
+                        },
+                        Upstream {
+                            address: "127.0.0.1:8002".into(),
+                            variant: Variant::Canary
+                        },
+                    ],
+                    canary_weight: 25,
+                    sticky_key: Some("$cookie_uid".into()),
+                },
+                // Not in the desired state: all traffic on stable.
+                Route {
+                    service: "api".into(),
+                    listen: "0.0.0.0:81".into(),
+                    upstreams: vec![Upstream {
+                        address: "127.0.0.1:8003".into(),
+                        variant: Variant::Stable
+                    }],
+                    canary_weight: 0,
+                    sticky_key: None,
+                },
+            ]
+        );
+    }
+}
