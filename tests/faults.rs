@@ -307,11 +307,23 @@ async fn garbage_or_silent_canary_metrics_hold_the_stage_until_fixed() {
         served.of(CANARY) >= 100,
         "the canary should have served traffic meanwhile: {served:?}"
     );
-    for s in [&garbage, &silent] {
+    for (s, says) in [
+        (&garbage, "Prometheus text format"),
+        (&silent, "no complete answer"),
+    ] {
         assert_eq!(
             s["live"]["canary"]["requests"], 0,
             "the coordinator counted canary requests from a broken page: {s:#}"
         );
+        // The operator sees why: the status names the instance and the scrape error.
+        let error = s["live"]["canary"]["last_scrape_error"]
+            .as_str()
+            .unwrap_or("");
+        assert!(
+            error.starts_with("web-canary: ") && error.contains(says),
+            "status should explain the missing canary data: {s:#}"
+        );
+        assert!(s["live"]["stable"]["last_scrape_error"].is_null(), "{s:#}");
     }
 
     // Fixed: the next successful scrapes give the stage its data and it passes.

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::agents::AgentRegistry;
 use crate::analysis::{Pair, StageAnalysis, analyse_stage, evaluate_check};
-use crate::metrics::{MetricsStore, StageKey};
+use crate::metrics::{MetricsStore, Side, StageKey};
 use crate::raft::{ProposeError, RaftHandle, Role};
 use crate::rollout::{
     Checkpoint, Command, Millis, Observation, Rollout, RolloutId, TriggerMemory, TriggerReading,
@@ -24,6 +24,8 @@ use crate::rollout::{
 pub const EVALUATE_EVERY: Duration = Duration::from_millis(250);
 /// How often the leader commits a checkpoint of each live stage's analysis.
 pub const CHECKPOINT_EVERY: Duration = Duration::from_secs(5);
+/// How long a scrape error stays in the live view.
+pub const SCRAPE_ERROR_WINDOW: Duration = Duration::from_secs(10);
 /// Span of the request-rate figure in the live view.
 pub const RATE_WINDOW: Duration = Duration::from_secs(5);
 
@@ -41,6 +43,8 @@ pub struct LiveView {
     pub stage: StageAnalysis,
     /// The last [`RATE_WINDOW`] of data.
     pub recent: Pair,
+    /// The latest recent scrape error of (stable, canary) instances.
+    pub scrape_errors: (Option<String>, Option<String>),
     /// When it was computed.
     pub at: Millis,
 }
@@ -167,7 +171,7 @@ fn observe(
         stage: rollout.stage_index,
         started_at: rollout.stage_started_at,
     };
-    let (stage_data, windows, recent) = {
+    let (stage_data, windows, recent, scrape_errors) = {
         let mut metrics = shared.metrics();
         let checkpoint = rollout
             .checkpoint
@@ -182,7 +186,16 @@ fn observe(
             .map(|t| metrics.since(&rollout.service, now - t.window.as_millis() as Millis))
             .collect();
         let recent = metrics.since(&rollout.service, now - RATE_WINDOW.as_millis() as Millis);
-        (stage_data, windows, recent)
+        let since = now - SCRAPE_ERROR_WINDOW.as_millis() as Millis;
+        let errors = (
+            metrics
+                .scrape_error(&rollout.service, Side::Stable, since)
+                .map(str::to_owned),
+            metrics
+                .scrape_error(&rollout.service, Side::Canary, since)
+                .map(str::to_owned),
+        );
+        (stage_data, windows, recent, errors)
     };
     let stage = analyse_stage(&rollout.strategy.checks, stage_data);
     let triggers = rollout
@@ -210,6 +223,7 @@ fn observe(
     let live = LiveView {
         stage,
         recent,
+        scrape_errors,
         at: now,
     };
     (observation, live)

@@ -35,6 +35,7 @@ struct ServiceMetrics {
     recent: VecDeque<(Millis, Side, Window)>,
     stage: Option<StageKey>,
     stage_data: Pair,
+    scrape_errors: HashMap<Side, (Millis, String)>,
 }
 
 /// Recent measurements of every service.
@@ -66,6 +67,23 @@ impl MetricsStore {
         while entry.recent.front().is_some_and(|(t, _, _)| *t < horizon) {
             entry.recent.pop_front();
         }
+    }
+
+    /// Records that an instance's metrics could not be read at `at` (the interval also counts
+    /// as missing data through a [`Window::missing`] passed to [`MetricsStore::record`]).
+    pub fn record_scrape_error(&mut self, service: &str, side: Side, error: String, at: Millis) {
+        let entry = self.services.entry(service.to_owned()).or_default();
+        entry.scrape_errors.insert(side, (at, error));
+    }
+
+    /// The latest scrape error of `service`'s `side` at or after `since`.
+    pub fn scrape_error(&self, service: &str, side: Side, since: Millis) -> Option<&str> {
+        self.services
+            .get(service)?
+            .scrape_errors
+            .get(&side)
+            .filter(|(at, _)| *at >= since)
+            .map(|(_, e)| e.as_str())
     }
 
     /// Everything measured for `service` since the stage identified by `key` started. When the
@@ -191,6 +209,13 @@ mod tests {
         assert_eq!(m.since("api", 15_000).canary.errors, 3); // t = 15, 17, 19
         m.prune(100_000);
         assert_eq!(m.since("api", 0).canary.requests, 0);
+        m.record_scrape_error("api", Side::Canary, "c1: timeout".into(), 5_000);
+        assert_eq!(
+            m.scrape_error("api", Side::Canary, 4_000),
+            Some("c1: timeout")
+        );
+        assert_eq!(m.scrape_error("api", Side::Canary, 6_000), None);
+        assert_eq!(m.scrape_error("api", Side::Stable, 0), None);
         assert_eq!(m.since("nope", 0), Pair::default());
     }
 }

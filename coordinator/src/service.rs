@@ -119,8 +119,13 @@ fn valid_name(field: &str, value: &str) -> Result<(), Status> {
     }
 }
 
-fn variant_stats(window: &Window, recent: &Window) -> v1::VariantStats {
+fn variant_stats(
+    window: &Window,
+    recent: &Window,
+    scrape_error: &Option<String>,
+) -> v1::VariantStats {
     v1::VariantStats {
+        last_scrape_error: scrape_error.clone().unwrap_or_default(),
         requests: window.requests,
         errors: window.errors,
         error_rate: window.error_rate().unwrap_or(0.0),
@@ -134,8 +139,8 @@ pub fn rollout_to_proto(rollout: &Rollout, live: Option<&LiveView>) -> v1::Rollo
     let live = live.map(|l| {
         let Pair { stable, canary } = &l.stage.data;
         v1::LiveAnalysis {
-            stable: Some(variant_stats(stable, &l.recent.stable)),
-            canary: Some(variant_stats(canary, &l.recent.canary)),
+            stable: Some(variant_stats(stable, &l.recent.stable, &l.scrape_errors.0)),
+            canary: Some(variant_stats(canary, &l.recent.canary, &l.scrape_errors.1)),
             checks: l
                 .stage
                 .checks
@@ -451,6 +456,12 @@ impl AgentService for Api {
                                         w.latency_sum_seconds,
                                     )
                                 } else {
+                                    metrics.record_scrape_error(
+                                        &w.service,
+                                        side,
+                                        format!("{}: {}", w.instance, w.scrape_error),
+                                        now,
+                                    );
                                     Window::missing()
                                 };
                                 metrics.record(&w.service, side, window, now);

@@ -627,6 +627,16 @@ pub fn render_status(r: &Rollout, now_ms: i64) -> String {
                 }
             }
             out.push_str(&stats.render("  "));
+            for (name, s) in [("stable", &live.stable), ("canary", &live.canary)] {
+                if let Some(s) = s
+                    && !s.last_scrape_error.is_empty()
+                {
+                    out.push_str(&format!(
+                        "  {name} metrics unreadable: {}\n",
+                        s.last_scrape_error
+                    ));
+                }
+            }
             if live.checks.is_empty() {
                 out.push_str("\n  no checks\n");
             } else {
@@ -735,6 +745,11 @@ fn stats_json(s: &Option<VariantStats>) -> Value {
             "error_rate": s.error_rate,
             "p95_ms": if s.p95_ms < 0.0 { Value::Null } else { json!(s.p95_ms) },
             "requests_per_second": s.requests_per_second,
+            "last_scrape_error": if s.last_scrape_error.is_empty() {
+                Value::Null
+            } else {
+                json!(s.last_scrape_error)
+            },
         }),
         None => Value::Null,
     }
