@@ -855,6 +855,7 @@ mod tests {
                     error_rate: 1.0 / 1200.0,
                     p95_ms: 11.2,
                     requests_per_second: 20.0,
+                    last_scrape_error: String::new(),
                 }),
                 canary: Some(VariantStats {
                     requests: 60,
@@ -862,6 +863,7 @@ mod tests {
                     error_rate: 0.0,
                     p95_ms: 12.4,
                     requests_per_second: 1.0,
+                    last_scrape_error: "api-canary: timed out".into(),
                 }),
                 checks: vec![
                     CheckOutcome {
@@ -895,10 +897,12 @@ mod tests {
             text.contains(
                 "  VARIANT  REQUESTS  ERRORS  ERROR RATE  P95 MS   RPS\n  \
              stable       1200       1       0.08%    11.2  20.0\n  \
-             canary         60       0       0.00%    12.4   1.0\n"
+             canary         60       0       0.00%    12.4   1.0\n  \
+             canary metrics unreadable: api-canary: timed out\n"
             ),
             "{text}"
         );
+        assert!(!text.contains("stable metrics unreadable"), "{text}");
         assert!(
             text.contains("  errors-vs-stable  pass     canary 0.00% <= 0.58%\n"),
             "{text}"
