@@ -105,11 +105,13 @@ pub async fn run(
         path: config.data_dir.clone(),
         source: e.into(),
     })?;
-    let db = sled::open(config.data_dir.join("raft.sled")).map_err(|source| {
-        CoordinatorError::DataDir {
-            path: config.data_dir.clone(),
-            source,
-        }
+    let db = crate::raft::storage::open_db(
+        &config.data_dir.join("raft.sled"),
+        std::time::Duration::from_secs(2),
+    )
+    .map_err(|source| CoordinatorError::DataDir {
+        path: config.data_dir.clone(),
+        source,
     })?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

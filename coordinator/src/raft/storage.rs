@@ -774,6 +774,25 @@ fn read_message<M: protobuf::Message + Default>(
     }
 }
 
+/// Opens a sled database at `path`, waiting up to `wait` for a lock a just-dropped handle in
+/// this process may still hold: sled 0.34 releases its file lock from a background thread after
+/// `Db` is dropped (spacejam/sled#1234), so an immediate in-process reopen can fail. A lock held
+/// by another live process still fails once `wait` has passed.
+pub fn open_db(path: &std::path::Path, wait: std::time::Duration) -> Result<sled::Db, sled::Error> {
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        match sled::open(path) {
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => return other,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::io::{BufRead, BufReader};
@@ -823,24 +842,9 @@ mod tests {
             .expect("open temporary sled db")
     }
 
-    /// Opens a sled Db at `path`, waiting out the lock a just-dropped (or just-killed) handle
-    /// may still hold: sled 0.34 releases its file lock from a background thread after `Db` is
-    /// dropped (spacejam/sled#1234), so an immediate in-process reopen can fail with
-    /// `WouldBlock`.
     fn open_db(path: &std::path::Path) -> sled::Db {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        loop {
-            match sled::open(path) {
-                Ok(db) => return db,
-                Err(sled::Error::Io(e))
-                    if e.to_string().contains("could not acquire lock")
-                        && std::time::Instant::now() < deadline =>
-                {
-                    std::thread::sleep(std::time::Duration::from_millis(20));
-                }
-                Err(e) => panic!("open sled db at {}: {e}", path.display()),
-            }
-        }
+        super::open_db(path, std::time::Duration::from_secs(10))
+            .unwrap_or_else(|e| panic!("open sled db at {}: {e}", path.display()))
     }
 
     fn empty_store() -> SledStorage {

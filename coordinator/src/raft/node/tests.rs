@@ -5,6 +5,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use super::*;
+use crate::raft::storage::open_db;
 use crate::rollout::{Actor, RolloutId, RolloutState};
 use crate::strategy::Strategy;
 
@@ -41,7 +42,7 @@ struct Running {
 
 impl Running {
     async fn open(path: &std::path::Path, config: &NodeConfig) -> Running {
-        let db = sled::open(path).unwrap();
+        let db = open_db(path, Duration::from_secs(10)).unwrap();
         let shutdown = CancellationToken::new();
         let (handle, task) = super::start(&db, config, NoPeers, shutdown.clone()).unwrap();
         let mut view = handle.subscribe();
@@ -146,7 +147,7 @@ async fn snapshots_compact_the_log_and_restore() {
     let before = node.handle.view();
     node.stop().await;
     {
-        let db = sled::open(dir.path()).unwrap();
+        let db = open_db(dir.path(), Duration::from_secs(10)).unwrap();
         let storage = SledStorage::open(&db).unwrap();
         use raft::Storage;
         assert!(
