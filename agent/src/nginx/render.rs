@@ -8,7 +8,8 @@
 //!   left out (nginx rejects `weight=0`).
 //! - sticky mode: `split_clients "<key>" $serin_<svc>_upstream { W% serin_<svc>_canary; *
 //!   serin_<svc>_stable; }`, canary bucket first so that users stay canary while the share
-//!   grows.
+//!   grows; the key goes through a `map` that replaces an empty key with `$request_id`, so
+//!   requests without it (first visits) split by weight instead of all hashing to the canary.
 //! - always: `upstream serin_<svc>_stable` / `serin_<svc>_canary` for each variant with
 //!   servers, reachable directly under `/__serin/stable/` and `/__serin/canary/`, and
 //!   `location = /__serin/generation` answering the generation marker, which the actuator
@@ -290,7 +291,14 @@ fn render_route(out: &mut String, route: &Route, generation: &str) {
         }
         Some(key) => {
             let var = format!("$serin_{ident}_upstream");
-            out.push_str(&format!("split_clients \"{key}\" {var} {{\n"));
+            // A request without the key (a first visit, before the cookie is set) would hash ""
+            // into the first bucket, the canary's, at any weight: give it a random key instead
+            // so key-less requests split by weight too.
+            let split_key = format!("$serin_{ident}_split_key");
+            out.push_str(&format!(
+                "map \"{key}\" {split_key} {{\n    \"\" $request_id;\n    default \"{key}\";\n}}\n"
+            ));
+            out.push_str(&format!("split_clients \"{split_key}\" {var} {{\n"));
             match w {
                 0 => out.push_str(&format!("    * {stable_name};\n")),
                 100 => out.push_str(&format!("    * {canary_name};\n")),
@@ -464,7 +472,7 @@ mod tests {
         let text = render_site(&[route(2, 1, 30, Some("$cookie_uid"))], "1.1").unwrap();
         let lines = block(
             &text,
-            "split_clients \"$cookie_uid\" $serin_web_api_upstream",
+            "split_clients \"$serin_web_api_split_key\" $serin_web_api_upstream",
         )
         .expect("split_clients block");
         assert_eq!(
@@ -472,6 +480,9 @@ mod tests {
             vec!["30% serin_web_api_canary;", "* serin_web_api_stable;"]
         );
         assert!(text.contains("proxy_pass http://$serin_web_api_upstream;"));
+        // Requests without the key get a random one, not the canary's first bucket.
+        let map = block(&text, "map \"$cookie_uid\" $serin_web_api_split_key").expect("map");
+        assert_eq!(map, vec!["\"\" $request_id;", "default \"$cookie_uid\";"]);
         assert!(block(&text, "upstream serin_web_api").is_none());
         assert!(block(&text, "upstream serin_web_api_stable").is_some());
         assert!(block(&text, "upstream serin_web_api_canary").is_some());
@@ -479,14 +490,14 @@ mod tests {
         let text = render_site(&[route(2, 1, 0, Some("${cookie_uid}"))], "1.1").unwrap();
         let lines = block(
             &text,
-            "split_clients \"${cookie_uid}\" $serin_web_api_upstream",
+            "split_clients \"$serin_web_api_split_key\" $serin_web_api_upstream",
         )
         .expect("split_clients block");
         assert_eq!(lines, vec!["* serin_web_api_stable;"]);
         let text = render_site(&[route(2, 1, 100, Some("$cookie_uid"))], "1.1").unwrap();
         let lines = block(
             &text,
-            "split_clients \"$cookie_uid\" $serin_web_api_upstream",
+            "split_clients \"$serin_web_api_split_key\" $serin_web_api_upstream",
         )
         .expect("split_clients block");
         assert_eq!(lines, vec!["* serin_web_api_canary;"]);

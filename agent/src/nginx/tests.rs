@@ -504,6 +504,19 @@ async fn sticky_split_keeps_canary_users_as_share_grows() {
         first.len()
     );
 
+    // Requests without the cookie (first visits) must split by weight too, not all hash to
+    // the canary's first bucket: 200 of them behave like Binomial(200, 0.3) as above.
+    let mut keyless_canary = 0;
+    for _ in 0..200 {
+        let (status, body) = get(&h.listen, "/", None).await;
+        assert_eq!(status, 200);
+        keyless_canary += usize::from(body.starts_with("canary"));
+    }
+    assert!(
+        (34..=86).contains(&keyless_canary),
+        "{keyless_canary} of 200 requests without the key went to the canary at 30%"
+    );
+
     let at60 = [route(&h.listen, &[&s], &[&c], 60, Some("$cookie_uid"))];
     h.actuator
         .apply_routes(&at60, "5.2")
