@@ -9,7 +9,10 @@
 //!   and the `http_request_duration_seconds` histogram, the names serin's agent reads by default,
 //!   plus the `http_requests_in_flight` gauge;
 //! - `GET /healthz`: `200 ok`;
-//! - `GET /admin`: `{"version", "error_rate", "latency_ms"}`;
+//! - `GET /admin`: `{"version", "error_rate", "latency_ms", "metrics_scrapes",
+//!   "last_scrape_unix_ms"}`: the last two count the `GET /metrics` requests served and give
+//!   the wall-clock time (Unix milliseconds, 0 before the first) of the latest one, so a
+//!   benchmark can tell when a scraper first saw a change;
 //! - `POST /admin` with `{"error_rate": 0.5}` and/or `{"latency_ms": 200}`: changes them at run
 //!   time, so a demo can break the canary on purpose. Invalid input is a `400` naming the field,
 //!   and changes nothing.
@@ -22,7 +25,7 @@ use std::future::{Future, IntoFuture};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
 use axum::Router;
@@ -153,6 +156,10 @@ struct Shared {
     failed: Counter,
     duration: Histogram,
     in_flight: Gauge,
+    /// `GET /metrics` requests served.
+    metrics_scrapes: AtomicU64,
+    /// Unix time in milliseconds of the latest `GET /metrics` (0: none yet).
+    last_scrape_unix_ms: AtomicU64,
     /// Cancelled on shutdown: cuts latency sleeps short.
     stop: CancellationToken,
 }
@@ -215,6 +222,8 @@ impl Shared {
             failed,
             duration,
             in_flight,
+            metrics_scrapes: AtomicU64::new(0),
+            last_scrape_unix_ms: AtomicU64::new(0),
             stop: CancellationToken::new(),
         })
     }
@@ -232,6 +241,8 @@ impl Shared {
             "version": self.version,
             "error_rate": self.error_rate(),
             "latency_ms": self.latency_ms(),
+            "metrics_scrapes": self.metrics_scrapes.load(Ordering::Relaxed),
+            "last_scrape_unix_ms": self.last_scrape_unix_ms.load(Ordering::Relaxed),
         })
     }
 }
@@ -286,6 +297,11 @@ impl Drop for InFlight<'_> {
 }
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
+    let now_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    shared.last_scrape_unix_ms.store(now_ms, Ordering::Relaxed);
+    shared.metrics_scrapes.fetch_add(1, Ordering::Relaxed);
     let mut text = String::new();
     match prometheus_client::encoding::text::encode(&mut text, &shared.registry) {
         Ok(()) => ([(header::CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE)], text).into_response(),
@@ -487,6 +503,21 @@ mod tests {
         expected.push(f64::INFINITY);
         assert_eq!(bounds, expected);
         assert_eq!(sample.buckets.last().unwrap().1, 40.0);
+
+        // GET /admin counts the two /metrics scrapes above and dates the latest one.
+        let before_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        assert_eq!(get(&c, &format!("{}/metrics", app.base)).await.0, 200);
+        let (_, body) = get(&c, &format!("{}/admin", app.base)).await;
+        let settings: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(settings["metrics_scrapes"], 3, "{settings}");
+        let last = settings["last_scrape_unix_ms"].as_u64().unwrap();
+        assert!(
+            last >= before_ms && last < before_ms + 10_000,
+            "{last} vs {before_ms}"
+        );
         app.stop().await.unwrap();
     }
 
@@ -516,7 +547,13 @@ mod tests {
         let settings: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert_eq!(
             settings,
-            serde_json::json!({"version": "v1.2.3", "error_rate": 1.0, "latency_ms": 0})
+            serde_json::json!({
+                "version": "v1.2.3",
+                "error_rate": 1.0,
+                "latency_ms": 0,
+                "metrics_scrapes": 0,
+                "last_scrape_unix_ms": 0,
+            })
         );
 
         let (status, body) =

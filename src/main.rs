@@ -13,7 +13,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use serin_agent::config::{AgentConfig, ConfigOverrides};
-use serin_coordinator::server::CoordinatorConfig;
+use serin_coordinator::server::CoordinatorSettings;
 use tokio_util::sync::CancellationToken;
 
 /// Progressive delivery for fleets that do not run Kubernetes.
@@ -127,29 +127,21 @@ async fn run_coordinator(command: CoordinatorCommand) -> anyhow::Result<ExitCode
         listen,
         data_dir,
     } = command;
-    let mut cfg = match &config {
+    let file = match &config {
         Some(path) => {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("cannot read coordinator config {}", path.display()))?;
-            CoordinatorConfig::from_toml(&text).with_context(|| format!("in {}", path.display()))?
+            CoordinatorSettings::from_toml(&text)
+                .with_context(|| format!("in {}", path.display()))?
         }
-        None => CoordinatorConfig {
-            node_id: 1,
-            listen: SocketAddr::from(([127, 0, 0, 1], 7000)),
-            data_dir: data_dir
-                .clone()
-                .context("--data-dir is required (or a --config file with data_dir)")?,
-        },
+        None => CoordinatorSettings::default(),
     };
-    if let Some(id) = node_id {
-        cfg.node_id = id;
-    }
-    if let Some(l) = listen {
-        cfg.listen = l;
-    }
-    if let Some(d) = data_dir {
-        cfg.data_dir = d;
-    }
+    let flags = CoordinatorSettings {
+        node_id,
+        listen,
+        data_dir,
+    };
+    let cfg = file.merge(flags).resolve()?;
     serin_coordinator::server::run(cfg, shutdown_on_signals(), None).await?;
     Ok(ExitCode::SUCCESS)
 }

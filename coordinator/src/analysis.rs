@@ -222,6 +222,13 @@ pub enum Verdict {
         /// Why, e.g. "canary has 12 of 50 requests".
         reason: String,
     },
+    /// The check does not apply here: a comparison with stable at a 100% stage, where stable
+    /// serves nothing. Neither passes nor holds the stage; absolute checks and triggers still
+    /// watch the canary.
+    Skipped {
+        /// Why.
+        reason: String,
+    },
 }
 
 impl Verdict {
@@ -231,6 +238,7 @@ impl Verdict {
             Verdict::Pass { .. } => "pass",
             Verdict::Fail { .. } => "fail",
             Verdict::NoData { .. } => "no_data",
+            Verdict::Skipped { .. } => "skipped",
         }
     }
 }
@@ -266,6 +274,7 @@ impl CheckResult {
                 round(*threshold)
             ),
             Verdict::NoData { reason } => format!("{}: not enough data ({reason})", self.name),
+            Verdict::Skipped { reason } => format!("{}: skipped ({reason})", self.name),
         }
     }
 }
@@ -346,13 +355,27 @@ pub enum StageVerdict {
     NotYet,
 }
 
-/// Evaluates every check of a stage.
-pub fn analyse_stage(checks: &[Check], data: Pair) -> StageAnalysis {
-    let checks = checks.iter().map(|c| evaluate_check(c, &data)).collect();
+/// Evaluates every check of a stage that sends `canary_weight`% of traffic to the canary.
+/// Comparisons with stable are skipped at 100%, where stable serves nothing.
+pub fn analyse_stage(checks: &[Check], data: Pair, canary_weight: u32) -> StageAnalysis {
+    let checks = checks
+        .iter()
+        .map(|c| match c.rule {
+            Rule::RatioToStable { .. } if canary_weight >= 100 => CheckResult {
+                name: c.name.clone(),
+                metric: c.metric,
+                verdict: Verdict::Skipped {
+                    reason: "no stable traffic to compare with at 100%".into(),
+                },
+            },
+            _ => evaluate_check(c, &data),
+        })
+        .collect();
     StageAnalysis { data, checks }
 }
 
-/// Combines check results: any failure fails, any missing data waits, else pass.
+/// Combines check results: any failure fails, any missing data waits, else pass (skipped
+/// checks count neither way).
 pub fn judge_stage(analysis: &StageAnalysis) -> StageVerdict {
     if let Some(failed) = analysis
         .checks
@@ -583,9 +606,10 @@ mod tests {
                 canary: window(100, 0, [50, 100, 100, 100, 100]),
                 ..Pair::default()
             },
+            10,
         );
         assert_eq!(judge_stage(&good), StageVerdict::Pass);
-        let waiting = analyse_stage(&checks, Pair::default());
+        let waiting = analyse_stage(&checks, Pair::default(), 10);
         assert_eq!(judge_stage(&waiting), StageVerdict::NotYet);
         let failing = analyse_stage(
             &checks,
@@ -593,13 +617,57 @@ mod tests {
                 canary: window(100, 50, [0, 0, 0, 0, 0]),
                 ..Pair::default()
             },
+            10,
         );
         // The error check fails even though latency has no data.
         assert!(
             matches!(judge_stage(&failing), StageVerdict::Fail(r) if r.metric == Metric::ErrorRate)
         );
         assert_eq!(
-            judge_stage(&analyse_stage(&[], Pair::default())),
+            judge_stage(&analyse_stage(&[], Pair::default(), 10)),
+            StageVerdict::Pass
+        );
+    }
+
+    #[test]
+    fn comparisons_with_stable_are_skipped_at_100_percent() {
+        let checks = vec![
+            check(
+                Metric::ErrorRate,
+                Rule::RatioToStable {
+                    ratio: 2.0,
+                    slack: 0.0,
+                },
+                10,
+            ),
+            check(Metric::ErrorRate, Rule::Max { limit: 0.05 }, 10),
+        ];
+        // All traffic on the canary: stable has nothing to compare with.
+        let data = Pair {
+            canary: window(100, 1, [0; 5]),
+            ..Pair::default()
+        };
+        let at_50 = analyse_stage(&checks, data.clone(), 50);
+        assert_eq!(at_50.checks[0].verdict.label(), "no_data");
+        assert_eq!(judge_stage(&at_50), StageVerdict::NotYet);
+        let at_100 = analyse_stage(&checks, data, 100);
+        assert_eq!(at_100.checks[0].verdict.label(), "skipped");
+        assert!(at_100.checks[0].describe().contains("no stable traffic"));
+        assert_eq!(judge_stage(&at_100), StageVerdict::Pass);
+        // The absolute check still judges the canary at 100%.
+        let bad = analyse_stage(
+            &checks,
+            Pair {
+                canary: window(100, 50, [0; 5]),
+                ..Pair::default()
+            },
+            100,
+        );
+        assert!(matches!(judge_stage(&bad), StageVerdict::Fail(_)));
+        // And a 100% stage with only comparisons still needs its minimum time (decide's job)
+        // but no data.
+        assert_eq!(
+            judge_stage(&analyse_stage(&checks[..1], Pair::default(), 100)),
             StageVerdict::Pass
         );
     }

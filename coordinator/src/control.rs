@@ -100,6 +100,11 @@ pub async fn run(shared: Shared, shutdown: CancellationToken) {
         shared.metrics().prune(now);
         let active: Vec<Rollout> = view.registry.active().cloned().collect();
         memories.retain(|id, _| active.iter().any(|r| &r.id == id));
+        shared
+            .live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|id, _| active.iter().any(|r| &r.id == id));
         checkpointed.retain(|id, _| active.iter().any(|r| &r.id == id));
         for rollout in active {
             let memory = memories.entry(rollout.id.clone()).or_default();
@@ -129,6 +134,12 @@ pub async fn run(shared: Shared, shutdown: CancellationToken) {
             }
         }
     }
+}
+
+/// Where a trigger's sliding window starts: `window` before `now`, but never before the rollout
+/// started (an earlier rollout's canary errors are not this rollout's).
+pub fn trigger_since(rollout: &Rollout, window: Duration, now: Millis) -> Millis {
+    (now - window.as_millis() as Millis).max(rollout.started_at)
 }
 
 /// A checkpoint of the stage's data when [`CHECKPOINT_EVERY`] has passed and it changed.
@@ -183,7 +194,7 @@ fn observe(
             .strategy
             .triggers
             .iter()
-            .map(|t| metrics.since(&rollout.service, now - t.window.as_millis() as Millis))
+            .map(|t| metrics.since(&rollout.service, trigger_since(rollout, t.window, now)))
             .collect();
         let recent = metrics.since(&rollout.service, now - RATE_WINDOW.as_millis() as Millis);
         let since = now - SCRAPE_ERROR_WINDOW.as_millis() as Millis;
@@ -197,7 +208,11 @@ fn observe(
         );
         (stage_data, windows, recent, errors)
     };
-    let stage = analyse_stage(&rollout.strategy.checks, stage_data);
+    let stage = analyse_stage(
+        &rollout.strategy.checks,
+        stage_data,
+        rollout.strategy.weight(rollout.stage_index),
+    );
     let triggers = rollout
         .strategy
         .triggers
@@ -227,4 +242,33 @@ fn observe(
         at: now,
     };
     (observation, live)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rollout::{Actor, Command, Generation, Registry};
+    use crate::strategy::Strategy;
+
+    #[test]
+    fn trigger_windows_never_reach_before_the_rollout() {
+        let mut reg = Registry::default();
+        reg.apply(
+            Command::Start {
+                id: RolloutId("r".into()),
+                service: "api".into(),
+                version: "v2".into(),
+                stable_version: Some("v1".into()),
+                strategy: Strategy::from_toml("[[stages]]\nweight = 5\n").unwrap(),
+                actor: Actor::Controller,
+                at: 100_000,
+            },
+            Generation::default(),
+        )
+        .unwrap();
+        let r = &reg.rollouts[&RolloutId("r".into())];
+        let minute = Duration::from_secs(60);
+        assert_eq!(trigger_since(r, minute, 130_000), 100_000);
+        assert_eq!(trigger_since(r, minute, 200_000), 140_000);
+    }
 }

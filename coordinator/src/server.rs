@@ -21,37 +21,64 @@ use crate::raft::node::{self, NoPeers, NodeConfig, NodeError};
 use crate::service::Api;
 use crate::strategy::MAX_TRIGGER_WINDOW;
 
-/// Coordinator settings, from flags or a TOML file.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// Coordinator settings, validated.
+#[derive(Debug, Clone)]
 pub struct CoordinatorConfig {
     /// This node's raft id (non-zero).
-    #[serde(default = "default_node_id")]
     pub node_id: u64,
     /// Address of the gRPC server (agents and operators).
-    #[serde(default = "default_listen")]
     pub listen: SocketAddr,
     /// Where the raft log and state live.
     pub data_dir: PathBuf,
 }
 
-fn default_node_id() -> u64 {
-    1
+/// Coordinator settings as written in a TOML file or given as flags; every field optional
+/// until [`CoordinatorSettings::resolve`].
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoordinatorSettings {
+    /// Raft node id; default 1.
+    pub node_id: Option<u64>,
+    /// gRPC listen address; default 127.0.0.1:7000.
+    pub listen: Option<SocketAddr>,
+    /// Data directory; required.
+    pub data_dir: Option<PathBuf>,
 }
 
-fn default_listen() -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], 7000))
-}
+impl CoordinatorSettings {
+    /// Reads a TOML config file's text.
+    pub fn from_toml(text: &str) -> Result<CoordinatorSettings, CoordinatorError> {
+        toml::from_str(text).map_err(|e| CoordinatorError::Config(e.message().trim().to_owned()))
+    }
 
-impl CoordinatorConfig {
-    /// Reads a TOML config file.
-    pub fn from_toml(text: &str) -> Result<CoordinatorConfig, CoordinatorError> {
-        let config: CoordinatorConfig =
-            toml::from_str(text).map_err(|e| CoordinatorError::Config(e.message().to_owned()))?;
+    /// Fields set in `overrides` (flags) win over `self` (the file).
+    pub fn merge(self, overrides: CoordinatorSettings) -> CoordinatorSettings {
+        CoordinatorSettings {
+            node_id: overrides.node_id.or(self.node_id),
+            listen: overrides.listen.or(self.listen),
+            data_dir: overrides.data_dir.or(self.data_dir),
+        }
+    }
+
+    /// Applies defaults and checks the result.
+    pub fn resolve(self) -> Result<CoordinatorConfig, CoordinatorError> {
+        let config = CoordinatorConfig {
+            node_id: self.node_id.unwrap_or(1),
+            listen: self
+                .listen
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7000))),
+            data_dir: self.data_dir.ok_or_else(|| {
+                CoordinatorError::Config(
+                    "data_dir: required (set it in the config file or pass --data-dir)".into(),
+                )
+            })?,
+        };
         config.validate()?;
         Ok(config)
     }
+}
 
+impl CoordinatorConfig {
     /// Checks the fields.
     pub fn validate(&self) -> Result<(), CoordinatorError> {
         if self.node_id == 0 {
@@ -185,5 +212,46 @@ async fn push_desired(shared: Shared, shutdown: CancellationToken) {
             // Retries sends that found a full channel, and re-sends failed generations.
             _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_the_file_and_data_dir_is_required() {
+        let file =
+            CoordinatorSettings::from_toml("node_id = 3\nlisten = \"127.0.0.1:7100\"\n").unwrap();
+        let err = file.clone().resolve().unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid coordinator config: data_dir: required (set it in the config file or pass --data-dir)"
+        );
+        let config = file
+            .merge(CoordinatorSettings {
+                data_dir: Some("/tmp/x".into()),
+                node_id: Some(4),
+                ..CoordinatorSettings::default()
+            })
+            .resolve()
+            .unwrap();
+        assert_eq!(config.node_id, 4);
+        assert_eq!(config.listen, "127.0.0.1:7100".parse().unwrap());
+        assert_eq!(config.data_dir, PathBuf::from("/tmp/x"));
+    }
+
+    #[test]
+    fn bad_files_are_named_errors() {
+        let e = CoordinatorSettings::from_toml("node_id = 1\nlistne = \"x\"\n").unwrap_err();
+        assert!(e.to_string().contains("unknown field `listne`"), "{e}");
+        let e = CoordinatorSettings::from_toml("listen = \"not an address\"\n").unwrap_err();
+        assert!(e.to_string().contains("invalid"), "{e}");
+        let zero = CoordinatorSettings {
+            node_id: Some(0),
+            data_dir: Some("/tmp/x".into()),
+            ..CoordinatorSettings::default()
+        };
+        assert!(zero.resolve().unwrap_err().to_string().contains("node_id"));
     }
 }

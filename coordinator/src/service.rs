@@ -54,7 +54,10 @@ impl Api {
     }
 
     fn to_proto(&self, rollout: &Rollout) -> v1::Rollout {
-        let live = self.shared.live(&rollout.id);
+        // A finished rollout has no live analysis; its evidence holds what was measured.
+        let live = (!rollout.state.is_terminal())
+            .then(|| self.shared.live(&rollout.id))
+            .flatten();
         rollout_to_proto(rollout, live.as_ref())
     }
 

@@ -146,7 +146,7 @@ mod tests {
             Command::StagePassed {
                 id: id.clone(),
                 stage: 0,
-                analysis: analyse_stage(&checks, data(0)),
+                analysis: analyse_stage(&checks, data(0), 5),
                 at: 2_000,
             },
             g(2),
@@ -156,7 +156,7 @@ mod tests {
             Command::RollBack {
                 id: id.clone(),
                 reason: "check errors: fail (error_rate 0.5 > 0.05) at stage 2 (50%)".into(),
-                analysis: Some(analyse_stage(&checks, data(50))),
+                analysis: Some(analyse_stage(&checks, data(50), 50)),
                 at: 3_000,
             },
             g(3),

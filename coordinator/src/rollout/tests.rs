@@ -460,7 +460,7 @@ fn observation(canary_requests: u64, canary_errors: u64) -> Observation {
         canary: Window::from_counts(canary_requests, canary_errors, &[], 0.0),
     };
     Observation {
-        stage: analyse_stage(&s.checks, data),
+        stage: analyse_stage(&s.checks, data, 1),
         ..Observation::default()
     }
 }
