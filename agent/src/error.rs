@@ -35,7 +35,7 @@ pub enum AgentError {
 }
 
 /// An error's message followed by its causes, skipping causes already quoted in it.
-pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut text = e.to_string();
     let mut cur = e.source();
     while let Some(inner) = cur {
