@@ -23,3 +23,6 @@ pub mod error;
 pub mod nginx;
 pub mod runtime;
 pub mod store;
+
+#[cfg(test)]
+pub(crate) mod test_support;

@@ -582,27 +582,7 @@ mod tests {
         );
     }
 
-    fn instance(name: &str, service: &str, variant: Variant, port: u16) -> InstanceConfig {
-        InstanceConfig {
-            name: name.into(),
-            service: service.into(),
-            variant,
-            address: format!("127.0.0.1:{port}"),
-            metrics_url: format!("http://127.0.0.1:{port}/metrics"),
-            metrics: Default::default(),
-        }
-    }
-
-    fn traffic(service: &str, weight: u32, sticky: Option<&str>) -> ServiceTraffic {
-        ServiceTraffic {
-            service: service.into(),
-            canary_weight: weight,
-            stable_version: "v1".into(),
-            canary_version: "v2".into(),
-            rollout_id: "r1".into(),
-            sticky_key: sticky.map(Into::into),
-        }
-    }
+    use crate::test_support::{instance, traffic};
 
     #[test]
     fn baseline_sample_gives_no_window_and_failures_reset_it() {

@@ -80,29 +80,9 @@ mod tests {
 
     use super::*;
     use crate::nginx::{BalancedService, Variant};
-    use crate::store::{Generation, ServiceTraffic};
+    use crate::store::Generation;
 
-    fn instance(name: &str, service: &str, variant: Variant, port: u16) -> InstanceConfig {
-        InstanceConfig {
-            name: name.into(),
-            service: service.into(),
-            variant,
-            address: format!("127.0.0.1:{port}"),
-            metrics_url: format!("http://127.0.0.1:{port}/metrics"),
-            metrics: Default::default(),
-        }
-    }
-
-    fn traffic(service: &str, weight: u32, sticky: Option<&str>) -> ServiceTraffic {
-        ServiceTraffic {
-            service: service.into(),
-            canary_weight: weight,
-            stable_version: "v1".into(),
-            canary_version: "v2".into(),
-            rollout_id: "r1".into(),
-            sticky_key: sticky.map(Into::into),
-        }
-    }
+    use crate::test_support::{instance, traffic};
 
     #[test]
     fn routes_cover_every_balanced_service_with_local_upstreams() {
