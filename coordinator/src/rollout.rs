@@ -239,6 +239,24 @@ impl Rollout {
         self.events.last().map_or("", |e| e.reason.as_str())
     }
 
+    fn keep_evidence(
+        &mut self,
+        at: Millis,
+        canary_weight: u32,
+        outcome: &str,
+        analysis: Option<StageAnalysis>,
+    ) {
+        if let Some(analysis) = analysis {
+            self.evidence.push(Evidence {
+                at,
+                stage_index: self.stage_index,
+                canary_weight,
+                outcome: outcome.into(),
+                analysis,
+            });
+        }
+    }
+
     fn record(&mut self, at: Millis, kind: EventKind, actor: Actor, reason: String) {
         let canary_weight = self.canary_weight();
         self.events.push(Event {
@@ -368,6 +386,9 @@ pub enum Command {
         actor: Actor,
         /// Why.
         reason: String,
+        /// What the leader had measured of the current stage, kept as evidence.
+        #[serde(default)]
+        analysis: Option<StageAnalysis>,
         /// When.
         at: Millis,
     },
@@ -379,6 +400,9 @@ pub enum Command {
         actor: Actor,
         /// Why.
         reason: String,
+        /// What the leader had measured of the current stage, kept as evidence.
+        #[serde(default)]
+        analysis: Option<StageAnalysis>,
         /// When.
         at: Millis,
     },
@@ -637,14 +661,24 @@ impl Registry {
                 _ => return Err(invalid(rollout)),
             },
             Command::Promote {
-                actor, reason, at, ..
+                actor,
+                reason,
+                analysis,
+                at,
+                ..
             } => {
+                rollout.keep_evidence(at, weight_before, "promoted_by_operator", analysis);
                 rollout.state = RolloutState::Promoted;
                 rollout.record(at, EventKind::Promoted, actor, reason);
             }
             Command::Abort {
-                actor, reason, at, ..
+                actor,
+                reason,
+                analysis,
+                at,
+                ..
             } => {
+                rollout.keep_evidence(at, weight_before, "aborted", analysis);
                 rollout.state = RolloutState::Aborted;
                 rollout.record(at, EventKind::Aborted, actor, reason);
             }
@@ -664,15 +698,7 @@ impl Registry {
                 at,
                 ..
             } => {
-                if let Some(analysis) = analysis {
-                    rollout.evidence.push(Evidence {
-                        at,
-                        stage_index: rollout.stage_index,
-                        canary_weight: weight_before,
-                        outcome: "rolled_back".into(),
-                        analysis,
-                    });
-                }
+                rollout.keep_evidence(at, weight_before, "rolled_back", analysis);
                 rollout.state = RolloutState::RolledBack;
                 rollout.record(at, EventKind::RolledBack, Actor::Controller, reason);
             }

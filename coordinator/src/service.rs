@@ -313,12 +313,14 @@ impl ControlService for Api {
                 at,
             },
             v1::SteerAction::Promote => Command::Promote {
+                analysis: self.shared.live(&id).map(|l| l.stage),
                 id,
                 actor,
                 reason: reason("promoted by operator"),
                 at,
             },
             v1::SteerAction::Abort => Command::Abort {
+                analysis: self.shared.live(&id).map(|l| l.stage),
                 id,
                 actor,
                 reason: reason("aborted by operator"),

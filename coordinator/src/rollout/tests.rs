@@ -81,12 +81,14 @@ fn operator(kind: &str, at: Millis) -> Command {
             id,
             actor,
             reason,
+            analysis: None,
             at,
         },
         "abort" => Command::Abort {
             id,
             actor,
             reason,
+            analysis: Some(StageAnalysis::default()),
             at,
         },
         _ => unreachable!(),
@@ -337,6 +339,23 @@ fn rollback_and_abort_send_everything_to_stable_and_free_the_service() {
             .unwrap();
         assert_eq!(reg.traffic("api").unwrap().canary_weight, 20);
     }
+}
+
+#[test]
+fn operator_aborts_keep_the_measurements_as_evidence() {
+    let mut reg = started(&[10, 50]);
+    reg.apply(operator("abort", T0 + 7), generation(2)).unwrap();
+    let r = &reg.rollouts[&id("r1")];
+    let e = r.evidence.last().expect("evidence");
+    assert_eq!(
+        (e.outcome.as_str(), e.canary_weight, e.stage_index),
+        ("aborted", 10, 0)
+    );
+    // A promote proposed without measurements records none.
+    let mut reg = started(&[10, 50]);
+    reg.apply(operator("promote", T0 + 7), generation(2))
+        .unwrap();
+    assert!(reg.rollouts[&id("r1")].evidence.is_empty());
 }
 
 #[test]
