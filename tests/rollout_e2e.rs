@@ -181,6 +181,30 @@ async fn bad_canary_is_rolled_back_by_its_trigger() {
         "nginx still sends traffic to the rolled-back canary: {after:?}"
     );
     assert_eq!(after.of(STABLE), 200, "{after:?}");
+
+    // The evidence of every stage end and of the rollback, as Markdown and as JSON.
+    let markdown = stack.cli_ok(&["rollout", "evidence", &id]).await;
+    assert!(
+        markdown.contains("Final state: **rolled_back**")
+            && markdown.contains("### Stage 1 (1%) — passed")
+            && markdown.contains("### Stage 3 (25%) — rolled back"),
+        "{markdown}"
+    );
+    let json: Value =
+        serde_json::from_str(&stack.cli_ok(&["rollout", "evidence", &id, "--json"]).await)
+            .expect("evidence --json is JSON");
+    let evidence = json["evidence"].as_array().expect("evidence array");
+    let outcomes: Vec<&str> = evidence
+        .iter()
+        .map(|e| e["outcome"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(outcomes, ["passed", "passed", "rolled_back"], "{json:#}");
+    assert!(
+        evidence[2]["analysis"]["data"]["canary"]["errors"]
+            .as_u64()
+            .is_some_and(|e| e > 0),
+        "the rollback evidence should hold the canary's errors: {json:#}"
+    );
 }
 
 /// At a 25% stage held by a manual gate, nginx really sends a quarter of new connections to
