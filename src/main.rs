@@ -86,6 +86,17 @@ enum AgentCommand {
         #[arg(long, env = "SERIN_COORDINATOR", value_delimiter = ',')]
         coordinator: Option<Vec<String>>,
     },
+    /// List the agents the coordinator knows: connected or not, the generation each applied,
+    /// its instances and the last error it reported.
+    ///
+    /// Example: serin agent list --json
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        coordinator: cli::CoordinatorArgs,
+    },
 }
 
 fn init_logging(default: &str) {
@@ -147,10 +158,15 @@ async fn run_coordinator(command: CoordinatorCommand) -> anyhow::Result<ExitCode
 }
 
 async fn run_agent(command: AgentCommand) -> anyhow::Result<ExitCode> {
-    let AgentCommand::Run {
-        config,
-        coordinator,
-    } = command;
+    let (config, coordinator) = match command {
+        AgentCommand::Run {
+            config,
+            coordinator,
+        } => (config, coordinator),
+        AgentCommand::List { json, coordinator } => {
+            return cli::agents::list(json, &coordinator).await;
+        }
+    };
     let overrides = ConfigOverrides {
         coordinators: coordinator,
     };
@@ -164,7 +180,9 @@ fn main() -> ExitCode {
     // The agent runs on one thread: a scrape per instance and a report per interval need no
     // more, and every worker thread costs resident memory on every host.
     let runtime = match cli.command {
-        Command::Agent { .. } => tokio::runtime::Builder::new_current_thread()
+        Command::Agent {
+            command: AgentCommand::Run { .. },
+        } => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build(),
         _ => tokio::runtime::Builder::new_multi_thread()
@@ -187,7 +205,11 @@ async fn run(cli: Cli) -> ExitCode {
             run_coordinator(command).await
         }
         Command::Agent { command } => {
-            init_logging("info");
+            init_logging(if matches!(command, AgentCommand::List { .. }) {
+                "warn"
+            } else {
+                "info"
+            });
             run_agent(command).await
         }
         Command::Rollout { command } => {

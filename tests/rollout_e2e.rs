@@ -118,6 +118,25 @@ async fn good_canary_walks_every_stage_and_is_promoted() {
     assert_eq!(after.transport_errors + after.server_errors, 0, "{after:?}");
     let burst = stack.burst(200).await;
     assert_eq!(burst.of(CANARY), 200, "{burst:?}");
+
+    // The coordinator knows the agent: connected, no error, and it acknowledged a generation
+    // at least as new as the promotion's.
+    let agents: Value =
+        serde_json::from_str(&stack.cli_ok(&["agent", "list", "--json"]).await).expect("JSON");
+    let agent = &agents[0];
+    assert_eq!(agent["connected"], true, "{agents:#}");
+    assert!(agent["last_error"].is_null(), "{agents:#}");
+    assert!(
+        agent["applied"]["index"].as_u64().is_some_and(|i| i > 0),
+        "{agents:#}"
+    );
+    let variants: BTreeSet<&str> = agent["instances"]
+        .as_array()
+        .expect("instances")
+        .iter()
+        .filter_map(|i| i["variant"].as_str())
+        .collect();
+    assert_eq!(variants, BTreeSet::from(["canary", "stable"]), "{agents:#}");
 }
 
 /// A canary that starts failing half its requests at 25% is rolled back by the critical

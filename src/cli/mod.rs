@@ -7,12 +7,14 @@
 //! - [`rollout`]: `serin rollout start|status|list|pause|resume|promote|abort`, the
 //!   ControlService client, with the pure renderers [`rollout::render_status`] and
 //!   [`rollout::rollout_json`];
+//! - [`agents`]: `serin agent list`, the agents a coordinator knows;
 //! - [`evidence`]: `serin rollout evidence`, per-stage measurements and the audit trail;
 //! - [`output`]: padded tables, UTC times and other text formatting.
 //!
 //! Commands return an [`std::process::ExitCode`] for outcomes scripts branch on (2 = invalid
 //! strategy) and an `anyhow` error for failures (the caller prints it and exits 1).
 
+pub mod agents;
 pub mod evidence;
 pub mod output;
 pub mod rollout;
