@@ -106,6 +106,7 @@ async fn run_scenario(
         node_id: 1,
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         data_dir: dir.join("coordinator"),
+        forget_agents_after: serin_coordinator::agents::FORGET_DISCONNECTED_AFTER,
     };
     let token = stop.clone();
     tasks.push(tokio::spawn(async move {

@@ -97,6 +97,16 @@ enum AgentCommand {
         #[command(flatten)]
         coordinator: cli::CoordinatorArgs,
     },
+    /// Remove a disconnected agent from the list now (the coordinator forgets agents
+    /// disconnected for longer than its `forget_agents_after`, 1 hour by default).
+    ///
+    /// Example: serin agent forget host-7
+    Forget {
+        /// The agent's name.
+        name: String,
+        #[command(flatten)]
+        coordinator: cli::CoordinatorArgs,
+    },
 }
 
 fn init_logging(default: &str) {
@@ -151,6 +161,7 @@ async fn run_coordinator(command: CoordinatorCommand) -> anyhow::Result<ExitCode
         node_id,
         listen,
         data_dir,
+        forget_agents_after: None,
     };
     let cfg = file.merge(flags).resolve()?;
     serin_coordinator::server::run(cfg, shutdown_on_signals(), None).await?;
@@ -165,6 +176,9 @@ async fn run_agent(command: AgentCommand) -> anyhow::Result<ExitCode> {
         } => (config, coordinator),
         AgentCommand::List { json, coordinator } => {
             return cli::agents::list(json, &coordinator).await;
+        }
+        AgentCommand::Forget { name, coordinator } => {
+            return cli::agents::forget(&name, &coordinator).await;
         }
     };
     let overrides = ConfigOverrides {
@@ -205,7 +219,7 @@ async fn run(cli: Cli) -> ExitCode {
             run_coordinator(command).await
         }
         Command::Agent { command } => {
-            init_logging(if matches!(command, AgentCommand::List { .. }) {
+            init_logging(if !matches!(command, AgentCommand::Run { .. }) {
                 "warn"
             } else {
                 "info"

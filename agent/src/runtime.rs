@@ -243,6 +243,7 @@ fn register(config: &AgentConfig) -> pb::Register {
             .collect(),
         last_applied: None,
         balancer_services: config.balancer_services(),
+        instance_id: String::new(),
     }
 }
 

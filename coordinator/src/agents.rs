@@ -4,9 +4,16 @@
 //! replicated [`Registry`]: each agent gets the traffic plans of the services it hosts, versioned
 //! by the newest of their generations, and only when that generation is newer than what was last
 //! sent on the current session.
+//!
+//! Costs are bounded by what changed, never by the fleet: a new session pushes to that agent
+//! only, and a change of the registry pushes only to the agents of the services whose traffic
+//! generation changed (found through a service → agents index). The first release recomputed
+//! every agent's desired state on every connect, so connecting N agents cost O(N²): 10,000
+//! simulated agents took 25-29 s to connect (benches/fleet_sim.rs measures it now).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Mutex;
+use std::time::Duration;
 
 use serin_proto::v1::{
     self, CoordinatorMessage, DesiredState, ServiceTraffic, coordinator_message::Body,
@@ -17,6 +24,9 @@ use crate::rollout::{Generation, Millis, Registry};
 
 /// The channel to one agent's stream.
 pub type AgentSender = mpsc::Sender<Result<CoordinatorMessage, tonic::Status>>;
+
+/// How long a disconnected agent stays in the list by default.
+pub const FORGET_DISCONNECTED_AFTER: Duration = Duration::from_secs(3600);
 
 /// What the coordinator knows of one agent.
 #[derive(Debug, Clone)]
@@ -31,7 +41,7 @@ pub struct AgentInfo {
     pub balancer_services: Vec<String>,
     /// Whether a session is open.
     pub connected: bool,
-    /// The last generation it acknowledged.
+    /// The last generation it applied in full.
     pub applied: Option<Generation>,
     /// The last apply error it reported, if any.
     pub last_error: Option<String>,
@@ -50,15 +60,100 @@ impl AgentInfo {
     }
 }
 
-struct Entry {
-    info: AgentInfo,
-    session: u64,
-    sender: Option<AgentSender>,
-    last_sent: Option<Generation>,
-    failures: HashMap<String, (Generation, String)>,
+/// Who is opening a session, beyond its [`AgentInfo`].
+#[derive(Debug, Clone, Default)]
+pub struct SessionOrigin {
+    /// The agent's per-data-directory id (empty from agents that do not send one).
+    pub instance_id: String,
+    /// The peer's address as seen by the server, for error messages.
+    pub peer: String,
 }
 
-/// All agents ever seen by this leader.
+/// Why a session was refused.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ConnectError {
+    /// Another agent with the same name (a different instance id) is connected.
+    #[error(
+        "an agent named '{agent}' is already connected from {peer}; give each agent a unique `name` in its config (or stop the other one)"
+    )]
+    NameTaken {
+        /// The name.
+        agent: String,
+        /// Where the connected one is.
+        peer: String,
+    },
+}
+
+/// Why `forget` refused.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ForgetError {
+    /// No such agent.
+    #[error("no agent named '{0}' is known to this coordinator")]
+    Unknown(String),
+    /// It is connected; forgetting it would be undone by its next report.
+    #[error("agent '{0}' is connected; stop it first, then forget it")]
+    Connected(String),
+}
+
+/// One failed service on one agent.
+#[derive(Debug, Clone, PartialEq)]
+struct Failure {
+    generation: Generation,
+    error: String,
+    since: Millis,
+}
+
+/// An agent that carries a service and has not applied its current traffic.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Lagging {
+    /// The agent.
+    pub agent: String,
+    /// Whether its session is open.
+    pub connected: bool,
+    /// The error it reported for this service, if it failed.
+    pub error: Option<String>,
+    /// Since when: the first failure, else when the change was sent, else when it disconnected.
+    pub since: Option<Millis>,
+}
+
+/// How far the agents that carry a service are with its current traffic.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ApplyStatus {
+    /// Agents (connected or not, not yet forgotten) that host or balance the service.
+    pub carrying: usize,
+    /// Of those, the ones that applied the generation.
+    pub applied: usize,
+    /// The others, by name.
+    pub lagging: Vec<Lagging>,
+}
+
+impl ApplyStatus {
+    /// True when every agent that carries the service applied its current traffic.
+    pub fn complete(&self) -> bool {
+        self.lagging.is_empty()
+    }
+}
+
+struct Entry {
+    info: AgentInfo,
+    origin: SessionOrigin,
+    session: u64,
+    sender: Option<AgentSender>,
+    last_sent: Option<(Generation, Millis)>,
+    /// The latest acknowledged generation, with or without failures.
+    acked: Option<Generation>,
+    /// Services that failed in the latest acknowledgement.
+    failures: HashMap<String, Failure>,
+    disconnected_at: Option<Millis>,
+}
+
+impl Entry {
+    fn has_applied(&self, service: &str, generation: Generation) -> bool {
+        self.acked.is_some_and(|a| a >= generation) && !self.failures.contains_key(service)
+    }
+}
+
+/// All agents seen by this leader and not yet forgotten.
 #[derive(Default)]
 pub struct AgentRegistry {
     inner: Mutex<Inner>,
@@ -67,7 +162,71 @@ pub struct AgentRegistry {
 #[derive(Default)]
 struct Inner {
     agents: BTreeMap<String, Entry>,
+    /// service → the agents that host or balance it.
+    by_service: HashMap<String, BTreeSet<String>>,
+    /// service → the traffic generation last fanned out to its agents.
+    pushed: HashMap<String, Generation>,
+    /// Agents whose last send found a full channel, to try again.
+    retry: BTreeSet<String>,
     next_session: u64,
+}
+
+impl Inner {
+    fn index(&mut self, name: &str, services: &BTreeSet<String>) {
+        for service in services {
+            self.by_service
+                .entry(service.clone())
+                .or_default()
+                .insert(name.to_owned());
+        }
+    }
+
+    fn unindex(&mut self, name: &str, services: &BTreeSet<String>) {
+        for service in services {
+            if let Some(agents) = self.by_service.get_mut(service) {
+                agents.remove(name);
+                if agents.is_empty() {
+                    self.by_service.remove(service);
+                }
+            }
+        }
+    }
+
+    fn remove(&mut self, name: &str) -> Option<Entry> {
+        let entry = self.agents.remove(name)?;
+        self.unindex(name, &entry.info.services());
+        self.retry.remove(name);
+        Some(entry)
+    }
+
+    /// Sends `name` its desired state if it is newer than what this session was sent.
+    fn push_to(&mut self, name: &str, registry: &Registry, now: Millis) {
+        let Some(entry) = self.agents.get_mut(name) else {
+            return;
+        };
+        let Some(sender) = &entry.sender else {
+            return;
+        };
+        let desired = desired_state(registry, &entry.info.services());
+        let generation = generation_of(&desired);
+        if entry.last_sent.is_some_and(|(sent, _)| sent >= generation) {
+            self.retry.remove(name);
+            return;
+        }
+        let message = CoordinatorMessage {
+            body: Some(Body::Desired(desired)),
+        };
+        match sender.try_send(Ok(message)) {
+            Ok(()) => {
+                entry.last_sent = Some((generation, now));
+                self.retry.remove(name);
+            }
+            Err(e) => {
+                tracing::warn!(agent = %name, error = %e, "could not queue desired state; will retry");
+                self.retry.insert(name.to_owned());
+            }
+        }
+    }
 }
 
 /// Which kinds of agents serve a service.
@@ -87,38 +246,70 @@ impl AgentRegistry {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Opens a session for `info` (replacing any older session of the same name); returns the
+    /// Opens a session for `info` and sends it its desired state from `registry`; returns the
     /// session number to pass to [`AgentRegistry::disconnect`].
-    pub fn connect(&self, mut info: AgentInfo, sender: AgentSender) -> u64 {
+    ///
+    /// A session of the same name replaces the older one when it comes from the same agent
+    /// (the same instance id: a restart, or a reconnect the server has not noticed yet). While a
+    /// different agent of that name is connected, the new one is refused: two agents summed
+    /// under one name would corrupt every count.
+    pub fn connect(
+        &self,
+        mut info: AgentInfo,
+        origin: SessionOrigin,
+        sender: AgentSender,
+        registry: &Registry,
+        now: Millis,
+    ) -> Result<u64, ConnectError> {
         let mut inner = self.lock();
+        if let Some(previous) = inner.agents.get(&info.name)
+            && previous.info.connected
+        {
+            let same_agent = origin.instance_id.is_empty()
+                || previous.origin.instance_id.is_empty()
+                || previous.origin.instance_id == origin.instance_id;
+            if !same_agent {
+                return Err(ConnectError::NameTaken {
+                    agent: info.name.clone(),
+                    peer: previous.origin.peer.clone(),
+                });
+            }
+            tracing::warn!(agent = %info.name, "agent reconnected; closing its previous session");
+        }
         inner.next_session += 1;
         let session = inner.next_session;
         info.connected = true;
-        let previous = inner.agents.remove(&info.name);
-        if previous.as_ref().is_some_and(|p| p.info.connected) {
-            tracing::warn!(agent = %info.name, "agent reconnected; closing its previous session");
-        }
+        let acked = info.applied;
+        let name = info.name.clone();
+        inner.remove(&name);
+        inner.index(&name, &info.services());
         inner.agents.insert(
-            info.name.clone(),
+            name.clone(),
             Entry {
                 info,
+                origin,
                 session,
                 sender: Some(sender),
                 last_sent: None,
+                acked,
                 failures: HashMap::new(),
+                disconnected_at: None,
             },
         );
-        session
+        inner.push_to(&name, registry, now);
+        Ok(session)
     }
 
     /// Closes a session (no-op when a newer session replaced it).
-    pub fn disconnect(&self, name: &str, session: u64) {
+    pub fn disconnect(&self, name: &str, session: u64, now: Millis) {
         let mut inner = self.lock();
         if let Some(entry) = inner.agents.get_mut(name)
             && entry.session == session
         {
             entry.sender = None;
             entry.info.connected = false;
+            entry.disconnected_at = Some(now);
+            inner.retry.remove(name);
         }
     }
 
@@ -129,17 +320,23 @@ impl AgentRegistry {
         }
     }
 
-    /// Records an acknowledgement.
+    /// Records an acknowledgement: `failures` are the services that did not apply, (service,
+    /// error); every other service of the agent applied `generation`.
     pub fn acknowledged(
         &self,
         name: &str,
         generation: Generation,
         failures: Vec<(String, String)>,
+        now: Millis,
     ) {
         let mut inner = self.lock();
         let Some(entry) = inner.agents.get_mut(name) else {
             return;
         };
+        if entry.acked.is_some_and(|a| a > generation) {
+            return; // a late ack of an older generation says nothing about the current one
+        }
+        entry.acked = Some(generation);
         if failures.is_empty() {
             entry.info.applied = Some(generation);
             entry.info.last_error = None;
@@ -151,36 +348,91 @@ impl AgentRegistry {
                     .collect::<Vec<_>>()
                     .join("; "),
             );
-            // A failed generation must be re-sent if asked again.
-            entry.last_sent = entry.info.applied;
         }
+        let mut still_failing = HashMap::new();
         for (service, error) in failures {
+            let since = entry
+                .failures
+                .get(&service)
+                .map_or(now, |previous| previous.since);
             tracing::warn!(agent = name, %service, %generation, %error, "agent failed to apply");
-            entry.failures.insert(service, (generation, error));
+            still_failing.insert(
+                service,
+                Failure {
+                    generation,
+                    error,
+                    since,
+                },
+            );
         }
+        entry.failures = still_failing;
     }
 
-    /// Agents that failed to apply `service`'s traffic at `generation`: (agent, error).
+    /// Agents that failed to apply `service`'s traffic at `generation` or later: (agent, error).
     pub fn failures(&self, service: &str, generation: Generation) -> Vec<(String, String)> {
-        self.lock()
-            .agents
-            .values()
-            .filter_map(|e| {
-                e.failures
+        let inner = self.lock();
+        let Some(names) = inner.by_service.get(service) else {
+            return Vec::new();
+        };
+        names
+            .iter()
+            .filter_map(|name| {
+                let entry = inner.agents.get(name)?;
+                entry
+                    .failures
                     .get(service)
-                    .filter(|(g, _)| *g == generation)
-                    .map(|(_, err)| (e.info.name.clone(), err.clone()))
+                    .filter(|f| f.generation >= generation)
+                    .map(|f| (name.clone(), f.error.clone()))
             })
             .collect()
+    }
+
+    /// How far the agents carrying `service` are with its traffic at `generation`.
+    pub fn apply_status(&self, service: &str, generation: Generation) -> ApplyStatus {
+        let inner = self.lock();
+        let mut status = ApplyStatus::default();
+        for name in inner.by_service.get(service).into_iter().flatten() {
+            let Some(entry) = inner.agents.get(name) else {
+                continue;
+            };
+            status.carrying += 1;
+            if entry.has_applied(service, generation) {
+                status.applied += 1;
+                continue;
+            }
+            let failure = entry.failures.get(service);
+            let sent = entry
+                .last_sent
+                .filter(|(g, _)| *g >= generation)
+                .map(|(_, at)| at);
+            status.lagging.push(Lagging {
+                agent: name.clone(),
+                connected: entry.info.connected,
+                error: failure.map(|f| f.error.clone()),
+                since: failure.map(|f| f.since).or(if entry.info.connected {
+                    sent
+                } else {
+                    entry.disconnected_at
+                }),
+            });
+        }
+        status
     }
 
     /// Which connected agents serve `service`.
     pub fn coverage(&self, service: &str) -> Coverage {
         let inner = self.lock();
         let mut c = Coverage::default();
-        for e in inner.agents.values().filter(|e| e.info.connected) {
-            c.balancer |= e.info.balancer_services.iter().any(|s| s == service);
-            for t in e.info.targets.iter().filter(|t| t.service == service) {
+        for entry in inner
+            .by_service
+            .get(service)
+            .into_iter()
+            .flatten()
+            .filter_map(|name| inner.agents.get(name))
+            .filter(|e| e.info.connected)
+        {
+            c.balancer |= entry.info.balancer_services.iter().any(|s| s == service);
+            for t in entry.info.targets.iter().filter(|t| t.service == service) {
                 c.stable |= t.variant == v1::Variant::Stable as i32;
                 c.canary |= t.variant == v1::Variant::Canary as i32;
             }
@@ -197,27 +449,52 @@ impl AgentRegistry {
             .collect()
     }
 
-    /// Sends each connected agent its desired state if it changed since the last send.
-    pub fn push_desired(&self, registry: &Registry) {
+    /// Forgets an agent that is not connected.
+    pub fn forget(&self, name: &str) -> Result<(), ForgetError> {
         let mut inner = self.lock();
-        for entry in inner.agents.values_mut() {
-            let Some(sender) = &entry.sender else {
-                continue;
-            };
-            let desired = desired_state(registry, &entry.info.services());
-            let generation = generation_of(&desired);
-            if entry.last_sent.is_some_and(|sent| sent >= generation) {
+        match inner.agents.get(name) {
+            None => Err(ForgetError::Unknown(name.to_owned())),
+            Some(e) if e.info.connected => Err(ForgetError::Connected(name.to_owned())),
+            Some(_) => {
+                inner.remove(name);
+                tracing::info!(agent = name, "agent forgotten");
+                Ok(())
+            }
+        }
+    }
+
+    /// Forgets the agents disconnected for longer than `after`; returns their names.
+    pub fn forget_disconnected(&self, after: Duration, now: Millis) -> Vec<String> {
+        let mut inner = self.lock();
+        let limit = after.as_millis() as Millis;
+        let stale: Vec<String> = inner
+            .agents
+            .iter()
+            .filter(|(_, e)| e.disconnected_at.is_some_and(|at| now - at > limit))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in &stale {
+            inner.remove(name);
+            tracing::info!(agent = %name, after = %humantime::format_duration(after), "disconnected agent forgotten");
+        }
+        stale
+    }
+
+    /// Sends their new desired state to the agents of the services whose traffic changed since
+    /// the last call, and retries sends that found a full channel. Costs O(services + agents
+    /// concerned), not O(fleet).
+    pub fn push_desired(&self, registry: &Registry, now: Millis) {
+        let mut inner = self.lock();
+        let mut concerned: BTreeSet<String> = std::mem::take(&mut inner.retry);
+        for (service, record) in &registry.services {
+            if inner.pushed.get(service) == Some(&record.generation) {
                 continue;
             }
-            let message = CoordinatorMessage {
-                body: Some(Body::Desired(desired)),
-            };
-            match sender.try_send(Ok(message)) {
-                Ok(()) => entry.last_sent = Some(generation),
-                Err(e) => {
-                    tracing::warn!(agent = %entry.info.name, error = %e, "could not queue desired state; will retry");
-                }
-            }
+            inner.pushed.insert(service.clone(), record.generation);
+            concerned.extend(inner.by_service.get(service).into_iter().flatten().cloned());
+        }
+        for name in concerned {
+            inner.push_to(&name, registry, now);
         }
     }
 }
@@ -288,12 +565,26 @@ mod tests {
         }
     }
 
-    fn registry_at(index: u64) -> Registry {
-        let mut reg = Registry::default();
+    fn balancer_of(name: &str, service: &str) -> AgentInfo {
+        AgentInfo {
+            targets: vec![],
+            balancer_services: vec![service.into()],
+            ..info(name)
+        }
+    }
+
+    fn origin(id: &str) -> SessionOrigin {
+        SessionOrigin {
+            instance_id: id.into(),
+            peer: format!("10.0.0.1:{}", id.len()),
+        }
+    }
+
+    fn start(reg: &mut Registry, service: &str, index: u64) {
         reg.apply(
             Command::Start {
-                id: RolloutId("r1".into()),
-                service: "api".into(),
+                id: RolloutId(format!("{service}-{index}")),
+                service: service.into(),
                 version: "v2".into(),
                 stable_version: Some("v1".into()),
                 strategy: Strategy::from_toml("[[stages]]\nweight = 5\n").unwrap(),
@@ -303,12 +594,17 @@ mod tests {
             Generation { term: 1, index },
         )
         .unwrap();
+    }
+
+    fn registry_at(index: u64) -> Registry {
+        let mut reg = Registry::default();
+        start(&mut reg, "api", index);
         reg
     }
 
-    fn received(
-        rx: &mut mpsc::Receiver<Result<CoordinatorMessage, tonic::Status>>,
-    ) -> Vec<DesiredState> {
+    type Receiver = mpsc::Receiver<Result<CoordinatorMessage, tonic::Status>>;
+
+    fn received(rx: &mut Receiver) -> Vec<DesiredState> {
         let mut out = vec![];
         while let Ok(Ok(m)) = rx.try_recv() {
             if let Some(Body::Desired(d)) = m.body {
@@ -318,49 +614,171 @@ mod tests {
         out
     }
 
+    fn connect(agents: &AgentRegistry, info: AgentInfo, reg: &Registry) -> (u64, Receiver) {
+        let (tx, rx) = mpsc::channel(8);
+        let id = info.name.clone();
+        let session = agents.connect(info, origin(&id), tx, reg, 0).unwrap();
+        (session, rx)
+    }
+
+    const G7: Generation = Generation { term: 1, index: 7 };
+
     #[test]
     fn desired_state_is_pushed_once_per_generation() {
         let agents = AgentRegistry::default();
-        let (tx, mut rx) = mpsc::channel(8);
-        agents.connect(info("a"), tx);
         let reg = registry_at(7);
-        agents.push_desired(&reg);
-        agents.push_desired(&reg);
+        let (_, mut rx) = connect(&agents, info("a"), &reg);
+        agents.push_desired(&reg, 0);
+        agents.push_desired(&reg, 0);
         let got = received(&mut rx);
         assert_eq!(got.len(), 1);
         assert_eq!(got[0].services[0].canary_weight, 5);
         assert_eq!(got[0].generation.unwrap().index, 7);
-        agents.push_desired(&registry_at(9));
+        agents.push_desired(&registry_at(9), 0);
         assert_eq!(received(&mut rx).len(), 1);
     }
 
     #[test]
-    fn a_failed_generation_is_sent_again_and_reported() {
+    fn a_new_session_is_pushed_to_that_agent_only() {
         let agents = AgentRegistry::default();
-        let (tx, mut rx) = mpsc::channel(8);
-        agents.connect(info("a"), tx);
         let reg = registry_at(7);
-        agents.push_desired(&reg);
-        let g = Generation { term: 1, index: 7 };
-        agents.acknowledged("a", g, vec![("api".into(), "nginx -t failed".into())]);
+        let (_, mut first) = connect(&agents, info("a"), &reg);
+        assert_eq!(received(&mut first).len(), 1);
+        let (_, mut second) = connect(&agents, info("b"), &reg);
+        assert_eq!(received(&mut second).len(), 1);
+        assert!(received(&mut first).is_empty(), "a was pushed again");
+    }
+
+    #[test]
+    fn a_change_is_pushed_only_to_the_agents_of_that_service() {
+        let agents = AgentRegistry::default();
+        let mut reg = registry_at(7);
+        start(&mut reg, "web", 8);
+        let (_, mut api) = connect(&agents, balancer_of("lb-api", "api"), &reg);
+        let (_, mut web) = connect(&agents, balancer_of("lb-web", "web"), &reg);
+        agents.push_desired(&reg, 0);
+        received(&mut api);
+        received(&mut web);
+        let id = RolloutId("web-8".into());
+        reg.apply(
+            Command::Abort {
+                id,
+                actor: Actor::Controller,
+                reason: "test".into(),
+                analysis: None,
+                at: 1,
+            },
+            Generation { term: 1, index: 9 },
+        )
+        .unwrap();
+        agents.push_desired(&reg, 1);
+        assert_eq!(received(&mut web).len(), 1);
+        assert!(received(&mut api).is_empty(), "api's balancer was pushed");
+    }
+
+    #[test]
+    fn a_second_agent_with_a_taken_name_is_refused_and_a_restart_replaces_the_session() {
+        let agents = AgentRegistry::default();
+        let reg = Registry::default();
+        let (tx, _rx) = mpsc::channel(8);
+        let first = agents
+            .connect(info("a"), origin("id-1"), tx.clone(), &reg, 0)
+            .unwrap();
+        let err = agents
+            .connect(info("a"), origin("id-22"), tx.clone(), &reg, 0)
+            .unwrap_err();
         assert_eq!(
-            agents.failures("api", g),
-            [("a".to_owned(), "nginx -t failed".to_owned())]
+            err,
+            ConnectError::NameTaken {
+                agent: "a".into(),
+                peer: "10.0.0.1:4".into()
+            }
         );
         assert!(
-            agents
-                .failures("api", Generation { term: 1, index: 8 })
-                .is_empty()
+            err.to_string()
+                .contains("already connected from 10.0.0.1:4")
         );
-        agents.push_desired(&reg);
-        assert_eq!(received(&mut rx).len(), 2);
+        let restarted = agents
+            .connect(info("a"), origin("id-1"), tx.clone(), &reg, 0)
+            .unwrap();
+        assert_ne!(first, restarted);
+        agents.disconnect("a", restarted, 5);
+        agents
+            .connect(info("a"), origin("id-22"), tx, &reg, 6)
+            .expect("the name is free once the other agent left");
+    }
+
+    #[test]
+    fn apply_status_names_each_agent_that_has_not_applied_with_its_error_and_since_when() {
+        let agents = AgentRegistry::default();
+        let reg = registry_at(7);
+        let (_, _a) = connect(&agents, info("a"), &reg);
+        let (_, _b) = connect(&agents, balancer_of("b", "api"), &reg);
+        let (c_session, _c) = connect(&agents, balancer_of("c", "api"), &reg);
+        let (_, _w) = connect(&agents, balancer_of("w", "web"), &reg);
+        agents.acknowledged("a", G7, vec![], 10);
+        agents.acknowledged(
+            "b",
+            G7,
+            vec![("api".into(), "nginx: master gone".into())],
+            20,
+        );
+        agents.acknowledged(
+            "b",
+            G7,
+            vec![("api".into(), "nginx: still gone".into())],
+            30,
+        );
+        agents.disconnect("c", c_session, 40);
+        let status = agents.apply_status("api", G7);
+        assert_eq!((status.carrying, status.applied), (3, 1));
+        assert_eq!(
+            status.lagging,
+            [
+                Lagging {
+                    agent: "b".into(),
+                    connected: true,
+                    error: Some("nginx: still gone".into()),
+                    since: Some(20),
+                },
+                Lagging {
+                    agent: "c".into(),
+                    connected: false,
+                    error: None,
+                    since: Some(40),
+                },
+            ]
+        );
+        assert_eq!(agents.failures("api", G7).len(), 1);
+        agents.acknowledged("b", G7, vec![], 50);
+        assert!(agents.failures("api", G7).is_empty());
+        assert_eq!(agents.apply_status("api", G7).applied, 2);
+    }
+
+    #[test]
+    fn disconnected_agents_are_forgotten_after_the_limit_or_on_request() {
+        let agents = AgentRegistry::default();
+        let reg = Registry::default();
+        let (a, _ra) = connect(&agents, info("a"), &reg);
+        let (b, _rb) = connect(&agents, info("b"), &reg);
+        let (_, _rc) = connect(&agents, info("c"), &reg);
+        assert_eq!(agents.forget("c"), Err(ForgetError::Connected("c".into())));
+        assert_eq!(agents.forget("x"), Err(ForgetError::Unknown("x".into())));
+        agents.disconnect("a", a, 1_000);
+        agents.disconnect("b", b, 5_000);
+        let hour = Duration::from_secs(3600);
+        assert!(agents.forget_disconnected(hour, 3_601_000).is_empty());
+        assert_eq!(agents.forget_disconnected(hour, 3_601_001), ["a"]);
+        assert_eq!(agents.forget("b"), Ok(()));
+        let names: Vec<_> = agents.list().into_iter().map(|a| a.name).collect();
+        assert_eq!(names, ["c"]);
+        assert!(agents.coverage("api").canary);
     }
 
     #[test]
     fn unknown_services_get_all_traffic_on_stable_and_coverage_tracks_sessions() {
         let agents = AgentRegistry::default();
-        let (tx, _rx) = mpsc::channel(8);
-        let session = agents.connect(info("a"), tx);
+        let (session, _rx) = connect(&agents, info("a"), &Registry::default());
         let d = desired_state(&Registry::default(), &["api".to_owned()].into());
         assert_eq!(d.services[0].canary_weight, 0);
         assert_eq!(d.generation.unwrap().index, 0);
@@ -372,9 +790,9 @@ mod tests {
                 canary: true
             }
         );
-        agents.disconnect("a", session + 1); // a stale session id changes nothing
+        agents.disconnect("a", session + 1, 0); // a stale session id changes nothing
         assert!(agents.coverage("api").balancer);
-        agents.disconnect("a", session);
+        agents.disconnect("a", session, 0);
         assert_eq!(agents.coverage("api"), Coverage::default());
     }
 }

@@ -45,6 +45,8 @@ pub struct LiveView {
     pub recent: Pair,
     /// The latest recent scrape error of (stable, canary) instances.
     pub scrape_errors: (Option<String>, Option<String>),
+    /// Every trigger's reading, and since when a failing warning trigger has failed.
+    pub triggers: Vec<(TriggerReading, Option<Millis>)>,
     /// When it was computed.
     pub at: Millis,
 }
@@ -108,14 +110,20 @@ pub async fn run(shared: Shared, shutdown: CancellationToken) {
         checkpointed.retain(|id, _| active.iter().any(|r| &r.id == id));
         for rollout in active {
             let memory = memories.entry(rollout.id.clone()).or_default();
-            let (observation, live) = observe(&shared, &view.registry, &rollout, now);
+            let (observation, mut live) = observe(&shared, &view.registry, &rollout, now);
+            let decision = decide(&rollout, &observation, memory, now);
+            live.triggers = observation
+                .triggers
+                .iter()
+                .map(|t| (t.clone(), memory.failing_since(&t.result.name)))
+                .collect();
             shared
                 .live
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .insert(rollout.id.clone(), live);
-            let Some(command) = decide(&rollout, &observation, memory, now)
-                .or_else(|| checkpoint_due(&rollout, &observation, &mut checkpointed, now))
+            let Some(command) =
+                decision.or_else(|| checkpoint_due(&rollout, &observation, &mut checkpointed, now))
             else {
                 continue;
             };
@@ -239,6 +247,7 @@ fn observe(
         stage,
         recent,
         scrape_errors,
+        triggers: Vec::new(),
         at: now,
     };
     (observation, live)

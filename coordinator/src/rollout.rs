@@ -48,6 +48,24 @@ pub struct Generation {
     pub index: u64,
 }
 
+impl From<serin_proto::v1::Generation> for Generation {
+    fn from(g: serin_proto::v1::Generation) -> Self {
+        Generation {
+            term: g.term,
+            index: g.index,
+        }
+    }
+}
+
+impl From<Generation> for serin_proto::v1::Generation {
+    fn from(g: Generation) -> Self {
+        serin_proto::v1::Generation {
+            term: g.term,
+            index: g.index,
+        }
+    }
+}
+
 impl fmt::Display for Generation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}.{}", self.term, self.index)
@@ -893,6 +911,13 @@ pub struct Observation {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct TriggerMemory {
     warning_since: HashMap<String, Millis>,
+}
+
+impl TriggerMemory {
+    /// Since when the warning trigger `name` has been failing, if it is.
+    pub fn failing_since(&self, name: &str) -> Option<Millis> {
+        self.warning_since.get(name).copied()
+    }
 }
 
 /// Decides what the leader should propose for `rollout` now, if anything.

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use serde::Deserialize;
 use serin_proto::v1::{
@@ -18,7 +19,7 @@ use crate::agents::AgentRegistry;
 use crate::control::{self, Shared};
 use crate::metrics::MetricsStore;
 use crate::raft::node::{self, NoPeers, NodeConfig, NodeError};
-use crate::service::Api;
+use crate::service::{Api, MAX_MESSAGE_BYTES};
 use crate::strategy::MAX_TRIGGER_WINDOW;
 
 /// Coordinator settings, validated.
@@ -30,6 +31,8 @@ pub struct CoordinatorConfig {
     pub listen: SocketAddr,
     /// Where the raft log and state live.
     pub data_dir: PathBuf,
+    /// How long a disconnected agent stays in `serin agent list` before it is forgotten.
+    pub forget_agents_after: Duration,
 }
 
 /// Coordinator settings as written in a TOML file or given as flags; every field optional
@@ -43,6 +46,9 @@ pub struct CoordinatorSettings {
     pub listen: Option<SocketAddr>,
     /// Data directory; required.
     pub data_dir: Option<PathBuf>,
+    /// How long a disconnected agent is listed before it is forgotten; default 1 hour.
+    #[serde(default, with = "humantime_serde")]
+    pub forget_agents_after: Option<Duration>,
 }
 
 impl CoordinatorSettings {
@@ -57,6 +63,7 @@ impl CoordinatorSettings {
             node_id: overrides.node_id.or(self.node_id),
             listen: overrides.listen.or(self.listen),
             data_dir: overrides.data_dir.or(self.data_dir),
+            forget_agents_after: overrides.forget_agents_after.or(self.forget_agents_after),
         }
     }
 
@@ -72,6 +79,9 @@ impl CoordinatorSettings {
                     "data_dir: required (set it in the config file or pass --data-dir)".into(),
                 )
             })?,
+            forget_agents_after: self
+                .forget_agents_after
+                .unwrap_or(crate::agents::FORGET_DISCONNECTED_AFTER),
         };
         config.validate()?;
         Ok(config)
@@ -169,7 +179,11 @@ pub async fn run(
     };
     let tasks = CancellationToken::new();
     let control_task = tokio::spawn(control::run(shared.clone(), tasks.clone()));
-    let push_task = tokio::spawn(push_desired(shared.clone(), tasks.clone()));
+    let push_task = tokio::spawn(push_desired(
+        shared.clone(),
+        config.forget_agents_after,
+        tasks.clone(),
+    ));
 
     let sessions = tokio_util::task::TaskTracker::new();
     let api = Api::new(shared, shutdown.clone(), sessions.clone());
@@ -178,8 +192,10 @@ pub async fn run(
         let _ = ready.send(addr);
     }
     let server = tonic::transport::Server::builder()
-        .add_service(AgentServiceServer::new(api.clone()))
-        .add_service(ControlServiceServer::new(api))
+        .add_service(
+            AgentServiceServer::new(api.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(ControlServiceServer::new(api).max_decoding_message_size(MAX_MESSAGE_BYTES))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled());
     let served = server.await;
 
@@ -201,16 +217,24 @@ pub async fn run(
 }
 
 /// Pushes desired state to agents whenever the applied registry changes.
-async fn push_desired(shared: Shared, shutdown: CancellationToken) {
+///
+/// Also forgets agents disconnected for longer than `forget_after`, checked once a minute.
+async fn push_desired(shared: Shared, forget_after: Duration, shutdown: CancellationToken) {
     let mut view = shared.raft.subscribe();
+    let mut last_forget = control::now_millis();
     loop {
         let registry = view.borrow_and_update().registry.clone();
-        shared.agents.push_desired(&registry);
+        let now = control::now_millis();
+        shared.agents.push_desired(&registry, now);
+        if now - last_forget >= 60_000 {
+            shared.agents.forget_disconnected(forget_after, now);
+            last_forget = now;
+        }
         tokio::select! {
             _ = shutdown.cancelled() => return,
             changed = view.changed() => if changed.is_err() { return },
-            // Retries sends that found a full channel, and re-sends failed generations.
-            _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+            // Retries sends that found a full channel (agents retry failed applies themselves).
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
     }
 }

@@ -16,12 +16,16 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::agents::AgentInfo;
+use crate::agents::{AgentInfo, ForgetError, SessionOrigin};
+use crate::analysis::Verdict;
 use crate::analysis::{Pair, Window};
 use crate::control::{LiveView, RATE_WINDOW, Shared, now_millis};
 use crate::metrics::Side;
 use crate::raft::{ProposeError, Role};
-use crate::rollout::{Actor, Command, Generation, Rejection, Rollout, RolloutId};
+use crate::rollout::{
+    Actor, Command, Generation, Millis, Rejection, Rollout, RolloutId, TriggerReading,
+};
+use crate::strategy::Severity;
 use crate::strategy::Strategy;
 
 /// Implements both services over the shared coordinator state.
@@ -58,7 +62,37 @@ impl Api {
         let live = (!rollout.state.is_terminal())
             .then(|| self.shared.live(&rollout.id))
             .flatten();
-        rollout_to_proto(rollout, live.as_ref())
+        let mut proto = rollout_to_proto(rollout, live.as_ref());
+        proto.apply = self.apply_progress(rollout);
+        proto
+    }
+
+    /// Desired vs actual for `rollout`, when it is its service's latest rollout.
+    fn apply_progress(&self, rollout: &Rollout) -> Option<v1::ApplyProgress> {
+        let view = self.shared.raft.view();
+        let service = view.registry.services.get(&rollout.service)?;
+        if service.latest.as_ref() != Some(&rollout.id) {
+            return None;
+        }
+        let status = self
+            .shared
+            .agents
+            .apply_status(&rollout.service, service.generation);
+        Some(v1::ApplyProgress {
+            generation: Some(service.generation.into()),
+            agents: status.carrying as u32,
+            applied: status.applied as u32,
+            lagging: status
+                .lagging
+                .into_iter()
+                .map(|l| v1::AgentLag {
+                    agent: l.agent,
+                    connected: l.connected,
+                    error: l.error.unwrap_or_default(),
+                    since_ms: l.since.unwrap_or(0),
+                })
+                .collect(),
+        })
     }
 
     async fn propose(&self, command: Command) -> Result<v1::Rollout, Status> {
@@ -137,6 +171,36 @@ fn variant_stats(
     }
 }
 
+fn trigger_outcome(reading: &TriggerReading, failing_since: Option<Millis>) -> v1::TriggerOutcome {
+    let (value, threshold) = match reading.result.verdict {
+        Verdict::Pass { value, threshold } | Verdict::Fail { value, threshold } => {
+            (Some(value), Some(threshold))
+        }
+        Verdict::NoData { .. } | Verdict::Skipped { .. } => (None, None),
+    };
+    let warning = reading.severity == Severity::Warning;
+    v1::TriggerOutcome {
+        name: reading.result.name.clone(),
+        severity: match reading.severity {
+            Severity::Critical => "critical",
+            Severity::Warning => "warning",
+        }
+        .to_owned(),
+        verdict: reading.result.verdict.label().to_owned(),
+        detail: reading.result.describe(),
+        value,
+        threshold,
+        unit: reading.result.metric.unit().to_owned(),
+        window_ms: reading.window.as_millis() as u64,
+        grace_ms: if warning {
+            reading.grace.as_millis() as u64
+        } else {
+            0
+        },
+        failing_since_ms: failing_since.filter(|_| warning).unwrap_or(0),
+    }
+}
+
 /// Converts a rollout (and the leader's live view of it) to its wire form.
 pub fn rollout_to_proto(rollout: &Rollout, live: Option<&LiveView>) -> v1::Rollout {
     let live = live.map(|l| {
@@ -153,6 +217,11 @@ pub fn rollout_to_proto(rollout: &Rollout, live: Option<&LiveView>) -> v1::Rollo
                     verdict: c.verdict.label().to_owned(),
                     detail: c.describe(),
                 })
+                .collect(),
+            triggers: l
+                .triggers
+                .iter()
+                .map(|(t, since)| trigger_outcome(t, *since))
                 .collect(),
         }
     });
@@ -185,6 +254,7 @@ pub fn rollout_to_proto(rollout: &Rollout, live: Option<&LiveView>) -> v1::Rollo
             .collect(),
         live,
         detail_json: serde_json::to_string(rollout).unwrap_or_default(),
+        apply: None,
     }
 }
 
@@ -362,6 +432,19 @@ impl ControlService for Api {
             .collect();
         Ok(Response::new(v1::ListAgentsReply { agents }))
     }
+
+    async fn forget_agent(
+        &self,
+        request: Request<v1::ForgetAgentRequest>,
+    ) -> Result<Response<v1::ForgetAgentReply>, Status> {
+        let name = request.into_inner().name;
+        self.require_leader()?;
+        self.shared.agents.forget(&name).map_err(|e| match e {
+            ForgetError::Unknown(_) => Status::not_found(e.to_string()),
+            ForgetError::Connected(_) => Status::failed_precondition(e.to_string()),
+        })?;
+        Ok(Response::new(v1::ForgetAgentReply {}))
+    }
 }
 
 type SessionStream = Pin<Box<dyn Stream<Item = Result<CoordinatorMessage, Status>> + Send>>;
@@ -374,6 +457,7 @@ impl AgentService for Api {
         &self,
         request: Request<Streaming<AgentMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
+        let peer = request.remote_addr();
         let mut inbound = request.into_inner();
         let view = self.shared.raft.view();
         if view.role != Role::Leader {
@@ -416,16 +500,24 @@ impl AgentService for Api {
             targets: register.targets,
             balancer_services: register.balancer_services,
             connected: true,
-            applied: register.last_applied.map(|g| Generation {
-                term: g.term,
-                index: g.index,
-            }),
+            applied: register.last_applied.map(Generation::from),
             last_error: None,
             last_report: None,
         };
-        tracing::info!(agent = %name, targets = info.targets.len(), "agent connected");
-        let session = self.shared.agents.connect(info, tx);
-        self.shared.agents.push_desired(&view.registry);
+        let origin = SessionOrigin {
+            instance_id: register.instance_id,
+            peer: peer.map_or_else(|| "an unknown address".to_owned(), |a| a.to_string()),
+        };
+        let targets = info.targets.len();
+        let session = self
+            .shared
+            .agents
+            .connect(info, origin, tx.clone(), &view.registry, now_millis())
+            .map_err(|e| {
+                tracing::warn!(agent = %name, error = %e, "agent refused");
+                Status::already_exists(e.to_string())
+            })?;
+        tracing::info!(agent = %name, targets, "agent connected");
         let shared = self.shared.clone();
         let shutdown = self.shutdown.clone();
         // The session task ends when the agent's stream ends or at shutdown; it is tracked so
@@ -436,69 +528,21 @@ impl AgentService for Api {
                     _ = shutdown.cancelled() => break,
                     message = inbound.next() => message,
                 };
-                let Some(Ok(message)) = message else { break };
-                match message.body {
-                    Some(agent_message::Body::Report(report)) => {
-                        let now = now_millis();
-                        shared.agents.reported(&name, now);
-                        {
-                            let mut metrics = shared.metrics();
-                            for w in report.instances {
-                                let side = if w.variant == v1::Variant::Canary as i32 {
-                                    Side::Canary
-                                } else if w.variant == v1::Variant::Stable as i32 {
-                                    Side::Stable
-                                } else {
-                                    continue;
-                                };
-                                let window = if w.scrape_ok {
-                                    let buckets: Vec<(f64, u64)> =
-                                        w.latency.iter().map(|b| (b.le, b.count)).collect();
-                                    Window::from_counts(
-                                        w.requests,
-                                        w.errors,
-                                        &buckets,
-                                        w.latency_sum_seconds,
-                                    )
-                                } else {
-                                    metrics.record_scrape_error(
-                                        &w.service,
-                                        side,
-                                        format!("{}: {}", w.instance, w.scrape_error),
-                                        now,
-                                    );
-                                    Window::missing()
-                                };
-                                metrics.record(&w.service, side, window, now);
-                            }
+                match message {
+                    None => break,
+                    Some(Ok(message)) => handle_agent_message(&shared, &name, message),
+                    Some(Err(status)) => {
+                        if let Some(refusal) = oversized(&status, &name) {
+                            tracing::warn!(agent = %name, error = %refusal.message(), "agent session ended");
+                            let _ = tx.try_send(Err(refusal));
+                        } else {
+                            tracing::info!(agent = %name, error = %status, "agent stream failed");
                         }
-                        shared.wake.notify_one();
-                    }
-                    Some(agent_message::Body::Ack(ack)) => {
-                        let generation = ack
-                            .generation
-                            .map(|g| Generation {
-                                term: g.term,
-                                index: g.index,
-                            })
-                            .unwrap_or_default();
-                        let failures = ack
-                            .failures
-                            .into_iter()
-                            .map(|f| (f.service, f.error))
-                            .collect::<Vec<_>>();
-                        if failures.is_empty() {
-                            tracing::info!(agent = %name, %generation, "agent applied");
-                        }
-                        shared.agents.acknowledged(&name, generation, failures);
-                        shared.wake.notify_one();
-                    }
-                    Some(agent_message::Body::Register(_)) | None => {
-                        tracing::warn!(agent = %name, "unexpected message on an open session ignored");
+                        break;
                     }
                 }
             }
-            shared.agents.disconnect(&name, session);
+            shared.agents.disconnect(&name, session, now_millis());
             tracing::info!(agent = %name, "agent disconnected");
         });
         let outbound = futures::StreamExt::take_until(
@@ -506,5 +550,78 @@ impl AgentService for Api {
             self.shutdown.clone().cancelled_owned(),
         );
         Ok(Response::new(Box::pin(outbound)))
+    }
+}
+
+/// The largest message the coordinator accepts from an agent or an operator, in bytes
+/// (tonic's default, stated so errors can name it).
+pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+
+/// The status sent to an agent whose message exceeded [`MAX_MESSAGE_BYTES`], if `status` is that
+/// error (tonic reports it as `OUT_OF_RANGE` with "message length too large").
+fn oversized(status: &Status, agent: &str) -> Option<Status> {
+    let too_large = matches!(
+        status.code(),
+        tonic::Code::OutOfRange | tonic::Code::ResourceExhausted
+    ) && status.message().contains("too large");
+    too_large.then(|| {
+        Status::resource_exhausted(format!(
+            "a message from agent '{agent}' exceeds the coordinator's limit of {MAX_MESSAGE_BYTES} bytes ({}); report fewer instances per agent",
+            status.message()
+        ))
+    })
+}
+
+/// Folds one message of an open session into the leader's state.
+fn handle_agent_message(shared: &Shared, name: &str, message: AgentMessage) {
+    match message.body {
+        Some(agent_message::Body::Report(report)) => {
+            let now = now_millis();
+            shared.agents.reported(name, now);
+            let mut metrics = shared.metrics();
+            for w in report.instances {
+                let side = if w.variant == v1::Variant::Canary as i32 {
+                    Side::Canary
+                } else if w.variant == v1::Variant::Stable as i32 {
+                    Side::Stable
+                } else {
+                    continue;
+                };
+                let window = if w.scrape_ok {
+                    let buckets: Vec<(f64, u64)> =
+                        w.latency.iter().map(|b| (b.le, b.count)).collect();
+                    Window::from_counts(w.requests, w.errors, &buckets, w.latency_sum_seconds)
+                } else {
+                    metrics.record_scrape_error(
+                        &w.service,
+                        side,
+                        format!("{}: {}", w.instance, w.scrape_error),
+                        now,
+                    );
+                    Window::missing()
+                };
+                metrics.record(&w.service, side, window, now);
+            }
+            drop(metrics);
+            shared.wake.notify_one();
+        }
+        Some(agent_message::Body::Ack(ack)) => {
+            let generation = ack.generation.map(Generation::from).unwrap_or_default();
+            let failures = ack
+                .failures
+                .into_iter()
+                .map(|f| (f.service, f.error))
+                .collect::<Vec<_>>();
+            if failures.is_empty() {
+                tracing::info!(agent = %name, %generation, "agent applied");
+            }
+            shared
+                .agents
+                .acknowledged(name, generation, failures, now_millis());
+            shared.wake.notify_one();
+        }
+        Some(agent_message::Body::Register(_)) | None => {
+            tracing::warn!(agent = %name, "unexpected message on an open session ignored");
+        }
     }
 }

@@ -16,6 +16,7 @@ async fn shutdown_with_an_open_agent_session_returns_promptly() {
         node_id: 1,
         listen: "127.0.0.1:0".parse().unwrap(),
         data_dir: dir.path().to_owned(),
+        forget_agents_after: serin_coordinator::agents::FORGET_DISCONNECTED_AFTER,
     };
     let shutdown = CancellationToken::new();
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();

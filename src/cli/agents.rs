@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use serde_json::{Value, json};
-use serin_proto::v1::{AgentInfo, ListAgentsRequest, Variant};
+use serin_proto::v1::{AgentInfo, ForgetAgentRequest, ListAgentsRequest, Variant};
 
 use super::output::{Table, short_duration, truncate};
 use super::rollout::describe_status;
@@ -106,6 +106,19 @@ pub async fn list(json: bool, coordinator: &CoordinatorArgs) -> anyhow::Result<E
         let now = serin_coordinator::control::now_millis();
         print!("{}", render(&agents, now));
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Runs `serin agent forget NAME`.
+pub async fn forget(name: &str, coordinator: &CoordinatorArgs) -> anyhow::Result<ExitCode> {
+    let mut client = connect(coordinator).await?;
+    client
+        .forget_agent(ForgetAgentRequest {
+            name: name.to_owned(),
+        })
+        .await
+        .map_err(|s| describe_status(&s, coordinator, None))?;
+    println!("forgot agent '{name}'");
     Ok(ExitCode::SUCCESS)
 }
 

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde_json::{Value, json};
 use serin_proto::v1::control_service_client::ControlServiceClient;
 use serin_proto::v1::{
-    GetRolloutRequest, ListRolloutsRequest, Rollout, RolloutReply, StartRolloutRequest,
-    SteerAction, SteerRolloutRequest, VariantStats,
+    ApplyProgress, GetRolloutRequest, ListRolloutsRequest, Rollout, RolloutReply,
+    StartRolloutRequest, SteerAction, SteerRolloutRequest, TriggerOutcome, VariantStats,
 };
 use tonic::Code;
 use tonic::transport::Channel;
@@ -592,7 +592,37 @@ pub fn render_status(r: &Rollout, now_ms: i64) -> String {
             r.last_reason.clone()
         },
     ]);
+    if let Some(apply) = &r.apply {
+        head.row(vec!["agents".into(), apply_summary(apply)]);
+    }
     out.push_str(&head.render(""));
+    if let Some(apply) = &r.apply
+        && !apply.lagging.is_empty()
+    {
+        out.push_str("\nagents that have not applied the current traffic\n");
+        let mut lagging = Table::new(&["AGENT", "CONNECTED", "SINCE", "ERROR"]);
+        for l in &apply.lagging {
+            lagging.row(vec![
+                l.agent.clone(),
+                if l.connected { "yes" } else { "no" }.into(),
+                if l.since_ms > 0 {
+                    format!("{} ago", short_duration(now_ms - l.since_ms))
+                } else {
+                    "-".into()
+                },
+                if l.error.is_empty() {
+                    if l.connected {
+                        "no answer yet".into()
+                    } else {
+                        "disconnected".into()
+                    }
+                } else {
+                    truncate(&l.error, 90)
+                },
+            ]);
+        }
+        out.push_str(&lagging.render("  "));
+    }
 
     match &r.live {
         Some(live) => {
@@ -647,6 +677,10 @@ pub fn render_status(r: &Rollout, now_ms: i64) -> String {
                 out.push('\n');
                 out.push_str(&checks.render("  "));
             }
+            if !live.triggers.is_empty() {
+                out.push('\n');
+                out.push_str(&render_triggers(&live.triggers, now_ms).render("  "));
+            }
         }
         None if !finished => {
             out.push_str("\nlive analysis: none yet (the leader reports it while a stage runs)\n")
@@ -673,6 +707,73 @@ pub fn render_status(r: &Rollout, now_ms: i64) -> String {
         out.push_str(&events.render("  "));
     }
     out
+}
+
+/// `3/4 applied generation 1.7`, with a warning mark when some have not.
+fn apply_summary(apply: &ApplyProgress) -> String {
+    let generation = apply
+        .generation
+        .map_or("-".to_owned(), |g| format!("{}.{}", g.term, g.index));
+    let mark = if apply.lagging.is_empty() {
+        ""
+    } else {
+        "  ⚠ NOT APPLIED EVERYWHERE"
+    };
+    format!(
+        "{}/{} applied generation {generation}{mark}",
+        apply.applied, apply.agents
+    )
+}
+
+/// `value <= threshold` (or `>`), or `-` without data.
+fn trigger_value(t: &TriggerOutcome) -> String {
+    match (t.value, t.threshold) {
+        (Some(v), Some(th)) => {
+            let op = if t.verdict == "fail" { ">" } else { "<=" };
+            format!(
+                "{} {op} {}",
+                round_figure(v, &t.unit),
+                round_figure(th, &t.unit)
+            )
+        }
+        _ => "-".into(),
+    }
+}
+
+fn round_figure(v: f64, unit: &str) -> String {
+    let v = (v * 10_000.0).round() / 10_000.0;
+    format!("{v}{unit}")
+}
+
+/// Triggers beside the checks: value, threshold, window, and for a failing warning trigger how
+/// long it has failed and how much grace is left.
+fn render_triggers(triggers: &[TriggerOutcome], now_ms: i64) -> Table {
+    let mut table = Table::new(&["TRIGGER", "SEVERITY", "VERDICT", "VALUE", "WINDOW", "GRACE"]);
+    for t in triggers {
+        let grace = if t.severity != "warning" {
+            "-".to_owned()
+        } else if t.failing_since_ms > 0 {
+            let failed = (now_ms - t.failing_since_ms).max(0);
+            let left = (t.grace_ms as i64 - failed).max(0);
+            format!(
+                "failing {}, {} left of {}",
+                short_duration(failed),
+                short_duration(left),
+                short_duration(t.grace_ms as i64)
+            )
+        } else {
+            short_duration(t.grace_ms as i64)
+        };
+        table.row(vec![
+            t.name.clone(),
+            t.severity.clone(),
+            t.verdict.clone(),
+            trigger_value(t),
+            short_duration(t.window_ms as i64),
+            grace,
+        ]);
+    }
+    table
 }
 
 /// One line for `status --watch` when stdout is not a terminal:
@@ -781,6 +882,32 @@ pub fn rollout_json(r: &Rollout) -> Value {
                 "verdict": c.verdict,
                 "detail": c.detail,
             })).collect::<Vec<_>>(),
+            "triggers": l.triggers.iter().map(|t| json!({
+                "name": t.name,
+                "severity": t.severity,
+                "verdict": t.verdict,
+                "detail": t.detail,
+                "value": t.value,
+                "threshold": t.threshold,
+                "unit": t.unit,
+                "window_ms": t.window_ms,
+                "grace_ms": (t.severity == "warning").then_some(t.grace_ms),
+                "failing_since_ms": (t.failing_since_ms > 0).then_some(t.failing_since_ms),
+            })).collect::<Vec<_>>(),
+        }),
+        None => Value::Null,
+    };
+    let apply = match &r.apply {
+        Some(a) => json!({
+            "generation": a.generation.map(|g| json!({"term": g.term, "index": g.index})),
+            "agents": a.agents,
+            "applied": a.applied,
+            "lagging": a.lagging.iter().map(|l| json!({
+                "agent": l.agent,
+                "connected": l.connected,
+                "error": (!l.error.is_empty()).then(|| l.error.clone()),
+                "since_ms": (l.since_ms > 0).then_some(l.since_ms),
+            })).collect::<Vec<_>>(),
         }),
         None => Value::Null,
     };
@@ -799,6 +926,7 @@ pub fn rollout_json(r: &Rollout) -> Value {
         "stage_started_at_ms": r.stage_started_at_ms,
         "events": events,
         "live": live,
+        "apply": apply,
     });
     if !r.detail_json.is_empty() {
         let detail = serde_json::from_str::<Value>(&r.detail_json)
@@ -877,9 +1005,100 @@ mod tests {
                         detail: "canary has 60 of 100 requests".into(),
                     },
                 ],
+                triggers: vec![],
             }),
             detail_json: String::new(),
+            apply: None,
         }
+    }
+
+    #[test]
+    fn status_shows_agents_that_have_not_applied_and_triggers_with_grace_left() {
+        let mut r = sample();
+        r.state = "rolled_back".into();
+        r.apply = Some(ApplyProgress {
+            generation: Some(serin_proto::v1::Generation { term: 1, index: 9 }),
+            agents: 3,
+            applied: 1,
+            lagging: vec![
+                serin_proto::v1::AgentLag {
+                    agent: "lb-2".into(),
+                    connected: true,
+                    error: "api: nginx master is not running".into(),
+                    since_ms: T0 + 170_000,
+                },
+                serin_proto::v1::AgentLag {
+                    agent: "lb-3".into(),
+                    connected: false,
+                    error: String::new(),
+                    since_ms: T0 + 120_000,
+                },
+            ],
+        });
+        let text = render_status(&r, T0 + 184_000);
+        assert!(
+            text.contains("agents   1/3 applied generation 1.9  ⚠ NOT APPLIED EVERYWHERE"),
+            "{text}"
+        );
+        let lb2 = text.lines().find(|l| l.contains("lb-2")).unwrap();
+        assert!(
+            lb2.contains("yes") && lb2.contains("14s ago") && lb2.contains("nginx master"),
+            "{lb2}"
+        );
+        let lb3 = text.lines().find(|l| l.contains("lb-3")).unwrap();
+        assert!(
+            lb3.contains("1m 4s ago") && lb3.contains("disconnected"),
+            "{lb3}"
+        );
+        let json = rollout_json(&r);
+        assert_eq!(json["apply"]["applied"], 1);
+        assert_eq!(json["apply"]["lagging"][1]["error"], Value::Null);
+
+        let mut r = sample();
+        r.live.as_mut().unwrap().triggers = vec![
+            TriggerOutcome {
+                name: "error-burst".into(),
+                severity: "critical".into(),
+                verdict: "pass".into(),
+                detail: String::new(),
+                value: Some(0.0),
+                threshold: Some(0.2),
+                unit: String::new(),
+                window_ms: 30_000,
+                grace_ms: 0,
+                failing_since_ms: 0,
+            },
+            TriggerOutcome {
+                name: "slow".into(),
+                severity: "warning".into(),
+                verdict: "fail".into(),
+                detail: String::new(),
+                value: Some(612.5),
+                threshold: Some(500.0),
+                unit: "ms".into(),
+                window_ms: 60_000,
+                grace_ms: 120_000,
+                failing_since_ms: T0 + 154_000,
+            },
+        ];
+        let text = render_status(&r, T0 + 184_000);
+        let burst = text.lines().find(|l| l.contains("error-burst")).unwrap();
+        assert!(
+            burst.contains("0 <= 0.2") && burst.contains("30s"),
+            "{burst}"
+        );
+        let slow = text.lines().find(|l| l.contains("slow")).unwrap();
+        assert!(
+            slow.contains("612.5ms > 500ms") && slow.contains("failing 30s, 1m 30s left of 2m"),
+            "{slow}"
+        );
+        assert!(!text.contains("⚠"), "{text}");
+        let json = rollout_json(&r);
+        assert_eq!(
+            json["live"]["triggers"][1]["failing_since_ms"],
+            T0 + 154_000
+        );
+        assert_eq!(json["live"]["triggers"][0]["grace_ms"], Value::Null);
     }
 
     #[test]
@@ -1261,6 +1480,13 @@ mod tests {
             Ok(tonic::Response::new(
                 serin_proto::v1::ListAgentsReply::default(),
             ))
+        }
+
+        async fn forget_agent(
+            &self,
+            _: tonic::Request<serin_proto::v1::ForgetAgentRequest>,
+        ) -> Reply<serin_proto::v1::ForgetAgentReply> {
+            Err(tonic::Status::unimplemented("not in the fake"))
         }
     }
 
