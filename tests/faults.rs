@@ -385,3 +385,75 @@ async fn a_change_nginx_rejects_rolls_back_and_leaves_stable_serving() {
     assert_eq!(after.of(STABLE), 200, "{after:?}");
     assert!(stack.agent_alive(), "the agent died");
 }
+
+/// The nginx master dies during a canary at 10% (its workers keep serving the old weights), and
+/// the operator aborts: the rollout is `aborted` at 0%, but the host cannot apply it. Status must
+/// say so — how many agents applied the current generation, and which one did not, with its
+/// error and since when — instead of implying that traffic is back on stable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollback_an_agent_cannot_apply_is_shown_as_not_applied_with_the_agents_error() {
+    let stack = Stack::start().await;
+    let toml = strategy(
+        &[StageSpec {
+            weight: 10,
+            min_duration: "10m",
+            manual_gate: false,
+        }],
+        "",
+    );
+    let id = stack.start_rollout(&toml).await;
+    let running = stack
+        .wait_status(
+            &id,
+            Duration::from_secs(30),
+            "stage 1 applied everywhere",
+            |s| s["canary_weight"] == 10 && s["apply"]["applied"] == 1,
+        )
+        .await;
+    assert_eq!(running["apply"]["agents"], 1, "{running:#}");
+    stack.wait_nginx_weight(10).await;
+
+    let master = stack
+        .nginx
+        .as_ref()
+        .and_then(|n| n.pid())
+        .expect("nginx master pid");
+    let killed = std::process::Command::new("kill")
+        .args(["-KILL", &master.to_string()])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+
+    let out = stack
+        .cli(&["rollout", "abort", &id, "--reason", "nginx master gone"])
+        .await;
+    assert!(out.status.success(), "{}", common::describe(&out));
+    let status = stack
+        .wait_status(
+            &id,
+            Duration::from_secs(30),
+            "the failed apply to be reported",
+            |s| s["apply"]["lagging"][0]["error"].is_string(),
+        )
+        .await;
+    assert_eq!(str_of(&status, "state"), "aborted");
+    assert_eq!(status["canary_weight"], 0);
+    assert_eq!(status["apply"]["agents"], 1, "{status:#}");
+    assert_eq!(status["apply"]["applied"], 0, "{status:#}");
+    let lag = &status["apply"]["lagging"][0];
+    assert_eq!(lag["agent"], "e2e-host", "{status:#}");
+    assert!(
+        lag["since_ms"].as_i64().is_some_and(|t| t > 0),
+        "{status:#}"
+    );
+    let text = stack.cli_ok(&["rollout", "status", &id]).await;
+    assert!(
+        text.contains("0/1 applied") && text.contains("NOT APPLIED EVERYWHERE"),
+        "{text}"
+    );
+    let row = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("e2e-host"))
+        .unwrap_or_else(|| panic!("no row naming the agent:\n{text}"));
+    assert!(row.contains("ago"), "{row}");
+}

@@ -7,8 +7,8 @@ use std::time::Duration;
 use serin_coordinator::server::{CoordinatorConfig, run};
 use serin_proto::v1::{
     AgentMessage, ForgetAgentRequest, InstanceWindow, ListAgentsRequest, Register, Report, Target,
-    Variant, agent_message::Body, agent_service_client::AgentServiceClient, coordinator_message,
-    control_service_client::ControlServiceClient,
+    Variant, agent_message::Body, agent_service_client::AgentServiceClient,
+    control_service_client::ControlServiceClient, coordinator_message,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -63,7 +63,10 @@ fn register(agent: &str, instance_id: &str) -> AgentMessage {
     }
 }
 
-type Session = (Streaming<serin_proto::v1::CoordinatorMessage>, mpsc::Sender<AgentMessage>);
+type Session = (
+    Streaming<serin_proto::v1::CoordinatorMessage>,
+    mpsc::Sender<AgentMessage>,
+);
 
 /// Opens a session, retrying while the node is still electing itself.
 async fn open(addr: SocketAddr, agent: &str, instance_id: &str) -> Result<Session, tonic::Status> {
@@ -96,7 +99,9 @@ async fn a_second_agent_with_the_same_name_is_refused_naming_the_connected_one()
     let refused = open(c.addr, "host-a", "id-two").await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::AlreadyExists, "{refused:?}");
     assert!(
-        refused.message().contains("'host-a' is already connected from 127.0.0.1:"),
+        refused
+            .message()
+            .contains("'host-a' is already connected from 127.0.0.1:"),
         "{refused:?}"
     );
     // The same agent restarting (same instance id) replaces its session.
