@@ -231,13 +231,79 @@ async fn rollout_commands_reject_bad_input_and_change_nothing() {
     assert!(stdout(&out).trim().is_empty(), "{}", describe(&out));
     list_is_empty().await;
 
-    // A valid strategy, but no agent serves the service: refused, nothing started. (Retried
-    // while the fresh coordinator is still electing itself and answers "not the leader".)
+    // Overlong strings: refused naming the field, the limit and the length; nothing started.
     let good = write(
         dir.path(),
         "good.toml",
         &strategy(&[stage(1), stage(100)], ""),
     );
+    let long_service = "s".repeat(65);
+    let long_version = "v".repeat(65);
+    for (args, expected) in [
+        (
+            vec![
+                "rollout",
+                "start",
+                &long_service,
+                "--version",
+                "v2",
+                "--strategy",
+                &good,
+            ],
+            "service: 65 bytes is longer than the limit of 64 bytes",
+        ),
+        (
+            vec![
+                "rollout",
+                "start",
+                "web",
+                "--version",
+                &long_version,
+                "--strategy",
+                &good,
+            ],
+            "version: 65 bytes is longer than the limit of 64 bytes",
+        ),
+    ] {
+        let out = cli_at(addr, &args).await;
+        assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+        assert!(stderr(&out).contains(expected), "{}", describe(&out));
+        assert!(stdout(&out).trim().is_empty(), "{}", describe(&out));
+    }
+    let long_reason = "r".repeat(1025);
+    let out = cli_at(
+        addr,
+        &["rollout", "abort", "no-such-id", "--reason", &long_reason],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    assert!(
+        stderr(&out).contains("reason: 1025 bytes is longer than the limit of 1024 bytes"),
+        "{}",
+        describe(&out)
+    );
+    let long_name = write(
+        dir.path(),
+        "long-name.toml",
+        &strategy(
+            &[stage(1), stage(100)],
+            &format!(
+                "[[checks]]\nname = \"{}\"\nmetric = \"error_rate\"\nmax = 0.1\n",
+                "n".repeat(65)
+            ),
+        ),
+    );
+    let out = cli_at(addr, &[&start[..], &[long_name.as_str()]].concat()).await;
+    assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
+    assert!(
+        stderr(&out).contains("checks[2].name: 65 bytes is longer than the limit of 64 bytes"),
+        "{}",
+        describe(&out)
+    );
+    list_is_empty().await;
+
+    // A valid strategy, but no agent serves the service: refused, nothing started. (Retried
+    // while the fresh coordinator is still electing itself and answers "not the leader".)
     let last = std::sync::Mutex::new(None);
     common::wait_for(
         Duration::from_secs(30),
