@@ -319,3 +319,91 @@ async fn rollout_commands_reject_bad_input_and_change_nothing() {
     .await;
     list_is_empty().await;
 }
+
+/// A listener that accepts connections, sends HTTP/2's empty SETTINGS, reads what the client
+/// sends for a moment and then drops the connection without an answer: a coordinator that
+/// crashed, or a network that failed, after a command was sent.
+async fn dropping_listener() -> SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("binding a port");
+    let addr = listener.local_addr().expect("local address");
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let _ = socket.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await;
+                let mut received = 0;
+                let mut buf = [0u8; 4096];
+                let deadline = tokio::time::Instant::now() + Duration::from_millis(500);
+                // Read until the request (preface, settings, headers, body) has come in.
+                while received < 200 {
+                    match tokio::time::timeout_at(deadline, socket.read(&mut buf)).await {
+                        Ok(Ok(n)) if n > 0 => received += n,
+                        _ => break,
+                    }
+                }
+                drop(socket);
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_change_whose_answer_is_lost_has_an_unknown_outcome_and_says_how_to_check() {
+    let addr = dropping_listener().await;
+    let out = cli_at(
+        addr,
+        &["rollout", "pause", "web-3f9a1c", "--reason", "checking"],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
+    let err = stderr(&out);
+    assert!(err.contains("outcome is unknown"), "{}", describe(&out));
+    assert!(
+        err.contains("serin rollout status web-3f9a1c"),
+        "{}",
+        describe(&out)
+    );
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let good = write(
+        dir.path(),
+        "good.toml",
+        &strategy(&[stage(1), stage(100)], ""),
+    );
+    let out = cli_at(
+        addr,
+        &[
+            "rollout",
+            "start",
+            "web",
+            "--version",
+            "v2",
+            "--strategy",
+            &good,
+        ],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
+    let err = stderr(&out);
+    assert!(err.contains("outcome is unknown"), "{}", describe(&out));
+    assert!(
+        err.contains("serin rollout list --limit 5"),
+        "{}",
+        describe(&out)
+    );
+    assert!(stdout(&out).trim().is_empty(), "{}", describe(&out));
+
+    // Nothing listens: the command was never sent, a plain failure.
+    let closed = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let out = cli_at(closed, &["rollout", "pause", "web-3f9a1c"]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    assert!(
+        stderr(&out).contains("cannot reach the coordinator"),
+        "{}",
+        describe(&out)
+    );
+    assert!(!stderr(&out).contains("unknown"), "{}", describe(&out));
+}

@@ -34,6 +34,9 @@ const LIST_REASON_CHARS: usize = 60;
 /// Longest reason or detail shown in the tables of `rollout status` (the full text is in
 /// `--json` and `rollout evidence`).
 const STATUS_TEXT_CHARS: usize = 160;
+/// Exit code of a change that was sent without an answer coming back: it may or may not have
+/// been applied.
+pub const EXIT_OUTCOME_UNKNOWN: u8 = 3;
 /// Rollouts per page of `rollout list` unless `--limit` says otherwise.
 pub const DEFAULT_LIST_LIMIT: u32 = 50;
 
@@ -278,11 +281,19 @@ async fn start(
         actor: actor(),
         stable_version: stable_version.unwrap_or_default(),
     };
-    let reply = on_leader(coordinator, None, |mut client| {
+    let check = format!(
+        "check with `serin rollout list --limit 5` whether a rollout of {} {} started",
+        request.service, request.version
+    );
+    let sent = on_leader(coordinator, None, |mut client| {
         let request = request.clone();
         async move { client.start_rollout(request).await }
     })
     .await?;
+    let reply = match sent {
+        Sent::Answered(reply) => *reply,
+        Sent::Unknown(cause) => return Ok(unknown_outcome("start", &cause, &check)),
+    };
     let rollout = unwrap_reply(reply)?;
     if json {
         println!("{:#}", rollout_json(&rollout));
@@ -307,11 +318,18 @@ async fn steer(action: SteerAction, args: SteerArgs) -> anyhow::Result<ExitCode>
         reason: args.reason.unwrap_or_default(),
         actor: actor(),
     };
-    let reply = on_leader(&args.coordinator, Some(&args.id), |mut client| {
+    let sent = on_leader(&args.coordinator, Some(&args.id), |mut client| {
         let request = request.clone();
         async move { client.steer_rollout(request).await }
     })
     .await?;
+    let reply = match sent {
+        Sent::Answered(reply) => *reply,
+        Sent::Unknown(cause) => {
+            let check = format!("check with `serin rollout status {}`", args.id);
+            return Ok(unknown_outcome(action_name(action), &cause, &check));
+        }
+    };
     let rollout = unwrap_reply(reply)?;
     if args.json {
         println!("{:#}", rollout_json(&rollout));
@@ -459,20 +477,84 @@ async fn default_id(
     ))
 }
 
+/// What became of a change sent to the coordinator.
+enum Sent {
+    /// The coordinator answered.
+    Answered(Box<RolloutReply>),
+    /// The request went out but the connection failed or the time ran out before an answer:
+    /// it may or may not have been applied. Holds the cause.
+    Unknown(String),
+}
+
+/// Whether a failed call may still have reached the coordinator and been applied. A status the
+/// coordinator sent (it has no local cause) is an answer, and a failure to connect means nothing
+/// was sent; anything else the client produced itself (a connection reset or closed mid-request,
+/// its own timeout) leaves the outcome unknown.
+pub fn outcome_unknown(status: &tonic::Status) -> bool {
+    use std::error::Error;
+    let Some(cause) = status.source() else {
+        return false;
+    };
+    let mut next: Option<&(dyn Error + 'static)> = Some(cause);
+    while let Some(e) = next {
+        if e.is::<tonic::ConnectError>() {
+            return false;
+        }
+        next = e.source();
+    }
+    true
+}
+
+/// Prints why the outcome of `action` is unknown and how to check, and returns
+/// [`EXIT_OUTCOME_UNKNOWN`].
+fn unknown_outcome(action: &str, cause: &str, check: &str) -> ExitCode {
+    eprintln!("error: {}", unknown_outcome_message(action, cause, check));
+    ExitCode::from(EXIT_OUTCOME_UNKNOWN)
+}
+
+/// `the pause was sent but no answer came back (cause); its outcome is unknown: check with …`.
+pub fn unknown_outcome_message(action: &str, cause: &str, check: &str) -> String {
+    format!(
+        "the {action} was sent to the coordinator but no answer came back ({cause}); \
+         its outcome is unknown: it may or may not have been applied; {check}"
+    )
+}
+
+fn action_name(action: SteerAction) -> &'static str {
+    match action {
+        SteerAction::Pause => "pause",
+        SteerAction::Resume => "resume",
+        SteerAction::Promote => "promote",
+        SteerAction::Abort => "abort",
+        SteerAction::Unspecified => "command",
+    }
+}
+
+/// The cause of a lost answer, e.g. `connection error: connection reset`.
+fn lost_cause(status: &tonic::Status) -> String {
+    use std::error::Error;
+    match status.source() {
+        Some(cause) => super::error_chain(cause),
+        None => status.message().to_owned(),
+    }
+}
+
 /// Sends a change (start or steer) to the leader. Followers answer `Unavailable` ("not the
 /// leader"), so when several addresses are given each is tried in turn until one accepts; the
-/// first answer that is not `Unavailable` is final.
+/// first answer that is not `Unavailable` is final. A request whose answer is lost is never
+/// sent again (it may have been applied): its outcome is [`Sent::Unknown`].
 async fn on_leader<F, Fut>(
     coordinator: &CoordinatorArgs,
     id: Option<&str>,
     call: F,
-) -> anyhow::Result<RolloutReply>
+) -> anyhow::Result<Sent>
 where
     F: Fn(ControlServiceClient<Channel>) -> Fut,
     Fut: Future<Output = Result<tonic::Response<RolloutReply>, tonic::Status>>,
 {
     let unavailable = match call(connect(coordinator).await?).await {
-        Ok(reply) => return Ok(reply.into_inner()),
+        Ok(reply) => return Ok(Sent::Answered(Box::new(reply.into_inner()))),
+        Err(s) if outcome_unknown(&s) => return Ok(Sent::Unknown(lost_cause(&s))),
         Err(s) if s.code() == Code::Unavailable => s,
         Err(s) => return Err(describe_status(&s, coordinator, id)),
     };
@@ -486,7 +568,8 @@ where
                 continue;
             };
             match call(client).await {
-                Ok(reply) => return Ok(reply.into_inner()),
+                Ok(reply) => return Ok(Sent::Answered(Box::new(reply.into_inner()))),
+                Err(s) if outcome_unknown(&s) => return Ok(Sent::Unknown(lost_cause(&s))),
                 Err(s) if s.code() == Code::Unavailable => continue,
                 Err(s) => return Err(describe_status(&s, &one, id)),
             }
@@ -1162,6 +1245,40 @@ mod tests {
             "{text}"
         );
         assert_eq!(rollout_json(&r)["events"][1]["reason"], nginx);
+    }
+
+    #[test]
+    fn only_a_lost_answer_makes_the_outcome_unknown() {
+        // The client's own timeout, or a connection that broke after sending: unknown.
+        let timeout = tonic::Status::from_error(Box::new(tonic::TimeoutExpired(())));
+        assert!(outcome_unknown(&timeout), "{timeout:?}");
+        let reset = tonic::Status::from_error(Box::new(std::io::Error::from(
+            std::io::ErrorKind::ConnectionReset,
+        )));
+        assert!(outcome_unknown(&reset), "{reset:?}");
+        // Never connected: nothing was sent.
+        let refused = tonic::Status::from_error(Box::new(tonic::ConnectError(Box::new(
+            std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
+        ))));
+        assert!(!outcome_unknown(&refused), "{refused:?}");
+        // Whatever the coordinator answered, even "unavailable" or a deadline, is an answer.
+        for answered in [
+            tonic::Status::unavailable("this coordinator is not the leader; retry"),
+            tonic::Status::deadline_exceeded("late"),
+            tonic::Status::failed_precondition("it is promoted"),
+        ] {
+            assert!(!outcome_unknown(&answered), "{answered:?}");
+        }
+        assert_eq!(
+            unknown_outcome_message(
+                "pause",
+                "connection error: connection reset",
+                "check with `serin rollout status api-1`"
+            ),
+            "the pause was sent to the coordinator but no answer came back (connection error: \
+             connection reset); its outcome is unknown: it may or may not have been applied; \
+             check with `serin rollout status api-1`"
+        );
     }
 
     #[test]
