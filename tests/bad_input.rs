@@ -231,13 +231,79 @@ async fn rollout_commands_reject_bad_input_and_change_nothing() {
     assert!(stdout(&out).trim().is_empty(), "{}", describe(&out));
     list_is_empty().await;
 
-    // A valid strategy, but no agent serves the service: refused, nothing started. (Retried
-    // while the fresh coordinator is still electing itself and answers "not the leader".)
+    // Overlong strings: refused naming the field, the limit and the length; nothing started.
     let good = write(
         dir.path(),
         "good.toml",
         &strategy(&[stage(1), stage(100)], ""),
     );
+    let long_service = "s".repeat(65);
+    let long_version = "v".repeat(65);
+    for (args, expected) in [
+        (
+            vec![
+                "rollout",
+                "start",
+                &long_service,
+                "--version",
+                "v2",
+                "--strategy",
+                &good,
+            ],
+            "service: 65 bytes is longer than the limit of 64 bytes",
+        ),
+        (
+            vec![
+                "rollout",
+                "start",
+                "web",
+                "--version",
+                &long_version,
+                "--strategy",
+                &good,
+            ],
+            "version: 65 bytes is longer than the limit of 64 bytes",
+        ),
+    ] {
+        let out = cli_at(addr, &args).await;
+        assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+        assert!(stderr(&out).contains(expected), "{}", describe(&out));
+        assert!(stdout(&out).trim().is_empty(), "{}", describe(&out));
+    }
+    let long_reason = "r".repeat(1025);
+    let out = cli_at(
+        addr,
+        &["rollout", "abort", "no-such-id", "--reason", &long_reason],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    assert!(
+        stderr(&out).contains("reason: 1025 bytes is longer than the limit of 1024 bytes"),
+        "{}",
+        describe(&out)
+    );
+    let long_name = write(
+        dir.path(),
+        "long-name.toml",
+        &strategy(
+            &[stage(1), stage(100)],
+            &format!(
+                "[[checks]]\nname = \"{}\"\nmetric = \"error_rate\"\nmax = 0.1\n",
+                "n".repeat(65)
+            ),
+        ),
+    );
+    let out = cli_at(addr, &[&start[..], &[long_name.as_str()]].concat()).await;
+    assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
+    assert!(
+        stderr(&out).contains("checks[2].name: 65 bytes is longer than the limit of 64 bytes"),
+        "{}",
+        describe(&out)
+    );
+    list_is_empty().await;
+
+    // A valid strategy, but no agent serves the service: refused, nothing started. (Retried
+    // while the fresh coordinator is still electing itself and answers "not the leader".)
     let last = std::sync::Mutex::new(None);
     common::wait_for(
         Duration::from_secs(30),
@@ -252,4 +318,92 @@ async fn rollout_commands_reject_bad_input_and_change_nothing() {
     )
     .await;
     list_is_empty().await;
+}
+
+/// A listener that accepts connections, sends HTTP/2's empty SETTINGS, reads what the client
+/// sends for a moment and then drops the connection without an answer: a coordinator that
+/// crashed, or a network that failed, after a command was sent.
+async fn dropping_listener() -> SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("binding a port");
+    let addr = listener.local_addr().expect("local address");
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let _ = socket.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await;
+                let mut received = 0;
+                let mut buf = [0u8; 4096];
+                let deadline = tokio::time::Instant::now() + Duration::from_millis(500);
+                // Read until the request (preface, settings, headers, body) has come in.
+                while received < 200 {
+                    match tokio::time::timeout_at(deadline, socket.read(&mut buf)).await {
+                        Ok(Ok(n)) if n > 0 => received += n,
+                        _ => break,
+                    }
+                }
+                drop(socket);
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_change_whose_answer_is_lost_has_an_unknown_outcome_and_says_how_to_check() {
+    let addr = dropping_listener().await;
+    let out = cli_at(
+        addr,
+        &["rollout", "pause", "web-3f9a1c", "--reason", "checking"],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
+    let err = stderr(&out);
+    assert!(err.contains("outcome is unknown"), "{}", describe(&out));
+    assert!(
+        err.contains("serin rollout status web-3f9a1c"),
+        "{}",
+        describe(&out)
+    );
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let good = write(
+        dir.path(),
+        "good.toml",
+        &strategy(&[stage(1), stage(100)], ""),
+    );
+    let out = cli_at(
+        addr,
+        &[
+            "rollout",
+            "start",
+            "web",
+            "--version",
+            "v2",
+            "--strategy",
+            &good,
+        ],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
+    let err = stderr(&out);
+    assert!(err.contains("outcome is unknown"), "{}", describe(&out));
+    assert!(
+        err.contains("serin rollout list --limit 5"),
+        "{}",
+        describe(&out)
+    );
+    assert!(stdout(&out).trim().is_empty(), "{}", describe(&out));
+
+    // Nothing listens: the command was never sent, a plain failure.
+    let closed = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let out = cli_at(closed, &["rollout", "pause", "web-3f9a1c"]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    assert!(
+        stderr(&out).contains("cannot reach the coordinator"),
+        "{}",
+        describe(&out)
+    );
+    assert!(!stderr(&out).contains("unknown"), "{}", describe(&out));
 }

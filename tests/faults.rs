@@ -456,4 +456,13 @@ async fn a_rollback_an_agent_cannot_apply_is_shown_as_not_applied_with_the_agent
         .find(|l| l.trim_start().starts_with("e2e-host"))
         .unwrap_or_else(|| panic!("no row naming the agent:\n{text}"));
     assert!(row.contains("ago"), "{row}");
+    let list = stack.cli_ok(&["rollout", "list"]).await;
+    let listed = list
+        .lines()
+        .find(|l| l.starts_with(&id))
+        .unwrap_or_else(|| panic!("{id} not listed:\n{list}"));
+    assert!(
+        listed.contains("aborted ⚠ 1 agent(s) not applied"),
+        "{list}"
+    );
 }

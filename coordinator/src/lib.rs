@@ -2,6 +2,7 @@
 //!
 //! # Layout
 //!
+//! - [`limits`]: every size limit of operator input and of stored history, in one place.
 //! - [`strategy`]: strategy TOML, parsed then validated into a runtime type (pure).
 //! - [`analysis`]: merging agent measurements and judging checks (pure).
 //! - [`rollout`]: the rollout state machine and the controller's decisions (pure, time passed in).
@@ -19,6 +20,7 @@
 pub mod agents;
 pub mod analysis;
 pub mod control;
+pub mod limits;
 pub mod metrics;
 pub mod raft;
 pub mod rollout;

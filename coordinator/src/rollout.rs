@@ -21,6 +21,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::analysis::{CheckResult, Pair, StageAnalysis, StageVerdict, Verdict, judge_stage};
+use crate::limits::{KEEP_FIRST_EVENTS, KEEP_LAST_EVENTS, MAX_EVENT_REASON, cut};
 use crate::strategy::{Severity, Strategy};
 
 /// Milliseconds since the Unix epoch, as proposed by the leader.
@@ -212,8 +213,13 @@ pub struct Rollout {
     pub started_at: Millis,
     /// When the current stage's observation (re)started.
     pub stage_started_at: Millis,
-    /// History, oldest first.
+    /// History, oldest first, capped: the first [`KEEP_FIRST_EVENTS`] and the last
+    /// [`KEEP_LAST_EVENTS`] events are kept, those in between are dropped and counted in
+    /// `events_dropped` (so one rollout's record always fits an API reply).
     pub events: Vec<Event>,
+    /// Events dropped from the middle of `events` by the cap.
+    #[serde(default)]
+    pub events_dropped: u64,
     /// Evidence, oldest first.
     pub evidence: Vec<Evidence>,
     /// The leader's running analysis of the current stage, as last checkpointed.
@@ -277,11 +283,16 @@ impl Rollout {
 
     fn record(&mut self, at: Millis, kind: EventKind, actor: Actor, reason: String) {
         let canary_weight = self.canary_weight();
+        if self.events.len() >= KEEP_FIRST_EVENTS + KEEP_LAST_EVENTS {
+            // The oldest of the recent events goes; the first ones (the start) stay.
+            self.events.remove(KEEP_FIRST_EVENTS);
+            self.events_dropped += 1;
+        }
         self.events.push(Event {
             at,
             kind,
             actor,
-            reason,
+            reason: cut(&reason, MAX_EVENT_REASON),
             stage_index: self.stage_index,
             canary_weight,
         });
@@ -818,6 +829,7 @@ impl Registry {
             started_at: at,
             stage_started_at: at,
             events: Vec::new(),
+            events_dropped: 0,
             evidence: Vec::new(),
             checkpoint: None,
         };
@@ -1022,6 +1034,9 @@ pub fn decide(
         },
     }
 }
+
+mod listing;
+pub use listing::{BadToken, Cursor, Page};
 
 #[cfg(test)]
 mod tests;

@@ -20,10 +20,15 @@ use crate::agents::{AgentInfo, ForgetError, SessionOrigin};
 use crate::analysis::Verdict;
 use crate::analysis::{Pair, Window};
 use crate::control::{LiveView, RATE_WINDOW, Shared, now_millis};
+use crate::limits::{
+    DEFAULT_LIST_LIMIT, KEEP_FIRST_EVENTS, KEEP_LAST_EVENTS, MAX_ACTOR, MAX_LIST_LIMIT,
+    MAX_PAGE_TOKEN, MAX_REASON, MAX_ROLLOUT_ID, MAX_SERVICE, MAX_STRATEGY_TOML, MAX_VERSION,
+    SUMMARY_REASON_CHARS, check_len,
+};
 use crate::metrics::Side;
 use crate::raft::{ProposeError, Role};
 use crate::rollout::{
-    Actor, Command, Generation, Millis, Rejection, Rollout, RolloutId, TriggerReading,
+    Actor, Command, Cursor, Generation, Millis, Rejection, Rollout, RolloutId, TriggerReading,
 };
 use crate::strategy::Severity;
 use crate::strategy::Strategy;
@@ -140,10 +145,10 @@ fn propose_status(error: ProposeError) -> Status {
     }
 }
 
-/// A service or version name: letters, digits, `.`, `_`, `-`, 1..=64 characters.
+/// A service or version name: letters, digits, `.`, `_`, `-`, `+`, at least one (the length
+/// limit is checked first, with its own message).
 fn valid_name(field: &str, value: &str) -> Result<(), Status> {
     let ok = !value.is_empty()
-        && value.len() <= 64
         && value
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '+'));
@@ -151,7 +156,7 @@ fn valid_name(field: &str, value: &str) -> Result<(), Status> {
         Ok(())
     } else {
         Err(Status::invalid_argument(format!(
-            "{field}: must be 1-64 characters of letters, digits, '.', '_', '-', '+', got {value:?}"
+            "{field}: must be letters, digits, '.', '_', '-', '+' (at least one), got {value:?}"
         )))
     }
 }
@@ -201,6 +206,42 @@ fn trigger_outcome(reading: &TriggerReading, failing_since: Option<Millis>) -> v
     }
 }
 
+/// The history on the wire; where the cap dropped events, one `events_dropped` event says how
+/// many.
+fn events_to_proto(rollout: &Rollout) -> Vec<v1::RolloutEvent> {
+    let mut events: Vec<v1::RolloutEvent> = rollout
+        .events
+        .iter()
+        .map(|e| v1::RolloutEvent {
+            at_ms: e.at,
+            kind: serde_json::to_value(e.kind)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default(),
+            actor: e.actor.to_string(),
+            reason: e.reason.clone(),
+            stage_index: e.stage_index as u32,
+            canary_weight: e.canary_weight,
+        })
+        .collect();
+    if rollout.events_dropped > 0 && events.len() > KEEP_FIRST_EVENTS {
+        let before = &events[KEEP_FIRST_EVENTS - 1];
+        let marker = v1::RolloutEvent {
+            at_ms: before.at_ms,
+            kind: "events_dropped".into(),
+            actor: "coordinator".into(),
+            reason: format!(
+                "{} events not kept: a rollout keeps its first {KEEP_FIRST_EVENTS} and its last {KEEP_LAST_EVENTS} events",
+                rollout.events_dropped
+            ),
+            stage_index: before.stage_index,
+            canary_weight: before.canary_weight,
+        };
+        events.insert(KEEP_FIRST_EVENTS, marker);
+    }
+    events
+}
+
 /// Converts a rollout (and the leader's live view of it) to its wire form.
 pub fn rollout_to_proto(rollout: &Rollout, live: Option<&LiveView>) -> v1::Rollout {
     let live = live.map(|l| {
@@ -237,25 +278,57 @@ pub fn rollout_to_proto(rollout: &Rollout, live: Option<&LiveView>) -> v1::Rollo
         last_reason: rollout.last_reason().to_owned(),
         started_at_ms: rollout.started_at,
         stage_started_at_ms: rollout.stage_started_at,
-        events: rollout
-            .events
-            .iter()
-            .map(|e| v1::RolloutEvent {
-                at_ms: e.at,
-                kind: serde_json::to_value(e.kind)
-                    .ok()
-                    .and_then(|v| v.as_str().map(str::to_owned))
-                    .unwrap_or_default(),
-                actor: e.actor.to_string(),
-                reason: e.reason.clone(),
-                stage_index: e.stage_index as u32,
-                canary_weight: e.canary_weight,
-            })
-            .collect(),
+        events: events_to_proto(rollout),
         live,
         detail_json: serde_json::to_string(rollout).unwrap_or_default(),
         apply: None,
     }
+}
+
+/// A rollout as one line of a list: no history, evidence or live analysis.
+pub fn rollout_summary(rollout: &Rollout) -> v1::RolloutSummary {
+    let updated = rollout.events.last().map_or(rollout.started_at, |e| e.at);
+    v1::RolloutSummary {
+        id: rollout.id.0.clone(),
+        service: rollout.service.clone(),
+        version: rollout.version.clone(),
+        stable_version: rollout.stable_version.clone(),
+        state: rollout.state.name().to_owned(),
+        stage_index: rollout.stage_index as u32,
+        stage_count: rollout.strategy.stages.len() as u32,
+        canary_weight: rollout.canary_weight(),
+        last_reason: summary_line(rollout.last_reason(), SUMMARY_REASON_CHARS),
+        started_at_ms: rollout.started_at,
+        stage_started_at_ms: rollout.stage_started_at,
+        updated_at_ms: updated,
+        finished_at_ms: if rollout.state.is_terminal() {
+            updated
+        } else {
+            0
+        },
+        not_applied: 0,
+    }
+}
+
+/// `text` on one line (line breaks become ` ⏎ `), at most `max` characters, `…` when cut.
+fn summary_line(text: &str, max: usize) -> String {
+    let folded = text
+        .trim()
+        .lines()
+        .map(str::trim_end)
+        .collect::<Vec<_>>()
+        .join(" ⏎ ");
+    if folded.chars().count() <= max {
+        return folded;
+    }
+    let mut out: String = folded.chars().take(max.saturating_sub(1)).collect();
+    out.push('…');
+    out
+}
+
+/// Refuses a value over its limit with `INVALID_ARGUMENT` naming the field, limit and length.
+fn length(field: &str, value: &str, limit: usize) -> Result<(), Status> {
+    check_len(field, value, limit).map_err(|e| Status::invalid_argument(e.to_string()))
 }
 
 #[tonic::async_trait]
@@ -265,6 +338,11 @@ impl ControlService for Api {
         request: Request<v1::StartRolloutRequest>,
     ) -> Result<Response<v1::RolloutReply>, Status> {
         let req = request.into_inner();
+        length("service", &req.service, MAX_SERVICE)?;
+        length("version", &req.version, MAX_VERSION)?;
+        length("stable_version", &req.stable_version, MAX_VERSION)?;
+        length("actor", &req.actor, MAX_ACTOR)?;
+        length("strategy_toml", &req.strategy_toml, MAX_STRATEGY_TOML)?;
         valid_name("service", &req.service)?;
         valid_name("version", &req.version)?;
         if !req.stable_version.is_empty() {
@@ -320,7 +398,9 @@ impl ControlService for Api {
         &self,
         request: Request<v1::GetRolloutRequest>,
     ) -> Result<Response<v1::RolloutReply>, Status> {
-        let id = RolloutId(request.into_inner().id);
+        let id = request.into_inner().id;
+        length("id", &id, MAX_ROLLOUT_ID)?;
+        let id = RolloutId(id);
         let view = self.shared.raft.view();
         let rollout = view.registry.rollout(&id).map_err(rejection_status)?;
         Ok(Response::new(v1::RolloutReply {
@@ -330,13 +410,41 @@ impl ControlService for Api {
 
     async fn list_rollouts(
         &self,
-        _request: Request<v1::ListRolloutsRequest>,
+        request: Request<v1::ListRolloutsRequest>,
     ) -> Result<Response<v1::ListRolloutsReply>, Status> {
+        let req = request.into_inner();
+        let limit = match req.limit {
+            0 => DEFAULT_LIST_LIMIT,
+            n if n > MAX_LIST_LIMIT => {
+                return Err(Status::invalid_argument(format!(
+                    "limit: at most {MAX_LIST_LIMIT} rollouts per page, got {n}; page with page_token"
+                )));
+            }
+            n => n,
+        };
+        length("page_token", &req.page_token, MAX_PAGE_TOKEN)?;
+        let after = if req.page_token.is_empty() {
+            None
+        } else {
+            Some(
+                Cursor::from_token(&req.page_token)
+                    .map_err(|e| Status::invalid_argument(e.to_string()))?,
+            )
+        };
         let view = self.shared.raft.view();
-        let mut rollouts: Vec<_> = view.registry.rollouts.values().collect();
-        rollouts.sort_by_key(|r| (r.started_at, r.id.clone()));
+        let page = view
+            .registry
+            .page(limit as usize, after.as_ref(), req.running_only);
         Ok(Response::new(v1::ListRolloutsReply {
-            rollouts: rollouts.into_iter().map(|r| self.to_proto(r)).collect(),
+            rollouts: page
+                .rollouts
+                .into_iter()
+                .map(|r| v1::RolloutSummary {
+                    not_applied: self.apply_progress(r).map_or(0, |a| a.lagging.len() as u32),
+                    ..rollout_summary(r)
+                })
+                .collect(),
+            next_page_token: page.next.map(|c| c.token()).unwrap_or_default(),
         }))
     }
 
@@ -345,6 +453,9 @@ impl ControlService for Api {
         request: Request<v1::SteerRolloutRequest>,
     ) -> Result<Response<v1::RolloutReply>, Status> {
         let req = request.into_inner();
+        length("id", &req.id, MAX_ROLLOUT_ID)?;
+        length("reason", &req.reason, MAX_REASON)?;
+        length("actor", &req.actor, MAX_ACTOR)?;
         let id = RolloutId(req.id);
         // Unknown ids get NotFound even on a follower.
         self.shared

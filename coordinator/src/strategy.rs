@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::limits::{MAX_STICKY_KEY, MAX_STRATEGY_NAME, MAX_STRATEGY_TOML, TooLong, check_len};
+
 /// Default minimum observation time of a stage.
 pub const DEFAULT_MIN_DURATION: Duration = Duration::from_secs(60);
 /// Default number of requests each variant must serve in a stage before a check can pass.
@@ -300,6 +302,9 @@ impl Problems {
 impl Strategy {
     /// Parses and validates a strategy's TOML text.
     pub fn from_toml(text: &str) -> Result<Strategy, StrategyError> {
+        if let Err(e) = check_len("strategy", text, MAX_STRATEGY_TOML) {
+            return Err(StrategyError::Syntax(too_long(e)));
+        }
         let raw: RawStrategy = toml::from_str(text).map_err(|e| {
             let field = e
                 .span()
@@ -451,10 +456,12 @@ impl Strategy {
             }
         }
 
-        if let Some(key) = &raw.traffic.sticky_key
-            && let Err(reason) = validate_sticky_key(key)
-        {
-            p.push("traffic.sticky_key", reason);
+        if let Some(key) = &raw.traffic.sticky_key {
+            if let Err(e) = check_len("traffic.sticky_key", key, MAX_STICKY_KEY) {
+                p.0.push(too_long(e));
+            } else if let Err(reason) = validate_sticky_key(key) {
+                p.push("traffic.sticky_key", reason);
+            }
         }
 
         if p.0.is_empty() {
@@ -578,7 +585,12 @@ impl RuleFields<'_> {
                 p.push(format!("{field}.name"), "must not be empty");
                 String::new()
             }
-            Some(n) => n.to_owned(),
+            Some(n) => {
+                if let Err(e) = check_len(&format!("{field}.name"), n, MAX_STRATEGY_NAME) {
+                    p.0.push(too_long(e));
+                }
+                n.to_owned()
+            }
             None => self.metric.to_owned(),
         };
         if p.0.len() > before {
@@ -590,6 +602,16 @@ impl RuleFields<'_> {
             rule: rule?,
             min_requests,
         })
+    }
+}
+
+fn too_long(e: TooLong) -> FieldError {
+    FieldError {
+        field: e.field,
+        reason: format!(
+            "{} bytes is longer than the limit of {} bytes",
+            e.length, e.limit
+        ),
     }
 }
 
@@ -847,6 +869,33 @@ sticky_key = "cookie uid"
         assert_eq!(
             p,
             ["triggers[0].name: duplicate check or trigger name 'error_rate'"]
+        );
+    }
+
+    #[test]
+    fn overlong_names_and_files_are_refused_with_field_limit_and_length() {
+        let long = "n".repeat(65);
+        let p = problems(&format!(
+            "[[stages]]\nweight = 5\n[[checks]]\nname = \"{long}\"\nmetric = \"error_rate\"\nmax = 0.1\n\
+             [[triggers]]\nname = \"{long}x\"\nmetric = \"error_rate\"\nmax = 0.5\n\
+             [traffic]\nsticky_key = \"$cookie_{long}\"\n"
+        ));
+        assert_eq!(
+            p,
+            [
+                "checks[0].name: 65 bytes is longer than the limit of 64 bytes",
+                "triggers[0].name: 66 bytes is longer than the limit of 64 bytes",
+                "traffic.sticky_key: 73 bytes is longer than the limit of 64 bytes",
+            ]
+        );
+        let huge = format!("# {}\n[[stages]]\nweight = 5\n", "x".repeat(70_000));
+        let p = problems(&huge);
+        assert_eq!(
+            p,
+            [format!(
+                "strategy: {} bytes is longer than the limit of 65536 bytes",
+                huge.len()
+            )]
         );
     }
 

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use serde_json::{Value, json};
 use serin_proto::v1::{AgentInfo, ForgetAgentRequest, ListAgentsRequest, Variant};
 
-use super::output::{Table, short_duration, truncate};
+use super::output::{Table, one_line, short_duration};
 use super::rollout::describe_status;
 use super::{CoordinatorArgs, connect};
 
@@ -59,7 +59,7 @@ pub fn render(agents: &[AgentInfo], now_ms: i64) -> String {
             if a.last_error.is_empty() {
                 "-".to_owned()
             } else {
-                truncate(&a.last_error, ERROR_CHARS)
+                one_line(&a.last_error, ERROR_CHARS)
             },
         ]);
     }
@@ -177,6 +177,22 @@ mod tests {
             render(&[], 0),
             "no agents have connected to this coordinator\n"
         );
+    }
+
+    #[test]
+    fn a_multi_line_error_is_one_line_in_the_table_and_whole_in_json() {
+        let error = "web: nginx -t failed:\nnginx: [emerg] bad\nnginx: test failed\n";
+        let a = agent(false, error);
+        let text = render(std::slice::from_ref(&a), 10_000);
+        assert_eq!(text.lines().count(), 2, "{text}");
+        assert!(
+            text.lines()
+                .nth(1)
+                .unwrap()
+                .ends_with("web: nginx -t failed: ⏎ nginx: [emerg] bad ⏎ nginx: test failed"),
+            "{text}"
+        );
+        assert_eq!(to_json(&[a])[0]["last_error"], error);
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! rollback, with the rollout's audit trail, as Markdown (for a change ticket) or JSON.
 
 use serin_coordinator::analysis::Window;
+use serin_coordinator::limits::{KEEP_FIRST_EVENTS, KEEP_LAST_EVENTS};
 use serin_coordinator::rollout::{Evidence, Rollout};
 
 use super::output::timestamp_utc;
@@ -68,6 +69,15 @@ fn evidence_section(e: &Evidence) -> String {
     out
 }
 
+/// Text for one Markdown table cell, whole: `|` escaped, line breaks as `<br>`.
+fn markdown_cell(text: &str) -> String {
+    text.trim()
+        .lines()
+        .map(|l| l.trim_end().replace('|', "\\|"))
+        .collect::<Vec<_>>()
+        .join("<br>")
+}
+
 /// Evidence and history as Markdown.
 pub fn to_markdown(r: &Rollout) -> String {
     let mut out = format!(
@@ -82,7 +92,13 @@ pub fn to_markdown(r: &Rollout) -> String {
         r.canary_weight()
     );
     out.push_str("## History\n\n| time (UTC) | event | stage | weight | by | reason |\n|---|---|---:|---:|---|---|\n");
-    for e in &r.events {
+    for (i, e) in r.events.iter().enumerate() {
+        if i == KEEP_FIRST_EVENTS && r.events_dropped > 0 {
+            out.push_str(&format!(
+                "| | events_dropped | | | | {} events not kept: a rollout keeps its first {KEEP_FIRST_EVENTS} and its last {KEEP_LAST_EVENTS} |\n",
+                r.events_dropped
+            ));
+        }
         let kind = serde_json::to_value(e.kind)
             .ok()
             .and_then(|v| v.as_str().map(str::to_owned))
@@ -93,7 +109,7 @@ pub fn to_markdown(r: &Rollout) -> String {
             e.stage_index + 1,
             e.canary_weight,
             e.actor,
-            e.reason.replace('|', "\\|")
+            markdown_cell(&e.reason)
         ));
     }
     out.push_str("\n## Evidence\n\n");
@@ -178,6 +194,25 @@ mod tests {
         assert!(md.contains("| canary | 100 | 50 | 50.000% |"), "{md}");
         assert!(
             md.contains("- errors: fail (error_rate 0.5 > 0.05)"),
+            "{md}"
+        );
+    }
+
+    #[test]
+    fn multi_line_reasons_stay_whole_in_one_markdown_row() {
+        let mut r = rolled_back();
+        r.events[2].reason = "nginx -t failed:\nnginx: [emerg] a | b\nnginx: test failed\n".into();
+        let md = to_markdown(&r);
+        assert!(
+            md.contains("| nginx -t failed:<br>nginx: [emerg] a \\| b<br>nginx: test failed |\n"),
+            "{md}"
+        );
+        assert!(!md.contains("events_dropped"), "{md}");
+        r.events_dropped = 7;
+        r.events = std::iter::repeat_n(r.events[0].clone(), KEEP_FIRST_EVENTS + 1).collect();
+        let md = to_markdown(&r);
+        assert!(
+            md.contains("| events_dropped | | | | 7 events not kept"),
             "{md}"
         );
     }

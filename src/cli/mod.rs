@@ -12,7 +12,8 @@
 //! - [`output`]: padded tables, UTC times and other text formatting.
 //!
 //! Commands return an [`std::process::ExitCode`] for outcomes scripts branch on (2 = invalid
-//! strategy) and an `anyhow` error for failures (the caller prints it and exits 1).
+//! strategy, 3 = a change was sent but its answer was lost, so its outcome is unknown) and an
+//! `anyhow` error for failures (the caller prints it and exits 1).
 
 pub mod agents;
 pub mod evidence;

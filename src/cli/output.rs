@@ -1,5 +1,5 @@
 //! Plain-text formatting shared by the commands: padded tables, UTC clock times, short
-//! durations and truncation. Pure functions, no terminal handling.
+//! durations, truncation and folding of multi-line text into one table cell. Pure functions, no terminal handling.
 
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -128,6 +128,20 @@ pub fn truncate(s: &str, max: usize) -> String {
     out
 }
 
+/// `text` for a table cell: on one line (each line break, with the blanks around it, becomes
+/// ` ⏎ `), and at most `max` characters, ending in `…` when cut. The full text stays in `--json`
+/// and the evidence.
+pub fn one_line(text: &str, max: usize) -> String {
+    let folded = text
+        .trim()
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ⏎ ");
+    truncate(&folded, max)
+}
+
 /// A fraction (0..=1) as a percentage with two decimals: `0.0123` → `1.23%`.
 pub fn percent(fraction: f64) -> String {
     format!("{:.2}%", fraction * 100.0)
@@ -191,6 +205,22 @@ mod tests {
         assert_eq!(truncate("abcdef", 4), "abc…");
         assert_eq!(truncate("ééééé", 5), "ééééé");
         assert_eq!(truncate(&"x".repeat(100), 60).chars().count(), 60);
+    }
+
+    #[test]
+    fn multi_line_text_is_folded_to_one_line_and_cut() {
+        let nginx = "nginx: [emerg] unknown directive \"upstrem\" in /etc/nginx/serin.conf:3\r\n\
+                     nginx: configuration file /etc/nginx/nginx.conf test failed\n";
+        assert_eq!(
+            one_line(nginx, 200),
+            "nginx: [emerg] unknown directive \"upstrem\" in /etc/nginx/serin.conf:3 ⏎ \
+             nginx: configuration file /etc/nginx/nginx.conf test failed"
+        );
+        assert_eq!(one_line("a\n\n  b  \n", 60), "a ⏎ b");
+        assert_eq!(one_line("plain", 60), "plain");
+        let cut = one_line(&"line\n".repeat(50), 40);
+        assert_eq!(cut.chars().count(), 40);
+        assert!(cut.ends_with('…') && !cut.contains('\n'), "{cut}");
     }
 
     #[test]

@@ -13,13 +13,13 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde_json::{Value, json};
 use serin_proto::v1::control_service_client::ControlServiceClient;
 use serin_proto::v1::{
-    ApplyProgress, GetRolloutRequest, ListRolloutsRequest, Rollout, RolloutReply,
+    ApplyProgress, GetRolloutRequest, ListRolloutsRequest, Rollout, RolloutReply, RolloutSummary,
     StartRolloutRequest, SteerAction, SteerRolloutRequest, TriggerOutcome, VariantStats,
 };
 use tonic::Code;
 use tonic::transport::Channel;
 
-use super::output::{Table, clock_utc, percent, short_duration, timestamp_utc, truncate};
+use super::output::{Table, clock_utc, one_line, percent, short_duration, timestamp_utc};
 use super::strategy::{check_outcome, read_strategy};
 use super::{CoordinatorArgs, connect};
 
@@ -31,6 +31,14 @@ pub const WATCH_INTERVAL: Duration = Duration::from_secs(1);
 pub const WATCH_GIVE_UP: Duration = Duration::from_secs(30);
 /// Longest `last reason` shown by `rollout list`.
 const LIST_REASON_CHARS: usize = 60;
+/// Longest reason or detail shown in the tables of `rollout status` (the full text is in
+/// `--json` and `rollout evidence`).
+const STATUS_TEXT_CHARS: usize = 160;
+/// Exit code of a change that was sent without an answer coming back: it may or may not have
+/// been applied.
+pub const EXIT_OUTCOME_UNKNOWN: u8 = 3;
+/// Rollouts per page of `rollout list` unless `--limit` says otherwise.
+pub const DEFAULT_LIST_LIMIT: u32 = 50;
 
 /// Rollout commands.
 #[derive(clap::Subcommand, Debug, Clone)]
@@ -85,12 +93,20 @@ pub enum RolloutCommand {
         #[command(flatten)]
         coordinator: CoordinatorArgs,
     },
-    /// List rollouts, newest first.
-    #[command(
-        after_help = "Example:\n  serin rollout list --json | jq -r '.[] | select(.state == \"paused\") | .id'"
-    )]
+    /// List rollouts, newest first, a page at a time (50 by default).
+    ///
+    /// When there are more, the command for the next page is printed on stderr.
+    #[command(after_help = "Examples:\n  \
+        serin rollout list --limit 5\n  \
+        serin rollout list --json | jq -r '.[] | select(.state == \"paused\") | .id'")]
     List {
-        /// Print a JSON array instead of a table.
+        /// Rollouts per page, 1..=500.
+        #[arg(long, default_value_t = DEFAULT_LIST_LIMIT, value_parser = clap::value_parser!(u32).range(1..=500))]
+        limit: u32,
+        /// Where the page starts: the token printed with the previous page.
+        #[arg(long)]
+        page_token: Option<String>,
+        /// Print a JSON array of summaries instead of a table.
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -192,17 +208,29 @@ pub async fn run_rollout(cmd: RolloutCommand) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        RolloutCommand::List { json, coordinator } => {
+        RolloutCommand::List {
+            limit,
+            page_token,
+            json,
+            coordinator,
+        } => {
             let mut client = connect(&coordinator).await?;
-            let mut rollouts = list(&mut client)
+            let request = ListRolloutsRequest {
+                limit,
+                page_token: page_token.unwrap_or_default(),
+                running_only: false,
+            };
+            let (rollouts, next) = list(&mut client, request)
                 .await
                 .map_err(|s| describe_status(&s, &coordinator, None))?;
-            rollouts.sort_by_key(|r| std::cmp::Reverse(r.started_at_ms));
             if json {
-                let all: Vec<Value> = rollouts.iter().map(rollout_json).collect();
+                let all: Vec<Value> = rollouts.iter().map(summary_json).collect();
                 println!("{:#}", Value::Array(all));
             } else {
                 print!("{}", render_list(&rollouts));
+            }
+            if let Some(hint) = next_page_hint(limit, &next) {
+                eprintln!("{hint}");
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -253,11 +281,19 @@ async fn start(
         actor: actor(),
         stable_version: stable_version.unwrap_or_default(),
     };
-    let reply = on_leader(coordinator, None, |mut client| {
+    let check = format!(
+        "check with `serin rollout list --limit 5` whether a rollout of {} {} started",
+        request.service, request.version
+    );
+    let sent = on_leader(coordinator, None, |mut client| {
         let request = request.clone();
         async move { client.start_rollout(request).await }
     })
     .await?;
+    let reply = match sent {
+        Sent::Answered(reply) => *reply,
+        Sent::Unknown(cause) => return Ok(unknown_outcome("start", &cause, &check)),
+    };
     let rollout = unwrap_reply(reply)?;
     if json {
         println!("{:#}", rollout_json(&rollout));
@@ -282,11 +318,18 @@ async fn steer(action: SteerAction, args: SteerArgs) -> anyhow::Result<ExitCode>
         reason: args.reason.unwrap_or_default(),
         actor: actor(),
     };
-    let reply = on_leader(&args.coordinator, Some(&args.id), |mut client| {
+    let sent = on_leader(&args.coordinator, Some(&args.id), |mut client| {
         let request = request.clone();
         async move { client.steer_rollout(request).await }
     })
     .await?;
+    let reply = match sent {
+        Sent::Answered(reply) => *reply,
+        Sent::Unknown(cause) => {
+            let check = format!("check with `serin rollout status {}`", args.id);
+            return Ok(unknown_outcome(action_name(action), &cause, &check));
+        }
+    };
     let rollout = unwrap_reply(reply)?;
     if args.json {
         println!("{:#}", rollout_json(&rollout));
@@ -392,41 +435,126 @@ async fn get(
         .ok_or_else(|| tonic::Status::internal("the coordinator sent an empty reply"))
 }
 
-async fn list(client: &mut ControlServiceClient<Channel>) -> Result<Vec<Rollout>, tonic::Status> {
-    Ok(client
-        .list_rollouts(ListRolloutsRequest {})
-        .await?
-        .into_inner()
-        .rollouts)
+/// One page of summaries and the token of the next page (empty on the last).
+async fn list(
+    client: &mut ControlServiceClient<Channel>,
+    request: ListRolloutsRequest,
+) -> Result<(Vec<RolloutSummary>, String), tonic::Status> {
+    let reply = client.list_rollouts(request).await?.into_inner();
+    Ok((reply.rollouts, reply.next_page_token))
 }
 
-/// The id `status` shows when none is given.
+/// `more rollouts: serin rollout list --limit 50 --page-token TOKEN`, when there is a next page.
+pub fn next_page_hint(limit: u32, next_page_token: &str) -> Option<String> {
+    (!next_page_token.is_empty()).then(|| {
+        format!(
+            "more rollouts: serin rollout list --limit {limit} --page-token '{next_page_token}'"
+        )
+    })
+}
+
+/// The id `status` shows when none is given: the most recently started rollout that is still
+/// running, else the most recent one.
 async fn default_id(
     client: &mut ControlServiceClient<Channel>,
     coordinator: &CoordinatorArgs,
 ) -> anyhow::Result<String> {
-    let rollouts = list(client)
-        .await
-        .map_err(|s| describe_status(&s, coordinator, None))?;
-    pick_default(&rollouts)
-        .map(|r| r.id.clone())
-        .ok_or_else(|| anyhow::anyhow!("no rollouts yet; start one with `serin rollout start`"))
+    for running_only in [true, false] {
+        let request = ListRolloutsRequest {
+            limit: 1,
+            page_token: String::new(),
+            running_only,
+        };
+        let (rollouts, _) = list(client, request)
+            .await
+            .map_err(|s| describe_status(&s, coordinator, None))?;
+        if let Some(r) = rollouts.first() {
+            return Ok(r.id.clone());
+        }
+    }
+    Err(anyhow::anyhow!(
+        "no rollouts yet; start one with `serin rollout start`"
+    ))
+}
+
+/// What became of a change sent to the coordinator.
+enum Sent {
+    /// The coordinator answered.
+    Answered(Box<RolloutReply>),
+    /// The request went out but the connection failed or the time ran out before an answer:
+    /// it may or may not have been applied. Holds the cause.
+    Unknown(String),
+}
+
+/// Whether a failed call may still have reached the coordinator and been applied. A status the
+/// coordinator sent (it has no local cause) is an answer, and a failure to connect means nothing
+/// was sent; anything else the client produced itself (a connection reset or closed mid-request,
+/// its own timeout) leaves the outcome unknown.
+pub fn outcome_unknown(status: &tonic::Status) -> bool {
+    use std::error::Error;
+    let Some(cause) = status.source() else {
+        return false;
+    };
+    let mut next: Option<&(dyn Error + 'static)> = Some(cause);
+    while let Some(e) = next {
+        if e.is::<tonic::ConnectError>() {
+            return false;
+        }
+        next = e.source();
+    }
+    true
+}
+
+/// Prints why the outcome of `action` is unknown and how to check, and returns
+/// [`EXIT_OUTCOME_UNKNOWN`].
+fn unknown_outcome(action: &str, cause: &str, check: &str) -> ExitCode {
+    eprintln!("error: {}", unknown_outcome_message(action, cause, check));
+    ExitCode::from(EXIT_OUTCOME_UNKNOWN)
+}
+
+/// `the pause was sent but no answer came back (cause); its outcome is unknown: check with …`.
+pub fn unknown_outcome_message(action: &str, cause: &str, check: &str) -> String {
+    format!(
+        "the {action} was sent to the coordinator but no answer came back ({cause}); \
+         its outcome is unknown: it may or may not have been applied; {check}"
+    )
+}
+
+fn action_name(action: SteerAction) -> &'static str {
+    match action {
+        SteerAction::Pause => "pause",
+        SteerAction::Resume => "resume",
+        SteerAction::Promote => "promote",
+        SteerAction::Abort => "abort",
+        SteerAction::Unspecified => "command",
+    }
+}
+
+/// The cause of a lost answer, e.g. `connection error: connection reset`.
+fn lost_cause(status: &tonic::Status) -> String {
+    use std::error::Error;
+    match status.source() {
+        Some(cause) => super::error_chain(cause),
+        None => status.message().to_owned(),
+    }
 }
 
 /// Sends a change (start or steer) to the leader. Followers answer `Unavailable` ("not the
 /// leader"), so when several addresses are given each is tried in turn until one accepts; the
-/// first answer that is not `Unavailable` is final.
+/// first answer that is not `Unavailable` is final. A request whose answer is lost is never
+/// sent again (it may have been applied): its outcome is [`Sent::Unknown`].
 async fn on_leader<F, Fut>(
     coordinator: &CoordinatorArgs,
     id: Option<&str>,
     call: F,
-) -> anyhow::Result<RolloutReply>
+) -> anyhow::Result<Sent>
 where
     F: Fn(ControlServiceClient<Channel>) -> Fut,
     Fut: Future<Output = Result<tonic::Response<RolloutReply>, tonic::Status>>,
 {
     let unavailable = match call(connect(coordinator).await?).await {
-        Ok(reply) => return Ok(reply.into_inner()),
+        Ok(reply) => return Ok(Sent::Answered(Box::new(reply.into_inner()))),
+        Err(s) if outcome_unknown(&s) => return Ok(Sent::Unknown(lost_cause(&s))),
         Err(s) if s.code() == Code::Unavailable => s,
         Err(s) => return Err(describe_status(&s, coordinator, id)),
     };
@@ -440,7 +568,8 @@ where
                 continue;
             };
             match call(client).await {
-                Ok(reply) => return Ok(reply.into_inner()),
+                Ok(reply) => return Ok(Sent::Answered(Box::new(reply.into_inner()))),
+                Err(s) if outcome_unknown(&s) => return Ok(Sent::Unknown(lost_cause(&s))),
                 Err(s) if s.code() == Code::Unavailable => continue,
                 Err(s) => return Err(describe_status(&s, &one, id)),
             }
@@ -453,15 +582,6 @@ fn unwrap_reply(reply: RolloutReply) -> anyhow::Result<Rollout> {
     reply
         .rollout
         .ok_or_else(|| anyhow::anyhow!("the coordinator sent an empty reply"))
-}
-
-/// The most recently started rollout that is still running, else the most recent one.
-pub fn pick_default(rollouts: &[Rollout]) -> Option<&Rollout> {
-    rollouts
-        .iter()
-        .filter(|r| !is_terminal(&r.state))
-        .max_by_key(|r| r.started_at_ms)
-        .or_else(|| rollouts.iter().max_by_key(|r| r.started_at_ms))
 }
 
 /// True for promoted, rolled_back and aborted.
@@ -539,7 +659,7 @@ fn finished_line(r: &Rollout) -> String {
     let mut line = format!("rollout {} finished: {}", r.id, r.state);
     if !r.last_reason.is_empty() {
         line.push_str(" (");
-        line.push_str(&r.last_reason);
+        line.push_str(&one_line(&r.last_reason, STATUS_TEXT_CHARS));
         line.push(')');
     }
     line
@@ -589,7 +709,7 @@ pub fn render_status(r: &Rollout, now_ms: i64) -> String {
         if r.last_reason.is_empty() {
             "-".into()
         } else {
-            r.last_reason.clone()
+            one_line(&r.last_reason, STATUS_TEXT_CHARS)
         },
     ]);
     if let Some(apply) = &r.apply {
@@ -617,7 +737,7 @@ pub fn render_status(r: &Rollout, now_ms: i64) -> String {
                         "disconnected".into()
                     }
                 } else {
-                    truncate(&l.error, 90)
+                    one_line(&l.error, 90)
                 },
             ]);
         }
@@ -663,7 +783,7 @@ pub fn render_status(r: &Rollout, now_ms: i64) -> String {
                 {
                     out.push_str(&format!(
                         "  {name} metrics unreadable: {}\n",
-                        s.last_scrape_error
+                        one_line(&s.last_scrape_error, STATUS_TEXT_CHARS)
                     ));
                 }
             }
@@ -672,7 +792,11 @@ pub fn render_status(r: &Rollout, now_ms: i64) -> String {
             } else {
                 let mut checks = Table::new(&["CHECK", "VERDICT", "DETAIL"]);
                 for c in &live.checks {
-                    checks.row(vec![c.name.clone(), c.verdict.clone(), c.detail.clone()]);
+                    checks.row(vec![
+                        c.name.clone(),
+                        c.verdict.clone(),
+                        one_line(&c.detail, STATUS_TEXT_CHARS),
+                    ]);
                 }
                 out.push('\n');
                 out.push_str(&checks.render("  "));
@@ -701,7 +825,7 @@ pub fn render_status(r: &Rollout, now_ms: i64) -> String {
                 format!("{}/{}", e.stage_index + 1, r.stage_count),
                 format!("{}%", e.canary_weight),
                 e.actor.clone(),
-                e.reason.clone(),
+                one_line(&e.reason, STATUS_TEXT_CHARS),
             ]);
         }
         out.push_str(&events.render("  "));
@@ -810,7 +934,7 @@ pub fn compact_line(r: &Rollout, now_ms: i64) -> String {
 }
 
 /// The `rollout list` table: id, service, version, state, stage, weight, last reason.
-pub fn render_list(rollouts: &[Rollout]) -> String {
+pub fn render_list(rollouts: &[RolloutSummary]) -> String {
     if rollouts.is_empty() {
         return "no rollouts\n".to_owned();
     }
@@ -829,10 +953,14 @@ pub fn render_list(rollouts: &[Rollout]) -> String {
             r.id.clone(),
             r.service.clone(),
             r.version.clone(),
-            r.state.clone(),
+            if r.not_applied > 0 {
+                format!("{} ⚠ {} agent(s) not applied", r.state, r.not_applied)
+            } else {
+                r.state.clone()
+            },
             format!("{}/{}", r.stage_index + 1, r.stage_count),
             format!("{}%", r.canary_weight),
-            truncate(&r.last_reason, LIST_REASON_CHARS),
+            one_line(&r.last_reason, LIST_REASON_CHARS),
         ]);
     }
     table.render("")
@@ -854,6 +982,28 @@ fn stats_json(s: &Option<VariantStats>) -> Value {
         }),
         None => Value::Null,
     }
+}
+
+/// A summary as a JSON object (`rollout list --json`); times of 0 are `null`.
+pub fn summary_json(r: &RolloutSummary) -> Value {
+    let at = |ms: i64| if ms > 0 { json!(ms) } else { Value::Null };
+    json!({
+        "id": r.id,
+        "service": r.service,
+        "version": r.version,
+        "stable_version": r.stable_version,
+        "state": r.state,
+        "terminal": is_terminal(&r.state),
+        "stage_index": r.stage_index,
+        "stage_count": r.stage_count,
+        "canary_weight": r.canary_weight,
+        "last_reason": r.last_reason,
+        "started_at_ms": r.started_at_ms,
+        "stage_started_at_ms": at(r.stage_started_at_ms),
+        "updated_at_ms": at(r.updated_at_ms),
+        "finished_at_ms": at(r.finished_at_ms),
+        "not_applied": r.not_applied,
+    })
 }
 
 /// A rollout as a JSON object (`--json`). `stage_index` is 0-based as on the wire; `detail` is
@@ -1236,14 +1386,49 @@ mod tests {
         );
     }
 
+    fn summary() -> RolloutSummary {
+        let r = sample();
+        RolloutSummary {
+            id: r.id,
+            service: r.service,
+            version: r.version,
+            stable_version: r.stable_version,
+            state: r.state,
+            stage_index: r.stage_index,
+            stage_count: r.stage_count,
+            canary_weight: r.canary_weight,
+            last_reason: r.last_reason,
+            started_at_ms: r.started_at_ms,
+            stage_started_at_ms: r.stage_started_at_ms,
+            updated_at_ms: r.stage_started_at_ms,
+            finished_at_ms: 0,
+            not_applied: 0,
+        }
+    }
+
+    #[test]
+    fn list_flags_a_rollout_some_agents_have_not_applied() {
+        let mut r = summary();
+        r.state = "rolled_back".into();
+        r.not_applied = 2;
+        let text = render_list(&[r.clone(), summary()]);
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(
+            lines[1].contains("rolled_back ⚠ 2 agent(s) not applied"),
+            "{text}"
+        );
+        assert!(!lines[2].contains('⚠'), "{text}");
+        assert_eq!(summary_json(&r)["not_applied"], 2);
+    }
+
     #[test]
     fn list_is_a_table_with_truncated_reasons() {
-        let mut long = sample();
+        let mut long = summary();
         long.id = "api-1".into();
         long.service = "api".into();
         long.state = "paused".into();
         long.last_reason = "x".repeat(100);
-        let text = render_list(&[sample(), long]);
+        let text = render_list(&[summary(), long]);
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 3, "{text}");
         assert!(
@@ -1266,22 +1451,94 @@ mod tests {
     }
 
     #[test]
-    fn the_default_rollout_is_the_latest_running_else_the_latest() {
-        let at = |id: &str, state: &str, started: i64| Rollout {
-            id: id.into(),
-            state: state.into(),
-            started_at_ms: started,
-            ..Rollout::default()
-        };
-        let rs = [
-            at("old-running", "paused", 1),
-            at("new-running", "progressing", 2),
-            at("newest-done", "promoted", 3),
-        ];
-        assert_eq!(pick_default(&rs).unwrap().id, "new-running");
-        let done = [at("a", "aborted", 1), at("b", "rolled_back", 2)];
-        assert_eq!(pick_default(&done).unwrap().id, "b");
-        assert!(pick_default(&[]).is_none());
+    fn multi_line_reasons_are_folded_in_list_and_status_tables_but_kept_in_json() {
+        let nginx = "agent 'web-1' could not apply: nginx -t failed:\n\
+                     nginx: [emerg] unexpected \"}\" in /etc/nginx/serin.conf:9\n\
+                     nginx: configuration file /etc/nginx/nginx.conf test failed\n";
+        let mut s = summary();
+        s.last_reason = nginx.into();
+        let list = render_list(&[s.clone()]);
+        assert_eq!(list.lines().count(), 2, "{list}");
+        assert!(
+            list.contains("agent 'web-1' could not apply: nginx -t failed: ⏎ nginx: [e…\n"),
+            "{list}"
+        );
+        assert_eq!(summary_json(&s)["last_reason"], nginx);
+
+        let mut r = sample();
+        r.last_reason = nginx.into();
+        r.events[1].reason = nginx.into();
+        r.live.as_mut().unwrap().checks[0].detail = "a\nb".into();
+        let text = render_status(&r, T0 + 1000);
+        assert!(
+            text.contains("reason   agent 'web-1' could not apply: nginx -t failed: ⏎ nginx:"),
+            "{text}"
+        );
+        assert!(text.contains("pass     a ⏎ b\n"), "{text}");
+        assert!(!text.contains("failed:\n"), "{text}");
+        // Every line that starts an event row is one event.
+        assert_eq!(
+            text.lines()
+                .filter(|l| l.contains("operator:alice") || l.contains("controller"))
+                .count(),
+            2,
+            "{text}"
+        );
+        assert_eq!(rollout_json(&r)["events"][1]["reason"], nginx);
+    }
+
+    #[test]
+    fn only_a_lost_answer_makes_the_outcome_unknown() {
+        // The client's own timeout, or a connection that broke after sending: unknown.
+        let timeout = tonic::Status::from_error(Box::new(tonic::TimeoutExpired(())));
+        assert!(outcome_unknown(&timeout), "{timeout:?}");
+        let reset = tonic::Status::from_error(Box::new(std::io::Error::from(
+            std::io::ErrorKind::ConnectionReset,
+        )));
+        assert!(outcome_unknown(&reset), "{reset:?}");
+        // Never connected: nothing was sent.
+        let refused = tonic::Status::from_error(Box::new(tonic::ConnectError(Box::new(
+            std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
+        ))));
+        assert!(!outcome_unknown(&refused), "{refused:?}");
+        // Whatever the coordinator answered, even "unavailable" or a deadline, is an answer.
+        for answered in [
+            tonic::Status::unavailable("this coordinator is not the leader; retry"),
+            tonic::Status::deadline_exceeded("late"),
+            tonic::Status::failed_precondition("it is promoted"),
+        ] {
+            assert!(!outcome_unknown(&answered), "{answered:?}");
+        }
+        assert_eq!(
+            unknown_outcome_message(
+                "pause",
+                "connection error: connection reset",
+                "check with `serin rollout status api-1`"
+            ),
+            "the pause was sent to the coordinator but no answer came back (connection error: \
+             connection reset); its outcome is unknown: it may or may not have been applied; \
+             check with `serin rollout status api-1`"
+        );
+    }
+
+    #[test]
+    fn the_next_page_hint_is_a_command_to_run() {
+        assert_eq!(next_page_hint(50, ""), None);
+        assert_eq!(
+            next_page_hint(5, "1777636800000:api-1").as_deref(),
+            Some("more rollouts: serin rollout list --limit 5 --page-token '1777636800000:api-1'")
+        );
+    }
+
+    #[test]
+    fn summaries_in_json_have_the_documented_keys() {
+        let v = summary_json(&summary());
+        assert_eq!(v["id"], "checkout-3f9a1c");
+        assert_eq!(v["stage_index"], 1);
+        assert_eq!(v["terminal"], false);
+        assert_eq!(v["finished_at_ms"], Value::Null);
+        assert_eq!(v["updated_at_ms"], T0 + 60_000);
+        assert!(v.get("events").is_none(), "{v}");
     }
 
     #[test]
@@ -1432,11 +1689,27 @@ mod tests {
 
         async fn list_rollouts(
             &self,
-            _: tonic::Request<ListRolloutsRequest>,
+            request: tonic::Request<ListRolloutsRequest>,
         ) -> Reply<serin_proto::v1::ListRolloutsReply> {
-            let rollouts = self.rollouts.lock().unwrap().clone();
+            // Newest first; no paging beyond the limit (the coordinator's paging has its own
+            // tests).
+            let request = request.into_inner();
+            let mut rollouts = self.rollouts.lock().unwrap().clone();
+            rollouts.sort_by_key(|r| std::cmp::Reverse(r.started_at_ms));
+            let rollouts = rollouts
+                .into_iter()
+                .filter(|r| !request.running_only || !is_terminal(&r.state))
+                .take(request.limit.max(1) as usize)
+                .map(|r| RolloutSummary {
+                    id: r.id,
+                    state: r.state,
+                    started_at_ms: r.started_at_ms,
+                    ..RolloutSummary::default()
+                })
+                .collect();
             Ok(tonic::Response::new(serin_proto::v1::ListRolloutsReply {
                 rollouts,
+                next_page_token: String::new(),
             }))
         }
 

@@ -701,3 +701,41 @@ fn checkpoints_attach_to_the_current_stage_only() {
     let r = &reg.rollouts[&id("r1")];
     assert!(!r.checkpoint.as_ref().unwrap().matches(r));
 }
+
+#[test]
+fn a_long_history_keeps_its_first_and_last_events_and_counts_the_rest() {
+    let mut reg = started(&[10, 100]);
+    for n in 0..100_000 {
+        let kind = if n % 2 == 0 { "pause" } else { "resume" };
+        reg.apply(operator(kind, T0 + n), generation(n as u64 + 2))
+            .unwrap();
+    }
+    let r = &reg.rollouts[&id("r1")];
+    assert_eq!(r.events.len(), KEEP_FIRST_EVENTS + KEEP_LAST_EVENTS);
+    assert_eq!(r.events_dropped, 100_001 - r.events.len() as u64);
+    assert_eq!(r.events[0].kind, EventKind::Started);
+    assert_eq!(r.events.last().unwrap().at, T0 + 99_999);
+    assert_eq!(r.events.last().unwrap().kind, EventKind::Resumed);
+    // The recent events are contiguous: nothing dropped among them.
+    let recent = &r.events[KEEP_FIRST_EVENTS..];
+    assert!(recent.windows(2).all(|w| w[1].at == w[0].at + 1));
+}
+
+#[test]
+fn an_overlong_event_reason_is_cut_and_marked() {
+    let mut reg = started(&[10, 100]);
+    let reason = "nginx: [emerg] bad\n".repeat(1000);
+    reg.apply(
+        Command::Pause {
+            id: id("r1"),
+            actor: Actor::Controller,
+            reason,
+            at: T0 + 1,
+        },
+        generation(2),
+    )
+    .unwrap();
+    let kept = &reg.rollouts[&id("r1")].events[1].reason;
+    assert!(kept.len() <= MAX_EVENT_REASON, "{}", kept.len());
+    assert!(kept.ends_with('…'));
+}

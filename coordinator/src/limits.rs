@@ -1,0 +1,106 @@
+//! Every size limit of what operators send and of what the coordinator keeps, in one place.
+//!
+//! Why: every operator-supplied string ends up in the replicated log, in every snapshot and in
+//! the replies of the operator API, all of which travel in gRPC messages of at most 4 MiB. An
+//! unbounded reason or name would make a rollout, or the whole list, unreadable for good. The
+//! limits are in bytes of UTF-8 and are checked before anything is proposed; the README lists
+//! them.
+
+/// Longest service name, in bytes.
+pub const MAX_SERVICE: usize = 64;
+/// Longest version (`version`, `stable_version`), in bytes.
+pub const MAX_VERSION: usize = 64;
+/// Longest operator name recorded as the actor of a command, in bytes.
+pub const MAX_ACTOR: usize = 64;
+/// Longest operator reason of pause, resume, promote and abort, in bytes.
+pub const MAX_REASON: usize = 1024;
+/// Longest rollout id accepted by the API (generated ids are `<service>-<6 hex>`), in bytes.
+pub const MAX_ROLLOUT_ID: usize = MAX_SERVICE + 16;
+/// Largest strategy file, in bytes.
+pub const MAX_STRATEGY_TOML: usize = 64 * 1024;
+/// Longest name of a check or trigger in a strategy, in bytes.
+pub const MAX_STRATEGY_NAME: usize = 64;
+/// Longest `traffic.sticky_key` of a strategy, in bytes.
+pub const MAX_STICKY_KEY: usize = 64;
+/// Longest page token of `ListRollouts`, in bytes.
+pub const MAX_PAGE_TOKEN: usize = 256;
+
+/// Longest reason stored with an event (controller reasons may carry an agent's error output);
+/// longer reasons are cut, marked with `…`. In bytes.
+pub const MAX_EVENT_REASON: usize = 2048;
+/// Oldest events of a rollout always kept (its start and first stages).
+pub const KEEP_FIRST_EVENTS: usize = 20;
+/// Most recent events of a rollout kept; older ones beyond [`KEEP_FIRST_EVENTS`] are dropped
+/// and counted.
+pub const KEEP_LAST_EVENTS: usize = 180;
+
+/// `ListRollouts` page size when the request leaves it at 0.
+pub const DEFAULT_LIST_LIMIT: u32 = 50;
+/// Largest `ListRollouts` page size.
+pub const MAX_LIST_LIMIT: u32 = 500;
+/// Longest `last_reason` in a rollout summary, in characters (folded to one line).
+pub const SUMMARY_REASON_CHARS: usize = 200;
+
+/// A value longer than its limit.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {length} bytes is longer than the limit of {limit} bytes")]
+pub struct TooLong {
+    /// The field, as the operator knows it (`reason`, `checks[2].name`).
+    pub field: String,
+    /// Its limit in bytes.
+    pub limit: usize,
+    /// Its length in bytes.
+    pub length: usize,
+}
+
+/// Refuses `value` when it is longer than `limit` bytes.
+pub fn check_len(field: &str, value: &str, limit: usize) -> Result<(), TooLong> {
+    if value.len() > limit {
+        Err(TooLong {
+            field: field.to_owned(),
+            limit,
+            length: value.len(),
+        })
+    } else {
+        Ok(())
+    }
+}
+
+/// At most `limit` bytes of `text`, cut at a character boundary and ending in `…` when cut.
+pub fn cut(text: &str, limit: usize) -> String {
+    if text.len() <= limit {
+        return text.to_owned();
+    }
+    let mark = '…';
+    let mut end = limit.saturating_sub(mark.len_utf8());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    let mut out = text[..end].to_owned();
+    out.push(mark);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_value_over_its_limit_is_refused_naming_field_limit_and_length() {
+        assert!(check_len("reason", &"x".repeat(MAX_REASON), MAX_REASON).is_ok());
+        let err = check_len("reason", &"x".repeat(MAX_REASON + 1), MAX_REASON).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "reason: 1025 bytes is longer than the limit of 1024 bytes"
+        );
+    }
+
+    #[test]
+    fn cutting_keeps_whole_characters_and_marks_the_cut() {
+        assert_eq!(cut("short", 10), "short");
+        let cut_text = cut(&"é".repeat(100), 11);
+        assert!(cut_text.len() <= 11, "{cut_text}");
+        assert!(cut_text.ends_with('…'), "{cut_text}");
+        assert_eq!(cut_text, format!("{}…", "é".repeat(4)));
+    }
+}
