@@ -129,7 +129,7 @@ async fn start(config: AgentConfig) -> Result<Tasks, AgentError> {
             trackers: config
                 .instances
                 .iter()
-                .map(|_| DeltaTracker::default())
+                .map(|_| DeltaTracker::for_interval(config.interval))
                 .collect(),
             config: Arc::clone(&config),
             source: scraper,
@@ -588,11 +588,13 @@ mod tests {
     fn baseline_sample_gives_no_window_and_failures_reset_it() {
         let inst = instance("web-s", "web", Variant::Stable, 8001);
         let mut tracker = DeltaTracker::default();
-        let sample = |requests: f64| Sample {
-            requests,
-            errors: 1.0,
-            buckets: vec![(0.1, requests), (f64::INFINITY, requests)],
-            latency_sum: requests / 100.0,
+        let sample = |requests: f64| {
+            Sample::of(
+                requests,
+                1.0,
+                &[(0.1, requests), (f64::INFINITY, requests)],
+                requests / 100.0,
+            )
         };
         assert_eq!(instance_window(&inst, &mut tracker, Ok(sample(10.0))), None);
         let w = instance_window(&inst, &mut tracker, Ok(sample(25.0))).unwrap();
@@ -658,12 +660,12 @@ mod tests {
     }
 
     fn page(requests: f64) -> Step {
-        Step::Page(Sample {
+        Step::Page(Sample::of(
             requests,
-            errors: requests / 10.0,
-            buckets: vec![(0.1, requests), (f64::INFINITY, requests)],
-            latency_sum: requests / 100.0,
-        })
+            requests / 10.0,
+            &[(0.1, requests), (f64::INFINITY, requests)],
+            requests / 100.0,
+        ))
     }
 
     fn collector(
@@ -702,7 +704,7 @@ mod tests {
             trackers: config
                 .instances
                 .iter()
-                .map(|_| DeltaTracker::default())
+                .map(|_| DeltaTracker::for_interval(config.interval))
                 .collect(),
             config: Arc::new(config),
             source,
