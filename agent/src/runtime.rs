@@ -15,7 +15,10 @@
 //! - **applier**: owns the traffic actuator and the store; applies desired states serially,
 //!   newest first (states that queue up while one applies are coalesced), records each
 //!   success in the store *before* acknowledging it, then acks. A failed apply is
-//!   acknowledged with one failure per service the actuator names.
+//!   acknowledged with one failure per service the actuator names, then tried again after
+//!   500 ms, doubling up to every 5 s, until it succeeds or a newer desired state arrives
+//!   (a host whose nginx was down must not keep the old traffic until the next decision);
+//!   every attempt is acknowledged, so a success clears the failure at the coordinator.
 //!
 //! An apply in progress is allowed to finish at shutdown (the actuator restores the
 //! previous nginx site file on failure, and interrupting it halfway would leave a written
@@ -28,8 +31,8 @@
 //!
 //! Generations: a desired state older than the last applied one is ignored (a deposed
 //! leader cannot undo a newer decision); the same generation is acknowledged again without
-//! re-applying; a newer one is applied. A failed apply is not recorded, so the coordinator
-//! re-sending that generation retries it.
+//! re-applying; a newer one is applied. A failed apply is not recorded, so the retries (and
+//! the coordinator re-sending that generation) apply it again.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -145,6 +148,8 @@ async fn start(config: AgentConfig) -> Result<Tasks, AgentError> {
             desired: desired_rx,
             applied_tx,
             acks: ack_tx,
+            retry_delays: RetryDelays::default(),
+            retry: None,
         },
         connection: Connection {
             coordinators: Coordinators::new(config.coordinators.clone()),
@@ -422,40 +427,115 @@ struct Applier<A> {
     desired: watch::Receiver<Option<DesiredState>>,
     applied_tx: watch::Sender<Option<Generation>>,
     acks: mpsc::Sender<pb::Ack>,
+    retry_delays: RetryDelays,
+    /// The newest desired state, when applying it failed: tried again at `Retry::at`.
+    retry: Option<Retry>,
+}
+
+/// Delays between the attempts to apply a desired state that failed: `initial`, doubling up
+/// to `max`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct RetryDelays {
+    initial: Duration,
+    max: Duration,
+}
+
+impl Default for RetryDelays {
+    fn default() -> Self {
+        RetryDelays {
+            initial: Duration::from_millis(500),
+            max: Duration::from_secs(5),
+        }
+    }
+}
+
+impl RetryDelays {
+    /// The delay after the attempt that followed `previous` (`None`: the first failure).
+    fn after(&self, previous: Option<Duration>) -> Duration {
+        previous.map_or(self.initial, |d| (d * 2).min(self.max))
+    }
+}
+
+/// A failed desired state waiting to be applied again.
+struct Retry {
+    desired: DesiredState,
+    delay: Duration,
+    at: Instant,
 }
 
 impl<A: TrafficActuator> Applier<A> {
     async fn run(mut self, shutdown: CancellationToken) {
         loop {
-            tokio::select! {
+            let retry_at = self.retry.as_ref().map(|r| r.at);
+            let retrying = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return,
-                changed = self.desired.changed() => if changed.is_err() { return },
-            }
+                changed = self.desired.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    false
+                }
+                _ = tokio::time::sleep_until(retry_at.unwrap_or_else(Instant::now)),
+                    if retry_at.is_some() => true,
+            };
             // Only the newest state: those received during the last apply are coalesced.
-            let Some(desired) = self.desired.borrow_and_update().clone() else {
+            let desired = if retrying {
+                self.retry.as_ref().map(|r| r.desired.clone())
+            } else {
+                self.desired.borrow_and_update().clone()
+            };
+            let Some(desired) = desired else {
                 continue;
             };
-            self.handle(&desired).await;
+            let failed = self.handle(&desired).await;
+            self.schedule_retry(desired, failed);
         }
     }
 
-    /// Ignores, re-acks or applies `desired` according to its generation.
-    async fn handle(&mut self, desired: &DesiredState) {
+    /// After handling `desired`: retries it later if it `failed`, else drops a pending retry
+    /// unless `desired` is older than the retried state (an ignored, stale one).
+    fn schedule_retry(&mut self, desired: DesiredState, failed: bool) {
+        let pending = self.retry.take();
+        if failed {
+            let previous = pending
+                .filter(|r| r.desired.generation == desired.generation)
+                .map(|r| r.delay);
+            let delay = self.retry_delays.after(previous);
+            tracing::info!(generation = %desired.generation, retry_in = ?delay, "will retry the failed apply");
+            self.retry = Some(Retry {
+                desired,
+                delay,
+                at: Instant::now() + delay,
+            });
+        } else {
+            self.retry = pending.filter(|r| desired.generation < r.desired.generation);
+        }
+    }
+
+    /// Ignores, re-acks or applies `desired` according to its generation; `true` when
+    /// applying it failed.
+    async fn handle(&mut self, desired: &DesiredState) -> bool {
         let generation = desired.generation;
         match decide(self.applied, generation) {
-            Decision::Stale => tracing::info!(
-                %generation,
-                applied = ?self.applied,
-                "ignoring a desired state older than the applied one"
-            ),
+            Decision::Stale => {
+                tracing::info!(
+                    %generation,
+                    applied = ?self.applied,
+                    "ignoring a desired state older than the applied one"
+                );
+                false
+            }
             Decision::Reack => {
                 tracing::debug!(%generation, "generation already applied; acknowledging again");
                 self.ack(generation, Vec::new());
+                false
             }
             Decision::Apply => {
                 let failures = self.apply(desired).await;
                 self.ack(generation, failures);
+                // Only a success records the generation as applied.
+                self.applied != Some(generation)
             }
         }
     }
@@ -796,6 +876,11 @@ mod tests {
                     desired: desired_rx,
                     applied_tx,
                     acks: ack_tx,
+                    retry_delays: RetryDelays {
+                        initial: Duration::from_millis(10),
+                        max: Duration::from_millis(40),
+                    },
+                    retry: None,
                 },
                 acks,
                 applied,
@@ -982,6 +1067,110 @@ mod tests {
         assert_eq!(h.ack(), (generation(1, 1), vec![]));
         assert_eq!(h.stored(), Some(generation(1, 1)));
         assert_eq!(h.applied(), Some(generation(1, 1)));
+    }
+
+    /// Runs `h`'s applier until the returned token is cancelled.
+    fn spawn_applier(
+        h: ApplierHarness,
+    ) -> (
+        CancellationToken,
+        JoinHandle<()>,
+        mpsc::Receiver<pb::Ack>,
+        watch::Sender<Option<DesiredState>>,
+        LocalStore,
+    ) {
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(h.applier.run(shutdown.clone()));
+        (shutdown, task, h.acks, h.desired, h.store)
+    }
+
+    async fn next_ack(acks: &mut mpsc::Receiver<pb::Ack>) -> (Generation, usize) {
+        let ack = tokio::time::timeout(WAIT, acks.recv())
+            .await
+            .expect("an ack in time")
+            .expect("applier running");
+        (
+            ack.generation.expect("a generation").into(),
+            ack.failures.len(),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_failed_apply_is_retried_with_backoff_until_it_succeeds_each_attempt_acked() {
+        let mut fake = FakeActuator::new(&["web"]);
+        fake.fail_with = Some("nginx master is gone".into());
+        fake.fail_times = Some(3);
+        let (shutdown, task, mut acks, desired, store) =
+            spawn_applier(ApplierHarness::new(Some(fake)));
+
+        let started = Instant::now();
+        desired.send_replace(Some(desired_state(1, 1, &[("web", 0)])));
+        for _ in 0..3 {
+            assert_eq!(next_ack(&mut acks).await, (generation(1, 1), 1));
+        }
+        assert_eq!(next_ack(&mut acks).await, (generation(1, 1), 0));
+        // 10 ms, 20 ms, then the 40 ms cap between the attempts.
+        assert!(
+            started.elapsed() >= Duration::from_millis(70),
+            "{:?}",
+            started.elapsed()
+        );
+        let stored = store.last_applied().expect("store readable");
+        assert_eq!(stored.map(|d| d.generation), Some(generation(1, 1)));
+        // Applied: no more attempts.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), acks.recv())
+                .await
+                .is_err(),
+            "no ack after the success"
+        );
+        shutdown.cancel();
+        task.await.expect("applier task");
+    }
+
+    #[tokio::test]
+    async fn a_newer_generation_supersedes_the_retry_of_a_failed_one() {
+        let mut fake = FakeActuator::new(&["web"]);
+        fake.fail_with = Some("nginx master is gone".into());
+        fake.fail_times = Some(1);
+        let mut h = ApplierHarness::new(Some(fake));
+        h.applier.retry_delays = RetryDelays {
+            initial: Duration::from_millis(300),
+            max: Duration::from_millis(300),
+        };
+        let (shutdown, task, mut acks, desired, _store) = spawn_applier(h);
+
+        desired.send_replace(Some(desired_state(1, 1, &[("web", 10)])));
+        assert_eq!(next_ack(&mut acks).await, (generation(1, 1), 1));
+        desired.send_replace(Some(desired_state(1, 2, &[("web", 0)])));
+        assert_eq!(next_ack(&mut acks).await, (generation(1, 2), 0));
+        // The retry of 1.1 would have succeeded and been acked: it was dropped.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(800), acks.recv())
+                .await
+                .is_err(),
+            "the superseded generation was retried"
+        );
+        shutdown.cancel();
+        task.await.expect("applier task");
+    }
+
+    #[test]
+    fn apply_retry_delays_double_from_the_initial_to_the_cap() {
+        let d = RetryDelays::default();
+        assert_eq!(
+            (d.initial, d.max),
+            (Duration::from_millis(500), Duration::from_secs(5))
+        );
+        let mut delay = None;
+        let delays: Vec<u64> = (0..6)
+            .map(|_| {
+                let next = d.after(delay);
+                delay = Some(next);
+                u64::try_from(next.as_millis()).expect("small")
+            })
+            .collect();
+        assert_eq!(delays, [500, 1000, 2000, 4000, 5000, 5000]);
     }
 
     // --- in-test coordinator ------------------------------------------------------------
