@@ -10,7 +10,9 @@
 //!    `watch` channel, which keeps only the newest (so queued states coalesce).
 //!
 //! Any error, a closed stream or `NotLeader` ends the session; the next attempt waits
-//! [`Backoff`] (100 ms doubling to 5 s, with jitter). One warning is logged per failure
+//! [`Backoff`] (100 ms doubling to 5 s, with jitter). Any session that registered (the
+//! coordinator accepted the stream), however short, starts the backoff over: a coordinator
+//! that was just restarted is reached again at once. One warning is logged per failure
 //! streak, the retries themselves at debug level.
 //!
 //! Reports are soft state: dropped while disconnected, never queued. Acks are kept (a few)
@@ -41,9 +43,6 @@ const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 /// HTTP/2 pings detect a coordinator that vanished without closing the connection.
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
-/// A session that lasted this long resets the backoff; a shorter one continues the streak,
-/// so a coordinator that accepts and at once drops the stream is not hammered.
-const STABLE_SESSION: Duration = MAX_BACKOFF;
 /// Outbound messages buffered for the gRPC stream.
 const OUTBOUND_CAPACITY: usize = 64;
 
@@ -182,45 +181,55 @@ impl Connection {
     pub(crate) async fn run(mut self, shutdown: CancellationToken) {
         loop {
             let address = self.coordinators.next_address();
-            match self.session(&address, &shutdown).await {
-                SessionEnd::Shutdown => return,
-                SessionEnd::Failed(error) => {
-                    self.failures += 1;
-                    if self.failures == 1 {
-                        tracing::warn!(
-                            coordinator = %address, %error,
-                            "cannot reach the coordinator; retrying with backoff"
-                        );
-                    } else {
-                        tracing::debug!(
-                            coordinator = %address, %error, attempt = self.failures,
-                            "cannot reach the coordinator"
-                        );
-                    }
-                }
-                SessionEnd::Ended { reason, lasted } => {
-                    if lasted >= STABLE_SESSION {
-                        self.backoff.reset();
-                    }
-                    self.failures = 1;
-                    tracing::warn!(
-                        coordinator = %address, %reason, ?lasted,
-                        "coordinator session ended; reconnecting"
-                    );
-                }
-                SessionEnd::NotLeader { hint } => {
-                    self.failures += 1;
-                    tracing::info!(
-                        coordinator = %address, leader_hint = %hint,
-                        "coordinator is not the leader; trying the hint"
-                    );
-                    self.coordinators.prefer(&hint);
-                }
+            let end = self.session(&address, &shutdown).await;
+            if matches!(end, SessionEnd::Shutdown) {
+                return;
             }
+            self.on_end(&address, end);
             let delay = self.backoff.next_delay();
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+
+    /// Logs how a session attempt at `address` ended and updates the failure streak and the
+    /// backoff: any session that registered starts the backoff over.
+    fn on_end(&mut self, address: &str, end: SessionEnd) {
+        match end {
+            SessionEnd::Shutdown => {}
+            SessionEnd::Failed(error) => {
+                self.failures += 1;
+                if self.failures == 1 {
+                    tracing::warn!(
+                        coordinator = %address, %error,
+                        "cannot reach the coordinator; retrying with backoff"
+                    );
+                } else {
+                    tracing::debug!(
+                        coordinator = %address, %error, attempt = self.failures,
+                        "cannot reach the coordinator"
+                    );
+                }
+            }
+            SessionEnd::Ended { reason, lasted } => {
+                // It registered: whatever went wrong was not a coordinator that cannot be
+                // reached, so the next attempt starts from the shortest delay.
+                self.backoff.reset();
+                self.failures = 1;
+                tracing::warn!(
+                    coordinator = %address, %reason, ?lasted,
+                    "coordinator session ended; reconnecting"
+                );
+            }
+            SessionEnd::NotLeader { hint } => {
+                self.failures += 1;
+                tracing::info!(
+                    coordinator = %address, leader_hint = %hint,
+                    "coordinator is not the leader; trying the hint"
+                );
+                self.coordinators.prefer(&hint);
             }
         }
     }
@@ -394,6 +403,57 @@ mod tests {
     fn endpoints_are_checked() {
         assert!(endpoint("http://127.0.0.1:7000").is_ok());
         assert!(endpoint("not a url").is_err());
+    }
+
+    fn test_connection() -> Connection {
+        let (desired_tx, _desired_rx) = watch::channel(None);
+        let (_applied_tx, applied) = watch::channel(None);
+        let (_r_tx, reports) = mpsc::channel(1);
+        let (_a_tx, acks) = mpsc::channel(1);
+        Connection {
+            coordinators: Coordinators::new(vec!["http://a:1".into()]),
+            register: pb::Register::default(),
+            applied,
+            reports,
+            acks,
+            desired: desired_tx,
+            backoff: Backoff::default(),
+            failures: 0,
+        }
+    }
+
+    /// Steps the backoff up to its cap, as a long failure streak does.
+    fn escalate(conn: &mut Connection) {
+        for _ in 0..10 {
+            conn.backoff.next_delay();
+        }
+    }
+
+    #[test]
+    fn the_backoff_starts_over_after_any_session_that_registered_however_short() {
+        let mut conn = test_connection();
+        escalate(&mut conn);
+        conn.on_end(
+            "http://a:1",
+            SessionEnd::Ended {
+                reason: "the coordinator closed the stream".into(),
+                lasted: Duration::from_millis(50),
+            },
+        );
+        assert!(conn.backoff.next_delay() <= INITIAL_BACKOFF);
+
+        // Attempts that never registered continue the streak.
+        for end in [
+            SessionEnd::Failed("connection refused".into()),
+            SessionEnd::NotLeader {
+                hint: String::new(),
+            },
+        ] {
+            let mut conn = test_connection();
+            escalate(&mut conn);
+            conn.on_end("http://a:1", end);
+            assert!(conn.backoff.next_delay() >= MAX_BACKOFF / 2);
+        }
     }
 
     #[tokio::test]
