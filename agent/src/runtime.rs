@@ -120,6 +120,12 @@ async fn start(config: AgentConfig) -> Result<Tasks, AgentError> {
     let (desired_tx, desired_rx) = watch::channel(None);
     let (applied_tx, applied_rx) = watch::channel(applied);
 
+    if config.does_nothing() {
+        tracing::warn!(
+            "this agent has no [[instances]] and no [nginx]: it will report no traffic and \
+             steer none; it only registers and reports host metrics"
+        );
+    }
     tracing::info!(
         store = %store.path().display(),
         last_applied = ?applied,
