@@ -66,8 +66,10 @@ const ACK_QUEUE: usize = 16;
 ///
 /// Fails at once, before connecting anywhere, when the store cannot be opened, the
 /// `[nginx]` section does not describe a usable nginx, or a coordinator address is not a
-/// usable endpoint. Afterwards only a panicking task makes it return an error; unreachable
-/// coordinators, failing scrapes and failing applies are retried or reported.
+/// usable endpoint. Afterwards only a panicking task, or the coordinator refusing the first
+/// session because another agent with this name is connected
+/// ([`AgentError::DuplicateName`]), makes it return an error; unreachable coordinators,
+/// failing scrapes and failing applies are retried or reported.
 pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(), AgentError> {
     let span = tracing::info_span!("agent", agent = %config.name);
     async move {
@@ -101,6 +103,7 @@ async fn start(config: AgentConfig) -> Result<Tasks, AgentError> {
             reason: e.to_string(),
         })??;
     let last_applied = store.last_applied()?;
+    let instance_id = store.instance_id()?;
     let applied = last_applied.as_ref().map(|d| d.generation);
 
     let actuator = match &config.nginx {
@@ -159,13 +162,14 @@ async fn start(config: AgentConfig) -> Result<Tasks, AgentError> {
         },
         connection: Connection {
             coordinators: Coordinators::new(config.coordinators.clone()),
-            register: register(&config),
+            register: register(&config, instance_id),
             applied: applied_rx,
             reports: report_rx,
             acks: ack_rx,
             desired: desired_tx,
             backoff: Backoff::default(),
             failures: 0,
+            registered: false,
         },
     })
 }
@@ -177,12 +181,26 @@ impl Tasks {
         let mut set = JoinSet::new();
         let mut names = HashMap::new();
         let span = tracing::Span::current();
+        let collector = self.collector.run(stop.clone());
         let id = set
-            .spawn(self.collector.run(stop.clone()).instrument(span.clone()))
+            .spawn(
+                async {
+                    collector.await;
+                    Ok(())
+                }
+                .instrument(span.clone()),
+            )
             .id();
         names.insert(id, "collector");
+        let applier = self.applier.run(stop.clone());
         let id = set
-            .spawn(self.applier.run(stop.clone()).instrument(span.clone()))
+            .spawn(
+                async {
+                    applier.await;
+                    Ok(())
+                }
+                .instrument(span.clone()),
+            )
             .id();
         names.insert(id, "applier");
         let id = set
@@ -193,9 +211,17 @@ impl Tasks {
         let mut result = Ok(());
         while let Some(joined) = set.join_next_with_id().await {
             let (id, reason) = match joined {
+                // A fatal error of the task's own (logged by the task): stop the others.
+                Ok((_, Err(e))) => {
+                    stop.cancel();
+                    if result.is_ok() {
+                        result = Err(e);
+                    }
+                    continue;
+                }
                 // Ended because of shutdown, or because another task failed first.
-                Ok((id, ())) if stop.is_cancelled() => (id, None),
-                Ok((id, ())) => (id, Some("stopped before shutdown".to_owned())),
+                Ok((id, Ok(()))) if stop.is_cancelled() => (id, None),
+                Ok((id, Ok(()))) => (id, Some("stopped before shutdown".to_owned())),
                 Err(e) => (e.id(), Some(join_error_text(e))),
             };
             stop.cancel();
@@ -234,9 +260,10 @@ fn proto_variant(v: Variant) -> pb::Variant {
 }
 
 /// The `Register` message, without `last_applied` (filled in per session).
-fn register(config: &AgentConfig) -> pb::Register {
+fn register(config: &AgentConfig, instance_id: String) -> pb::Register {
     pb::Register {
         agent: config.name.clone(),
+        instance_id,
         labels: config
             .labels
             .iter()
@@ -1188,10 +1215,14 @@ mod tests {
         /// A session opened; sending on this reaches the agent, dropping it ends the stream.
         Session(Downstream),
         Message(pb::AgentMessage),
+        /// A session was refused as a duplicate name; holds its Register.
+        Refused(pb::Register),
     }
 
     struct TestCoordinator {
         events: mpsc::UnboundedSender<Event>,
+        /// When set, every session is refused with `ALREADY_EXISTS` and this message.
+        refuse: Option<String>,
     }
 
     #[tonic::async_trait]
@@ -1203,6 +1234,17 @@ mod tests {
             request: Request<Streaming<pb::AgentMessage>>,
         ) -> Result<Response<Self::SessionStream>, Status> {
             let mut inbound = request.into_inner();
+            if let Some(message) = &self.refuse {
+                // As the real coordinator does: read Register, then refuse.
+                let first = inbound.message().await?;
+                if let Some(pb::AgentMessage {
+                    body: Some(pb::agent_message::Body::Register(r)),
+                }) = first
+                {
+                    let _ = self.events.send(Event::Refused(r));
+                }
+                return Err(Status::already_exists(message.clone()));
+            }
             let (tx, rx) = mpsc::channel(16);
             let _ = self.events.send(Event::Session(tx));
             let events = self.events.clone();
@@ -1225,12 +1267,24 @@ mod tests {
 
     impl TestServer {
         async fn start(listener: TcpListener) -> TestServer {
+            Self::start_with(listener, None).await
+        }
+
+        /// A coordinator that refuses every session as a duplicate name, with `message`.
+        async fn start_refusing(listener: TcpListener, message: &str) -> TestServer {
+            Self::start_with(listener, Some(message.to_owned())).await
+        }
+
+        async fn start_with(listener: TcpListener, refuse: Option<String>) -> TestServer {
             let (tx, events) = mpsc::unbounded_channel();
             let stop = CancellationToken::new();
             let signal = stop.clone();
             let task = tokio::spawn(
                 tonic::transport::Server::builder()
-                    .add_service(AgentServiceServer::new(TestCoordinator { events: tx }))
+                    .add_service(AgentServiceServer::new(TestCoordinator {
+                        events: tx,
+                        refuse,
+                    }))
                     .serve_with_incoming_shutdown(
                         TcpListenerStream::new(listener),
                         signal.cancelled_owned(),
@@ -1262,9 +1316,19 @@ mod tests {
         }
 
         /// Waits for the next message from the agent.
+        /// Waits for the next refused session's Register.
+        async fn refused(&mut self) -> pb::Register {
+            loop {
+                if let Event::Refused(register) = self.next_event("a refused session").await {
+                    return register;
+                }
+            }
+        }
+
         async fn message(&mut self, what: &str) -> pb::agent_message::Body {
             match self.next_event(what).await {
                 Event::Session(_) => panic!("unexpected new session while waiting for {what}"),
+                Event::Refused(_) => panic!("unexpected refused session while waiting for {what}"),
                 Event::Message(pb::AgentMessage { body: Some(body) }) => body,
                 Event::Message(m) => panic!("message without body: {m:?}"),
             }
@@ -1570,10 +1634,10 @@ mod tests {
 
         let (shutdown, agent) = run_agent(config.clone()).await;
         let down = server.session().await;
-        assert_eq!(
-            expect_register(server.message("Register").await).last_applied,
-            None
-        );
+        let register = expect_register(server.message("Register").await);
+        assert_eq!(register.last_applied, None);
+        let first_id = register.instance_id;
+        assert_eq!(first_id.len(), 32, "{first_id:?}");
         send_desired(&down, 3, 1, vec![]).await;
         assert!(server.ack().await.failures.is_empty());
         stop_agent(shutdown, agent).await;
@@ -1586,7 +1650,73 @@ mod tests {
             register.last_applied,
             Some(pb::Generation { term: 3, index: 1 })
         );
+        assert_eq!(
+            register.instance_id, first_id,
+            "the same data directory, the same agent"
+        );
         stop_agent(shutdown, agent).await;
+    }
+
+    fn minimal_config(coordinator: SocketAddr, data: &tempfile::TempDir) -> AgentConfig {
+        AgentConfig::from_toml(&format!(
+            "name = \"host-1\"\ncoordinators = [\"http://{coordinator}\"]\ndata_dir = \"{}\"",
+            data.path().display()
+        ))
+        .expect("valid config")
+    }
+
+    #[tokio::test]
+    async fn an_agent_refused_as_a_duplicate_name_at_start_stops_with_the_coordinators_message() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let coordinator = listener.local_addr().expect("addr");
+        let data = tempfile::tempdir().expect("tempdir");
+        let message = "agent 'host-1' is already connected from 10.0.0.5:41234";
+        let mut server = TestServer::start_refusing(listener, message).await;
+
+        let result = tokio::time::timeout(
+            WAIT,
+            run(minimal_config(coordinator, &data), CancellationToken::new()),
+        )
+        .await
+        .expect("run returns by itself");
+        let err = result.expect_err("a refused first session is fatal");
+        assert!(
+            matches!(&err, AgentError::DuplicateName(m) if m == message),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains(message), "{err}");
+        let register = server.refused().await;
+        assert_eq!(register.agent, "host-1");
+        assert_eq!(register.instance_id.len(), 32, "{register:?}");
+        server.stop().await;
+    }
+
+    #[tokio::test]
+    async fn an_agent_refused_as_a_duplicate_name_after_it_was_connected_keeps_retrying() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let coordinator = listener.local_addr().expect("addr");
+        let data = tempfile::tempdir().expect("tempdir");
+        let mut server = TestServer::start(listener).await;
+        let (shutdown, agent) = run_agent(minimal_config(coordinator, &data)).await;
+        let down = server.session().await;
+        let first = expect_register(server.message("Register").await);
+        drop(down);
+        server.stop().await;
+
+        // Meanwhile another agent took the name: the coordinator refuses this one.
+        let listener = TcpListener::bind(coordinator).await.expect("rebind");
+        let mut server =
+            TestServer::start_refusing(listener, "agent 'host-1' is already connected").await;
+        for _ in 0..3 {
+            let register = server.refused().await;
+            assert_eq!(register.instance_id, first.instance_id, "the same agent");
+        }
+        assert!(
+            !agent.is_finished(),
+            "a refusal after a registration is not fatal"
+        );
+        stop_agent(shutdown, agent).await;
+        server.stop().await;
     }
 
     #[tokio::test]
