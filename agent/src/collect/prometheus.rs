@@ -302,8 +302,9 @@ fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {
 /// Reads the requests, errors and latency series named in `names` from a metrics page in the
 /// Prometheus text format (OpenMetrics text is accepted too).
 ///
-/// Series are summed over all labels (errors: over those whose status label starts with `5`).
-/// A page without the latency histogram yields empty buckets; a page without the requests
+/// Each series is kept by its label set (a series whose status label starts with `5` counts
+/// errors; a series written twice is added up), as is `process_start_time_seconds` when present.
+/// A page without the latency histogram yields no histogram series; a page without the requests
 /// metric, a line that is not in the text format, or a NaN, infinite or negative value in a
 /// series we use is an error. Lines whose metric name contains `:` (recording-rule names,
 /// which `prometheus-parse` cannot read) are skipped, so such names cannot be configured.
