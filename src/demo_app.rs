@@ -496,13 +496,13 @@ mod tests {
         );
         // And the agent's parser reads it the same way.
         let sample = parse_sample(&page, &MetricNames::default()).unwrap();
-        assert_eq!(sample.requests, 40.0);
-        assert_eq!(sample.errors, failed as f64);
-        let bounds: Vec<f64> = sample.buckets.iter().map(|b| b.0).collect();
+        assert_eq!(sample.total_requests(), 40.0);
+        assert_eq!(sample.total_errors(), failed as f64);
+        let bounds: Vec<f64> = sample.total_buckets().iter().map(|b| b.0).collect();
         let mut expected = LATENCY_BUCKETS.to_vec();
         expected.push(f64::INFINITY);
         assert_eq!(bounds, expected);
-        assert_eq!(sample.buckets.last().unwrap().1, 40.0);
+        assert_eq!(sample.total_buckets().last().unwrap().1, 40.0);
 
         // GET /admin counts the two /metrics scrapes above and dates the latest one.
         let before_ms = SystemTime::now()
@@ -526,7 +526,7 @@ mod tests {
         let app = Running::start(args(0.0, 0)).await;
         let (_, page) = get(&client(), &format!("{}/metrics", app.base)).await;
         let sample = parse_sample(&page, &MetricNames::default()).unwrap();
-        assert_eq!((sample.requests, sample.errors), (0.0, 0.0));
+        assert_eq!((sample.total_requests(), sample.total_errors()), (0.0, 0.0));
         app.stop().await.unwrap();
     }
 

@@ -115,6 +115,7 @@ fn init_logging(default: &str) {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(serin_agent::logs::stderr_ansi())
         .init();
 }
 

@@ -95,6 +95,8 @@ pub(crate) mod fake {
         /// When set, every `apply` fails with this text (attributed like nginx's failures)
         /// and changes nothing.
         pub(crate) fail_with: Option<String>,
+        /// When set, only this many more calls fail with `fail_with`; later ones succeed.
+        pub(crate) fail_times: Option<u32>,
         live: Option<Live>,
     }
 
@@ -104,6 +106,7 @@ pub(crate) mod fake {
                 services: services.iter().map(|s| (*s).to_owned()).collect(),
                 calls: Vec::new(),
                 fail_with: None,
+                fail_times: None,
                 live: None,
             }
         }
@@ -122,7 +125,14 @@ pub(crate) mod fake {
             self.calls.push(desired.clone());
             let fail = |error| ActuatorFailure::attributed(&self.services, desired, error);
             if let Some(error) = &self.fail_with {
-                return Err(fail(error.clone()));
+                match &mut self.fail_times {
+                    None => return Err(fail(error.clone())),
+                    Some(0) => {}
+                    Some(n) => {
+                        *n -= 1;
+                        return Err(fail(error.clone()));
+                    }
+                }
             }
             let mut next = Live::new();
             for service in &self.services {

@@ -232,6 +232,12 @@ impl AgentConfig {
         Self::from_toml_with(&text, overrides).map_err(|e| e.with_path(path))
     }
 
+    /// Whether this agent has nothing to do: no instances to report on and no nginx to
+    /// steer. Valid (a host being set up), but worth a warning at start.
+    pub fn does_nothing(&self) -> bool {
+        self.instances.is_empty() && self.nginx.is_none()
+    }
+
     /// The services this agent's nginx carries (empty without `[nginx]`).
     pub fn balancer_services(&self) -> Vec<String> {
         self.nginx
@@ -580,6 +586,19 @@ mod tests {
 
         let c = AgentConfig::from_toml(&format!("interval = \"200ms\"\n{MINIMAL}")).unwrap();
         assert_eq!(c.scrape_timeout, Duration::from_millis(160));
+    }
+
+    #[test]
+    fn an_agent_without_instances_or_nginx_does_nothing() {
+        assert!(AgentConfig::from_toml(MINIMAL).unwrap().does_nothing());
+        let full = AgentConfig::from_toml(FULL).unwrap();
+        assert!(!full.does_nothing());
+        let mut instances_only = full.clone();
+        instances_only.nginx = None;
+        assert!(!instances_only.does_nothing());
+        let mut nginx_only = full;
+        nginx_only.instances.clear();
+        assert!(!nginx_only.does_nothing());
     }
 
     #[test]

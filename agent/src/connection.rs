@@ -10,8 +10,17 @@
 //!    `watch` channel, which keeps only the newest (so queued states coalesce).
 //!
 //! Any error, a closed stream or `NotLeader` ends the session; the next attempt waits
-//! [`Backoff`] (100 ms doubling to 5 s, with jitter). One warning is logged per failure
+//! [`Backoff`] (100 ms doubling to 5 s, with jitter). Any session that registered (the
+//! coordinator accepted the stream), however short, starts the backoff over: a coordinator
+//! that was just restarted is reached again at once. One warning is logged per failure
 //! streak, the retries themselves at debug level.
+//!
+//! `Register` carries the agent's instance id (made once per data directory, see
+//! [`crate::store`]). A coordinator that already has another agent of this name connected
+//! refuses the session with `ALREADY_EXISTS`: before any session of this process registered,
+//! that is fatal (a copied config, caught at start, the process exits); after one did, it is
+//! logged as an error and retried with backoff, so the connected agent keeps its name and the
+//! two never take turns.
 //!
 //! Reports are soft state: dropped while disconnected, never queued. Acks are kept (a few)
 //! and sent after the next `Register`.
@@ -27,7 +36,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Endpoint;
 
-use crate::error::error_chain;
+use crate::error::{AgentError, error_chain};
 use crate::store::{DesiredState, Generation};
 
 /// First reconnect delay of a failure streak.
@@ -41,9 +50,6 @@ const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 /// HTTP/2 pings detect a coordinator that vanished without closing the connection.
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
-/// A session that lasted this long resets the backoff; a shorter one continues the streak,
-/// so a coordinator that accepts and at once drops the stream is not hammered.
-const STABLE_SESSION: Duration = MAX_BACKOFF;
 /// Outbound messages buffered for the gRPC stream.
 const OUTBOUND_CAPACITY: usize = 64;
 
@@ -159,6 +165,19 @@ enum SessionEnd {
     NotLeader {
         hint: String,
     },
+    /// The coordinator refused this agent (`ALREADY_EXISTS`): another agent with the same
+    /// name is connected. Holds the coordinator's message.
+    DuplicateName(String),
+}
+
+/// How a refused session open ended: `ALREADY_EXISTS` is a duplicate agent name, anything
+/// else a failure to retry.
+fn open_refused(status: &tonic::Status) -> SessionEnd {
+    if status.code() == tonic::Code::AlreadyExists {
+        SessionEnd::DuplicateName(status.message().to_owned())
+    } else {
+        SessionEnd::Failed(status_text(status))
+    }
 }
 
 /// The connection task's state.
@@ -175,54 +194,95 @@ pub(crate) struct Connection {
     pub(crate) backoff: Backoff,
     /// Failed attempts in the current streak.
     pub(crate) failures: u32,
+    /// Whether a session registered since the agent started: a duplicate name refused
+    /// before that is fatal, after it is retried.
+    pub(crate) registered: bool,
 }
 
 impl Connection {
-    /// Keeps a session open until `shutdown`.
-    pub(crate) async fn run(mut self, shutdown: CancellationToken) {
+    /// Keeps a session open until `shutdown`. Fails only when the coordinator refuses the
+    /// agent's first session as a duplicate name.
+    pub(crate) async fn run(mut self, shutdown: CancellationToken) -> Result<(), AgentError> {
         loop {
             let address = self.coordinators.next_address();
-            match self.session(&address, &shutdown).await {
-                SessionEnd::Shutdown => return,
-                SessionEnd::Failed(error) => {
-                    self.failures += 1;
-                    if self.failures == 1 {
-                        tracing::warn!(
-                            coordinator = %address, %error,
-                            "cannot reach the coordinator; retrying with backoff"
-                        );
-                    } else {
-                        tracing::debug!(
-                            coordinator = %address, %error, attempt = self.failures,
-                            "cannot reach the coordinator"
-                        );
-                    }
-                }
-                SessionEnd::Ended { reason, lasted } => {
-                    if lasted >= STABLE_SESSION {
-                        self.backoff.reset();
-                    }
-                    self.failures = 1;
-                    tracing::warn!(
-                        coordinator = %address, %reason, ?lasted,
-                        "coordinator session ended; reconnecting"
-                    );
-                }
-                SessionEnd::NotLeader { hint } => {
-                    self.failures += 1;
-                    tracing::info!(
-                        coordinator = %address, leader_hint = %hint,
-                        "coordinator is not the leader; trying the hint"
-                    );
-                    self.coordinators.prefer(&hint);
-                }
+            let end = self.session(&address, &shutdown).await;
+            if matches!(end, SessionEnd::Shutdown) {
+                return Ok(());
             }
+            self.on_end(&address, end)?;
             let delay = self.backoff.next_delay();
             tokio::select! {
-                _ = shutdown.cancelled() => return,
+                _ = shutdown.cancelled() => return Ok(()),
                 _ = tokio::time::sleep(delay) => {}
             }
         }
+    }
+
+    /// Logs how a session attempt at `address` ended and updates the failure streak and the
+    /// backoff: any session that registered starts the backoff over. A duplicate name is
+    /// fatal (the error) before any session registered, and retried after.
+    fn on_end(&mut self, address: &str, end: SessionEnd) -> Result<(), AgentError> {
+        match end {
+            SessionEnd::Shutdown => {}
+            SessionEnd::Failed(error) => {
+                self.failures += 1;
+                if self.failures == 1 {
+                    tracing::warn!(
+                        coordinator = %address, %error,
+                        "cannot reach the coordinator; retrying with backoff"
+                    );
+                } else {
+                    tracing::debug!(
+                        coordinator = %address, %error, attempt = self.failures,
+                        "cannot reach the coordinator"
+                    );
+                }
+            }
+            SessionEnd::Ended { reason, lasted } => {
+                // It registered: whatever went wrong was not a coordinator that cannot be
+                // reached, so the next attempt starts from the shortest delay.
+                self.registered = true;
+                self.backoff.reset();
+                self.failures = 1;
+                tracing::warn!(
+                    coordinator = %address, %reason, ?lasted,
+                    "coordinator session ended; reconnecting"
+                );
+            }
+            SessionEnd::NotLeader { hint } => {
+                self.failures += 1;
+                tracing::info!(
+                    coordinator = %address, leader_hint = %hint,
+                    "coordinator is not the leader; trying the hint"
+                );
+                self.coordinators.prefer(&hint);
+            }
+            SessionEnd::DuplicateName(message) if !self.registered => {
+                tracing::error!(
+                    coordinator = %address, error = %message,
+                    "the coordinator refused this agent: another agent with this name is connected; stopping"
+                );
+                return Err(AgentError::DuplicateName(message));
+            }
+            SessionEnd::DuplicateName(message) => {
+                // This agent was connected before: most likely a second one took its name
+                // while it was away. The connected one wins; keep trying, slowly.
+                self.failures += 1;
+                if self.failures == 1 {
+                    tracing::error!(
+                        coordinator = %address, error = %message,
+                        "the coordinator refused this agent: another agent with this name is \
+                         connected; retrying with backoff until it is gone"
+                    );
+                } else {
+                    tracing::debug!(
+                        coordinator = %address, error = %message, attempt = self.failures,
+                        "the coordinator still refuses this agent's name"
+                    );
+                }
+            }
+        }
+        Ok(())
     }
 
     fn register_message(&self) -> pb::AgentMessage {
@@ -261,7 +321,7 @@ impl Connection {
         };
         let mut inbound = match opened {
             Ok(Ok(response)) => response.into_inner(),
-            Ok(Err(status)) => return SessionEnd::Failed(status_text(&status)),
+            Ok(Err(status)) => return open_refused(&status),
             Err(_) => {
                 return SessionEnd::Failed(format!(
                     "the session was not accepted within {OPEN_TIMEOUT:?}"
@@ -396,6 +456,98 @@ mod tests {
         assert!(endpoint("not a url").is_err());
     }
 
+    fn test_connection() -> Connection {
+        let (desired_tx, _desired_rx) = watch::channel(None);
+        let (_applied_tx, applied) = watch::channel(None);
+        let (_r_tx, reports) = mpsc::channel(1);
+        let (_a_tx, acks) = mpsc::channel(1);
+        Connection {
+            coordinators: Coordinators::new(vec!["http://a:1".into()]),
+            register: pb::Register::default(),
+            applied,
+            reports,
+            acks,
+            desired: desired_tx,
+            backoff: Backoff::default(),
+            failures: 0,
+            registered: false,
+        }
+    }
+
+    /// Steps the backoff up to its cap, as a long failure streak does.
+    fn escalate(conn: &mut Connection) {
+        for _ in 0..10 {
+            conn.backoff.next_delay();
+        }
+    }
+
+    #[test]
+    fn the_backoff_starts_over_after_any_session_that_registered_however_short() {
+        let mut conn = test_connection();
+        escalate(&mut conn);
+        conn.on_end(
+            "http://a:1",
+            SessionEnd::Ended {
+                reason: "the coordinator closed the stream".into(),
+                lasted: Duration::from_millis(50),
+            },
+        )
+        .expect("not fatal");
+        assert!(conn.backoff.next_delay() <= INITIAL_BACKOFF);
+
+        // Attempts that never registered continue the streak.
+        for end in [
+            SessionEnd::Failed("connection refused".into()),
+            SessionEnd::NotLeader {
+                hint: String::new(),
+            },
+        ] {
+            let mut conn = test_connection();
+            escalate(&mut conn);
+            conn.on_end("http://a:1", end).expect("not fatal");
+            assert!(conn.backoff.next_delay() >= MAX_BACKOFF / 2);
+        }
+    }
+
+    #[test]
+    fn a_duplicate_name_is_fatal_before_the_first_registration_and_retried_after() {
+        let message = "agent 'host-1' is already connected from 10.0.0.5:41234";
+        let refused = || open_refused(&tonic::Status::already_exists(message));
+        assert!(matches!(refused(), SessionEnd::DuplicateName(m) if m == message));
+        assert!(matches!(
+            open_refused(&tonic::Status::unavailable("down")),
+            SessionEnd::Failed(_)
+        ));
+
+        // The first session at start: the agent stops, with the coordinator's words.
+        let mut conn = test_connection();
+        let err = conn
+            .on_end("http://a:1", refused())
+            .expect_err("fatal at start");
+        assert!(
+            matches!(&err, AgentError::DuplicateName(m) if m == message),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains(message), "{err}");
+
+        // After a session registered: retried with a growing backoff, never fatal.
+        let mut conn = test_connection();
+        conn.on_end(
+            "http://a:1",
+            SessionEnd::Ended {
+                reason: "the coordinator closed the stream".into(),
+                lasted: Duration::from_secs(60),
+            },
+        )
+        .expect("not fatal");
+        for _ in 0..10 {
+            conn.on_end("http://a:1", refused())
+                .expect("retried after a registration");
+            conn.backoff.next_delay();
+        }
+        assert!(conn.backoff.next_delay() >= MAX_BACKOFF / 2);
+    }
+
     #[tokio::test]
     async fn older_desired_states_do_not_replace_newer_pending_ones() {
         let (desired_tx, desired_rx) = watch::channel(None);
@@ -411,6 +563,7 @@ mod tests {
             desired: desired_tx,
             backoff: Backoff::default(),
             failures: 0,
+            registered: false,
         };
         let state = |term, index| pb::DesiredState {
             generation: Some(pb::Generation { term, index }),

@@ -29,6 +29,13 @@ pub enum AgentError {
     /// A configured coordinator address is not a usable gRPC endpoint.
     #[error("coordinator address '{address}': {reason}")]
     Coordinator { address: String, reason: String },
+    /// The coordinator refused this agent's first session: another agent with the same
+    /// name (and another instance id) is connected. `0` is the coordinator's message.
+    #[error(
+        "the coordinator refused this agent: {0} (each agent needs its own `name`; stop the \
+         other agent or rename this one)"
+    )]
+    DuplicateName(String),
     /// One of the agent's tasks panicked; the others were stopped.
     #[error("agent task '{task}' failed: {reason}")]
     TaskFailed { task: &'static str, reason: String },

@@ -13,6 +13,7 @@
 //! - [`collect`]: metrics collectors (app Prometheus pages, host CPU and memory) and
 //!   [`collect::MetricsSource`], the I/O edge the collector scrapes through
 //!   ([`collect::Scraper`] implements it).
+//! - [`logs`]: whether the binaries colour their log lines (only on a terminal).
 //! - [`nginx`]: the nginx traffic actuator ([`nginx::NginxActuator`] implements
 //!   [`actuator::TrafficActuator`]).
 pub mod actuator;
@@ -20,6 +21,7 @@ pub mod collect;
 pub mod config;
 pub mod connection;
 pub mod error;
+pub mod logs;
 pub mod nginx;
 pub mod runtime;
 pub mod store;

@@ -15,7 +15,10 @@
 //! - **applier**: owns the traffic actuator and the store; applies desired states serially,
 //!   newest first (states that queue up while one applies are coalesced), records each
 //!   success in the store *before* acknowledging it, then acks. A failed apply is
-//!   acknowledged with one failure per service the actuator names.
+//!   acknowledged with one failure per service the actuator names, then tried again after
+//!   500 ms, doubling up to every 5 s, until it succeeds or a newer desired state arrives
+//!   (a host whose nginx was down must not keep the old traffic until the next decision);
+//!   every attempt is acknowledged, so a success clears the failure at the coordinator.
 //!
 //! An apply in progress is allowed to finish at shutdown (the actuator restores the
 //! previous nginx site file on failure, and interrupting it halfway would leave a written
@@ -28,8 +31,8 @@
 //!
 //! Generations: a desired state older than the last applied one is ignored (a deposed
 //! leader cannot undo a newer decision); the same generation is acknowledged again without
-//! re-applying; a newer one is applied. A failed apply is not recorded, so the coordinator
-//! re-sending that generation retries it.
+//! re-applying; a newer one is applied. A failed apply is not recorded, so the retries (and
+//! the coordinator re-sending that generation) apply it again.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -63,8 +66,10 @@ const ACK_QUEUE: usize = 16;
 ///
 /// Fails at once, before connecting anywhere, when the store cannot be opened, the
 /// `[nginx]` section does not describe a usable nginx, or a coordinator address is not a
-/// usable endpoint. Afterwards only a panicking task makes it return an error; unreachable
-/// coordinators, failing scrapes and failing applies are retried or reported.
+/// usable endpoint. Afterwards only a panicking task, or the coordinator refusing the first
+/// session because another agent with this name is connected
+/// ([`AgentError::DuplicateName`]), makes it return an error; unreachable coordinators,
+/// failing scrapes and failing applies are retried or reported.
 pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(), AgentError> {
     let span = tracing::info_span!("agent", agent = %config.name);
     async move {
@@ -98,6 +103,7 @@ async fn start(config: AgentConfig) -> Result<Tasks, AgentError> {
             reason: e.to_string(),
         })??;
     let last_applied = store.last_applied()?;
+    let instance_id = store.instance_id()?;
     let applied = last_applied.as_ref().map(|d| d.generation);
 
     let actuator = match &config.nginx {
@@ -117,6 +123,12 @@ async fn start(config: AgentConfig) -> Result<Tasks, AgentError> {
     let (desired_tx, desired_rx) = watch::channel(None);
     let (applied_tx, applied_rx) = watch::channel(applied);
 
+    if config.does_nothing() {
+        tracing::warn!(
+            "this agent has no [[instances]] and no [nginx]: it will report no traffic and \
+             steer none; it only registers and reports host metrics"
+        );
+    }
     tracing::info!(
         store = %store.path().display(),
         last_applied = ?applied,
@@ -129,7 +141,7 @@ async fn start(config: AgentConfig) -> Result<Tasks, AgentError> {
             trackers: config
                 .instances
                 .iter()
-                .map(|_| DeltaTracker::default())
+                .map(|_| DeltaTracker::for_interval(config.interval))
                 .collect(),
             config: Arc::clone(&config),
             source: scraper,
@@ -145,16 +157,19 @@ async fn start(config: AgentConfig) -> Result<Tasks, AgentError> {
             desired: desired_rx,
             applied_tx,
             acks: ack_tx,
+            retry_delays: RetryDelays::default(),
+            retry: None,
         },
         connection: Connection {
             coordinators: Coordinators::new(config.coordinators.clone()),
-            register: register(&config),
+            register: register(&config, instance_id),
             applied: applied_rx,
             reports: report_rx,
             acks: ack_rx,
             desired: desired_tx,
             backoff: Backoff::default(),
             failures: 0,
+            registered: false,
         },
     })
 }
@@ -166,12 +181,26 @@ impl Tasks {
         let mut set = JoinSet::new();
         let mut names = HashMap::new();
         let span = tracing::Span::current();
+        let collector = self.collector.run(stop.clone());
         let id = set
-            .spawn(self.collector.run(stop.clone()).instrument(span.clone()))
+            .spawn(
+                async {
+                    collector.await;
+                    Ok(())
+                }
+                .instrument(span.clone()),
+            )
             .id();
         names.insert(id, "collector");
+        let applier = self.applier.run(stop.clone());
         let id = set
-            .spawn(self.applier.run(stop.clone()).instrument(span.clone()))
+            .spawn(
+                async {
+                    applier.await;
+                    Ok(())
+                }
+                .instrument(span.clone()),
+            )
             .id();
         names.insert(id, "applier");
         let id = set
@@ -182,9 +211,17 @@ impl Tasks {
         let mut result = Ok(());
         while let Some(joined) = set.join_next_with_id().await {
             let (id, reason) = match joined {
+                // A fatal error of the task's own (logged by the task): stop the others.
+                Ok((_, Err(e))) => {
+                    stop.cancel();
+                    if result.is_ok() {
+                        result = Err(e);
+                    }
+                    continue;
+                }
                 // Ended because of shutdown, or because another task failed first.
-                Ok((id, ())) if stop.is_cancelled() => (id, None),
-                Ok((id, ())) => (id, Some("stopped before shutdown".to_owned())),
+                Ok((id, Ok(()))) if stop.is_cancelled() => (id, None),
+                Ok((id, Ok(()))) => (id, Some("stopped before shutdown".to_owned())),
                 Err(e) => (e.id(), Some(join_error_text(e))),
             };
             stop.cancel();
@@ -223,9 +260,10 @@ fn proto_variant(v: Variant) -> pb::Variant {
 }
 
 /// The `Register` message, without `last_applied` (filled in per session).
-fn register(config: &AgentConfig) -> pb::Register {
+fn register(config: &AgentConfig, instance_id: String) -> pb::Register {
     pb::Register {
         agent: config.name.clone(),
+        instance_id,
         labels: config
             .labels
             .iter()
@@ -423,40 +461,115 @@ struct Applier<A> {
     desired: watch::Receiver<Option<DesiredState>>,
     applied_tx: watch::Sender<Option<Generation>>,
     acks: mpsc::Sender<pb::Ack>,
+    retry_delays: RetryDelays,
+    /// The newest desired state, when applying it failed: tried again at `Retry::at`.
+    retry: Option<Retry>,
+}
+
+/// Delays between the attempts to apply a desired state that failed: `initial`, doubling up
+/// to `max`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct RetryDelays {
+    initial: Duration,
+    max: Duration,
+}
+
+impl Default for RetryDelays {
+    fn default() -> Self {
+        RetryDelays {
+            initial: Duration::from_millis(500),
+            max: Duration::from_secs(5),
+        }
+    }
+}
+
+impl RetryDelays {
+    /// The delay after the attempt that followed `previous` (`None`: the first failure).
+    fn after(&self, previous: Option<Duration>) -> Duration {
+        previous.map_or(self.initial, |d| (d * 2).min(self.max))
+    }
+}
+
+/// A failed desired state waiting to be applied again.
+struct Retry {
+    desired: DesiredState,
+    delay: Duration,
+    at: Instant,
 }
 
 impl<A: TrafficActuator> Applier<A> {
     async fn run(mut self, shutdown: CancellationToken) {
         loop {
-            tokio::select! {
+            let retry_at = self.retry.as_ref().map(|r| r.at);
+            let retrying = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return,
-                changed = self.desired.changed() => if changed.is_err() { return },
-            }
+                changed = self.desired.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    false
+                }
+                _ = tokio::time::sleep_until(retry_at.unwrap_or_else(Instant::now)),
+                    if retry_at.is_some() => true,
+            };
             // Only the newest state: those received during the last apply are coalesced.
-            let Some(desired) = self.desired.borrow_and_update().clone() else {
+            let desired = if retrying {
+                self.retry.as_ref().map(|r| r.desired.clone())
+            } else {
+                self.desired.borrow_and_update().clone()
+            };
+            let Some(desired) = desired else {
                 continue;
             };
-            self.handle(&desired).await;
+            let failed = self.handle(&desired).await;
+            self.schedule_retry(desired, failed);
         }
     }
 
-    /// Ignores, re-acks or applies `desired` according to its generation.
-    async fn handle(&mut self, desired: &DesiredState) {
+    /// After handling `desired`: retries it later if it `failed`, else drops a pending retry
+    /// unless `desired` is older than the retried state (an ignored, stale one).
+    fn schedule_retry(&mut self, desired: DesiredState, failed: bool) {
+        let pending = self.retry.take();
+        if failed {
+            let previous = pending
+                .filter(|r| r.desired.generation == desired.generation)
+                .map(|r| r.delay);
+            let delay = self.retry_delays.after(previous);
+            tracing::info!(generation = %desired.generation, retry_in = ?delay, "will retry the failed apply");
+            self.retry = Some(Retry {
+                desired,
+                delay,
+                at: Instant::now() + delay,
+            });
+        } else {
+            self.retry = pending.filter(|r| desired.generation < r.desired.generation);
+        }
+    }
+
+    /// Ignores, re-acks or applies `desired` according to its generation; `true` when
+    /// applying it failed.
+    async fn handle(&mut self, desired: &DesiredState) -> bool {
         let generation = desired.generation;
         match decide(self.applied, generation) {
-            Decision::Stale => tracing::info!(
-                %generation,
-                applied = ?self.applied,
-                "ignoring a desired state older than the applied one"
-            ),
+            Decision::Stale => {
+                tracing::info!(
+                    %generation,
+                    applied = ?self.applied,
+                    "ignoring a desired state older than the applied one"
+                );
+                false
+            }
             Decision::Reack => {
                 tracing::debug!(%generation, "generation already applied; acknowledging again");
                 self.ack(generation, Vec::new());
+                false
             }
             Decision::Apply => {
                 let failures = self.apply(desired).await;
                 self.ack(generation, failures);
+                // Only a success records the generation as applied.
+                self.applied != Some(generation)
             }
         }
     }
@@ -589,11 +702,13 @@ mod tests {
     fn baseline_sample_gives_no_window_and_failures_reset_it() {
         let inst = instance("web-s", "web", Variant::Stable, 8001);
         let mut tracker = DeltaTracker::default();
-        let sample = |requests: f64| Sample {
-            requests,
-            errors: 1.0,
-            buckets: vec![(0.1, requests), (f64::INFINITY, requests)],
-            latency_sum: requests / 100.0,
+        let sample = |requests: f64| {
+            Sample::of(
+                requests,
+                1.0,
+                &[(0.1, requests), (f64::INFINITY, requests)],
+                requests / 100.0,
+            )
         };
         assert_eq!(instance_window(&inst, &mut tracker, Ok(sample(10.0))), None);
         let w = instance_window(&inst, &mut tracker, Ok(sample(25.0))).unwrap();
@@ -659,12 +774,12 @@ mod tests {
     }
 
     fn page(requests: f64) -> Step {
-        Step::Page(Sample {
+        Step::Page(Sample::of(
             requests,
-            errors: requests / 10.0,
-            buckets: vec![(0.1, requests), (f64::INFINITY, requests)],
-            latency_sum: requests / 100.0,
-        })
+            requests / 10.0,
+            &[(0.1, requests), (f64::INFINITY, requests)],
+            requests / 100.0,
+        ))
     }
 
     fn collector(
@@ -703,7 +818,7 @@ mod tests {
             trackers: config
                 .instances
                 .iter()
-                .map(|_| DeltaTracker::default())
+                .map(|_| DeltaTracker::for_interval(config.interval))
                 .collect(),
             config: Arc::new(config),
             source,
@@ -795,6 +910,11 @@ mod tests {
                     desired: desired_rx,
                     applied_tx,
                     acks: ack_tx,
+                    retry_delays: RetryDelays {
+                        initial: Duration::from_millis(10),
+                        max: Duration::from_millis(40),
+                    },
+                    retry: None,
                 },
                 acks,
                 applied,
@@ -983,6 +1103,110 @@ mod tests {
         assert_eq!(h.applied(), Some(generation(1, 1)));
     }
 
+    /// Runs `h`'s applier until the returned token is cancelled.
+    fn spawn_applier(
+        h: ApplierHarness,
+    ) -> (
+        CancellationToken,
+        JoinHandle<()>,
+        mpsc::Receiver<pb::Ack>,
+        watch::Sender<Option<DesiredState>>,
+        LocalStore,
+    ) {
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(h.applier.run(shutdown.clone()));
+        (shutdown, task, h.acks, h.desired, h.store)
+    }
+
+    async fn next_ack(acks: &mut mpsc::Receiver<pb::Ack>) -> (Generation, usize) {
+        let ack = tokio::time::timeout(WAIT, acks.recv())
+            .await
+            .expect("an ack in time")
+            .expect("applier running");
+        (
+            ack.generation.expect("a generation").into(),
+            ack.failures.len(),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_failed_apply_is_retried_with_backoff_until_it_succeeds_each_attempt_acked() {
+        let mut fake = FakeActuator::new(&["web"]);
+        fake.fail_with = Some("nginx master is gone".into());
+        fake.fail_times = Some(3);
+        let (shutdown, task, mut acks, desired, store) =
+            spawn_applier(ApplierHarness::new(Some(fake)));
+
+        let started = Instant::now();
+        desired.send_replace(Some(desired_state(1, 1, &[("web", 0)])));
+        for _ in 0..3 {
+            assert_eq!(next_ack(&mut acks).await, (generation(1, 1), 1));
+        }
+        assert_eq!(next_ack(&mut acks).await, (generation(1, 1), 0));
+        // 10 ms, 20 ms, then the 40 ms cap between the attempts.
+        assert!(
+            started.elapsed() >= Duration::from_millis(70),
+            "{:?}",
+            started.elapsed()
+        );
+        let stored = store.last_applied().expect("store readable");
+        assert_eq!(stored.map(|d| d.generation), Some(generation(1, 1)));
+        // Applied: no more attempts.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), acks.recv())
+                .await
+                .is_err(),
+            "no ack after the success"
+        );
+        shutdown.cancel();
+        task.await.expect("applier task");
+    }
+
+    #[tokio::test]
+    async fn a_newer_generation_supersedes_the_retry_of_a_failed_one() {
+        let mut fake = FakeActuator::new(&["web"]);
+        fake.fail_with = Some("nginx master is gone".into());
+        fake.fail_times = Some(1);
+        let mut h = ApplierHarness::new(Some(fake));
+        h.applier.retry_delays = RetryDelays {
+            initial: Duration::from_millis(300),
+            max: Duration::from_millis(300),
+        };
+        let (shutdown, task, mut acks, desired, _store) = spawn_applier(h);
+
+        desired.send_replace(Some(desired_state(1, 1, &[("web", 10)])));
+        assert_eq!(next_ack(&mut acks).await, (generation(1, 1), 1));
+        desired.send_replace(Some(desired_state(1, 2, &[("web", 0)])));
+        assert_eq!(next_ack(&mut acks).await, (generation(1, 2), 0));
+        // The retry of 1.1 would have succeeded and been acked: it was dropped.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(800), acks.recv())
+                .await
+                .is_err(),
+            "the superseded generation was retried"
+        );
+        shutdown.cancel();
+        task.await.expect("applier task");
+    }
+
+    #[test]
+    fn apply_retry_delays_double_from_the_initial_to_the_cap() {
+        let d = RetryDelays::default();
+        assert_eq!(
+            (d.initial, d.max),
+            (Duration::from_millis(500), Duration::from_secs(5))
+        );
+        let mut delay = None;
+        let delays: Vec<u64> = (0..6)
+            .map(|_| {
+                let next = d.after(delay);
+                delay = Some(next);
+                u64::try_from(next.as_millis()).expect("small")
+            })
+            .collect();
+        assert_eq!(delays, [500, 1000, 2000, 4000, 5000, 5000]);
+    }
+
     // --- in-test coordinator ------------------------------------------------------------
 
     type Downstream = mpsc::Sender<Result<pb::CoordinatorMessage, Status>>;
@@ -992,10 +1216,14 @@ mod tests {
         /// A session opened; sending on this reaches the agent, dropping it ends the stream.
         Session(Downstream),
         Message(pb::AgentMessage),
+        /// A session was refused as a duplicate name; holds its Register.
+        Refused(pb::Register),
     }
 
     struct TestCoordinator {
         events: mpsc::UnboundedSender<Event>,
+        /// When set, every session is refused with `ALREADY_EXISTS` and this message.
+        refuse: Option<String>,
     }
 
     #[tonic::async_trait]
@@ -1007,6 +1235,17 @@ mod tests {
             request: Request<Streaming<pb::AgentMessage>>,
         ) -> Result<Response<Self::SessionStream>, Status> {
             let mut inbound = request.into_inner();
+            if let Some(message) = &self.refuse {
+                // As the real coordinator does: read Register, then refuse.
+                let first = inbound.message().await?;
+                if let Some(pb::AgentMessage {
+                    body: Some(pb::agent_message::Body::Register(r)),
+                }) = first
+                {
+                    let _ = self.events.send(Event::Refused(r));
+                }
+                return Err(Status::already_exists(message.clone()));
+            }
             let (tx, rx) = mpsc::channel(16);
             let _ = self.events.send(Event::Session(tx));
             let events = self.events.clone();
@@ -1029,12 +1268,24 @@ mod tests {
 
     impl TestServer {
         async fn start(listener: TcpListener) -> TestServer {
+            Self::start_with(listener, None).await
+        }
+
+        /// A coordinator that refuses every session as a duplicate name, with `message`.
+        async fn start_refusing(listener: TcpListener, message: &str) -> TestServer {
+            Self::start_with(listener, Some(message.to_owned())).await
+        }
+
+        async fn start_with(listener: TcpListener, refuse: Option<String>) -> TestServer {
             let (tx, events) = mpsc::unbounded_channel();
             let stop = CancellationToken::new();
             let signal = stop.clone();
             let task = tokio::spawn(
                 tonic::transport::Server::builder()
-                    .add_service(AgentServiceServer::new(TestCoordinator { events: tx }))
+                    .add_service(AgentServiceServer::new(TestCoordinator {
+                        events: tx,
+                        refuse,
+                    }))
                     .serve_with_incoming_shutdown(
                         TcpListenerStream::new(listener),
                         signal.cancelled_owned(),
@@ -1066,9 +1317,19 @@ mod tests {
         }
 
         /// Waits for the next message from the agent.
+        /// Waits for the next refused session's Register.
+        async fn refused(&mut self) -> pb::Register {
+            loop {
+                if let Event::Refused(register) = self.next_event("a refused session").await {
+                    return register;
+                }
+            }
+        }
+
         async fn message(&mut self, what: &str) -> pb::agent_message::Body {
             match self.next_event(what).await {
                 Event::Session(_) => panic!("unexpected new session while waiting for {what}"),
+                Event::Refused(_) => panic!("unexpected refused session while waiting for {what}"),
                 Event::Message(pb::AgentMessage { body: Some(body) }) => body,
                 Event::Message(m) => panic!("message without body: {m:?}"),
             }
@@ -1374,10 +1635,10 @@ mod tests {
 
         let (shutdown, agent) = run_agent(config.clone()).await;
         let down = server.session().await;
-        assert_eq!(
-            expect_register(server.message("Register").await).last_applied,
-            None
-        );
+        let register = expect_register(server.message("Register").await);
+        assert_eq!(register.last_applied, None);
+        let first_id = register.instance_id;
+        assert_eq!(first_id.len(), 32, "{first_id:?}");
         send_desired(&down, 3, 1, vec![]).await;
         assert!(server.ack().await.failures.is_empty());
         stop_agent(shutdown, agent).await;
@@ -1390,7 +1651,73 @@ mod tests {
             register.last_applied,
             Some(pb::Generation { term: 3, index: 1 })
         );
+        assert_eq!(
+            register.instance_id, first_id,
+            "the same data directory, the same agent"
+        );
         stop_agent(shutdown, agent).await;
+    }
+
+    fn minimal_config(coordinator: SocketAddr, data: &tempfile::TempDir) -> AgentConfig {
+        AgentConfig::from_toml(&format!(
+            "name = \"host-1\"\ncoordinators = [\"http://{coordinator}\"]\ndata_dir = \"{}\"",
+            data.path().display()
+        ))
+        .expect("valid config")
+    }
+
+    #[tokio::test]
+    async fn an_agent_refused_as_a_duplicate_name_at_start_stops_with_the_coordinators_message() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let coordinator = listener.local_addr().expect("addr");
+        let data = tempfile::tempdir().expect("tempdir");
+        let message = "agent 'host-1' is already connected from 10.0.0.5:41234";
+        let mut server = TestServer::start_refusing(listener, message).await;
+
+        let result = tokio::time::timeout(
+            WAIT,
+            run(minimal_config(coordinator, &data), CancellationToken::new()),
+        )
+        .await
+        .expect("run returns by itself");
+        let err = result.expect_err("a refused first session is fatal");
+        assert!(
+            matches!(&err, AgentError::DuplicateName(m) if m == message),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains(message), "{err}");
+        let register = server.refused().await;
+        assert_eq!(register.agent, "host-1");
+        assert_eq!(register.instance_id.len(), 32, "{register:?}");
+        server.stop().await;
+    }
+
+    #[tokio::test]
+    async fn an_agent_refused_as_a_duplicate_name_after_it_was_connected_keeps_retrying() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let coordinator = listener.local_addr().expect("addr");
+        let data = tempfile::tempdir().expect("tempdir");
+        let mut server = TestServer::start(listener).await;
+        let (shutdown, agent) = run_agent(minimal_config(coordinator, &data)).await;
+        let down = server.session().await;
+        let first = expect_register(server.message("Register").await);
+        drop(down);
+        server.stop().await;
+
+        // Meanwhile another agent took the name: the coordinator refuses this one.
+        let listener = TcpListener::bind(coordinator).await.expect("rebind");
+        let mut server =
+            TestServer::start_refusing(listener, "agent 'host-1' is already connected").await;
+        for _ in 0..3 {
+            let register = server.refused().await;
+            assert_eq!(register.instance_id, first.instance_id, "the same agent");
+        }
+        assert!(
+            !agent.is_finished(),
+            "a refusal after a registration is not fatal"
+        );
+        stop_agent(shutdown, agent).await;
+        server.stop().await;
     }
 
     #[tokio::test]

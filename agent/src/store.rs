@@ -1,5 +1,7 @@
 //! The agent's local store: what it last applied, so that a restarted agent tells the
-//! coordinator where it stands (`Register.last_applied`) and ignores older desired states.
+//! coordinator where it stands (`Register.last_applied`) and ignores older desired states;
+//! and the agent's instance id (`Register.instance_id`), so that the coordinator tells this
+//! agent restarting from a second agent that was given the same name.
 //!
 //! One sled database at `<data_dir>/agent.sled`. Each record is written and flushed before
 //! the agent acknowledges it, so an acknowledged generation survives a crash. Records are
@@ -16,6 +18,7 @@ use serin_proto::v1 as pb;
 pub const STORE_DIR: &str = "agent.sled";
 
 const LAST_APPLIED_KEY: &[u8] = b"last_applied";
+const INSTANCE_ID_KEY: &[u8] = b"instance_id";
 const RECORD_FORMAT: u32 = 1;
 /// sled's page cache limit; the store holds a single small record.
 const CACHE_BYTES: u64 = 1 << 20;
@@ -201,6 +204,44 @@ impl LocalStore {
         Ok(Some(record.desired))
     }
 
+    /// This agent's instance id: 128 random bits in hex, made and flushed on the first call
+    /// for this data directory, the same ever after. It tells the coordinator a restart of
+    /// this agent (same name, same id) from a second agent using the same name. Blocking.
+    pub fn instance_id(&self) -> Result<String, StoreError> {
+        let corrupt = |reason: String| StoreError::Corrupt {
+            path: self.path.clone(),
+            key: "instance_id",
+            reason,
+        };
+        let read = |bytes: &[u8]| {
+            std::str::from_utf8(bytes)
+                .ok()
+                .filter(|id| !id.is_empty() && id.chars().all(|c| c.is_ascii_hexdigit()))
+                .map(str::to_owned)
+                .ok_or_else(|| {
+                    corrupt(format!(
+                        "not a hex id: {:?}",
+                        String::from_utf8_lossy(bytes)
+                    ))
+                })
+        };
+        let fresh = format!("{:032x}", rand::random::<u128>());
+        // Only the first writer's id is kept, should two handles race.
+        let previous = self
+            .db
+            .compare_and_swap(INSTANCE_ID_KEY, None::<&[u8]>, Some(fresh.as_bytes()))
+            .map_err(|source| self.io("write", source))?;
+        match previous {
+            Ok(()) => {
+                self.db.flush().map_err(|source| self.io("flush", source))?;
+                Ok(fresh)
+            }
+            Err(sled::CompareAndSwapError { current, .. }) => {
+                read(current.as_deref().unwrap_or_default())
+            }
+        }
+    }
+
     /// Records `desired` as applied and flushes it to disk before returning. Blocking.
     pub fn record_applied(&self, desired: &DesiredState) -> Result<(), StoreError> {
         let record = Record {
@@ -266,6 +307,49 @@ mod tests {
         }
         let store = LocalStore::open(dir.path()).unwrap();
         assert_eq!(store.last_applied().unwrap(), Some(desired(2, 7, 50)));
+    }
+
+    #[test]
+    fn the_instance_id_is_made_once_per_data_directory_and_kept_across_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = {
+            let store = LocalStore::open(dir.path()).unwrap();
+            let id = store.instance_id().unwrap();
+            assert_eq!(store.instance_id().unwrap(), id);
+            id
+        };
+        assert_eq!(id.len(), 32, "{id}");
+        assert!(id.chars().all(|c| c.is_ascii_hexdigit()), "{id}");
+        assert_eq!(
+            LocalStore::open(dir.path()).unwrap().instance_id().unwrap(),
+            id
+        );
+
+        let other = tempfile::tempdir().unwrap();
+        let other_id = LocalStore::open(other.path())
+            .unwrap()
+            .instance_id()
+            .unwrap();
+        assert_ne!(other_id, id, "another data directory is another agent");
+    }
+
+    #[test]
+    fn a_damaged_instance_id_is_an_error_naming_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(dir.path()).unwrap();
+        store.db.insert(INSTANCE_ID_KEY, &b"\xff\xfe"[..]).unwrap();
+        let err = store.instance_id().unwrap_err();
+        assert!(
+            matches!(
+                err,
+                StoreError::Corrupt {
+                    key: "instance_id",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains("agent.sled"), "{err}");
     }
 
     #[test]

@@ -101,6 +101,7 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(serin_agent::logs::stderr_ansi())
         .init();
     let cfg = match AgentConfig::load_with(&config, &ConfigOverrides { coordinators }) {
         Ok(cfg) => cfg,

@@ -3,18 +3,44 @@
 //! Three steps, each usable alone:
 //! 1. [`Scraper::scrape`] fetches the page over plain HTTP (timeout, 4 MiB cap, no proxy) and
 //! 2. [`parse_sample`] reads the configured series ([`MetricNames`]) into a cumulative
-//!    [`Sample`], summing over every label except the status code;
+//!    [`Sample`], series by series (metric name + full label set);
 //! 3. [`DeltaTracker`] turns successive samples into per-interval [`Window`]s, handling app
 //!    restarts (counter resets) and histogram layout changes.
 //!
 //! Steps 1 and 2 together are [`Scraper`]'s [`MetricsSource`] implementation, which the
 //! runtime's collector uses.
 //!
+//! # Deltas are per series
+//!
+//! An app often exposes one series per worker process, status code or path, and one of them
+//! can start over while the others go on (a worker process restarted). Judging resets on the
+//! page's totals would take that for a restart of the whole app and count the full totals as
+//! one interval's traffic: thousands of requests that never happened. So, as Prometheus'
+//! `rate()` does, each series (requests counter, every histogram label set, its `_sum`) is
+//! compared with its own previous value, and a window is the sum of the series' deltas:
+//! - a series that went up contributes its increase; one that went down was reset and
+//!   contributes its current value; one that is gone from the page contributes nothing;
+//! - if `process_start_time_seconds` changed between the two scrapes, the app restarted
+//!   inside the interval and every series contributes its current value;
+//! - otherwise a series first seen after the baseline contributes its full value: client
+//!   libraries create a labelled series on its first increment, so a canary's first
+//!   `code="500"` errors appear as a new series, and counting it as nothing would hide the
+//!   first failure of a zero-tolerance check. A series absent from the page is remembered for
+//!   [`SERIES_RETENTION`] (then forgotten, to bound memory): when it comes back it contributes
+//!   its increase over the remembered value (its current value if lower);
+//! - the first sample, and the first after a failed scrape ([`DeltaTracker::forget`]), are
+//!   only a baseline: no window.
+//!
+//! A histogram label set whose bucket layout (its `le` values) changed without a reset cannot
+//! be subtracted; the window then has no buckets at all for that interval (requests, errors and
+//! the latency sum still count), so its buckets never disagree with its requests.
+//!
 //! Parsing uses the `prometheus-parse` crate. That crate never reports an error: it silently
 //! skips lines it cannot read. [`parse_sample`] therefore first checks every line with the
 //! crate's own line classifier and rejects pages that are not in the text format (an HTML error
 //! page, random bytes) instead of reporting them as "no traffic".
 
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use prometheus_parse::{LineInfo, Scrape, Value};
@@ -34,7 +60,7 @@ const ACCEPT_TEXT: &str = "text/plain;version=0.0.4;q=1,*/*;q=0.1";
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MetricNames {
-    /// Counter of handled requests (all series of this name are summed).
+    /// Counter of handled requests (the windows of all series of this name are summed).
     #[serde(default = "default_requests")]
     pub requests: String,
     /// Label of `requests` holding the HTTP status; values starting with `5` are errors.
@@ -67,18 +93,97 @@ impl Default for MetricNames {
     }
 }
 
-/// Cumulative counters read from one scrape.
-#[derive(Debug, Clone, PartialEq)]
+/// Cumulative counters read from one scrape, per series.
+///
+/// Series are keyed by their label set, sorted and written `k="v",...` (histogram series
+/// without `le`); the metric name is implied by the field. Series that appear twice on one
+/// page are added up.
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Sample {
-    /// Sum of every `requests` series.
-    pub requests: f64,
-    /// Sum of the `requests` series whose status label starts with `5`.
-    pub errors: f64,
-    /// `(le, cumulative count)` summed over label sets, sorted by `le`; `+Inf` is
-    /// `f64::INFINITY`. Empty when the page has no latency histogram.
+    /// Every series of the `requests` counter, by label set.
+    pub requests: BTreeMap<String, RequestSeries>,
+    /// Every series of the latency histogram, by label set without `le`.
+    pub histograms: BTreeMap<String, HistogramSeries>,
+    /// `process_start_time_seconds`, when the page has it: a change means the app restarted.
+    pub process_start: Option<f64>,
+}
+
+/// One series of the requests counter.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct RequestSeries {
+    /// Its cumulative value.
+    pub value: f64,
+    /// Whether its status label starts with `5`.
+    pub error: bool,
+}
+
+/// One series (label set) of the latency histogram.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct HistogramSeries {
+    /// `(le, cumulative count)`, sorted by `le`; `+Inf` is `f64::INFINITY`.
     pub buckets: Vec<(f64, f64)>,
-    /// Sum of every `<latency>_sum` series, in the histogram's unit (seconds by convention).
-    pub latency_sum: f64,
+    /// Its `<latency>_sum`, in the histogram's unit (seconds by convention).
+    pub sum: f64,
+}
+
+impl Sample {
+    /// Sum of every `requests` series.
+    pub fn total_requests(&self) -> f64 {
+        self.requests.values().map(|s| s.value).sum()
+    }
+
+    /// Sum of the `requests` series whose status label starts with `5`.
+    pub fn total_errors(&self) -> f64 {
+        self.requests
+            .values()
+            .filter(|s| s.error)
+            .map(|s| s.value)
+            .sum()
+    }
+
+    /// `(le, cumulative count)` summed over the histogram's series, sorted by `le`.
+    pub fn total_buckets(&self) -> Vec<(f64, f64)> {
+        let mut buckets = Vec::new();
+        for h in self.histograms.values() {
+            for &(le, count) in &h.buckets {
+                add_bucket(&mut buckets, le, count);
+            }
+        }
+        buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+        buckets
+    }
+
+    /// Sum of every `<latency>_sum` series.
+    pub fn total_latency_sum(&self) -> f64 {
+        self.histograms.values().map(|h| h.sum).sum()
+    }
+}
+
+#[cfg(test)]
+impl Sample {
+    /// A page with one `code="200"` series (`requests - errors`), one `code="500"` series
+    /// (`errors`) and, unless `buckets` is empty, one unlabelled histogram series.
+    pub(crate) fn of(requests: f64, errors: f64, buckets: &[(f64, f64)], sum: f64) -> Sample {
+        let series = |value, error| RequestSeries { value, error };
+        Sample {
+            requests: BTreeMap::from([
+                ("code=\"200\"".to_owned(), series(requests - errors, false)),
+                ("code=\"500\"".to_owned(), series(errors, true)),
+            ]),
+            histograms: if buckets.is_empty() {
+                BTreeMap::new()
+            } else {
+                BTreeMap::from([(
+                    String::new(),
+                    HistogramSeries {
+                        buckets: buckets.to_vec(),
+                        sum,
+                    },
+                )])
+            },
+            process_start: None,
+        }
+    }
 }
 
 /// Why a metrics page could not be read.
@@ -197,8 +302,9 @@ fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {
 /// Reads the requests, errors and latency series named in `names` from a metrics page in the
 /// Prometheus text format (OpenMetrics text is accepted too).
 ///
-/// Series are summed over all labels (errors: over those whose status label starts with `5`).
-/// A page without the latency histogram yields empty buckets; a page without the requests
+/// Each series is kept by its label set (a series whose status label starts with `5` counts
+/// errors; a series written twice is added up), as is `process_start_time_seconds` when present.
+/// A page without the latency histogram yields no histogram series; a page without the requests
 /// metric, a line that is not in the text format, or a NaN, infinite or negative value in a
 /// series we use is an error. Lines whose metric name contains `:` (recording-rule names,
 /// which `prometheus-parse` cannot read) are skipped, so such names cannot be configured.
@@ -218,50 +324,88 @@ fn parse_page(text: &str, names: &MetricNames) -> Result<Sample, ParseError> {
 
     let bucket_name = format!("{}_bucket", names.latency);
     let sum_name = format!("{}_sum", names.latency);
-    let mut requests: Option<f64> = None;
-    let mut errors = 0.0;
-    let mut buckets: Vec<(f64, f64)> = Vec::new();
-    let mut latency_sum = 0.0;
+    let mut sample = Sample::default();
+    let mut found_requests = false;
 
     for s in &scrape.samples {
         match &s.value {
             Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => {
                 if s.metric == names.requests {
-                    let v = counter(&s.metric, *v)?;
-                    *requests.get_or_insert(0.0) += v;
-                    if s.labels
+                    let value = counter(&s.metric, *v)?;
+                    found_requests = true;
+                    let error = s
+                        .labels
                         .get(&names.status_label)
-                        .is_some_and(|code| code.starts_with('5'))
-                    {
-                        errors += v;
-                    }
+                        .is_some_and(|code| code.starts_with('5'));
+                    let series = sample
+                        .requests
+                        .entry(series_key(&s.labels, None))
+                        .or_default();
+                    series.value += value;
+                    series.error = error;
                 } else if s.metric == sum_name {
-                    latency_sum += counter(&s.metric, *v)?;
+                    let value = counter(&s.metric, *v)?;
+                    sample
+                        .histograms
+                        .entry(series_key(&s.labels, None))
+                        .or_default()
+                        .sum += value;
                 } else if s.metric == bucket_name {
                     // A histogram without a `# TYPE` line: its buckets come through as plain
                     // samples carrying an `le` label.
                     if let Some(le) = s.labels.get("le").and_then(parse_le) {
-                        add_bucket(&mut buckets, le, counter(&s.metric, *v)?);
+                        let value = counter(&s.metric, *v)?;
+                        let key = series_key(&s.labels, Some("le"));
+                        let series = sample.histograms.entry(key).or_default();
+                        add_bucket(&mut series.buckets, le, value);
                     }
+                } else if s.metric == PROCESS_START {
+                    // Several (one per process) would be odd; the latest start is what moves.
+                    sample.process_start = Some(sample.process_start.map_or(*v, |p| p.max(*v)));
                 }
             }
+            // The parser has already taken `le` out of a typed histogram's labels.
             Value::Histogram(counts) if s.metric == names.latency => {
+                let series = sample
+                    .histograms
+                    .entry(series_key(&s.labels, None))
+                    .or_default();
                 for c in counts {
-                    add_bucket(&mut buckets, c.less_than, counter(&bucket_name, c.count)?);
+                    add_bucket(
+                        &mut series.buckets,
+                        c.less_than,
+                        counter(&bucket_name, c.count)?,
+                    );
                 }
             }
             Value::Histogram(_) | Value::Summary(_) => {}
         }
     }
 
-    let requests = requests.ok_or_else(|| ParseError::MissingMetric(names.requests.clone()))?;
-    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
-    Ok(Sample {
-        requests,
-        errors,
-        buckets,
-        latency_sum,
-    })
+    if !found_requests {
+        return Err(ParseError::MissingMetric(names.requests.clone()));
+    }
+    for h in sample.histograms.values_mut() {
+        h.buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    }
+    Ok(sample)
+}
+
+/// The gauge client libraries export with the process's start time, in Unix seconds.
+const PROCESS_START: &str = "process_start_time_seconds";
+
+/// A label set as a series key: sorted `k="v"` pairs, without `skip`.
+fn series_key(labels: &prometheus_parse::Labels, skip: Option<&str>) -> String {
+    let mut pairs: Vec<(&String, &String)> = labels
+        .iter()
+        .filter(|(k, _)| Some(k.as_str()) != skip)
+        .collect();
+    pairs.sort();
+    pairs
+        .into_iter()
+        .map(|(k, v)| format!("{k}={v:?}"))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// Rejects text that is not a metrics page; `prometheus-parse` would silently skip it.
@@ -434,78 +578,226 @@ pub struct Window {
     pub latency_sum: f64,
 }
 
-/// Turns successive cumulative [`Sample`]s into per-interval [`Window`]s.
-///
-/// If any counter (requests, errors, or a bucket of an unchanged layout) went down, the app
-/// restarted: the new sample's values are the interval's counts, as Prometheus' `rate()` does.
-/// If the bucket layout changed but nothing went down, requests and errors are subtracted as
-/// usual and the window's buckets are left empty for that one interval.
-#[derive(Debug, Default)]
+/// How long a series absent from the page is remembered: if it comes back within this time it
+/// counts its increase, after it it counts as new. Bounds the tracker's memory.
+pub const SERIES_RETENTION: Duration = Duration::from_secs(600);
+
+/// Turns successive cumulative [`Sample`]s into per-interval [`Window`]s, per series, as
+/// Prometheus' `rate()` does; the module docs give the rules and why.
+#[derive(Debug)]
 pub struct DeltaTracker {
-    last: Option<Sample>,
+    /// Whether the next sample has a baseline to be compared with.
+    baseline: bool,
+    /// The last `process_start_time_seconds` seen.
+    process_start: Option<f64>,
+    requests: HashMap<String, Seen<RequestSeries>>,
+    histograms: HashMap<String, Seen<HistogramSeries>>,
+    /// Samples observed so far: the tracker's clock.
+    observed: u64,
+    /// A series absent for more than this many samples is forgotten.
+    retention: u64,
+}
+
+/// A series' last value and the sample it was last on.
+#[derive(Debug)]
+struct Seen<T> {
+    last: T,
+    at: u64,
+}
+
+impl Default for DeltaTracker {
+    /// A tracker for the default 1 s interval.
+    fn default() -> Self {
+        Self::for_interval(Duration::from_secs(1))
+    }
 }
 
 impl DeltaTracker {
+    /// A tracker fed one sample per `interval`: it remembers absent series for
+    /// [`SERIES_RETENTION`].
+    pub fn for_interval(interval: Duration) -> Self {
+        let interval = interval.max(Duration::from_millis(1));
+        let retention = SERIES_RETENTION.as_nanos().div_ceil(interval.as_nanos());
+        Self::with_retention(u64::try_from(retention).unwrap_or(u64::MAX))
+    }
+
+    /// A tracker that forgets a series absent for more than `samples` samples.
+    pub fn with_retention(samples: u64) -> Self {
+        DeltaTracker {
+            baseline: false,
+            process_start: None,
+            requests: HashMap::new(),
+            histograms: HashMap::new(),
+            observed: 0,
+            retention: samples,
+        }
+    }
+
     /// Records `sample` as the new baseline and returns the interval since the previous one;
     /// `None` for the first sample (no baseline yet).
     pub fn observe(&mut self, sample: Sample) -> Option<Window> {
-        let window = self.last.as_ref().map(|prev| delta(prev, &sample));
-        self.last = Some(sample);
-        window
+        self.observed += 1;
+        let now = self.observed;
+        if !self.baseline {
+            self.baseline = true;
+            self.process_start = sample.process_start;
+            self.requests = seen_at(sample.requests, now);
+            self.histograms = seen_at(sample.histograms, now);
+            return None;
+        }
+
+        if let (Some(before), Some(after)) = (self.process_start, sample.process_start)
+            && before != after
+        {
+            tracing::debug!(
+                before,
+                after,
+                "process_start_time_seconds changed: the app restarted; every series is new"
+            );
+            self.requests.clear();
+            self.histograms.clear();
+        }
+        if sample.process_start.is_some() {
+            self.process_start = sample.process_start;
+        }
+
+        let mut requests = 0.0;
+        let mut errors = 0.0;
+        for (key, cur) in sample.requests {
+            let delta = self
+                .requests
+                .get(&key)
+                .map_or(cur.value, |prev| increase(prev.last.value, cur.value));
+            requests += delta;
+            if cur.error {
+                errors += delta;
+            }
+            self.requests.insert(key, Seen { last: cur, at: now });
+        }
+
+        let mut buckets: Vec<(f64, f64)> = Vec::new();
+        let mut layout_changed = false;
+        let mut latency_sum = 0.0;
+        for (key, cur) in sample.histograms {
+            match self.histograms.get(&key) {
+                None => {
+                    cur.buckets
+                        .iter()
+                        .for_each(|&(le, c)| add_bucket(&mut buckets, le, c));
+                    latency_sum += cur.sum;
+                }
+                Some(prev) => match histogram_delta(&prev.last, &cur) {
+                    HistogramDelta::Buckets(delta) => {
+                        delta
+                            .into_iter()
+                            .for_each(|(le, c)| add_bucket(&mut buckets, le, c));
+                        latency_sum += (cur.sum - prev.last.sum).max(0.0);
+                    }
+                    HistogramDelta::Reset => {
+                        tracing::debug!(series = %key, "histogram series reset");
+                        cur.buckets
+                            .iter()
+                            .for_each(|&(le, c)| add_bucket(&mut buckets, le, c));
+                        latency_sum += cur.sum;
+                    }
+                    HistogramDelta::LayoutChanged => {
+                        tracing::debug!(
+                            series = %key,
+                            "histogram bucket layout changed: no latency buckets for this interval"
+                        );
+                        layout_changed = true;
+                        latency_sum += (cur.sum - prev.last.sum).max(0.0);
+                    }
+                },
+            }
+            self.histograms.insert(key, Seen { last: cur, at: now });
+        }
+        buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+
+        let retention = self.retention;
+        self.requests.retain(|_, s| now - s.at <= retention);
+        self.histograms.retain(|_, s| now - s.at <= retention);
+
+        Some(Window {
+            requests: count(requests),
+            errors: count(errors),
+            buckets: if layout_changed {
+                Vec::new()
+            } else {
+                buckets.into_iter().map(|(le, c)| (le, count(c))).collect()
+            },
+            latency_sum,
+        })
     }
 
-    /// Drops the baseline, after a failed scrape, so the next success starts a new one instead
-    /// of attributing two intervals' traffic to one.
+    /// Drops the baseline and every remembered series, after a failed scrape, so the next
+    /// success starts a new baseline instead of attributing two intervals' traffic to one.
     pub fn forget(&mut self) {
-        self.last = None;
+        *self = Self::with_retention(self.retention);
+    }
+
+    /// How many series (requests and histogram) the tracker remembers.
+    pub fn remembered(&self) -> usize {
+        self.requests.len() + self.histograms.len()
     }
 }
 
-fn delta(prev: &Sample, cur: &Sample) -> Window {
+fn seen_at<T>(series: BTreeMap<String, T>, at: u64) -> HashMap<String, Seen<T>> {
+    series
+        .into_iter()
+        .map(|(key, last)| (key, Seen { last, at }))
+        .collect()
+}
+
+/// A counter's increase: its current value when it went down (it was reset).
+fn increase(prev: f64, cur: f64) -> f64 {
+    if cur < prev { cur } else { cur - prev }
+}
+
+/// What one histogram series contributes to a window, compared with its remembered value.
+enum HistogramDelta {
+    /// Same layout, nothing went down: the per-`le` increases.
+    Buckets(Vec<(f64, f64)>),
+    /// A bucket went down (with the same layout, or `+Inf` with another): the series was
+    /// reset and contributes its current values.
+    Reset,
+    /// Other `le` values and no reset: the two cannot be subtracted.
+    LayoutChanged,
+}
+
+fn histogram_delta(prev: &HistogramSeries, cur: &HistogramSeries) -> HistogramDelta {
     let same_layout = prev.buckets.len() == cur.buckets.len()
         && prev
             .buckets
             .iter()
             .zip(&cur.buckets)
             .all(|(p, c)| p.0 == c.0);
-    let went_down = cur.requests < prev.requests
-        || cur.errors < prev.errors
-        || (same_layout
-            && prev
-                .buckets
-                .iter()
-                .zip(&cur.buckets)
-                .any(|(p, c)| c.1 < p.1));
-
-    if went_down {
-        tracing::debug!(
-            requests_before = prev.requests,
-            requests_now = cur.requests,
-            "counter reset: the app restarted"
-        );
-        return Window {
-            requests: count(cur.requests),
-            errors: count(cur.errors),
-            buckets: cur.buckets.iter().map(|&(le, c)| (le, count(c))).collect(),
-            latency_sum: cur.latency_sum.max(0.0),
-        };
-    }
-
-    let buckets = if same_layout {
-        prev.buckets
+    if same_layout {
+        if prev
+            .buckets
             .iter()
             .zip(&cur.buckets)
-            .map(|(p, c)| (c.0, count(c.1 - p.1)))
-            .collect()
-    } else {
-        tracing::debug!("histogram bucket layout changed: no latency for this interval");
-        Vec::new()
+            .any(|(p, c)| c.1 < p.1)
+        {
+            return HistogramDelta::Reset;
+        }
+        return HistogramDelta::Buckets(
+            prev.buckets
+                .iter()
+                .zip(&cur.buckets)
+                .map(|(p, c)| (c.0, c.1 - p.1))
+                .collect(),
+        );
+    }
+    let total = |h: &HistogramSeries| {
+        h.buckets
+            .last()
+            .filter(|b| b.0 == f64::INFINITY)
+            .map(|b| b.1)
     };
-    Window {
-        requests: count(cur.requests - prev.requests),
-        errors: count(cur.errors - prev.errors),
-        buckets,
-        latency_sum: (cur.latency_sum - prev.latency_sum).max(0.0),
+    match (total(prev), total(cur)) {
+        (Some(p), Some(c)) if c < p => HistogramDelta::Reset,
+        _ => HistogramDelta::LayoutChanged,
     }
 }
 
@@ -569,13 +861,13 @@ rpc_duration_seconds_count 2693
     #[test]
     fn parses_a_realistic_page() {
         let s = parse(PAGE).unwrap();
-        assert_eq!(s.requests, 1027.0 + 3.0 + 7.0 + 12.0 + 2.0);
-        assert_eq!(s.errors, 14.0);
+        assert_eq!(s.total_requests(), 1027.0 + 3.0 + 7.0 + 12.0 + 2.0);
+        assert_eq!(s.total_errors(), 14.0);
         assert_eq!(
-            s.buckets,
+            s.total_buckets(),
             vec![(0.05, 901.0), (0.1, 1002.0), (f64::INFINITY, 1051.0)]
         );
-        assert_eq!(s.latency_sum, 41.75);
+        assert_eq!(s.total_latency_sum(), 41.75);
     }
 
     #[test]
@@ -586,9 +878,9 @@ rpc_duration_seconds_count 2693
                     http_requests_total{code=\"200\"} 5\r\nhttp_requests_total{code=\"500\"} 1\r\n\
                     # EOF\r\n";
         let s = parse(page).unwrap();
-        assert_eq!((s.requests, s.errors), (6.0, 1.0));
-        assert!(s.buckets.is_empty());
-        assert_eq!(s.latency_sum, 0.0);
+        assert_eq!((s.total_requests(), s.total_errors()), (6.0, 1.0));
+        assert!(s.total_buckets().is_empty());
+        assert_eq!(s.total_latency_sum(), 0.0);
     }
 
     #[test]
@@ -602,9 +894,9 @@ rpc_duration_seconds_count 2693
             latency: "lat".into(),
         };
         let s = parse_sample(page, &names).unwrap();
-        assert_eq!((s.requests, s.errors), (10.0, 4.0));
-        assert_eq!(s.buckets, vec![(1.0, 7.0), (f64::INFINITY, 10.0)]);
-        assert_eq!(s.latency_sum, 3.5);
+        assert_eq!((s.total_requests(), s.total_errors()), (10.0, 4.0));
+        assert_eq!(s.total_buckets(), vec![(1.0, 7.0), (f64::INFINITY, 10.0)]);
+        assert_eq!(s.total_latency_sum(), 3.5);
     }
 
     #[test]
@@ -664,7 +956,7 @@ rpc_duration_seconds_count 2693
         ));
         // Values of series we do not use are not our business.
         let page = "http_requests_total 1\ntemperature_celsius -4\n";
-        assert_eq!(parse(page).unwrap().requests, 1.0);
+        assert_eq!(parse(page).unwrap().total_requests(), 1.0);
     }
 
     #[test]
@@ -682,12 +974,7 @@ rpc_duration_seconds_count 2693
     }
 
     fn sample(requests: f64, errors: f64, buckets: &[(f64, f64)], sum: f64) -> Sample {
-        Sample {
-            requests,
-            errors,
-            buckets: buckets.to_vec(),
-            latency_sum: sum,
-        }
+        Sample::of(requests, errors, buckets, sum)
     }
 
     const INF: f64 = f64::INFINITY;
@@ -725,14 +1012,25 @@ rpc_duration_seconds_count 2693
         );
     }
 
+    fn started_at(mut s: Sample, start: f64) -> Sample {
+        s.process_start = Some(start);
+        s
+    }
+
     #[test]
-    fn delta_tracker_counter_reset_uses_new_values() {
+    fn a_changed_process_start_time_makes_every_series_count_its_current_value() {
         let mut t = DeltaTracker::default();
-        t.observe(sample(1000.0, 5.0, &[(0.1, 900.0), (INF, 1000.0)], 50.0));
-        // Restarted: 10 requests since, 7 of them errors. Errors did not go down on their own,
-        // but the restart covers them too.
+        t.observe(started_at(
+            sample(1000.0, 5.0, &[(0.1, 900.0), (INF, 1000.0)], 50.0),
+            1000.0,
+        ));
+        // Restarted: 10 requests since, 7 of them errors. The error series did not go down
+        // on its own, but the new start time says it started over too.
         let w = t
-            .observe(sample(10.0, 7.0, &[(0.1, 8.0), (INF, 10.0)], 0.5))
+            .observe(started_at(
+                sample(10.0, 7.0, &[(0.1, 8.0), (INF, 10.0)], 0.5),
+                2000.0,
+            ))
             .unwrap();
         assert_eq!(
             w,
@@ -745,24 +1043,144 @@ rpc_duration_seconds_count 2693
         );
         // And the new values are the baseline afterwards.
         let w = t
-            .observe(sample(15.0, 7.0, &[(0.1, 12.0), (INF, 15.0)], 0.75))
+            .observe(started_at(
+                sample(15.0, 7.0, &[(0.1, 12.0), (INF, 15.0)], 0.75),
+                2000.0,
+            ))
             .unwrap();
         assert_eq!((w.requests, w.errors, w.buckets[0]), (5, 0, (0.1, 4)));
 
-        // Without a histogram, requests alone reveal the restart.
+        // Without the start time, each series is judged alone: the one that went down counts
+        // its current value (3), the one that went up its increase (2).
         let mut t = DeltaTracker::default();
         t.observe(sample(1000.0, 5.0, &[], 0.0));
         let w = t.observe(sample(10.0, 7.0, &[], 0.0)).unwrap();
-        assert_eq!((w.requests, w.errors), (10, 7));
+        assert_eq!((w.requests, w.errors), (5, 2));
+    }
 
-        // A bucket alone going down is a reset too.
+    #[test]
+    fn a_histogram_series_that_went_down_counts_its_current_buckets_and_the_others_their_increase()
+    {
+        let page = |a: [u64; 3], b: [u64; 3]| {
+            let mut p = String::from(
+                "http_requests_total 1\n# TYPE http_request_duration_seconds histogram\n",
+            );
+            for (worker, counts) in [("a", a), ("b", b)] {
+                for (le, c) in ["0.1", "1", "+Inf"].iter().zip(counts) {
+                    p += &format!(
+                        "http_request_duration_seconds_bucket{{worker=\"{worker}\",le=\"{le}\"}} {c}\n"
+                    );
+                }
+                p += &format!(
+                    "http_request_duration_seconds_sum{{worker=\"{worker}\"}} {}\n",
+                    counts[2]
+                );
+            }
+            p
+        };
         let mut t = DeltaTracker::default();
-        t.observe(sample(100.0, 0.0, &[(0.1, 90.0), (INF, 100.0)], 1.0));
-        let w = t
-            .observe(sample(100.0, 0.0, &[(0.1, 3.0), (INF, 100.0)], 1.0))
-            .unwrap();
-        assert_eq!(w.requests, 100);
-        assert_eq!(w.buckets, vec![(0.1, 3), (INF, 100)]);
+        assert_eq!(
+            window_of(&mut t, &page([900, 990, 1000], [800, 950, 1000])),
+            None
+        );
+        // a: +10 in (0.1], +5 in (1, +Inf]. b restarted: 4 requests since.
+        let w = window_of(&mut t, &page([910, 1000, 1015], [3, 4, 4])).unwrap();
+        assert_eq!(w.buckets, vec![(0.1, 10 + 3), (1.0, 10 + 4), (INF, 15 + 4)]);
+        assert_eq!(w.latency_sum, 15.0 + 4.0);
+    }
+
+    #[test]
+    fn a_series_that_disappears_contributes_nothing_and_its_return_counts_its_increase() {
+        let mut t = DeltaTracker::default();
+        let before = [(100, 1), (100, 1), (100, 1), (100, 1)];
+        window_of(&mut t, &workers_page(before, None));
+        // Worker 3 is gone from the page (its process exited): the others' increase only.
+        let page = workers_page([(110, 1), (110, 1), (110, 1), (0, 0)], None);
+        let page: String = page
+            .lines()
+            .filter(|l| !l.contains("worker=\"3\""))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let w = window_of(&mut t, &page).unwrap();
+        assert_eq!((w.requests, w.errors), (30, 0));
+        // It comes back higher than it was: only its increase since it was last seen counts.
+        let w = window_of(
+            &mut t,
+            &workers_page([(110, 1), (110, 1), (110, 1), (105, 2)], None),
+        )
+        .unwrap();
+        assert_eq!((w.requests, w.errors), (6, 1));
+    }
+
+    #[test]
+    fn a_series_first_seen_after_the_baseline_counts_its_full_value() {
+        let mut t = DeltaTracker::default();
+        let ok_only = "http_requests_total{code=\"200\"} 100\n";
+        window_of(&mut t, ok_only);
+        // The canary's first 500s: the client library creates the series on its first
+        // increment, so all of its value happened in this interval.
+        let w = window_of(
+            &mut t,
+            "http_requests_total{code=\"200\"} 150\nhttp_requests_total{code=\"500\"} 3\n",
+        )
+        .unwrap();
+        assert_eq!((w.requests, w.errors), (53, 3));
+    }
+
+    #[test]
+    fn a_series_absent_longer_than_the_retention_is_forgotten_and_counts_as_new() {
+        let mut t = DeltaTracker::with_retention(3);
+        let both = "http_requests_total{code=\"200\"} 10\nhttp_requests_total{code=\"500\"} 5\n";
+        window_of(&mut t, both);
+        assert_eq!(t.remembered(), 2);
+        for n in 0..3 {
+            let w = window_of(
+                &mut t,
+                &format!("http_requests_total{{code=\"200\"}} {}\n", 11 + n),
+            );
+            assert_eq!(w.map(|w| w.requests), Some(1));
+        }
+        // Absent from three samples: still remembered, its return would count its increase.
+        assert_eq!(t.remembered(), 2);
+        window_of(&mut t, "http_requests_total{code=\"200\"} 14\n");
+        assert_eq!(t.remembered(), 1, "absent from four samples: forgotten");
+        let w = window_of(
+            &mut t,
+            "http_requests_total{code=\"200\"} 14\nhttp_requests_total{code=\"500\"} 6\n",
+        )
+        .unwrap();
+        assert_eq!((w.requests, w.errors), (6, 6));
+
+        // One sample per 100ms: ten minutes' worth.
+        assert_eq!(
+            DeltaTracker::for_interval(Duration::from_millis(100)).retention,
+            6000
+        );
+    }
+
+    #[test]
+    fn a_layout_change_of_one_histogram_series_leaves_the_window_without_buckets() {
+        let mut t = DeltaTracker::default();
+        let page = |b_les: &str| {
+            format!(
+                "http_requests_total 1\n\
+                 http_request_duration_seconds_bucket{{w=\"a\",le=\"0.1\"}} 5\n\
+                 http_request_duration_seconds_bucket{{w=\"a\",le=\"+Inf\"}} 10\n{b_les}"
+            )
+        };
+        window_of(
+            &mut t,
+            &page("http_request_duration_seconds_bucket{w=\"b\",le=\"+Inf\"} 10\n"),
+        );
+        let w = window_of(
+            &mut t,
+            &page(
+                "http_request_duration_seconds_bucket{w=\"b\",le=\"0.5\"} 11\n\
+                 http_request_duration_seconds_bucket{w=\"b\",le=\"+Inf\"} 12\n",
+            ),
+        )
+        .unwrap();
+        assert_eq!(w.buckets, vec![]);
     }
 
     #[test]
@@ -806,6 +1224,40 @@ rpc_duration_seconds_count 2693
             (w.requests, w.buckets.clone()),
             (3, vec![(0.5, 2), (INF, 3)])
         );
+    }
+
+    /// Four workers' request counters (`code="200"` and `code="500"` each) and the start time.
+    fn workers_page(counts: [(u64, u64); 4], start: Option<f64>) -> String {
+        let mut page = String::from("# TYPE http_requests_total counter\n");
+        for (w, (ok, err)) in counts.iter().enumerate() {
+            page += &format!("http_requests_total{{worker=\"{w}\",code=\"200\"}} {ok}\n");
+            page += &format!("http_requests_total{{worker=\"{w}\",code=\"500\"}} {err}\n");
+        }
+        if let Some(start) = start {
+            page += &format!("process_start_time_seconds {start}\n");
+        }
+        page
+    }
+
+    fn window_of(t: &mut DeltaTracker, page: &str) -> Option<Window> {
+        t.observe(parse(page).unwrap())
+    }
+
+    #[test]
+    fn one_worker_restarting_counts_only_the_real_increase_not_the_totals() {
+        let mut t = DeltaTracker::default();
+        let before = [(10_000, 10), (10_000, 10), (10_000, 10), (10_000, 10)];
+        assert_eq!(window_of(&mut t, &workers_page(before, Some(1000.0))), None);
+        // Workers 0-2 handled 100 requests each (1 error each); worker 3 restarted and has
+        // handled 40 since (2 errors). The process start time is the parent's: unchanged.
+        let after = [(10_099, 11), (10_099, 11), (10_099, 11), (38, 2)];
+        let w = window_of(&mut t, &workers_page(after, Some(1000.0))).unwrap();
+        assert_eq!((w.requests, w.errors), (3 * 100 + 40, 3 + 2));
+        // The whole app restarts (a new start time): every series counts its current value,
+        // even the error series, which are above their old values again.
+        let restarted = [(20, 12), (20, 12), (20, 12), (20, 12)];
+        let w = window_of(&mut t, &workers_page(restarted, Some(2000.0))).unwrap();
+        assert_eq!((w.requests, w.errors), (4 * 32, 4 * 12));
     }
 
     #[test]

@@ -1,0 +1,81 @@
+//! What the real agent and coordinator processes say when they start: plain text on a pipe,
+//! and a warning from an agent with nothing to do.
+
+mod common;
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::free_port;
+
+/// Runs `serin ARGS` for `run_for` with stderr on a pipe and `NO_COLOR` unset, then stops it
+/// (SIGKILL) and returns what it wrote to stderr.
+async fn stderr_of(dir: &Path, args: &[&str], run_for: Duration) -> String {
+    let mut child = tokio::process::Command::new(common::SERIN)
+        .args(args)
+        .current_dir(dir)
+        .env_remove("NO_COLOR")
+        .env_remove("SERIN_COORDINATOR")
+        .env_remove("SERIN_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawning serin");
+    tokio::time::sleep(run_for).await;
+    child.start_kill().expect("killing serin");
+    let out = child.wait_with_output().await.expect("serin output");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[tokio::test]
+async fn logs_on_a_pipe_carry_no_colour_codes_and_an_idle_agent_warns_it_does_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let config = dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "name = \"idle-1\"\ncoordinators = [\"http://127.0.0.1:{port}\"]\ndata_dir = \"{}\"\n",
+            dir.path().join("agent").display()
+        ),
+    )
+    .expect("writing agent.toml");
+    let config = config.display().to_string();
+
+    // Nothing listens on the coordinator port: the agent starts, warns and retries.
+    let agent = stderr_of(
+        dir.path(),
+        &["agent", "run", "--config", &config],
+        Duration::from_millis(1500),
+    )
+    .await;
+    assert!(agent.contains("agent starting"), "{agent}");
+    assert!(
+        agent.contains("no [[instances]] and no [nginx]") && agent.contains("WARN"),
+        "an agent with nothing to do says so: {agent}"
+    );
+    assert!(!agent.contains('\x1b'), "ANSI codes on a pipe: {agent:?}");
+
+    let data = dir.path().join("coordinator");
+    let coordinator = stderr_of(
+        dir.path(),
+        &[
+            "coordinator",
+            "run",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--data-dir",
+            &data.display().to_string(),
+        ],
+        Duration::from_millis(2000),
+    )
+    .await;
+    assert!(coordinator.contains("INFO"), "{coordinator}");
+    assert!(
+        !coordinator.contains('\x1b'),
+        "ANSI codes on a pipe: {coordinator:?}"
+    );
+}
