@@ -281,7 +281,6 @@ fn register(config: &AgentConfig, instance_id: String) -> pb::Register {
             .collect(),
         last_applied: None,
         balancer_services: config.balancer_services(),
-        instance_id: String::new(),
     }
 }
 
