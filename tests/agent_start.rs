@@ -79,3 +79,72 @@ async fn logs_on_a_pipe_carry_no_colour_codes_and_an_idle_agent_warns_it_does_no
         "ANSI codes on a pipe: {coordinator:?}"
     );
 }
+
+fn agent_config(dir: &Path, file: &str, name: &str, port: u16, data: &str) -> String {
+    let path = dir.join(file);
+    std::fs::write(
+        &path,
+        format!(
+            "name = \"{name}\"\ncoordinators = [\"http://127.0.0.1:{port}\"]\ninterval = \"500ms\"\ndata_dir = \"{}\"\n\n[[instances]]\nname = \"app\"\nservice = \"web\"\nvariant = \"stable\"\naddress = \"127.0.0.1:1\"\nmetrics_url = \"http://127.0.0.1:1/metrics\"\n",
+            dir.join(data).display()
+        ),
+    )
+    .expect("writing an agent config");
+    path.display().to_string()
+}
+
+/// Two hosts configured with the same agent name: the second is refused with the name and the
+/// first one's address, exits 1 saying so, and the first stays connected (no flapping).
+#[tokio::test]
+async fn a_second_agent_with_a_taken_name_exits_saying_who_has_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let _coordinator = common::spawn_coordinator(dir.path(), port, &dir.path().join("coordinator"));
+    let first = agent_config(dir.path(), "a.toml", "host-1", port, "agent-a");
+    let mut first = common::Proc::spawn(
+        "agent-a",
+        dir.path(),
+        &["agent".into(), "run".into(), "--config".into(), first],
+    );
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    let mut connected = false;
+    for _ in 0..100 {
+        let out = common::cli_at(addr, &["agent", "list", "--json"]).await;
+        let text = common::stdout(&out);
+        if text.contains("\"connected\": true") {
+            connected = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(connected, "the first agent never connected");
+
+    let second = agent_config(dir.path(), "b.toml", "host-1", port, "agent-b");
+    let run = tokio::process::Command::new(common::SERIN)
+        .args(["agent", "run", "--config", &second])
+        .env("NO_COLOR", "1")
+        .env_remove("SERIN_COORDINATOR")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(30), run)
+        .await
+        .expect("the second agent exits by itself")
+        .expect("running the second agent");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!("second agent: {stderr}");
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("'host-1' is already connected from 127.0.0.1:"),
+        "{stderr}"
+    );
+    assert!(first.alive(), "the first agent died");
+    let list = common::cli_at(addr, &["agent", "list", "--json"]).await;
+    assert!(
+        common::stdout(&list).contains("\"connected\": true"),
+        "the first agent lost its session: {}",
+        common::describe(&list)
+    );
+}

@@ -31,10 +31,7 @@ pub enum AgentError {
     Coordinator { address: String, reason: String },
     /// The coordinator refused this agent's first session: another agent with the same
     /// name (and another instance id) is connected. `0` is the coordinator's message.
-    #[error(
-        "the coordinator refused this agent: {0} (each agent needs its own `name`; stop the \
-         other agent or rename this one)"
-    )]
+    #[error("the coordinator refused this agent: {0}")]
     DuplicateName(String),
     /// One of the agent's tasks panicked; the others were stopped.
     #[error("agent task '{task}' failed: {reason}")]
