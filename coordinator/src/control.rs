@@ -271,4 +271,102 @@ mod tests {
         assert_eq!(trigger_since(r, minute, 130_000), 100_000);
         assert_eq!(trigger_since(r, minute, 200_000), 140_000);
     }
+
+    /// Reports keep waking the loop, so its next pass starts as soon as a proposal is answered:
+    /// it must read the rolled-back rollout then, not propose the same rollback a second time.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_rollback_decision_is_committed_exactly_once() {
+        use crate::analysis::Window;
+        use crate::raft::node::{self, NoPeers, NodeConfig};
+        use crate::raft::storage::{SledStorage, open_db};
+        use crate::rollout::RolloutState;
+        use raft::Storage;
+
+        let dir = tempfile::tempdir().unwrap();
+        let db = open_db(dir.path(), Duration::from_secs(10)).unwrap();
+        let node_shutdown = CancellationToken::new();
+        let (raft, node_task) =
+            node::start(&db, &NodeConfig::single(1), NoPeers, node_shutdown.clone()).unwrap();
+        let mut view = raft.subscribe();
+        view.wait_for(|v| v.role == Role::Leader).await.unwrap();
+        let strategy = Strategy::from_toml(
+            "[[stages]]\nweight = 10\n[[triggers]]\nname = \"errors\"\nmetric = \"error_rate\"\n\
+             max = 0.2\nwindow = \"10s\"\n",
+        )
+        .unwrap();
+        let started = now_millis();
+        raft.propose(Command::Start {
+            id: RolloutId("r".into()),
+            service: "api".into(),
+            version: "v2".into(),
+            stable_version: Some("v1".into()),
+            strategy,
+            actor: Actor::Controller,
+            at: started,
+        })
+        .await
+        .unwrap();
+        let shared = Shared {
+            raft: raft.clone(),
+            metrics: Arc::new(Mutex::new(MetricsStore::new(Duration::from_secs(60)))),
+            agents: Arc::new(AgentRegistry::default()),
+            live: Arc::new(Mutex::new(HashMap::new())),
+            wake: Arc::new(Notify::new()),
+        };
+        // Every canary request failed: the critical trigger fires at once.
+        shared.metrics().record(
+            "api",
+            Side::Canary,
+            Window::from_counts(100, 100, &[], 0.0),
+            started,
+        );
+        let tasks = CancellationToken::new();
+        let reports = {
+            let (wake, tasks) = (shared.wake.clone(), tasks.clone());
+            tokio::spawn(async move {
+                while !tasks.is_cancelled() {
+                    wake.notify_one();
+                    tokio::time::sleep(Duration::from_micros(200)).await;
+                }
+            })
+        };
+        // The loop runs in the test's own task, off the runtime's workers, so the node's answer
+        // wakes it on another thread as a busy server's would (not in the node worker's LIFO
+        // slot, which would hide the race).
+        let watch = async {
+            tokio::time::timeout(
+                Duration::from_secs(10),
+                view.wait_for(|v| {
+                    v.registry
+                        .rollouts
+                        .get(&RolloutId("r".into()))
+                        .is_some_and(|r| r.state == RolloutState::RolledBack)
+                }),
+            )
+            .await
+            .expect("the trigger rolls the rollout back")
+            .unwrap();
+            // Give a second proposal every chance to land.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            tasks.cancel();
+        };
+        tokio::join!(run(shared.clone(), tasks.clone()), watch);
+        reports.await.unwrap();
+        node_shutdown.cancel();
+        node_task.await.unwrap().unwrap();
+
+        let storage = SledStorage::open(&db).unwrap();
+        let (first, last) = (
+            storage.first_index().unwrap(),
+            storage.last_index().unwrap(),
+        );
+        let rollbacks = storage
+            .entries(first, last + 1, None, raft::GetEntriesContext::empty(false))
+            .unwrap()
+            .iter()
+            .filter_map(|e| serde_json::from_slice::<Command>(&e.data).ok())
+            .filter(|c| matches!(c, Command::RollBack { .. }))
+            .count();
+        assert_eq!(rollbacks, 1, "rollback entries in the log");
+    }
 }
