@@ -447,8 +447,15 @@ impl<T: Transport> RaftNode<T> {
                 return Err(ProposeError::Raft(format!("undecodable entry: {e}")));
             }
         };
+        // Checkpoints arrive every second per live rollout: not news at info.
+        let checkpoint = matches!(command, Command::Checkpoint { .. });
         let result = self.registry.apply(command, generation);
         match &result {
+            Ok(applied) if checkpoint => tracing::debug!(
+                rollout = %applied.id,
+                index = generation.index,
+                "checkpoint applied"
+            ),
             Ok(applied) => tracing::info!(
                 rollout = %applied.id,
                 state = %applied.state,
