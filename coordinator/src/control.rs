@@ -22,8 +22,10 @@ use crate::rollout::{
 
 /// The control loop's timer.
 pub const EVALUATE_EVERY: Duration = Duration::from_millis(250);
-/// How often the leader commits a checkpoint of each live stage's analysis.
-pub const CHECKPOINT_EVERY: Duration = Duration::from_secs(5);
+/// How often, at most, the leader commits a checkpoint of each live stage's analysis (only when
+/// its totals changed): a restarted leader loses at most this much of a stage's data. Cost
+/// measured in docs/benchmarks.md.
+pub const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 /// How long a scrape error stays in the live view.
 pub const SCRAPE_ERROR_WINDOW: Duration = Duration::from_secs(10);
 /// Span of the request-rate figure in the live view.
@@ -127,10 +129,14 @@ pub async fn run(shared: Shared, shutdown: CancellationToken) {
             else {
                 continue;
             };
-            if !matches!(command, Command::Checkpoint { .. }) {
+            let checkpoint = matches!(command, Command::Checkpoint { .. });
+            if !checkpoint {
                 tracing::info!(rollout = %rollout.id, command = command.action(), "proposing");
             }
             match shared.raft.propose(command).await {
+                Ok(applied) if checkpoint => {
+                    tracing::debug!(rollout = %applied.id, "checkpoint committed")
+                }
                 Ok(applied) => {
                     tracing::info!(rollout = %applied.id, state = %applied.state, "decision applied")
                 }
@@ -279,5 +285,265 @@ mod tests {
         let minute = Duration::from_secs(60);
         assert_eq!(trigger_since(r, minute, 130_000), 100_000);
         assert_eq!(trigger_since(r, minute, 200_000), 140_000);
+    }
+
+    #[test]
+    fn a_checkpoint_is_due_every_second_and_only_when_the_stage_totals_changed() {
+        use crate::analysis::Window;
+        let mut reg = Registry::default();
+        reg.apply(
+            Command::Start {
+                id: RolloutId("r".into()),
+                service: "api".into(),
+                version: "v2".into(),
+                stable_version: Some("v1".into()),
+                strategy: Strategy::from_toml("[[stages]]\nweight = 5\n").unwrap(),
+                actor: Actor::Controller,
+                at: 0,
+            },
+            Generation::default(),
+        )
+        .unwrap();
+        let rollout = &reg.rollouts[&RolloutId("r".into())];
+        let served = |requests| {
+            let mut o = Observation::default();
+            o.stage.data.canary = Window::from_counts(requests, 0, &[], 0.0);
+            o
+        };
+        let mut last = HashMap::new();
+        let due = |o: &Observation, last: &mut _, now| checkpoint_due(rollout, o, last, now);
+        assert!(
+            due(&served(0), &mut last, 1_000).is_none(),
+            "nothing measured yet"
+        );
+        assert!(
+            due(&served(10), &mut last, 1_000).is_some(),
+            "the first data"
+        );
+        assert!(
+            due(&served(20), &mut last, 1_999).is_none(),
+            "within the second"
+        );
+        let Some(Command::Checkpoint { checkpoint, .. }) = due(&served(20), &mut last, 2_000)
+        else {
+            panic!("a second later the changed totals are checkpointed");
+        };
+        assert_eq!(
+            (checkpoint.at, checkpoint.data.canary.requests),
+            (2_000, 20)
+        );
+        assert!(
+            due(&served(20), &mut last, 9_000).is_none(),
+            "unchanged totals"
+        );
+        assert!(
+            due(&served(21), &mut last, 9_001).is_some(),
+            "changed again"
+        );
+    }
+
+    /// A `Write` into a shared buffer, for capturing logs.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Checkpoints come every second per live rollout: at info they would bury the decisions.
+    /// The node and the loop run in this test's task, so its thread's subscriber sees both.
+    #[tokio::test]
+    async fn checkpoints_are_logged_at_debug_and_not_as_decisions() {
+        use crate::analysis::Window;
+        use crate::raft::node::{NoPeers, NodeConfig, RaftNode};
+        use crate::raft::storage::open_db;
+        use crate::rollout::RolloutState;
+
+        let logs = Captured::default();
+        let writer = logs.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::DEBUG)
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        let _guard = tracing::subscriber::set_default(subscriber);
+
+        let dir = tempfile::tempdir().unwrap();
+        let db = open_db(dir.path(), Duration::from_secs(10)).unwrap();
+        let (node, raft) = RaftNode::open(&db, &NodeConfig::single(1), NoPeers).unwrap();
+        let node_shutdown = CancellationToken::new();
+        let shared = Shared {
+            raft: raft.clone(),
+            metrics: Arc::new(Mutex::new(MetricsStore::new(Duration::from_secs(60)))),
+            agents: Arc::new(AgentRegistry::default()),
+            live: Arc::new(Mutex::new(HashMap::new())),
+            wake: Arc::new(Notify::new()),
+        };
+        let tasks = CancellationToken::new();
+        let test = async {
+            let mut view = raft.subscribe();
+            view.wait_for(|v| v.role == Role::Leader).await.unwrap();
+            let started = now_millis();
+            let applied = raft
+                .propose(Command::Start {
+                    id: RolloutId("r".into()),
+                    service: "api".into(),
+                    version: "v2".into(),
+                    stable_version: Some("v1".into()),
+                    strategy: Strategy::from_toml(
+                        "[[stages]]\nweight = 10\nmin_duration = \"1h\"\n",
+                    )
+                    .unwrap(),
+                    actor: Actor::Controller,
+                    at: started,
+                })
+                .await
+                .unwrap();
+            assert_eq!(applied.state, RolloutState::Progressing);
+            shared.metrics().record(
+                "api",
+                Side::Canary,
+                Window::from_counts(100, 0, &[], 0.0),
+                started,
+            );
+            tokio::time::timeout(
+                Duration::from_secs(10),
+                view.wait_for(|v| {
+                    v.registry.rollouts[&RolloutId("r".into())]
+                        .checkpoint
+                        .is_some()
+                }),
+            )
+            .await
+            .expect("the loop checkpoints the stage")
+            .unwrap();
+            tasks.cancel();
+            node_shutdown.cancel();
+        };
+        let (node_result, (), ()) = tokio::join!(
+            node.run(node_shutdown.clone()),
+            run(shared.clone(), tasks.clone()),
+            test
+        );
+        node_result.unwrap();
+
+        let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+        let lines = |level: &str, message: &str| {
+            text.lines()
+                .filter(|l| l.contains(level) && l.contains(message))
+                .count()
+        };
+        assert_eq!(lines("INFO", "decision applied"), 0, "{text}");
+        assert_eq!(
+            lines("INFO", "applied"),
+            1,
+            "only the start, at info:\n{text}"
+        );
+        assert!(lines("DEBUG", "checkpoint committed") >= 1, "{text}");
+        assert!(lines("DEBUG", "checkpoint applied") >= 1, "{text}");
+    }
+
+    /// Reports keep waking the loop, so its next pass starts as soon as a proposal is answered:
+    /// it must read the rolled-back rollout then, not propose the same rollback a second time.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_rollback_decision_is_committed_exactly_once() {
+        use crate::analysis::Window;
+        use crate::raft::node::{self, NoPeers, NodeConfig};
+        use crate::raft::storage::{SledStorage, open_db};
+        use crate::rollout::RolloutState;
+        use raft::Storage;
+
+        let dir = tempfile::tempdir().unwrap();
+        let db = open_db(dir.path(), Duration::from_secs(10)).unwrap();
+        let node_shutdown = CancellationToken::new();
+        let (raft, node_task) =
+            node::start(&db, &NodeConfig::single(1), NoPeers, node_shutdown.clone()).unwrap();
+        let mut view = raft.subscribe();
+        view.wait_for(|v| v.role == Role::Leader).await.unwrap();
+        let strategy = Strategy::from_toml(
+            "[[stages]]\nweight = 10\n[[triggers]]\nname = \"errors\"\nmetric = \"error_rate\"\n\
+             max = 0.2\nwindow = \"10s\"\n",
+        )
+        .unwrap();
+        let started = now_millis();
+        raft.propose(Command::Start {
+            id: RolloutId("r".into()),
+            service: "api".into(),
+            version: "v2".into(),
+            stable_version: Some("v1".into()),
+            strategy,
+            actor: Actor::Controller,
+            at: started,
+        })
+        .await
+        .unwrap();
+        let shared = Shared {
+            raft: raft.clone(),
+            metrics: Arc::new(Mutex::new(MetricsStore::new(Duration::from_secs(60)))),
+            agents: Arc::new(AgentRegistry::default()),
+            live: Arc::new(Mutex::new(HashMap::new())),
+            wake: Arc::new(Notify::new()),
+        };
+        // Every canary request failed: the critical trigger fires at once.
+        shared.metrics().record(
+            "api",
+            Side::Canary,
+            Window::from_counts(100, 100, &[], 0.0),
+            started,
+        );
+        let tasks = CancellationToken::new();
+        let reports = {
+            let (wake, tasks) = (shared.wake.clone(), tasks.clone());
+            tokio::spawn(async move {
+                while !tasks.is_cancelled() {
+                    wake.notify_one();
+                    tokio::time::sleep(Duration::from_micros(200)).await;
+                }
+            })
+        };
+        // The loop runs in the test's own task, off the runtime's workers, so the node's answer
+        // wakes it on another thread as a busy server's would (not in the node worker's LIFO
+        // slot, which would hide the race).
+        let watch = async {
+            tokio::time::timeout(
+                Duration::from_secs(10),
+                view.wait_for(|v| {
+                    v.registry
+                        .rollouts
+                        .get(&RolloutId("r".into()))
+                        .is_some_and(|r| r.state == RolloutState::RolledBack)
+                }),
+            )
+            .await
+            .expect("the trigger rolls the rollout back")
+            .unwrap();
+            // Give a second proposal every chance to land.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            tasks.cancel();
+        };
+        tokio::join!(run(shared.clone(), tasks.clone()), watch);
+        reports.await.unwrap();
+        node_shutdown.cancel();
+        node_task.await.unwrap().unwrap();
+
+        let storage = SledStorage::open(&db).unwrap();
+        let (first, last) = (
+            storage.first_index().unwrap(),
+            storage.last_index().unwrap(),
+        );
+        let rollbacks = storage
+            .entries(first, last + 1, None, raft::GetEntriesContext::empty(false))
+            .unwrap()
+            .iter()
+            .filter_map(|e| serde_json::from_slice::<Command>(&e.data).ok())
+            .filter(|c| matches!(c, Command::RollBack { .. }))
+            .count();
+        assert_eq!(rollbacks, 1, "rollback entries in the log");
     }
 }

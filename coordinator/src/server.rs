@@ -19,6 +19,7 @@ use crate::agents::AgentRegistry;
 use crate::control::{self, Shared};
 use crate::metrics::MetricsStore;
 use crate::raft::node::{self, NoPeers, NodeConfig, NodeError};
+use crate::raft::storage::{self, OpenDbError};
 use crate::service::{Api, MAX_MESSAGE_BYTES};
 use crate::strategy::MAX_TRIGGER_WINDOW;
 
@@ -107,12 +108,23 @@ pub enum CoordinatorError {
     #[error("invalid coordinator config: {0}")]
     Config(String),
     /// The data directory could not be opened.
-    #[error("cannot open the data directory {path}: {source} (is another coordinator using it?)")]
+    #[error("cannot open the data directory {path}: {reason}")]
     DataDir {
         /// The directory.
         path: PathBuf,
         /// The cause.
-        source: sled::Error,
+        reason: String,
+    },
+    /// The data directory's files are damaged or foreign.
+    #[error(
+        "the data directory {path} is corrupted or was written by another program ({detail}): \
+         restore it from a backup, or move it aside to start an empty node"
+    )]
+    CorruptDataDir {
+        /// The directory.
+        path: PathBuf,
+        /// What was found.
+        detail: String,
     },
     /// The listen address could not be bound.
     #[error("cannot listen on {addr}: {source}")]
@@ -140,15 +152,22 @@ pub async fn run(
     config.validate()?;
     std::fs::create_dir_all(&config.data_dir).map_err(|e| CoordinatorError::DataDir {
         path: config.data_dir.clone(),
-        source: e.into(),
+        reason: e.to_string(),
     })?;
-    let db = crate::raft::storage::open_db(
+    let corrupt = |detail: String| CoordinatorError::CorruptDataDir {
+        path: config.data_dir.clone(),
+        detail,
+    };
+    let db = storage::open_db(
         &config.data_dir.join("raft.sled"),
         std::time::Duration::from_secs(2),
     )
-    .map_err(|source| CoordinatorError::DataDir {
-        path: config.data_dir.clone(),
-        source,
+    .map_err(|e| match e {
+        OpenDbError::Damaged(detail) => corrupt(detail),
+        e @ (OpenDbError::Locked(_) | OpenDbError::Io(_)) => CoordinatorError::DataDir {
+            path: config.data_dir.clone(),
+            reason: e.to_string(),
+        },
     })?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -164,12 +183,18 @@ pub async fn run(
         })?;
 
     let node_shutdown = CancellationToken::new();
-    let (raft, node_task) = node::start(
-        &db,
-        &NodeConfig::single(config.node_id),
-        NoPeers,
-        node_shutdown.clone(),
-    )?;
+    // Reading the stored state is where damage beyond sled's own checks shows: every error
+    // (and any panic of sled or raft-rs on what it read) here is about the files.
+    let (raft, node_task) = storage::contain_panic(|| {
+        node::start(
+            &db,
+            &NodeConfig::single(config.node_id),
+            NoPeers,
+            node_shutdown.clone(),
+        )
+    })
+    .map_err(|panic| corrupt(format!("reading the raft state panicked: {panic}")))?
+    .map_err(|e| corrupt(e.to_string()))?;
     let shared = Shared {
         raft: raft.clone(),
         metrics: Arc::new(Mutex::new(MetricsStore::new(MAX_TRIGGER_WINDOW))),

@@ -15,6 +15,10 @@
 //!
 //! Proposals are tracked by the log index they land at and the term at proposal time: an entry
 //! applied at that index with another term means the proposal was overwritten (dropped).
+//!
+//! Answers to proposers are held until the view that includes their entry is published: a
+//! caller acting on [`RaftHandle::view`] right after its proposal returns (the control loop's
+//! next pass) must see its own write, or it decides the same thing again.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -119,11 +123,11 @@ impl Transport for NoPeers {
     }
 }
 
+/// Where a proposal's outcome goes.
+type Reply = oneshot::Sender<Result<Applied, ProposeError>>;
+
 enum Request {
-    Propose {
-        command: Box<Command>,
-        reply: oneshot::Sender<Result<Applied, ProposeError>>,
-    },
+    Propose { command: Box<Command>, reply: Reply },
     Step(Box<Message>),
 }
 
@@ -197,7 +201,9 @@ pub struct RaftNode<T: Transport> {
     applied: u64,
     last_snapshot: u64,
     snapshot_every: u64,
-    pending: HashMap<u64, (u64, oneshot::Sender<Result<Applied, ProposeError>>)>,
+    pending: HashMap<u64, (u64, Reply)>,
+    /// Answers of applied proposals, sent once the view including them is published.
+    answers: Vec<(Reply, Result<Applied, ProposeError>)>,
     transport: T,
     view: watch::Sender<Arc<NodeView>>,
     requests: mpsc::Receiver<Request>,
@@ -251,6 +257,7 @@ impl<T: Transport> RaftNode<T> {
             last_snapshot: applied,
             snapshot_every: config.snapshot_every.max(1),
             pending: HashMap::new(),
+            answers: Vec::new(),
             transport,
             view,
             requests: rx,
@@ -376,6 +383,9 @@ impl<T: Transport> RaftNode<T> {
         self.raw.advance_apply();
         self.maybe_snapshot()?;
         self.publish();
+        for (reply, answer) in self.answers.drain(..) {
+            let _ = reply.send(answer);
+        }
         Ok(())
     }
 
@@ -415,7 +425,7 @@ impl<T: Transport> RaftNode<T> {
                 } else {
                     result.unwrap_or(Err(ProposeError::Dropped))
                 };
-                let _ = reply.send(answer);
+                self.answers.push((reply, answer));
             }
         }
         self.applied = last;
@@ -437,8 +447,15 @@ impl<T: Transport> RaftNode<T> {
                 return Err(ProposeError::Raft(format!("undecodable entry: {e}")));
             }
         };
+        // Checkpoints arrive every second per live rollout: not news at info.
+        let checkpoint = matches!(command, Command::Checkpoint { .. });
         let result = self.registry.apply(command, generation);
         match &result {
+            Ok(applied) if checkpoint => tracing::debug!(
+                rollout = %applied.id,
+                index = generation.index,
+                "checkpoint applied"
+            ),
             Ok(applied) => tracing::info!(
                 rollout = %applied.id,
                 state = %applied.state,

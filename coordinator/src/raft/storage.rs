@@ -774,23 +774,85 @@ fn read_message<M: protobuf::Message + Default>(
     }
 }
 
+/// Why [`open_db`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenDbError {
+    /// Another process holds the database's lock.
+    #[error("{0} (is another coordinator using it?)")]
+    Locked(sled::Error),
+    /// The files could not be read or written (permissions, a failing disk).
+    #[error("{0}")]
+    Io(sled::Error),
+    /// The files are damaged, or are not a database this version of sled reads.
+    #[error("{0}")]
+    Damaged(String),
+}
+
 /// Opens a sled database at `path`, waiting up to `wait` for a lock a just-dropped handle in
 /// this process may still hold: sled 0.34 releases its file lock from a background thread after
 /// `Db` is dropped (spacejam/sled#1234), so an immediate in-process reopen can fail. A lock held
 /// by another live process still fails once `wait` has passed.
-pub fn open_db(path: &std::path::Path, wait: std::time::Duration) -> Result<sled::Db, sled::Error> {
+///
+/// Damaged files are [`OpenDbError::Damaged`], whichever way sled meets them: an error, a panic
+/// in its recovery (contained here), or, as it recovers an unreadable log as empty, a directory
+/// that held files but comes back without the raft tree.
+pub fn open_db(path: &std::path::Path, wait: std::time::Duration) -> Result<sled::Db, OpenDbError> {
+    let existed = std::fs::read_dir(path).is_ok_and(|mut d| d.next().is_some());
     let deadline = std::time::Instant::now() + wait;
-    loop {
-        match sled::open(path) {
-            Err(sled::Error::Io(e))
-                if e.to_string().contains("could not acquire lock")
-                    && std::time::Instant::now() < deadline =>
-            {
+    let db = loop {
+        match contain_panic(|| sled::open(path)) {
+            Err(panic) => {
+                return Err(OpenDbError::Damaged(format!(
+                    "sled panicked reading it: {panic}"
+                )));
+            }
+            Ok(Ok(db)) => break db,
+            Ok(Err(sled::Error::Io(e))) if e.to_string().contains("could not acquire lock") => {
+                if std::time::Instant::now() >= deadline {
+                    return Err(OpenDbError::Locked(sled::Error::Io(e)));
+                }
                 std::thread::sleep(std::time::Duration::from_millis(20));
             }
-            other => return other,
+            Ok(Err(e @ sled::Error::Io(_))) => return Err(OpenDbError::Io(e)),
+            Ok(Err(e)) => return Err(OpenDbError::Damaged(e.to_string())),
         }
+    };
+    if existed && !db.tree_names().iter().any(|n| n == TREE_NAME.as_bytes()) {
+        return Err(OpenDbError::Damaged(format!(
+            "it holds files but sled recovered no `{TREE_NAME}` tree from them"
+        )));
     }
+    Ok(db)
+}
+
+thread_local! {
+    /// Set while [`contain_panic`] runs on this thread: the panic hook stays quiet.
+    static CONTAINING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f`; a panic inside it becomes `Err(message)` instead of a message and backtrace on
+/// stderr. For libraries that panic on bad input from disk (sled 0.34 does in its recovery).
+/// Only panics on this thread are contained; other threads' panics are reported as usual.
+pub fn contain_panic<T>(f: impl FnOnce() -> T) -> Result<T, String> {
+    static QUIET_HOOK: std::sync::Once = std::sync::Once::new();
+    QUIET_HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !CONTAINING.with(std::cell::Cell::get) {
+                previous(info);
+            }
+        }));
+    });
+    let was = CONTAINING.with(|c| c.replace(true));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    CONTAINING.with(|c| c.set(was));
+    result.map_err(|payload| {
+        payload
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic without a message".to_owned())
+    })
 }
 
 #[cfg(test)]
@@ -1390,6 +1452,33 @@ mod tests {
             SledStorage::open(&db),
             Err(StorageError::Corrupt { .. })
         ));
+    }
+
+    #[test]
+    fn a_panic_inside_contain_panic_becomes_its_message() {
+        assert_eq!(super::contain_panic(|| 7), Ok(7));
+        let owned = super::contain_panic(|| -> u8 { panic!("bad page {}", 3) });
+        assert_eq!(owned, Err("bad page 3".to_owned()));
+        let literal = super::contain_panic(|| -> u8 { panic!("literal") });
+        assert_eq!(literal, Err("literal".to_owned()));
+    }
+
+    #[test]
+    fn a_directory_that_sled_recovers_as_empty_is_damaged() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        drop(open_db(&path).open_tree(TREE_NAME).unwrap());
+        std::fs::write(path.join("db"), vec![0x5a; 4096]).unwrap();
+        let wait = std::time::Duration::from_secs(10);
+        match super::open_db(&path, wait) {
+            Err(super::OpenDbError::Damaged(detail)) => {
+                assert!(detail.contains("raft"), "{detail}")
+            }
+            other => panic!("expected Damaged, got {:?}", other.map(|_| ())),
+        }
+        // A directory that never held anything is a new store, not a damaged one.
+        let fresh = dir.path().join("fresh");
+        super::open_db(&fresh, wait).expect("a new store opens");
     }
 
     #[test]

@@ -161,3 +161,40 @@ async fn snapshots_compact_the_log_and_restore() {
     assert_eq!(node.handle.view().registry.rollouts.len(), 12);
     node.stop().await;
 }
+
+/// On a multi-threaded runtime the proposer wakes on another worker as soon as it is answered:
+/// the view must already hold its entry then, or a caller acting on `view()` acts twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proposer_sees_its_own_write_in_the_next_view() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Running::open(dir.path(), &NodeConfig::single(1)).await;
+    for i in 0..100 {
+        let id = format!("r{i}");
+        let service = format!("svc{i}");
+        let before = node.handle.view().applied;
+        node.handle.propose(start(&id, &service)).await.unwrap();
+        let view = node.handle.view();
+        assert!(
+            view.applied > before,
+            "proposal {i}: answered at applied {} before the view moved past {before}",
+            view.applied
+        );
+        assert!(
+            view.registry.rollouts.contains_key(&RolloutId(id.clone())),
+            "proposal {i}: the view does not hold rollout {id}"
+        );
+        let plan = view.registry.traffic(&service).unwrap();
+        assert!(
+            view.applied >= plan.generation.index,
+            "proposal {i}: the view's applied index is behind its own entry"
+        );
+        // A rejection is an answer too: it must also come after the view is published.
+        let before = node.handle.view().applied;
+        node.handle.propose(start(&id, &service)).await.unwrap_err();
+        assert!(
+            node.handle.view().applied > before,
+            "proposal {i}: rejected before the view moved past {before}"
+        );
+    }
+    node.stop().await;
+}
