@@ -237,6 +237,11 @@ async fn run_scenario(
     let after = api_load.snapshot();
     let canary_after = after.by_version.get("v2.4.0").copied().unwrap_or(0);
 
+    // Desired is not actual: wait until every agent that carries each service applied its
+    // final traffic, and show it.
+    let good_applied = wait_applied(&mut client, &good_final.id).await?;
+    let bad_applied = wait_applied(&mut client, &bad_final.id).await?;
+
     let web_seen = web_load.snapshot();
     say("");
     say("── summary ───────────────────────────────────────────────────────────────────────");
@@ -277,10 +282,18 @@ async fn run_scenario(
         web_seen.by_version.get("v1.1.0").copied().unwrap_or(0),
         web_seen.total
     ));
+    for (service, applied) in [("web", &good_applied), ("api", &bad_applied)] {
+        say(&format!(
+            "{service}  final traffic applied by {}",
+            applied.1
+        ));
+    }
     let ok = good_final.state == "promoted"
         && bad_final.state == "rolled_back"
         && canary_after == 0
-        && after.total > 0;
+        && after.total > 0
+        && good_applied.0
+        && bad_applied.0;
     if ok {
         say("RESULT: ok — the good canary was promoted and the bad one rolled back automatically");
     } else {
@@ -499,6 +512,44 @@ async fn start(
     Ok(rollout)
 }
 
+/// Waits (up to 10 s) until every agent that carries the rollout's service applied its current
+/// traffic; returns whether they did and a line saying how many did.
+async fn wait_applied(
+    client: &mut ControlServiceClient<Channel>,
+    id: &str,
+) -> anyhow::Result<(bool, String)> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let rollout = client
+            .get_rollout(GetRolloutRequest { id: id.into() })
+            .await?
+            .into_inner()
+            .rollout
+            .context("empty reply")?;
+        let Some(apply) = rollout.apply else {
+            return Ok((false, "no agent (not the service's latest rollout)".into()));
+        };
+        let generation = apply
+            .generation
+            .map_or("-".to_owned(), |g| format!("{}.{}", g.term, g.index));
+        let line = format!(
+            "{}/{} agents (generation {generation}){}",
+            apply.applied,
+            apply.agents,
+            apply
+                .lagging
+                .iter()
+                .map(|l| format!("; {} has not: {}", l.agent, l.error))
+                .collect::<String>()
+        );
+        let complete = apply.agents > 0 && apply.lagging.is_empty();
+        if complete || Instant::now() > deadline {
+            return Ok((complete, line));
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
 /// Polls a rollout every second, printing one live line, until it finishes.
 async fn watch<F, Fut>(
     client: &mut ControlServiceClient<Channel>,
@@ -519,7 +570,11 @@ where
             .rollout
             .context("empty reply")?;
         for e in rollout.events.iter().skip(seen_events) {
-            say(&format!("  ▸ {:<18} {}", e.kind, e.reason));
+            say(&format!(
+                "  ▸ {:<18} {}",
+                e.kind,
+                crate::cli::output::one_line(&e.reason, 400)
+            ));
         }
         seen_events = rollout.events.len();
         say(&live_line(&rollout, started.elapsed()));
