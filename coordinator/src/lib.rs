@@ -20,6 +20,7 @@
 pub mod agents;
 pub mod analysis;
 pub mod control;
+pub mod inventory;
 pub mod limits;
 pub mod metrics;
 pub mod raft;

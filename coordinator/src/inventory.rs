@@ -1,0 +1,463 @@
+//! The fleet inventory's pure core: which servers a balancer sends a service's traffic to, with
+//! which weights, and when an instance should leave or rejoin the upstreams.
+//!
+//! Design in docs/fleet.md. The inventory itself (every connected agent's instances and their
+//! health) is the leader's soft state, rebuilt from registrations; the *decisions* it leads to
+//! (an instance taken out, put back) are raft commands, so each is an event in the service's
+//! history and gives the balancers a new, fenced generation. This module only computes: no I/O,
+//! no clock (time is passed in), so every rule below is tested exhaustively.
+//!
+//! Rules:
+//! - A variant's servers are the service's instances minus those the committed membership took
+//!   out, but never the last stable one: with every stable instance out, the one seen healthy
+//!   most recently stays in (a balancer with no stable server answers 502 to everyone).
+//! - Per-server weights give the canary exactly the stage's share whatever the instance counts.
+//!   At 0% the canary servers are left out, at 100% the stable ones (nginx refuses weight 0).
+//! - The output is sorted, so equal inputs give equal desired states (an unchanged upstream is
+//!   no reload on the balancer).
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use crate::metrics::Side;
+use crate::rollout::Millis;
+
+/// One app instance as the inventory knows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Instance {
+    /// The instance's name in its agent's config.
+    pub name: String,
+    /// The agent that declared (and scrapes) it.
+    pub agent: String,
+    /// `host:port` the balancers reach it at; unique in the fleet.
+    pub address: String,
+    /// Stable or canary.
+    pub variant: Side,
+    /// Whether its agent's session is open.
+    pub connected: bool,
+    /// Since when it is unhealthy: its agent disconnected, or its scrapes fail. `None` while
+    /// healthy.
+    pub unhealthy_since: Option<Millis>,
+    /// When it was last seen healthy (its agent's latest successful scrape of it).
+    pub last_healthy: Option<Millis>,
+}
+
+/// One server of a balancer's upstream.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct UpstreamServer {
+    /// Stable or canary (stable sorts first).
+    pub variant: Variant,
+    /// `host:port`.
+    pub address: String,
+    /// The instance's name.
+    pub instance: String,
+    /// The agent that declared it.
+    pub agent: String,
+    /// Relative weight, ≥ 1.
+    pub weight: u64,
+}
+
+/// [`Side`] with an order, for sorting servers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Variant {
+    /// Stable.
+    Stable,
+    /// Canary.
+    Canary,
+}
+
+impl From<Side> for Variant {
+    fn from(side: Side) -> Self {
+        match side {
+            Side::Stable => Variant::Stable,
+            Side::Canary => Variant::Canary,
+        }
+    }
+}
+
+/// The upstream of one service for one traffic plan.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ServiceUpstreams {
+    /// The servers, sorted by (variant, address).
+    pub servers: Vec<UpstreamServer>,
+    /// The stable instance kept although the membership took it out (it was the last one).
+    pub kept_last_stable: Option<String>,
+    /// True when the plan sends traffic to the canary but no canary server is available, so
+    /// everything goes to stable.
+    pub canary_missing: bool,
+}
+
+/// Per-server weights `(stable, canary)` such that the canary gets exactly `canary_weight`% of
+/// picks in total with `n_stable` and `n_canary` servers. Meaningful for
+/// `0 < canary_weight < 100` with servers on both sides; never a zero weight then.
+pub fn server_weights(canary_weight: u32, n_stable: usize, n_canary: usize) -> (u64, u64) {
+    let w = u64::from(canary_weight.min(100));
+    let stable = (100 - w) * n_canary as u64;
+    let canary = w * n_stable as u64;
+    let g = gcd(stable, canary).max(1);
+    (stable / g, canary / g)
+}
+
+fn gcd(mut a: u64, mut b: u64) -> u64 {
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    a
+}
+
+/// The upstream servers of a service: `instances` (the inventory's, for this service) minus
+/// the addresses in `removed` (the committed membership), weighted for `canary_weight`%.
+pub fn upstreams(
+    instances: &[Instance],
+    removed: &BTreeSet<String>,
+    canary_weight: u32,
+) -> ServiceUpstreams {
+    let in_service = |i: &&Instance| !removed.contains(&i.address);
+    let mut stable: Vec<&Instance> = instances
+        .iter()
+        .filter(|i| i.variant == Side::Stable)
+        .filter(in_service)
+        .collect();
+    let canary: Vec<&Instance> = instances
+        .iter()
+        .filter(|i| i.variant == Side::Canary)
+        .filter(in_service)
+        .collect();
+    let mut kept_last_stable = None;
+    if stable.is_empty()
+        && let Some(last) = instances
+            .iter()
+            .filter(|i| i.variant == Side::Stable)
+            .max_by(|a, b| {
+                a.last_healthy
+                    .cmp(&b.last_healthy)
+                    .then_with(|| b.address.cmp(&a.address))
+            })
+    {
+        kept_last_stable = Some(last.address.clone());
+        stable.push(last);
+    }
+    let canary_weight = canary_weight.min(100);
+    let canary_missing = canary_weight > 0 && canary.is_empty();
+    let (stable_weight, canary_server_weight) = match (canary_weight, stable.len(), canary.len()) {
+        (_, _, 0) | (0, _, _) => (1, 0),
+        (100, _, _) | (_, 0, _) => (0, 1),
+        (w, s, c) => server_weights(w, s, c),
+    };
+    let server = |i: &Instance, weight: u64| UpstreamServer {
+        variant: i.variant.into(),
+        address: i.address.clone(),
+        instance: i.name.clone(),
+        agent: i.agent.clone(),
+        weight,
+    };
+    let mut servers: Vec<UpstreamServer> = Vec::new();
+    if stable_weight > 0 {
+        servers.extend(stable.iter().map(|i| server(i, stable_weight)));
+    }
+    if canary_server_weight > 0 {
+        servers.extend(canary.iter().map(|i| server(i, canary_server_weight)));
+    }
+    servers.sort();
+    ServiceUpstreams {
+        servers,
+        kept_last_stable,
+        canary_missing,
+    }
+}
+
+/// A change of a service's upstream membership, to be proposed as a command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MembershipChange {
+    /// Take the instance at `address` out of the upstreams.
+    Remove {
+        /// Its address.
+        address: String,
+        /// Why, for the service's history.
+        reason: String,
+    },
+    /// Put it back.
+    Restore {
+        /// Its address.
+        address: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// The membership changes due at `now`: an instance unhealthy for at least `remove_after` is
+/// taken out (never the last stable one in service), one taken out that is healthy again is put
+/// back. Changes come sorted by address; removals of stable instances stop while one would
+/// leave no stable instance in service.
+pub fn membership_changes(
+    instances: &[Instance],
+    removed: &BTreeSet<String>,
+    remove_after: Duration,
+    now: Millis,
+) -> Vec<MembershipChange> {
+    let grace = remove_after.as_millis() as Millis;
+    let mut sorted: Vec<&Instance> = instances.iter().collect();
+    sorted.sort_by(|a, b| a.address.cmp(&b.address));
+    let mut stable_in_service = sorted
+        .iter()
+        .filter(|i| i.variant == Side::Stable && !removed.contains(&i.address))
+        .count();
+    let mut changes = Vec::new();
+    for i in sorted {
+        let out = removed.contains(&i.address);
+        match (out, i.unhealthy_since) {
+            (false, Some(since)) if now - since >= grace => {
+                if i.variant == Side::Stable {
+                    if stable_in_service <= 1 {
+                        continue;
+                    }
+                    stable_in_service -= 1;
+                }
+                let why = if i.connected {
+                    "its scrapes have failed"
+                } else {
+                    "its agent has been disconnected"
+                };
+                changes.push(MembershipChange::Remove {
+                    address: i.address.clone(),
+                    reason: format!(
+                        "instance {} ({}) on agent {}: {why} for {}",
+                        i.name,
+                        i.address,
+                        i.agent,
+                        humantime::format_duration(Duration::from_millis((now - since) as u64))
+                    ),
+                });
+            }
+            (true, None) if i.connected => changes.push(MembershipChange::Restore {
+                address: i.address.clone(),
+                reason: format!(
+                    "instance {} ({}) on agent {} is healthy again",
+                    i.name, i.address, i.agent
+                ),
+            }),
+            _ => {}
+        }
+    }
+    changes
+}
+
+/// Two agents declaring the same address: `(address, first agent, second agent)` for the first
+/// conflict in `instances`, if any.
+pub fn duplicate_address(instances: &[Instance]) -> Option<(String, String, String)> {
+    let mut seen: std::collections::BTreeMap<&str, &str> = std::collections::BTreeMap::new();
+    for i in instances {
+        if let Some(first) = seen.insert(&i.address, &i.agent)
+            && first != i.agent
+        {
+            return Some((i.address.clone(), first.to_owned(), i.agent.clone()));
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inst(address: &str, variant: Side) -> Instance {
+        Instance {
+            name: format!("app-{address}"),
+            agent: format!("host-{address}"),
+            address: address.into(),
+            variant,
+            connected: true,
+            unhealthy_since: None,
+            last_healthy: Some(1_000),
+        }
+    }
+
+    fn stable(address: &str) -> Instance {
+        inst(address, Side::Stable)
+    }
+
+    fn canary(address: &str) -> Instance {
+        inst(address, Side::Canary)
+    }
+
+    fn none() -> BTreeSet<String> {
+        BTreeSet::new()
+    }
+
+    fn canary_share(up: &ServiceUpstreams) -> f64 {
+        let total: u64 = up.servers.iter().map(|s| s.weight).sum();
+        let canary: u64 = up
+            .servers
+            .iter()
+            .filter(|s| s.variant == Variant::Canary)
+            .map(|s| s.weight)
+            .sum();
+        canary as f64 / total as f64
+    }
+
+    #[test]
+    fn the_canary_gets_exactly_the_stage_share_whatever_the_instance_counts() {
+        for n_stable in 1..=7 {
+            for n_canary in 1..=5 {
+                let mut fleet: Vec<Instance> =
+                    (0..n_stable).map(|k| stable(&format!("s{k}"))).collect();
+                fleet.extend((0..n_canary).map(|k| canary(&format!("c{k}"))));
+                for w in [1, 5, 10, 25, 33, 50, 99] {
+                    let up = upstreams(&fleet, &none(), w);
+                    assert_eq!(up.servers.len(), n_stable + n_canary);
+                    assert!(up.servers.iter().all(|s| s.weight >= 1));
+                    let share = canary_share(&up);
+                    assert!(
+                        (share - f64::from(w) / 100.0).abs() < 1e-12,
+                        "{n_stable} stable, {n_canary} canary at {w}%: {share}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn zero_and_full_shares_leave_the_other_side_out() {
+        let fleet = [stable("a"), stable("b"), canary("c")];
+        let at0 = upstreams(&fleet, &none(), 0);
+        assert!(at0.servers.iter().all(|s| s.variant == Variant::Stable));
+        assert_eq!(at0.servers.len(), 2);
+        let at100 = upstreams(&fleet, &none(), 100);
+        assert_eq!(at100.servers.len(), 1);
+        assert_eq!(at100.servers[0].variant, Variant::Canary);
+        assert!(!at0.canary_missing && !at100.canary_missing);
+    }
+
+    #[test]
+    fn without_a_canary_instance_everything_goes_to_stable_and_it_says_so() {
+        let up = upstreams(&[stable("a")], &none(), 25);
+        assert_eq!(up.servers.len(), 1);
+        assert!(up.canary_missing);
+        let up = upstreams(&[stable("a"), canary("c")], &["c".to_owned()].into(), 25);
+        assert!(up.canary_missing);
+        assert!(up.servers.iter().all(|s| s.variant == Variant::Stable));
+    }
+
+    #[test]
+    fn removed_instances_leave_but_never_the_last_stable_one() {
+        let mut a = stable("a");
+        a.last_healthy = Some(5_000);
+        let b = stable("b");
+        let fleet = [a, b, canary("c")];
+        let up = upstreams(&fleet, &["b".to_owned()].into(), 10);
+        let addresses: Vec<_> = up.servers.iter().map(|s| s.address.as_str()).collect();
+        assert_eq!(addresses, ["a", "c"]);
+        assert_eq!(up.kept_last_stable, None);
+        let all_out: BTreeSet<String> = ["a".to_owned(), "b".to_owned()].into();
+        let up = upstreams(&fleet, &all_out, 10);
+        let addresses: Vec<_> = up.servers.iter().map(|s| s.address.as_str()).collect();
+        assert_eq!(addresses, ["a", "c"], "a was seen healthy last");
+        assert_eq!(up.kept_last_stable.as_deref(), Some("a"));
+    }
+
+    #[test]
+    fn the_output_is_sorted_and_independent_of_input_order() {
+        let fleet = [canary("z"), stable("m"), canary("b"), stable("a")];
+        let mut reversed = fleet.clone();
+        reversed.reverse();
+        let one = upstreams(&fleet, &none(), 5);
+        assert_eq!(one, upstreams(&reversed, &none(), 5));
+        let order: Vec<_> = one
+            .servers
+            .iter()
+            .map(|s| (s.variant, s.address.as_str()))
+            .collect();
+        assert_eq!(
+            order,
+            [
+                (Variant::Stable, "a"),
+                (Variant::Stable, "m"),
+                (Variant::Canary, "b"),
+                (Variant::Canary, "z")
+            ]
+        );
+    }
+
+    #[test]
+    fn an_instance_unhealthy_past_the_grace_is_removed_and_restored_when_healthy() {
+        let grace = Duration::from_secs(30);
+        let mut sick = stable("b");
+        sick.connected = false;
+        sick.unhealthy_since = Some(10_000);
+        let fleet = [stable("a"), sick.clone(), canary("c")];
+        assert!(membership_changes(&fleet, &none(), grace, 39_999).is_empty());
+        let changes = membership_changes(&fleet, &none(), grace, 40_000);
+        assert_eq!(changes.len(), 1);
+        let MembershipChange::Remove { address, reason } = &changes[0] else {
+            panic!("{changes:?}")
+        };
+        assert_eq!(address, "b");
+        assert!(
+            reason.contains("host-b") && reason.contains("disconnected for 30s"),
+            "{reason}"
+        );
+        // Still unhealthy and already out: nothing to do.
+        let out: BTreeSet<String> = ["b".to_owned()].into();
+        assert!(membership_changes(&fleet, &out, grace, 90_000).is_empty());
+        // Back and healthy: restored.
+        let fleet = [stable("a"), stable("b"), canary("c")];
+        assert!(matches!(
+            membership_changes(&fleet, &out, grace, 91_000).as_slice(),
+            [MembershipChange::Restore { address, .. }] if address == "b"
+        ));
+    }
+
+    #[test]
+    fn the_last_stable_instance_in_service_is_never_removed() {
+        let grace = Duration::from_secs(1);
+        let mut a = stable("a");
+        a.unhealthy_since = Some(0);
+        let mut b = stable("b");
+        b.unhealthy_since = Some(0);
+        let mut c = canary("c");
+        c.unhealthy_since = Some(0);
+        let changes = membership_changes(&[a, b, c], &none(), grace, 10_000);
+        let removed: Vec<_> = changes
+            .iter()
+            .map(|c| match c {
+                MembershipChange::Remove { address, .. } => address.as_str(),
+                MembershipChange::Restore { .. } => panic!("{changes:?}"),
+            })
+            .collect();
+        assert_eq!(removed, ["a", "c"], "b stays: the last stable in service");
+        let mut only = stable("x");
+        only.unhealthy_since = Some(0);
+        assert!(membership_changes(&[only], &none(), grace, 10_000).is_empty());
+    }
+
+    #[test]
+    fn a_failing_scrape_is_named_as_the_reason() {
+        let mut sick = canary("c");
+        sick.unhealthy_since = Some(0);
+        let changes =
+            membership_changes(&[stable("a"), sick], &none(), Duration::from_secs(5), 5_000);
+        assert!(matches!(
+            changes.as_slice(),
+            [MembershipChange::Remove { reason, .. }] if reason.contains("scrapes have failed for 5s")
+        ));
+    }
+
+    #[test]
+    fn the_same_address_from_two_agents_is_a_conflict_naming_both() {
+        let mut twin = stable("a");
+        twin.agent = "host-other".into();
+        assert_eq!(
+            duplicate_address(&[stable("a"), canary("c"), twin]),
+            Some(("a".into(), "host-a".into(), "host-other".into()))
+        );
+        assert_eq!(duplicate_address(&[stable("a"), stable("b")]), None);
+    }
+
+    #[test]
+    fn weights_are_reduced_and_match_the_agents_rendering() {
+        assert_eq!(server_weights(5, 1, 1), (19, 1));
+        assert_eq!(server_weights(50, 2, 1), (1, 2));
+        assert_eq!(server_weights(25, 3, 1), (1, 1));
+        assert_eq!(server_weights(10, 4, 2), (9, 2));
+    }
+}
