@@ -271,6 +271,11 @@ impl<T: Transport> RaftNode<T> {
         ))
     }
 
+    /// The node's store, e.g. to read [`SledStorage::bytes_written`] before spawning the node.
+    pub fn storage(&self) -> &SledStorage {
+        &self.storage
+    }
+
     /// Runs the node until `shutdown` fires or storage fails.
     pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), NodeError> {
         let mut ticker = tokio::time::interval(TICK);

@@ -53,6 +53,7 @@
 //! [`SledStorage::apply_snapshot`] and the following [`SledStorage::save_applied`]).
 
 use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use protobuf::Message as _;
@@ -148,6 +149,27 @@ struct Inner {
     /// Mirror of what is on disk. Held for the whole of every operation, so readers never see
     /// the log half-written and the cache only changes after its batch has been applied.
     cache: Mutex<Cache>,
+    /// Bytes of keys and values written since open (see [`SledStorage::bytes_written`]).
+    written: AtomicU64,
+}
+
+/// A `sled::Batch` that counts the bytes of the keys and values it writes.
+#[derive(Default)]
+struct Batch {
+    inner: sled::Batch,
+    bytes: u64,
+}
+
+impl Batch {
+    fn insert(&mut self, key: &[u8], value: Vec<u8>) {
+        self.bytes += (key.len() + value.len()) as u64;
+        self.inner.insert(key, value);
+    }
+
+    fn remove(&mut self, key: &[u8]) {
+        self.bytes += key.len() as u64;
+        self.inner.remove(key);
+    }
 }
 
 #[derive(Clone, Debug, Default)]
@@ -234,6 +256,7 @@ impl SledStorage {
             inner: Arc::new(Inner {
                 tree,
                 cache: Mutex::new(cache),
+                written: AtomicU64::new(0),
             }),
         })
     }
@@ -274,7 +297,7 @@ impl SledStorage {
     ) -> Result<(), StorageError> {
         {
             let mut cache = self.lock();
-            let mut batch = sled::Batch::default();
+            let mut batch = Batch::default();
             let mut last_index = cache.last_index;
 
             if let Some(head) = entries.first() {
@@ -320,7 +343,7 @@ impl SledStorage {
                 drop(cache);
                 return self.flush_if(sync);
             }
-            self.inner.tree.apply_batch(batch)?;
+            self.apply(batch)?;
             if !entries.is_empty() && cache.log_is_empty() {
                 cache.first_index = entries[0].index;
             }
@@ -348,9 +371,9 @@ impl SledStorage {
         }
         let mut hs = cache.hard_state.clone();
         hs.commit = commit;
-        self.inner
-            .tree
-            .insert(KEY_HARD_STATE, encode(&hs, "hard state")?)?;
+        let mut batch = Batch::default();
+        batch.insert(KEY_HARD_STATE, encode(&hs, "hard state")?);
+        self.apply(batch)?;
         cache.hard_state = hs;
         Ok(())
     }
@@ -359,9 +382,9 @@ impl SledStorage {
     pub fn set_conf_state(&self, cs: &ConfState) -> Result<(), StorageError> {
         {
             let mut cache = self.lock();
-            self.inner
-                .tree
-                .insert(KEY_CONF_STATE, encode(cs, "conf state")?)?;
+            let mut batch = Batch::default();
+            batch.insert(KEY_CONF_STATE, encode(cs, "conf state")?);
+            self.apply(batch)?;
             cache.conf_state = cs.clone();
         }
         self.flush_if(true)
@@ -388,7 +411,7 @@ impl SledStorage {
             hs.commit = meta.index;
             let conf_state = meta.get_conf_state().clone();
 
-            let mut batch = sled::Batch::default();
+            let mut batch = Batch::default();
             if !cache.log_is_empty() {
                 for index in cache.first_index..=cache.last_index {
                     batch.remove(&entry_key(index)[..]);
@@ -398,7 +421,7 @@ impl SledStorage {
             batch.insert(KEY_SNAPSHOT_DATA, snapshot.data.to_vec());
             batch.insert(KEY_HARD_STATE, encode(&hs, "hard state")?);
             batch.insert(KEY_CONF_STATE, encode(&conf_state, "conf state")?);
-            self.inner.tree.apply_batch(batch)?;
+            self.apply(batch)?;
 
             cache.first_index = meta.index + 1;
             cache.last_index = meta.index;
@@ -441,7 +464,7 @@ impl SledStorage {
                 ..Default::default()
             };
 
-            let mut batch = sled::Batch::default();
+            let mut batch = Batch::default();
             batch.insert(KEY_SNAPSHOT_META, encode(&meta, "snapshot metadata")?);
             batch.insert(KEY_SNAPSHOT_DATA, data);
             let mut hs = None;
@@ -451,7 +474,7 @@ impl SledStorage {
                 batch.insert(KEY_HARD_STATE, encode(&raised, "hard state")?);
                 hs = Some(raised);
             }
-            self.inner.tree.apply_batch(batch)?;
+            self.apply(batch)?;
             cache.snapshot = meta;
             if let Some(hs) = hs {
                 cache.hard_state = hs;
@@ -480,11 +503,11 @@ impl SledStorage {
                 snapshot_index: cache.snapshot.index,
             });
         }
-        let mut batch = sled::Batch::default();
+        let mut batch = Batch::default();
         for index in cache.first_index..compact_index {
             batch.remove(&entry_key(index)[..]);
         }
-        self.inner.tree.apply_batch(batch)?;
+        self.apply(batch)?;
         cache.first_index = compact_index;
         Ok(())
     }
@@ -505,7 +528,7 @@ impl SledStorage {
             value.extend_from_slice(&applied.to_be_bytes());
             value.extend_from_slice(state);
 
-            let mut batch = sled::Batch::default();
+            let mut batch = Batch::default();
             batch.insert(KEY_APPLIED, value);
             let mut hs = None;
             if cache.hard_state.commit < applied {
@@ -514,7 +537,7 @@ impl SledStorage {
                 batch.insert(KEY_HARD_STATE, encode(&raised, "hard state")?);
                 hs = Some(raised);
             }
-            self.inner.tree.apply_batch(batch)?;
+            self.apply(batch)?;
             if let Some(hs) = hs {
                 cache.hard_state = hs;
             }
@@ -564,6 +587,19 @@ impl SledStorage {
             .cache
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Bytes of keys and values this store has handed to sled since it was opened (shared by
+    /// clones). What a workload costs in writes, before sled's own framing and compaction.
+    pub fn bytes_written(&self) -> u64 {
+        self.inner.written.load(Ordering::Relaxed)
+    }
+
+    /// Applies `batch` atomically and counts its bytes.
+    fn apply(&self, batch: Batch) -> Result<(), StorageError> {
+        self.inner.tree.apply_batch(batch.inner)?;
+        self.inner.written.fetch_add(batch.bytes, Ordering::Relaxed);
+        Ok(())
     }
 
     fn flush_if(&self, sync: bool) -> Result<(), StorageError> {
@@ -1479,6 +1515,25 @@ mod tests {
         // A directory that never held anything is a new store, not a damaged one.
         let fresh = dir.path().join("fresh");
         super::open_db(&fresh, wait).expect("a new store opens");
+    }
+
+    #[test]
+    fn bytes_written_counts_the_keys_and_values_of_every_write_and_is_shared_by_clones() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = open_db(&dir.path().join("db"));
+        let storage = SledStorage::open(&db).unwrap();
+        assert_eq!(storage.bytes_written(), 0);
+        storage.initialize_if_empty(&[1]).unwrap();
+        let clone = storage.clone();
+        let before = clone.bytes_written();
+        assert!(before > 0, "the initial snapshot is a write");
+        let mut e = new_entry(2, 1);
+        e.data = vec![7u8; 1000].into();
+        let entry_bytes = (9 + e.write_to_bytes().unwrap().len()) as u64;
+        storage.persist_ready(&[e], None, true).unwrap();
+        assert_eq!(clone.bytes_written() - before, entry_bytes);
+        storage.save_applied(2, &[0u8; 500]).unwrap();
+        assert!(clone.bytes_written() - before >= entry_bytes + 500);
     }
 
     #[test]
