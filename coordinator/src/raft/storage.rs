@@ -49,8 +49,10 @@
 //!
 //! The applied index to give `raft::Config::applied` is
 //! `max(load_applied().index, snapshot_metadata().index)`; when the snapshot is newer, restore
-//! the state machine from the snapshot's data (a crash can land between
-//! [`SledStorage::apply_snapshot`] and the following [`SledStorage::save_applied`]).
+//! the state machine from the snapshot's data. Either way the state and its index were written
+//! in one batch, so they match; raft-rs then re-delivers the committed entries after it. The
+//! node saves an applied state only with a conf change (the snapshots are its state machine
+//! otherwise, see `node`'s module docs); installing a snapshot discards it.
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -390,9 +392,9 @@ impl SledStorage {
         self.flush_if(true)
     }
 
-    /// Install a snapshot received from a leader: clear the log, write the snapshot metadata and
-    /// data, the hard state (term raised to the snapshot's, commit set to its index) and the
-    /// snapshot's conf state in one batch, then flush.
+    /// Install a snapshot received from a leader: clear the log and the saved applied state,
+    /// write the snapshot metadata and data, the hard state (term raised to the snapshot's,
+    /// commit set to its index) and the snapshot's conf state in one batch, then flush.
     ///
     /// Fails with [`StorageError::SnapshotOutOfDate`] when the snapshot is older than the first
     /// index, as `MemStorage` does.
@@ -421,6 +423,9 @@ impl SledStorage {
             batch.insert(KEY_SNAPSHOT_DATA, snapshot.data.to_vec());
             batch.insert(KEY_HARD_STATE, encode(&hs, "hard state")?);
             batch.insert(KEY_CONF_STATE, encode(&conf_state, "conf state")?);
+            // The snapshot replaces the state machine: a state saved on the discarded log
+            // must not win over it on restart.
+            batch.remove(KEY_APPLIED);
             self.apply(batch)?;
 
             cache.first_index = meta.index + 1;
@@ -513,7 +518,7 @@ impl SledStorage {
     }
 
     /// Atomically persist the state machine's serialized state together with the last applied
-    /// index (one batch, flushed). Raises the stored commit index to `applied` in the same
+    /// index (one batch, flushed): a restart point newer than the latest snapshot. Raises the stored commit index to `applied` in the same
     /// batch if it is lower, so a restart never sees `applied > commit`.
     pub fn save_applied(&self, applied: u64, state: &[u8]) -> Result<(), StorageError> {
         {
@@ -1338,6 +1343,23 @@ mod tests {
     }
 
     // ---- serin's own ----
+
+    /// A state saved at 5 on top of a log the snapshot at 4 just replaced would be restored at
+    /// an index past the end of the log.
+    #[test]
+    fn installing_a_snapshot_discards_the_saved_applied_state() {
+        let storage = store_with(&[new_entry(3, 3), new_entry(4, 4), new_entry(5, 5)]);
+        let hs = HardState {
+            term: 5,
+            commit: 5,
+            ..Default::default()
+        };
+        storage.persist_ready(&[], Some(&hs), true).unwrap();
+        storage.save_applied(5, b"state@5").unwrap();
+        storage.apply_snapshot(new_snapshot(4, 4, vec![1])).unwrap();
+        assert_eq!(storage.load_applied().unwrap(), None);
+        assert_eq!(storage.snapshot_metadata().index, 4);
+    }
 
     #[test]
     fn initialize_if_empty_bootstraps_once() {
