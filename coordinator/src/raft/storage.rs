@@ -11,8 +11,12 @@
 //! | `m/hard_state`                          | `eraftpb::HardState`                           |
 //! | `m/conf_state`                          | `eraftpb::ConfState` (current membership)      |
 //! | `m/snapshot_meta`                       | `eraftpb::SnapshotMetadata` (latest snapshot)  |
-//! | `m/snapshot_data`                       | the latest snapshot's state machine bytes      |
+//! | `d/snapshot_data`                       | the latest snapshot's state machine bytes (1)  |
 //! | `m/applied`                             | applied index (8 bytes, big-endian) ++ state   |
+//!
+//! (1) Apart from the log's tail and the hard state, which every append updates: sled
+//! rewrites a whole leaf when it consolidates, and this value is the whole registry. Stores
+//! written before kept it at `m/snapshot_data`; it is read from there until the next snapshot.
 //!
 //! Raft messages are encoded with raft-rs's own codec (protobuf 2). Big-endian indexes make
 //! sled's key order the log order, so the first and last index are the first and last keys under
@@ -76,7 +80,13 @@ const ENTRY_PREFIX: u8 = b'e';
 const KEY_HARD_STATE: &[u8] = b"m/hard_state";
 const KEY_CONF_STATE: &[u8] = b"m/conf_state";
 const KEY_SNAPSHOT_META: &[u8] = b"m/snapshot_meta";
-const KEY_SNAPSHOT_DATA: &[u8] = b"m/snapshot_data";
+/// Sorts before the log (`e`) and the `m/` keys: sled rewrites a whole leaf when it
+/// consolidates its updates, and the leaf holding the log's tail and the hard state is updated
+/// at every append, so the snapshot's data (the whole registry) must not live in it.
+const KEY_SNAPSHOT_DATA: &[u8] = b"d/snapshot_data";
+/// Where versions before `KEY_SNAPSHOT_DATA` kept the snapshot's data; read when the new key
+/// is absent, removed by the next snapshot.
+const KEY_SNAPSHOT_DATA_OLD: &[u8] = b"m/snapshot_data";
 const KEY_APPLIED: &[u8] = b"m/applied";
 
 /// Errors from [`SledStorage`]. Inside raft-rs they surface as
@@ -421,6 +431,7 @@ impl SledStorage {
             }
             batch.insert(KEY_SNAPSHOT_META, encode(&meta, "snapshot metadata")?);
             batch.insert(KEY_SNAPSHOT_DATA, snapshot.data.to_vec());
+            batch.remove(KEY_SNAPSHOT_DATA_OLD);
             batch.insert(KEY_HARD_STATE, encode(&hs, "hard state")?);
             batch.insert(KEY_CONF_STATE, encode(&conf_state, "conf state")?);
             // The snapshot replaces the state machine: a state saved on the discarded log
@@ -440,7 +451,7 @@ impl SledStorage {
     /// Record a snapshot of the state machine taken at `index` (which must have been applied,
     /// so at most the last index) with the given data and conf state, flushed. Later
     /// [`raft::Storage::snapshot`] calls return it. Raises the stored commit index to `index`
-    /// if it is lower.
+    /// if it is lower, and drops a saved applied state at or below `index`.
     pub fn create_snapshot(
         &self,
         index: u64,
@@ -472,6 +483,14 @@ impl SledStorage {
             let mut batch = Batch::default();
             batch.insert(KEY_SNAPSHOT_META, encode(&meta, "snapshot metadata")?);
             batch.insert(KEY_SNAPSHOT_DATA, data);
+            batch.remove(KEY_SNAPSHOT_DATA_OLD);
+            // A saved applied state this snapshot covers is never restored again.
+            if self
+                .load_applied()?
+                .is_some_and(|(applied, _)| applied <= index)
+            {
+                batch.remove(KEY_APPLIED);
+            }
             let mut hs = None;
             if cache.hard_state.commit < index {
                 let mut raised = cache.hard_state.clone();
@@ -615,7 +634,10 @@ impl SledStorage {
     }
 
     fn read_snapshot(&self, cache: &Cache) -> Result<Snapshot, StorageError> {
-        let data = self.inner.tree.get(KEY_SNAPSHOT_DATA)?;
+        let data = match self.inner.tree.get(KEY_SNAPSHOT_DATA)? {
+            Some(data) => Some(data),
+            None => self.inner.tree.get(KEY_SNAPSHOT_DATA_OLD)?,
+        };
         let mut snapshot = Snapshot::default();
         snapshot.set_metadata(cache.snapshot.clone());
         snapshot.data = data.map(|d| d.to_vec()).unwrap_or_default().into();
@@ -1343,6 +1365,54 @@ mod tests {
     }
 
     // ---- serin's own ----
+
+    /// sled splits leaves by item count, not size, and rewrites a whole leaf when it
+    /// consolidates its updates: a large value sharing a leaf with the hard state and the
+    /// newest entries would be rewritten every few appends.
+    #[test]
+    fn the_snapshot_data_sorts_apart_from_the_log_tail_and_the_hard_state() {
+        use super::{KEY_HARD_STATE, KEY_SNAPSHOT_DATA, KEY_SNAPSHOT_META};
+        assert!(KEY_SNAPSHOT_DATA < &entry_key(0)[..]);
+        assert!(KEY_SNAPSHOT_DATA < KEY_HARD_STATE && KEY_SNAPSHOT_DATA < KEY_SNAPSHOT_META);
+    }
+
+    #[test]
+    fn a_snapshot_stored_under_the_old_key_is_read_and_moved_by_the_next_one() {
+        let storage = store_with(&[new_entry(3, 3), new_entry(4, 4), new_entry(5, 5)]);
+        storage
+            .create_snapshot(3, conf_state(vec![1]), Vec::new())
+            .unwrap();
+        let tree = &storage.inner.tree;
+        tree.remove(super::KEY_SNAPSHOT_DATA).unwrap();
+        tree.insert(b"m/snapshot_data", &b"old@3"[..]).unwrap();
+        assert_eq!(&storage.latest_snapshot().unwrap().data[..], b"old@3");
+
+        storage
+            .create_snapshot(4, conf_state(vec![1]), b"new@4".to_vec())
+            .unwrap();
+        assert_eq!(&storage.latest_snapshot().unwrap().data[..], b"new@4");
+        assert_eq!(tree.get(b"m/snapshot_data").unwrap(), None);
+    }
+
+    /// Older versions saved the registry at every apply; the first snapshot at or past it
+    /// makes it dead weight, in the leaf that every append rewrites.
+    #[test]
+    fn a_snapshot_discards_a_saved_applied_state_it_covers() {
+        let storage = store_with(&[new_entry(3, 3), new_entry(4, 4), new_entry(5, 5)]);
+        storage.save_applied(4, b"state@4").unwrap();
+        storage
+            .create_snapshot(3, conf_state(vec![1]), b"snap@3".to_vec())
+            .unwrap();
+        assert_eq!(
+            storage.load_applied().unwrap(),
+            Some((4, b"state@4".to_vec())),
+            "a newer saved state is kept"
+        );
+        storage
+            .create_snapshot(4, conf_state(vec![1]), b"snap@4".to_vec())
+            .unwrap();
+        assert_eq!(storage.load_applied().unwrap(), None);
+    }
 
     /// A state saved at 5 on top of a log the snapshot at 4 just replaced would be restored at
     /// an index past the end of the log.
