@@ -362,3 +362,30 @@ async fn bytes_written_per_entry_do_not_depend_on_the_registry_size() {
          {large} with a {large_registry}-byte one"
     );
 }
+
+/// Stores written before the registry stopped being saved at every entry hold it, with its
+/// index, newer than the snapshot: it is restored as it is, and the log after it replayed once.
+#[tokio::test]
+async fn a_store_with_a_registry_saved_at_every_entry_restarts_from_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = no_snapshots();
+    let node = Running::open(dir.path(), &config).await;
+    node.handle.propose(start("r1", "api")).await.unwrap();
+    node.pause_resume("r1", 3).await;
+    let saved = node.handle.view();
+    node.storage
+        .save_applied(
+            saved.applied,
+            &serde_json::to_vec(&*saved.registry).unwrap(),
+        )
+        .unwrap();
+    node.pause_resume("r1", 2).await;
+    let before = node.handle.view();
+    node.stop().await;
+
+    let node = Running::open(dir.path(), &config).await;
+    let after = node.handle.view();
+    assert_eq!(*after.registry, *before.registry);
+    assert_eq!(after.applied, before.applied + 1);
+    node.stop().await;
+}
