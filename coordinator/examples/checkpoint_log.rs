@@ -1,9 +1,11 @@
 //! An hour of analysis checkpoints, compressed: one live rollout checkpointed `ENTRIES` times
 //! (one per simulated second) through a real raft node on sled, with `FINISHED` finished
-//! rollouts already in the registry (the state machine is saved whole at every apply, so its
-//! size is part of the cost). Prints the raft store's size every 500 entries, so the effect of
-//! the snapshot-and-compact every 1000 entries shows. benches/checkpoints.py measures the
-//! entry rate of a real stack; this measures where the disk settles.
+//! rollouts already in the registry (whatever the node writes per entry that grows with the
+//! registry shows as a difference between runs). Prints the raft store's size, the bytes the
+//! store handed to sled and the bytes the process wrote (sled's own rewrites included) per
+//! checkpoint every 500 entries, so the effect of the snapshot-and-compact every
+//! 1000 entries shows. benches/checkpoints.py measures the entry rate of a real stack; this
+//! measures where the disk settles.
 //!
 //! cargo run -p serin-coordinator --example checkpoint_log -- [ENTRIES] [FINISHED]
 
@@ -11,7 +13,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serin_coordinator::analysis::{Pair, Window};
-use serin_coordinator::raft::node::{self, NoPeers, NodeConfig};
+use serin_coordinator::raft::node::{NoPeers, NodeConfig, RaftNode};
 use serin_coordinator::raft::storage::open_db;
 use serin_coordinator::rollout::{Actor, Checkpoint, Command, RolloutId};
 use serin_coordinator::strategy::Strategy;
@@ -46,6 +48,19 @@ fn size(path: &Path) -> (u64, u64) {
         }
     }
     total
+}
+
+/// Bytes this process has passed to `write(2)` and friends (Linux `/proc/self/io` `wchar`):
+/// what sled really wrote, with its framing and page rewrites. 0 where unavailable.
+fn process_written() -> u64 {
+    std::fs::read_to_string("/proc/self/io")
+        .ok()
+        .and_then(|io| {
+            io.lines()
+                .find_map(|l| l.strip_prefix("wchar: ").map(|v| v.trim().parse().ok()))
+        })
+        .flatten()
+        .unwrap_or(0)
 }
 
 /// Cumulative windows after `seconds` of 75 stable and 25 canary requests a second.
@@ -85,7 +100,9 @@ async fn main() {
     let path = dir.path().join("raft.sled");
     let db = open_db(&path, Duration::from_secs(10)).unwrap();
     let shutdown = CancellationToken::new();
-    let (raft, task) = node::start(&db, &NodeConfig::single(1), NoPeers, shutdown.clone()).unwrap();
+    let (node, raft) = RaftNode::open(&db, &NodeConfig::single(1), NoPeers).unwrap();
+    let storage = node.storage().clone();
+    let task = tokio::spawn(node.run(shutdown.clone()));
     raft.subscribe()
         .wait_for(|v| v.role == serin_coordinator::raft::Role::Leader)
         .await
@@ -117,12 +134,25 @@ async fn main() {
     })
     .unwrap()
     .len();
+    // What publishing a view costs: the node clones the registry for each applied batch.
+    let view = raft.view();
+    let cloned = Instant::now();
+    for _ in 0..100 {
+        std::hint::black_box((*view.registry).clone());
+    }
+    let clone_us = cloned.elapsed().as_secs_f64() * 1e6 / 100.0;
+    drop(view);
     println!(
-        "{finished} finished rollouts; registry {registry} bytes as JSON; a checkpoint entry {entry} bytes"
+        "{finished} finished rollouts; registry {registry} bytes as JSON, cloned in {clone_us:.0} µs; \
+         a checkpoint entry {entry} bytes"
     );
-    println!("| checkpoints | applied index | raft.sled bytes | allocated |");
-    println!("|---|---|---|---|");
+    println!(
+        "| checkpoints | applied index | raft.sled bytes | allocated | store wrote per checkpoint | process wrote per checkpoint |"
+    );
+    println!("|---|---|---|---|---|---|");
     let began = Instant::now();
+    let written_before = storage.bytes_written();
+    let process_before = process_written();
     for s in 1..=entries {
         raft.propose(Command::Checkpoint {
             id: RolloutId("live".into()),
@@ -139,14 +169,18 @@ async fn main() {
             db.flush().unwrap();
             let (apparent, allocated) = size(&path);
             println!(
-                "| {s} | {} | {apparent} | {allocated} |",
-                raft.view().applied
+                "| {s} | {} | {apparent} | {allocated} | {} | {} |",
+                raft.view().applied,
+                (storage.bytes_written() - written_before) / s,
+                (process_written() - process_before) / s
             );
         }
     }
     println!(
-        "{entries} checkpoints in {:.1} s",
-        began.elapsed().as_secs_f64()
+        "{entries} checkpoints in {:.1} s; the store wrote {} bytes, the process {}",
+        began.elapsed().as_secs_f64(),
+        storage.bytes_written() - written_before,
+        process_written() - process_before
     );
     shutdown.cancel();
     task.await.unwrap().unwrap();

@@ -6,12 +6,27 @@
 //!
 //! 1. send `messages` (leader-only, safe before persisting);
 //! 2. install a snapshot, if any (storage first, then the registry);
-//! 3. apply `committed_entries` to the [`Registry`], then persist the registry together with
-//!    the applied index in one flushed batch;
+//! 3. apply `committed_entries` to the [`Registry`] (in memory only, see below);
 //! 4. persist new `entries` and the hard state in one atomic batch, flushed when `must_sync`;
 //! 5. only then send `persisted_messages`;
 //! 6. `advance`; persist the light ready's commit index, send its messages, apply its committed
-//!    entries; `advance_apply`.
+//!    entries; `advance_apply`;
+//! 7. every `snapshot_every` applied entries, snapshot the registry and compact the log.
+//!
+//! # What is durable
+//!
+//! The state machine on disk is the latest snapshot plus the committed log after it, as raft
+//! intends: the registry is written whole only with a snapshot (taken here, or installed from
+//! a leader), so what an entry costs on disk is the entry, whatever the size of the history.
+//! On open the node restores the snapshot (or a newer saved applied state, see
+//! [`SledStorage::save_applied`]) and gives its index to raft-rs as `applied`; raft-rs then
+//! hands back the committed entries after it in the first ready, and they are applied again,
+//! deterministically, onto exactly the state they were first applied to. Entries whose commit
+//! index did not reach the disk before a crash are on disk themselves (a leader counts its own
+//! vote only once they are flushed): the new leader's first entry commits them again. A
+//! restarted single-voter node has replayed everything before it first publishes itself as
+//! leader. Conf changes, which also change what raft-rs restarts from, save the registry with
+//! them, so they are never replayed onto a membership that already holds them.
 //!
 //! Proposals are tracked by the log index they land at and the term at proposal time: an entry
 //! applied at that index with another term means the proposal was overwritten (dropped).
@@ -271,6 +286,11 @@ impl<T: Transport> RaftNode<T> {
         ))
     }
 
+    /// The node's store, e.g. to read [`SledStorage::bytes_written`] before spawning the node.
+    pub fn storage(&self) -> &SledStorage {
+        &self.storage
+    }
+
     /// Runs the node until `shutdown` fires or storage fails.
     pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), NodeError> {
         let mut ticker = tokio::time::interval(TICK);
@@ -361,14 +381,11 @@ impl<T: Transport> RaftNode<T> {
             let snapshot = ready.snapshot().clone();
             let registry = decode(snapshot.get_data())?;
             let index = snapshot.get_metadata().index;
+            // The stored snapshot is the durable state machine from here on.
             self.storage.apply_snapshot(snapshot)?;
             self.registry = registry;
             self.applied = index;
             self.last_snapshot = index;
-            self.storage.save_applied(
-                index,
-                &serde_json::to_vec(&self.registry).map_err(NodeError::CorruptState)?,
-            )?;
         }
         self.apply_entries(ready.take_committed_entries())?;
         self.storage
@@ -393,6 +410,7 @@ impl<T: Transport> RaftNode<T> {
         let Some(last) = entries.last().map(|e| e.index) else {
             return Ok(());
         };
+        let mut conf_changed = false;
         for entry in entries {
             let generation = Generation {
                 term: entry.term,
@@ -408,6 +426,7 @@ impl<T: Transport> RaftNode<T> {
                         .map_err(|e| NodeError::Raft(raft::Error::CodecError(e)))?;
                     let cs = self.raw.apply_conf_change(&cc)?;
                     self.storage.set_conf_state(&cs)?;
+                    conf_changed = true;
                     None
                 }
                 EntryType::EntryConfChangeV2 => {
@@ -416,6 +435,7 @@ impl<T: Transport> RaftNode<T> {
                         .map_err(|e| NodeError::Raft(raft::Error::CodecError(e)))?;
                     let cs = self.raw.apply_conf_change(&cc)?;
                     self.storage.set_conf_state(&cs)?;
+                    conf_changed = true;
                     None
                 }
             };
@@ -429,8 +449,11 @@ impl<T: Transport> RaftNode<T> {
             }
         }
         self.applied = last;
-        let bytes = serde_json::to_vec(&self.registry).map_err(NodeError::CorruptState)?;
-        self.storage.save_applied(last, &bytes)?;
+        // Everything else is replayed from the log on restart (module docs).
+        if conf_changed {
+            let bytes = serde_json::to_vec(&self.registry).map_err(NodeError::CorruptState)?;
+            self.storage.save_applied(last, &bytes)?;
+        }
         Ok(())
     }
 

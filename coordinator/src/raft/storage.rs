@@ -11,8 +11,12 @@
 //! | `m/hard_state`                          | `eraftpb::HardState`                           |
 //! | `m/conf_state`                          | `eraftpb::ConfState` (current membership)      |
 //! | `m/snapshot_meta`                       | `eraftpb::SnapshotMetadata` (latest snapshot)  |
-//! | `m/snapshot_data`                       | the latest snapshot's state machine bytes      |
+//! | `d/snapshot_data`                       | the latest snapshot's state machine bytes (1)  |
 //! | `m/applied`                             | applied index (8 bytes, big-endian) ++ state   |
+//!
+//! (1) Apart from the log's tail and the hard state, which every append updates: sled
+//! rewrites a whole leaf when it consolidates, and this value is the whole registry. Stores
+//! written before kept it at `m/snapshot_data`; it is read from there until the next snapshot.
 //!
 //! Raft messages are encoded with raft-rs's own codec (protobuf 2). Big-endian indexes make
 //! sled's key order the log order, so the first and last index are the first and last keys under
@@ -49,10 +53,13 @@
 //!
 //! The applied index to give `raft::Config::applied` is
 //! `max(load_applied().index, snapshot_metadata().index)`; when the snapshot is newer, restore
-//! the state machine from the snapshot's data (a crash can land between
-//! [`SledStorage::apply_snapshot`] and the following [`SledStorage::save_applied`]).
+//! the state machine from the snapshot's data. Either way the state and its index were written
+//! in one batch, so they match; raft-rs then re-delivers the committed entries after it. The
+//! node saves an applied state only with a conf change (the snapshots are its state machine
+//! otherwise, see `node`'s module docs); installing a snapshot discards it.
 
 use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use protobuf::Message as _;
@@ -73,7 +80,13 @@ const ENTRY_PREFIX: u8 = b'e';
 const KEY_HARD_STATE: &[u8] = b"m/hard_state";
 const KEY_CONF_STATE: &[u8] = b"m/conf_state";
 const KEY_SNAPSHOT_META: &[u8] = b"m/snapshot_meta";
-const KEY_SNAPSHOT_DATA: &[u8] = b"m/snapshot_data";
+/// Sorts before the log (`e`) and the `m/` keys: sled rewrites a whole leaf when it
+/// consolidates its updates, and the leaf holding the log's tail and the hard state is updated
+/// at every append, so the snapshot's data (the whole registry) must not live in it.
+const KEY_SNAPSHOT_DATA: &[u8] = b"d/snapshot_data";
+/// Where versions before `KEY_SNAPSHOT_DATA` kept the snapshot's data; read when the new key
+/// is absent, removed by the next snapshot.
+const KEY_SNAPSHOT_DATA_OLD: &[u8] = b"m/snapshot_data";
 const KEY_APPLIED: &[u8] = b"m/applied";
 
 /// Errors from [`SledStorage`]. Inside raft-rs they surface as
@@ -148,6 +161,27 @@ struct Inner {
     /// Mirror of what is on disk. Held for the whole of every operation, so readers never see
     /// the log half-written and the cache only changes after its batch has been applied.
     cache: Mutex<Cache>,
+    /// Bytes of keys and values written since open (see [`SledStorage::bytes_written`]).
+    written: AtomicU64,
+}
+
+/// A `sled::Batch` that counts the bytes of the keys and values it writes.
+#[derive(Default)]
+struct Batch {
+    inner: sled::Batch,
+    bytes: u64,
+}
+
+impl Batch {
+    fn insert(&mut self, key: &[u8], value: Vec<u8>) {
+        self.bytes += (key.len() + value.len()) as u64;
+        self.inner.insert(key, value);
+    }
+
+    fn remove(&mut self, key: &[u8]) {
+        self.bytes += key.len() as u64;
+        self.inner.remove(key);
+    }
 }
 
 #[derive(Clone, Debug, Default)]
@@ -234,6 +268,7 @@ impl SledStorage {
             inner: Arc::new(Inner {
                 tree,
                 cache: Mutex::new(cache),
+                written: AtomicU64::new(0),
             }),
         })
     }
@@ -274,7 +309,7 @@ impl SledStorage {
     ) -> Result<(), StorageError> {
         {
             let mut cache = self.lock();
-            let mut batch = sled::Batch::default();
+            let mut batch = Batch::default();
             let mut last_index = cache.last_index;
 
             if let Some(head) = entries.first() {
@@ -320,7 +355,7 @@ impl SledStorage {
                 drop(cache);
                 return self.flush_if(sync);
             }
-            self.inner.tree.apply_batch(batch)?;
+            self.apply(batch)?;
             if !entries.is_empty() && cache.log_is_empty() {
                 cache.first_index = entries[0].index;
             }
@@ -348,9 +383,9 @@ impl SledStorage {
         }
         let mut hs = cache.hard_state.clone();
         hs.commit = commit;
-        self.inner
-            .tree
-            .insert(KEY_HARD_STATE, encode(&hs, "hard state")?)?;
+        let mut batch = Batch::default();
+        batch.insert(KEY_HARD_STATE, encode(&hs, "hard state")?);
+        self.apply(batch)?;
         cache.hard_state = hs;
         Ok(())
     }
@@ -359,17 +394,17 @@ impl SledStorage {
     pub fn set_conf_state(&self, cs: &ConfState) -> Result<(), StorageError> {
         {
             let mut cache = self.lock();
-            self.inner
-                .tree
-                .insert(KEY_CONF_STATE, encode(cs, "conf state")?)?;
+            let mut batch = Batch::default();
+            batch.insert(KEY_CONF_STATE, encode(cs, "conf state")?);
+            self.apply(batch)?;
             cache.conf_state = cs.clone();
         }
         self.flush_if(true)
     }
 
-    /// Install a snapshot received from a leader: clear the log, write the snapshot metadata and
-    /// data, the hard state (term raised to the snapshot's, commit set to its index) and the
-    /// snapshot's conf state in one batch, then flush.
+    /// Install a snapshot received from a leader: clear the log and the saved applied state,
+    /// write the snapshot metadata and data, the hard state (term raised to the snapshot's,
+    /// commit set to its index) and the snapshot's conf state in one batch, then flush.
     ///
     /// Fails with [`StorageError::SnapshotOutOfDate`] when the snapshot is older than the first
     /// index, as `MemStorage` does.
@@ -388,7 +423,7 @@ impl SledStorage {
             hs.commit = meta.index;
             let conf_state = meta.get_conf_state().clone();
 
-            let mut batch = sled::Batch::default();
+            let mut batch = Batch::default();
             if !cache.log_is_empty() {
                 for index in cache.first_index..=cache.last_index {
                     batch.remove(&entry_key(index)[..]);
@@ -396,9 +431,13 @@ impl SledStorage {
             }
             batch.insert(KEY_SNAPSHOT_META, encode(&meta, "snapshot metadata")?);
             batch.insert(KEY_SNAPSHOT_DATA, snapshot.data.to_vec());
+            batch.remove(KEY_SNAPSHOT_DATA_OLD);
             batch.insert(KEY_HARD_STATE, encode(&hs, "hard state")?);
             batch.insert(KEY_CONF_STATE, encode(&conf_state, "conf state")?);
-            self.inner.tree.apply_batch(batch)?;
+            // The snapshot replaces the state machine: a state saved on the discarded log
+            // must not win over it on restart.
+            batch.remove(KEY_APPLIED);
+            self.apply(batch)?;
 
             cache.first_index = meta.index + 1;
             cache.last_index = meta.index;
@@ -412,7 +451,7 @@ impl SledStorage {
     /// Record a snapshot of the state machine taken at `index` (which must have been applied,
     /// so at most the last index) with the given data and conf state, flushed. Later
     /// [`raft::Storage::snapshot`] calls return it. Raises the stored commit index to `index`
-    /// if it is lower.
+    /// if it is lower, and drops a saved applied state at or below `index`.
     pub fn create_snapshot(
         &self,
         index: u64,
@@ -441,9 +480,17 @@ impl SledStorage {
                 ..Default::default()
             };
 
-            let mut batch = sled::Batch::default();
+            let mut batch = Batch::default();
             batch.insert(KEY_SNAPSHOT_META, encode(&meta, "snapshot metadata")?);
             batch.insert(KEY_SNAPSHOT_DATA, data);
+            batch.remove(KEY_SNAPSHOT_DATA_OLD);
+            // A saved applied state this snapshot covers is never restored again.
+            if self
+                .load_applied()?
+                .is_some_and(|(applied, _)| applied <= index)
+            {
+                batch.remove(KEY_APPLIED);
+            }
             let mut hs = None;
             if cache.hard_state.commit < index {
                 let mut raised = cache.hard_state.clone();
@@ -451,7 +498,7 @@ impl SledStorage {
                 batch.insert(KEY_HARD_STATE, encode(&raised, "hard state")?);
                 hs = Some(raised);
             }
-            self.inner.tree.apply_batch(batch)?;
+            self.apply(batch)?;
             cache.snapshot = meta;
             if let Some(hs) = hs {
                 cache.hard_state = hs;
@@ -480,17 +527,17 @@ impl SledStorage {
                 snapshot_index: cache.snapshot.index,
             });
         }
-        let mut batch = sled::Batch::default();
+        let mut batch = Batch::default();
         for index in cache.first_index..compact_index {
             batch.remove(&entry_key(index)[..]);
         }
-        self.inner.tree.apply_batch(batch)?;
+        self.apply(batch)?;
         cache.first_index = compact_index;
         Ok(())
     }
 
     /// Atomically persist the state machine's serialized state together with the last applied
-    /// index (one batch, flushed). Raises the stored commit index to `applied` in the same
+    /// index (one batch, flushed): a restart point newer than the latest snapshot. Raises the stored commit index to `applied` in the same
     /// batch if it is lower, so a restart never sees `applied > commit`.
     pub fn save_applied(&self, applied: u64, state: &[u8]) -> Result<(), StorageError> {
         {
@@ -505,7 +552,7 @@ impl SledStorage {
             value.extend_from_slice(&applied.to_be_bytes());
             value.extend_from_slice(state);
 
-            let mut batch = sled::Batch::default();
+            let mut batch = Batch::default();
             batch.insert(KEY_APPLIED, value);
             let mut hs = None;
             if cache.hard_state.commit < applied {
@@ -514,7 +561,7 @@ impl SledStorage {
                 batch.insert(KEY_HARD_STATE, encode(&raised, "hard state")?);
                 hs = Some(raised);
             }
-            self.inner.tree.apply_batch(batch)?;
+            self.apply(batch)?;
             if let Some(hs) = hs {
                 cache.hard_state = hs;
             }
@@ -566,6 +613,19 @@ impl SledStorage {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Bytes of keys and values this store has handed to sled since it was opened (shared by
+    /// clones). What a workload costs in writes, before sled's own framing and compaction.
+    pub fn bytes_written(&self) -> u64 {
+        self.inner.written.load(Ordering::Relaxed)
+    }
+
+    /// Applies `batch` atomically and counts its bytes.
+    fn apply(&self, batch: Batch) -> Result<(), StorageError> {
+        self.inner.tree.apply_batch(batch.inner)?;
+        self.inner.written.fetch_add(batch.bytes, Ordering::Relaxed);
+        Ok(())
+    }
+
     fn flush_if(&self, sync: bool) -> Result<(), StorageError> {
         if sync {
             self.inner.tree.flush()?;
@@ -574,7 +634,10 @@ impl SledStorage {
     }
 
     fn read_snapshot(&self, cache: &Cache) -> Result<Snapshot, StorageError> {
-        let data = self.inner.tree.get(KEY_SNAPSHOT_DATA)?;
+        let data = match self.inner.tree.get(KEY_SNAPSHOT_DATA)? {
+            Some(data) => Some(data),
+            None => self.inner.tree.get(KEY_SNAPSHOT_DATA_OLD)?,
+        };
         let mut snapshot = Snapshot::default();
         snapshot.set_metadata(cache.snapshot.clone());
         snapshot.data = data.map(|d| d.to_vec()).unwrap_or_default().into();
@@ -1303,6 +1366,71 @@ mod tests {
 
     // ---- serin's own ----
 
+    /// sled splits leaves by item count, not size, and rewrites a whole leaf when it
+    /// consolidates its updates: a large value sharing a leaf with the hard state and the
+    /// newest entries would be rewritten every few appends.
+    #[test]
+    fn the_snapshot_data_sorts_apart_from_the_log_tail_and_the_hard_state() {
+        use super::{KEY_HARD_STATE, KEY_SNAPSHOT_DATA, KEY_SNAPSHOT_META};
+        assert!(KEY_SNAPSHOT_DATA < &entry_key(0)[..]);
+        assert!(KEY_SNAPSHOT_DATA < KEY_HARD_STATE && KEY_SNAPSHOT_DATA < KEY_SNAPSHOT_META);
+    }
+
+    #[test]
+    fn a_snapshot_stored_under_the_old_key_is_read_and_moved_by_the_next_one() {
+        let storage = store_with(&[new_entry(3, 3), new_entry(4, 4), new_entry(5, 5)]);
+        storage
+            .create_snapshot(3, conf_state(vec![1]), Vec::new())
+            .unwrap();
+        let tree = &storage.inner.tree;
+        tree.remove(super::KEY_SNAPSHOT_DATA).unwrap();
+        tree.insert(b"m/snapshot_data", &b"old@3"[..]).unwrap();
+        assert_eq!(&storage.latest_snapshot().unwrap().data[..], b"old@3");
+
+        storage
+            .create_snapshot(4, conf_state(vec![1]), b"new@4".to_vec())
+            .unwrap();
+        assert_eq!(&storage.latest_snapshot().unwrap().data[..], b"new@4");
+        assert_eq!(tree.get(b"m/snapshot_data").unwrap(), None);
+    }
+
+    /// Older versions saved the registry at every apply; the first snapshot at or past it
+    /// makes it dead weight, in the leaf that every append rewrites.
+    #[test]
+    fn a_snapshot_discards_a_saved_applied_state_it_covers() {
+        let storage = store_with(&[new_entry(3, 3), new_entry(4, 4), new_entry(5, 5)]);
+        storage.save_applied(4, b"state@4").unwrap();
+        storage
+            .create_snapshot(3, conf_state(vec![1]), b"snap@3".to_vec())
+            .unwrap();
+        assert_eq!(
+            storage.load_applied().unwrap(),
+            Some((4, b"state@4".to_vec())),
+            "a newer saved state is kept"
+        );
+        storage
+            .create_snapshot(4, conf_state(vec![1]), b"snap@4".to_vec())
+            .unwrap();
+        assert_eq!(storage.load_applied().unwrap(), None);
+    }
+
+    /// A state saved at 5 on top of a log the snapshot at 4 just replaced would be restored at
+    /// an index past the end of the log.
+    #[test]
+    fn installing_a_snapshot_discards_the_saved_applied_state() {
+        let storage = store_with(&[new_entry(3, 3), new_entry(4, 4), new_entry(5, 5)]);
+        let hs = HardState {
+            term: 5,
+            commit: 5,
+            ..Default::default()
+        };
+        storage.persist_ready(&[], Some(&hs), true).unwrap();
+        storage.save_applied(5, b"state@5").unwrap();
+        storage.apply_snapshot(new_snapshot(4, 4, vec![1])).unwrap();
+        assert_eq!(storage.load_applied().unwrap(), None);
+        assert_eq!(storage.snapshot_metadata().index, 4);
+    }
+
     #[test]
     fn initialize_if_empty_bootstraps_once() {
         let storage = empty_store();
@@ -1479,6 +1607,25 @@ mod tests {
         // A directory that never held anything is a new store, not a damaged one.
         let fresh = dir.path().join("fresh");
         super::open_db(&fresh, wait).expect("a new store opens");
+    }
+
+    #[test]
+    fn bytes_written_counts_the_keys_and_values_of_every_write_and_is_shared_by_clones() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = open_db(&dir.path().join("db"));
+        let storage = SledStorage::open(&db).unwrap();
+        assert_eq!(storage.bytes_written(), 0);
+        storage.initialize_if_empty(&[1]).unwrap();
+        let clone = storage.clone();
+        let before = clone.bytes_written();
+        assert!(before > 0, "the initial snapshot is a write");
+        let mut e = new_entry(2, 1);
+        e.data = vec![7u8; 1000].into();
+        let entry_bytes = (9 + e.write_to_bytes().unwrap().len()) as u64;
+        storage.persist_ready(&[e], None, true).unwrap();
+        assert_eq!(clone.bytes_written() - before, entry_bytes);
+        storage.save_applied(2, &[0u8; 500]).unwrap();
+        assert!(clone.bytes_written() - before >= entry_bytes + 500);
     }
 
     #[test]
