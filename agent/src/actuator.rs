@@ -273,8 +273,8 @@ pub(crate) mod conformance {
 mod tests {
     use super::fake::FakeActuator;
     use super::*;
-    use crate::nginx::Variant;
     use crate::store::{Generation, ServiceTraffic};
+    use crate::traffic::Variant;
 
     fn desired(services: &[&str]) -> DesiredState {
         DesiredState {

@@ -25,6 +25,7 @@ pub mod logs;
 pub mod nginx;
 pub mod runtime;
 pub mod store;
+pub mod traffic;
 
 #[cfg(test)]
 pub(crate) mod test_support;

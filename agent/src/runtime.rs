@@ -54,8 +54,9 @@ use crate::config::{AgentConfig, InstanceConfig};
 use crate::connection::{self, Backoff, Connection, Coordinators};
 pub use crate::error::AgentError;
 use crate::error::error_chain;
-use crate::nginx::{NginxActuator, Variant};
+use crate::nginx::NginxActuator;
 use crate::store::{DesiredState, Generation, LocalStore};
+use crate::traffic::Variant;
 
 /// Reports waiting for the connection; more are dropped (they are soft state).
 const REPORT_QUEUE: usize = 2;
