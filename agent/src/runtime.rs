@@ -56,7 +56,7 @@ pub use crate::error::AgentError;
 use crate::error::error_chain;
 use crate::nginx::NginxActuator;
 use crate::store::{DesiredState, Generation, LocalStore};
-use crate::traffic::Variant;
+use crate::traffic::{Upstreams, Variant};
 
 /// Reports waiting for the connection; more are dropped (they are soft state).
 const REPORT_QUEUE: usize = 2;
@@ -151,7 +151,7 @@ async fn start(config: AgentConfig) -> Result<Tasks, AgentError> {
             seq: 0,
         },
         applier: Applier {
-            config: Arc::clone(&config),
+            upstreams: config.local_upstreams(),
             store,
             actuator,
             applied,
@@ -452,7 +452,8 @@ fn decide(applied: Option<Generation>, incoming: Generation) -> Decision {
 }
 
 struct Applier<A> {
-    config: Arc<AgentConfig>,
+    /// The servers of each service the actuator routes to: this agent's `[[instances]]`.
+    upstreams: Upstreams,
     store: LocalStore,
     /// `None` on a host that carries no traffic: desired states are recorded and acked.
     actuator: Option<A>,
@@ -587,7 +588,7 @@ impl<A: TrafficActuator> Applier<A> {
 
         let mut reload = None;
         if let Some(actuator) = &mut self.actuator {
-            match actuator.apply(desired, &self.config.instances).await {
+            match actuator.apply(desired, &self.upstreams).await {
                 Ok(ActuatorOutcome::Changed { elapsed }) => reload = Some(elapsed),
                 Ok(ActuatorOutcome::Unchanged) => {}
                 Err(ActuatorFailure { services, error }) => {
@@ -892,18 +893,13 @@ mod tests {
     impl ApplierHarness {
         fn new(actuator: Option<FakeActuator>) -> Self {
             let dir = tempfile::tempdir().expect("tempdir");
-            let config = AgentConfig::from_toml(&format!(
-                "name = \"a\"\ncoordinators = [\"http://127.0.0.1:9\"]\ndata_dir = \"{}\"",
-                dir.path().display()
-            ))
-            .expect("valid config");
             let store = LocalStore::open(dir.path()).expect("store opens");
             let (desired, desired_rx) = watch::channel(None);
             let (applied_tx, applied) = watch::channel(None);
             let (ack_tx, acks) = mpsc::channel(ACK_QUEUE);
             ApplierHarness {
                 applier: Applier {
-                    config: Arc::new(config),
+                    upstreams: Upstreams::default(),
                     store: store.clone(),
                     actuator,
                     applied: None,

@@ -4,7 +4,6 @@
 
 use super::{Applied, NginxActuator, NginxSettings};
 use crate::actuator::{ActuatorFailure, ActuatorOutcome, TrafficActuator};
-use crate::config::InstanceConfig;
 use crate::error::error_chain;
 use crate::store::DesiredState;
 use crate::traffic::{Route, Upstreams};
@@ -23,9 +22,9 @@ impl TrafficActuator for NginxActuator {
     async fn apply(
         &mut self,
         desired: &DesiredState,
-        instances: &[InstanceConfig],
+        upstreams: &Upstreams,
     ) -> Result<ActuatorOutcome, ActuatorFailure> {
-        let routes = nginx_routes(&self.settings, instances, desired);
+        let routes = nginx_routes(&self.settings, upstreams, desired);
         match self
             .apply_routes(&routes, &desired.generation.to_string())
             .await
@@ -41,24 +40,18 @@ impl TrafficActuator for NginxActuator {
     }
 }
 
-/// nginx routes for `desired`: one per service the local nginx carries, servers from this
-/// agent's instances of that service. A carried service the desired state does not mention
-/// gets all its traffic on stable (no rollout).
+/// nginx routes for `desired`: one per service the local nginx carries, to that service's
+/// servers in `upstreams`. A carried service the desired state does not mention gets all
+/// its traffic on stable (no rollout).
 fn nginx_routes(
     settings: &NginxSettings,
-    instances: &[InstanceConfig],
+    upstreams: &Upstreams,
     desired: &DesiredState,
 ) -> Vec<Route> {
-    let upstreams: Upstreams = instances
-        .iter()
-        .map(|i| (i.service.clone(), i.server()))
-        .collect();
     settings
         .services
         .iter()
-        .map(|balanced| {
-            Route::for_service(&balanced.service, &balanced.listen, desired, &upstreams)
-        })
+        .map(|balanced| Route::for_service(&balanced.service, &balanced.listen, desired, upstreams))
         .collect()
 }
 
@@ -105,7 +98,11 @@ mod tests {
                 traffic("bot", 50, None),
             ],
         };
-        let routes = nginx_routes(&settings, &instances, &desired);
+        let upstreams: Upstreams = instances
+            .iter()
+            .map(|i| (i.service.clone(), i.server()))
+            .collect();
+        let routes = nginx_routes(&settings, &upstreams, &desired);
         assert_eq!(
             routes,
             vec![

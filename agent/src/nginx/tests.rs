@@ -632,16 +632,19 @@ async fn no_old_generation_after_apply_returns() {
 async fn nginx_actuator_keeps_the_traffic_actuator_contract() {
     let mut h = harness().await;
     let (s, c) = (backend("stable-1").await, backend("canary-1").await);
-    let instance = |b: &Backend, variant| crate::config::InstanceConfig {
-        name: format!("web-{variant:?}"),
-        service: "web".into(),
-        variant,
-        address: b.addr.to_string(),
-        metrics_url: format!("http://{}/metrics", b.addr),
-        metrics: Default::default(),
+    let server = |b: &Backend, variant| {
+        let server = Server {
+            name: format!("web-{variant:?}"),
+            address: b.addr.to_string(),
+            variant,
+        };
+        ("web".to_owned(), server)
     };
-    let instances = [instance(&s, Variant::Stable), instance(&c, Variant::Canary)];
-    crate::actuator::conformance::check(&mut h.actuator, &instances).await;
+    let upstreams: crate::traffic::Upstreams =
+        [server(&s, Variant::Stable), server(&c, Variant::Canary)]
+            .into_iter()
+            .collect();
+    crate::actuator::conformance::check(&mut h.actuator, &upstreams).await;
     assert_eq!(count_canary(&h.listen, 20).await, 0);
     h.nginx.stop().await;
 }
