@@ -17,6 +17,7 @@
 //! - [`nginx`]: the nginx traffic actuator ([`nginx::NginxActuator`] implements
 //!   [`actuator::TrafficActuator`]).
 pub mod actuator;
+pub mod balancer;
 pub mod collect;
 pub mod config;
 pub mod connection;

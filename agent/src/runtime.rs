@@ -3,7 +3,8 @@
 //!
 //! The two I/O edges are traits, and the tasks are generic over them: the collector scrapes
 //! through a [`MetricsSource`] ([`Scraper`] in production) and the applier drives a
-//! [`TrafficActuator`] ([`NginxActuator`] when the config has `[nginx]`; none otherwise).
+//! [`TrafficActuator`] (a [`Balancer`] chosen by the config: [`NginxActuator`] when it has
+//! `[nginx]`; none otherwise).
 //! The unit tests below run both tasks' logic against in-memory fakes.
 //!
 //! Three tasks, each owning its state and stopped by one cancellation token:
@@ -47,6 +48,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::actuator::{ActuatorFailure, ActuatorOutcome, TrafficActuator};
+use crate::balancer::Balancer;
 use crate::collect::{
     DeltaTracker, HostCollector, HostSample, MetricsSource, Sample, Scraper, Window,
 };
@@ -84,7 +86,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
 /// Everything [`run`] starts, built and checked before any task runs.
 struct Tasks {
     collector: Collector<Scraper>,
-    applier: Applier<NginxActuator>,
+    applier: Applier<Balancer>,
     connection: Connection,
 }
 
@@ -107,14 +109,7 @@ async fn start(config: AgentConfig) -> Result<Tasks, AgentError> {
     let instance_id = store.instance_id()?;
     let applied = last_applied.as_ref().map(|d| d.generation);
 
-    let actuator = match &config.nginx {
-        Some(settings) => {
-            let actuator = NginxActuator::new(settings.clone()).await?;
-            tracing::info!(version = actuator.version(), site = %settings.site.display(), "nginx ready");
-            Some(actuator)
-        }
-        None => None,
-    };
+    let actuator = balancer(&config).await?;
     let scraper = Scraper::new(config.scrape_timeout)?;
     let host = HostCollector::new()?;
 
@@ -173,6 +168,19 @@ async fn start(config: AgentConfig) -> Result<Tasks, AgentError> {
             registered: false,
         },
     })
+}
+
+/// The balancer the config asks for, checked up front; `None` when this host carries no
+/// traffic.
+async fn balancer(config: &AgentConfig) -> Result<Option<Balancer>, AgentError> {
+    match &config.nginx {
+        Some(settings) => {
+            let actuator = NginxActuator::new(settings.clone()).await?;
+            tracing::info!(version = actuator.version(), site = %settings.site.display(), "nginx ready");
+            Ok(Some(Balancer::Nginx(actuator)))
+        }
+        None => Ok(None),
+    }
 }
 
 impl Tasks {

@@ -626,11 +626,12 @@ async fn no_old_generation_after_apply_returns() {
     h.nginx.stop().await;
 }
 
-/// The [`crate::actuator::TrafficActuator`] contract, against real nginx; then the traffic it
-/// left live is the last state's (all stable).
+/// The [`crate::actuator::TrafficActuator`] contract, against real nginx through the
+/// [`crate::balancer::Balancer`] the runtime drives; then the traffic it left live is the
+/// last state's (all stable).
 #[tokio::test]
 async fn nginx_actuator_keeps_the_traffic_actuator_contract() {
-    let mut h = harness().await;
+    let h = harness().await;
     let (s, c) = (backend("stable-1").await, backend("canary-1").await);
     let server = |b: &Backend, variant| {
         let server = Server {
@@ -644,7 +645,9 @@ async fn nginx_actuator_keeps_the_traffic_actuator_contract() {
         [server(&s, Variant::Stable), server(&c, Variant::Canary)]
             .into_iter()
             .collect();
-    crate::actuator::conformance::check(&mut h.actuator, &upstreams).await;
+    let mut balancer = crate::balancer::Balancer::Nginx(h.actuator);
+    assert_eq!(balancer.kind(), "nginx");
+    crate::actuator::conformance::check(&mut balancer, &upstreams).await;
     assert_eq!(count_canary(&h.listen, 20).await, 0);
     h.nginx.stop().await;
 }
