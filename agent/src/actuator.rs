@@ -4,7 +4,8 @@
 //! The runtime's applier decides *whether* to apply a desired state (generations, the
 //! store, acks); an actuator only does the applying. [`crate::nginx::NginxActuator`] is the
 //! real implementation today (HAProxy's runtime API, docker containers and shard assignment
-//! are planned). Every implementation keeps the contract written on the trait; the
+//! are planned), driven by the runtime through [`crate::balancer::Balancer`], the set the
+//! config chooses from. Every implementation keeps the contract written on the trait; the
 //! test-only `conformance::check` suite holds each one to it, and a test-only in-memory
 //! `fake::FakeActuator` lets the applier be tested without nginx.
 
