@@ -4,14 +4,15 @@
 //! The runtime's applier decides *whether* to apply a desired state (generations, the
 //! store, acks); an actuator only does the applying. [`crate::nginx::NginxActuator`] is the
 //! real implementation today (HAProxy's runtime API, docker containers and shard assignment
-//! are planned). Every implementation keeps the contract written on the trait; the
+//! are planned), driven by the runtime through [`crate::balancer::Balancer`], the set the
+//! config chooses from. Every implementation keeps the contract written on the trait; the
 //! test-only `conformance::check` suite holds each one to it, and a test-only in-memory
 //! `fake::FakeActuator` lets the applier be tested without nginx.
 
 use std::time::Duration;
 
-use crate::config::InstanceConfig;
 use crate::store::DesiredState;
+use crate::traffic::Upstreams;
 
 /// Makes a desired state's traffic real for the services this host carries.
 ///
@@ -21,7 +22,8 @@ use crate::store::DesiredState;
 /// - [`apply`](Self::apply) acts on the carried services only: a service in the desired
 ///   state that is not carried is ignored, and a carried service the desired state does
 ///   not mention gets all its traffic on stable (no rollout).
-/// - Traffic goes to this agent's `instances` of each carried service.
+/// - Traffic goes to `upstreams`' servers of each carried service, whoever listed them
+///   (the agent's own `[[instances]]` today, the coordinator's inventory later).
 /// - `Ok` means the new traffic is live (or was already: [`ActuatorOutcome::Unchanged`]
 ///   when the carried services' traffic equals what is live, whatever the generation).
 /// - A desired state the actuator cannot take (at least: a canary weight above 100 for a
@@ -32,11 +34,12 @@ pub trait TrafficActuator: Send + 'static {
     /// The services whose traffic this actuator carries, in a fixed order.
     fn services(&self) -> Vec<String>;
 
-    /// Makes `desired`'s traffic live for the carried services, routed to `instances`.
+    /// Makes `desired`'s traffic live for the carried services, routed to their servers in
+    /// `upstreams`.
     fn apply(
         &mut self,
         desired: &DesiredState,
-        instances: &[InstanceConfig],
+        upstreams: &Upstreams,
     ) -> impl Future<Output = Result<ActuatorOutcome, ActuatorFailure>> + Send;
 }
 
@@ -120,7 +123,7 @@ pub(crate) mod fake {
         async fn apply(
             &mut self,
             desired: &DesiredState,
-            _instances: &[InstanceConfig],
+            _upstreams: &Upstreams,
         ) -> Result<ActuatorOutcome, ActuatorFailure> {
             self.calls.push(desired.clone());
             let fail = |error| ActuatorFailure::attributed(&self.services, desired, error);
@@ -185,9 +188,9 @@ pub(crate) mod conformance {
         }
     }
 
-    /// Runs the contract against a fresh `actuator`. `instances` must hold at least one
-    /// stable and one canary instance of the first carried service.
-    pub(crate) async fn check<A: TrafficActuator>(actuator: &mut A, instances: &[InstanceConfig]) {
+    /// Runs the contract against a fresh `actuator`. `upstreams` must hold at least one
+    /// stable and one canary server of the first carried service.
+    pub(crate) async fn check<A: TrafficActuator>(actuator: &mut A, upstreams: &Upstreams) {
         let carried = actuator.services();
         assert!(!carried.is_empty(), "an actuator carries some service");
         let unique: HashSet<&String> = carried.iter().collect();
@@ -201,19 +204,19 @@ pub(crate) mod conformance {
 
         // A first state is applied.
         let result = actuator
-            .apply(&state(1, vec![traffic(first, 10)]), instances)
+            .apply(&state(1, vec![traffic(first, 10)]), upstreams)
             .await;
         assert!(result.is_ok(), "first apply: {result:?}");
 
         // The same traffic at a newer generation changes nothing.
         let result = actuator
-            .apply(&state(2, vec![traffic(first, 10)]), instances)
+            .apply(&state(2, vec![traffic(first, 10)]), upstreams)
             .await;
         assert_eq!(result, Ok(ActuatorOutcome::Unchanged), "same traffic");
 
         // Other traffic is a change.
         let result = actuator
-            .apply(&state(3, vec![traffic(first, 20)]), instances)
+            .apply(&state(3, vec![traffic(first, 20)]), upstreams)
             .await;
         assert!(
             matches!(result, Ok(ActuatorOutcome::Changed { .. })),
@@ -229,7 +232,7 @@ pub(crate) mod conformance {
         let result = actuator
             .apply(
                 &state(4, vec![traffic(first, 101), traffic(NOT_CARRIED, 5)]),
-                instances,
+                upstreams,
             )
             .await;
         let failure = result.expect_err("canary_weight 101 must be refused");
@@ -241,7 +244,7 @@ pub(crate) mod conformance {
         let result = actuator
             .apply(
                 &state(5, vec![traffic(NOT_CARRIED, 101), traffic(first, 20)]),
-                instances,
+                upstreams,
             )
             .await;
         assert_eq!(
@@ -252,14 +255,14 @@ pub(crate) mod conformance {
 
         // A carried service the state does not mention goes all-stable: a change from 20%.
         let result = actuator
-            .apply(&state(6, vec![traffic(NOT_CARRIED, 50)]), instances)
+            .apply(&state(6, vec![traffic(NOT_CARRIED, 50)]), upstreams)
             .await;
         assert!(
             matches!(result, Ok(ActuatorOutcome::Changed { .. })),
             "unmentioned service back to stable: {result:?}"
         );
         let result = actuator
-            .apply(&state(7, vec![traffic(first, 0)]), instances)
+            .apply(&state(7, vec![traffic(first, 0)]), upstreams)
             .await;
         assert_eq!(
             result,
@@ -273,8 +276,8 @@ pub(crate) mod conformance {
 mod tests {
     use super::fake::FakeActuator;
     use super::*;
-    use crate::nginx::Variant;
     use crate::store::{Generation, ServiceTraffic};
+    use crate::traffic::{Server, Variant};
 
     fn desired(services: &[&str]) -> DesiredState {
         DesiredState {
@@ -307,18 +310,17 @@ mod tests {
 
     #[tokio::test]
     async fn fake_actuator_keeps_the_contract() {
-        let instances = ["stable", "canary"].map(|name| InstanceConfig {
-            name: format!("web-{name}"),
-            service: "web".into(),
-            variant: if name == "stable" {
-                Variant::Stable
-            } else {
-                Variant::Canary
-            },
-            address: "127.0.0.1:9".into(),
-            metrics_url: "http://127.0.0.1:9/metrics".into(),
-            metrics: Default::default(),
-        });
-        conformance::check(&mut FakeActuator::new(&["web", "api"]), &instances).await;
+        let upstreams: Upstreams = [Variant::Stable, Variant::Canary]
+            .map(|variant| {
+                let server = Server {
+                    name: format!("web-{variant:?}"),
+                    address: "127.0.0.1:9".into(),
+                    variant,
+                };
+                ("web".to_owned(), server)
+            })
+            .into_iter()
+            .collect();
+        conformance::check(&mut FakeActuator::new(&["web", "api"]), &upstreams).await;
     }
 }

@@ -35,7 +35,8 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::collect::MetricNames;
-use crate::nginx::{NginxSettings, Variant};
+use crate::nginx::NginxSettings;
+use crate::traffic::{Server, Upstreams, Variant};
 
 /// Report interval when the file sets none.
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(1);
@@ -244,6 +245,26 @@ impl AgentConfig {
             .iter()
             .flat_map(|n| n.services.iter().map(|s| s.service.clone()))
             .collect()
+    }
+
+    /// The upstream servers of each service, from this agent's own `[[instances]]` in file
+    /// order: what its balancer routes to until the coordinator's inventory provides them.
+    pub fn local_upstreams(&self) -> Upstreams {
+        self.instances
+            .iter()
+            .map(|i| (i.service.clone(), i.server()))
+            .collect()
+    }
+}
+
+impl InstanceConfig {
+    /// This instance as an upstream server of its service.
+    pub fn server(&self) -> Server {
+        Server {
+            name: self.name.clone(),
+            address: self.address.clone(),
+            variant: self.variant,
+        }
     }
 }
 
@@ -572,6 +593,32 @@ mod tests {
         let nginx = c.nginx.as_ref().unwrap();
         assert_eq!(nginx.binary, PathBuf::from("/usr/sbin/nginx"));
         assert_eq!(c.balancer_services(), ["api"]);
+    }
+
+    #[test]
+    fn local_upstreams_are_the_instances_of_each_service_in_file_order() {
+        let c = AgentConfig::from_toml(FULL).unwrap();
+        let upstreams = c.local_upstreams();
+        assert_eq!(
+            upstreams.of("api"),
+            [
+                Server {
+                    name: "api-stable".into(),
+                    address: "127.0.0.1:8081".into(),
+                    variant: Variant::Stable,
+                },
+                Server {
+                    name: "api-canary".into(),
+                    address: "127.0.0.1:8082".into(),
+                    variant: Variant::Canary,
+                },
+            ]
+        );
+        assert!(upstreams.of("web").is_empty());
+        assert_eq!(
+            AgentConfig::from_toml(MINIMAL).unwrap().local_upstreams(),
+            Upstreams::default()
+        );
     }
 
     #[test]

@@ -3,20 +3,28 @@
 //! Layout:
 //! - [`config`]: the agent's TOML file, parsed then validated into [`config::AgentConfig`].
 //! - [`runtime`]: [`runtime::run`] wires everything together until shutdown (collector,
-//!   applier and connection tasks). The applier's generation logic and the collector's
-//!   report building are generic over the two I/O edges below.
+//!   applier and connection tasks), a module per concern: `runtime/collector.rs`,
+//!   `runtime/applier.rs`, `runtime/report.rs` (proto mapping). The applier's generation
+//!   logic and the collector's report building are generic over the two I/O edges below.
 //! - [`connection`]: the gRPC session with the coordinator, reconnected with backoff.
 //! - [`store`]: the local sled store of the last applied desired state.
 //! - [`error`]: [`error::AgentError`], the agent's fatal errors.
+//! - [`traffic`]: the balancer-neutral traffic model, below `config` and every balancer:
+//!   [`traffic::Variant`], [`traffic::Server`], [`traffic::Upstreams`] (servers per
+//!   service), [`traffic::Route`] and the exact-share [`traffic::server_weights`] (pure).
 //! - [`actuator`]: [`actuator::TrafficActuator`], the I/O edge that makes a desired state's
-//!   traffic real on this host, with the contract every implementation keeps.
+//!   traffic real on this host, routed to given upstreams, with the contract every
+//!   implementation keeps.
+//! - [`balancer`]: [`balancer::Balancer`], the set of actuators the config chooses from
+//!   (an enum dispatching to each; nginx today).
 //! - [`collect`]: metrics collectors (app Prometheus pages, host CPU and memory) and
 //!   [`collect::MetricsSource`], the I/O edge the collector scrapes through
 //!   ([`collect::Scraper`] implements it).
 //! - [`logs`]: whether the binaries colour their log lines (only on a terminal).
 //! - [`nginx`]: the nginx traffic actuator ([`nginx::NginxActuator`] implements
-//!   [`actuator::TrafficActuator`]).
+//!   [`actuator::TrafficActuator`]) and its `[nginx]` settings.
 pub mod actuator;
+pub mod balancer;
 pub mod collect;
 pub mod config;
 pub mod connection;
@@ -25,6 +33,7 @@ pub mod logs;
 pub mod nginx;
 pub mod runtime;
 pub mod store;
+pub mod traffic;
 
 #[cfg(test)]
 pub(crate) mod test_support;

@@ -2,7 +2,8 @@
 //! `nginx -t`, reloads nginx and confirms the reload by polling a generation marker.
 //!
 //! Layout:
-//! - `render`: pure rendering of [`Route`]s into the site file, and [`RenderError`].
+//! - `render`: pure rendering of [`Route`]s (from [`crate::traffic`]) into the site file,
+//!   and [`RenderError`].
 //! - this file: [`NginxSettings`] (agent config), [`NginxActuator`] (the I/O edge),
 //!   [`NginxError`].
 //! - `actuator_impl`: [`NginxActuator`] as a [`crate::actuator::TrafficActuator`]: a desired
@@ -39,8 +40,10 @@ use serde::Deserialize;
 use tokio::process::Command;
 use tokio::time::Instant;
 
+use crate::traffic::Route;
+
 pub use local::{LocalNginx, find_nginx};
-pub use render::{GENERATION_PATH, RenderError, identifier, render_site, server_weights};
+pub use render::{GENERATION_PATH, RenderError, identifier, render_site};
 
 /// How often the generation marker is polled after a reload.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(10);
@@ -90,33 +93,6 @@ pub struct BalancedService {
     pub service: String,
     /// `host:port` nginx listens on for this service.
     pub listen: String,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Variant {
-    Stable,
-    Canary,
-}
-
-/// One backend server of a service.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Upstream {
-    /// `host:port`.
-    pub address: String,
-    pub variant: Variant,
-}
-
-/// What one service's traffic should look like.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Route {
-    pub service: String,
-    /// `host:port` nginx listens on.
-    pub listen: String,
-    pub upstreams: Vec<Upstream>,
-    /// Share of requests (0..=100) for the canary variant as a whole.
-    pub canary_weight: u32,
-    /// nginx variable expression such as `"$cookie_uid"`; `Some` switches to a sticky split.
-    pub sticky_key: Option<String>,
 }
 
 /// Outcome of a successful [`NginxActuator::apply_routes`].

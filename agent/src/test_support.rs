@@ -1,8 +1,8 @@
 //! Builders shared by the agent's unit tests.
 
 use crate::config::InstanceConfig;
-use crate::nginx::Variant;
 use crate::store::ServiceTraffic;
+use crate::traffic::Variant;
 
 /// An instance on 127.0.0.1:`port` with its metrics on the same port.
 pub fn instance(name: &str, service: &str, variant: Variant, port: u16) -> InstanceConfig {

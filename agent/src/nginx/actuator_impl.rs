@@ -2,11 +2,11 @@
 //! service the local nginx carries ([`nginx_routes`], pure), then one site file and one
 //! reload ([`NginxActuator::apply_routes`]).
 
-use super::{Applied, NginxActuator, NginxSettings, Route, Upstream};
+use super::{Applied, NginxActuator, NginxSettings};
 use crate::actuator::{ActuatorFailure, ActuatorOutcome, TrafficActuator};
-use crate::config::InstanceConfig;
 use crate::error::error_chain;
 use crate::store::DesiredState;
+use crate::traffic::{Route, Upstreams};
 
 impl TrafficActuator for NginxActuator {
     fn services(&self) -> Vec<String> {
@@ -22,9 +22,9 @@ impl TrafficActuator for NginxActuator {
     async fn apply(
         &mut self,
         desired: &DesiredState,
-        instances: &[InstanceConfig],
+        upstreams: &Upstreams,
     ) -> Result<ActuatorOutcome, ActuatorFailure> {
-        let routes = nginx_routes(&self.settings, instances, desired);
+        let routes = nginx_routes(&self.settings, upstreams, desired);
         match self
             .apply_routes(&routes, &desired.generation.to_string())
             .await
@@ -40,37 +40,18 @@ impl TrafficActuator for NginxActuator {
     }
 }
 
-/// nginx routes for `desired`: one per service the local nginx carries, upstreams from this
-/// agent's instances of that service. A carried service the desired state does not mention
-/// gets all its traffic on stable (no rollout).
+/// nginx routes for `desired`: one per service the local nginx carries, to that service's
+/// servers in `upstreams`. A carried service the desired state does not mention gets all
+/// its traffic on stable (no rollout).
 fn nginx_routes(
     settings: &NginxSettings,
-    instances: &[InstanceConfig],
+    upstreams: &Upstreams,
     desired: &DesiredState,
 ) -> Vec<Route> {
     settings
         .services
         .iter()
-        .map(|balanced| {
-            let traffic = desired
-                .services
-                .iter()
-                .find(|s| s.service == balanced.service);
-            Route {
-                service: balanced.service.clone(),
-                listen: balanced.listen.clone(),
-                upstreams: instances
-                    .iter()
-                    .filter(|i| i.service == balanced.service)
-                    .map(|i| Upstream {
-                        address: i.address.clone(),
-                        variant: i.variant,
-                    })
-                    .collect(),
-                canary_weight: traffic.map_or(0, |t| t.canary_weight),
-                sticky_key: traffic.and_then(|t| t.sticky_key.clone()),
-            }
-        })
+        .map(|balanced| Route::for_service(&balanced.service, &balanced.listen, desired, upstreams))
         .collect()
 }
 
@@ -79,8 +60,9 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::nginx::{BalancedService, Variant};
+    use crate::nginx::BalancedService;
     use crate::store::Generation;
+    use crate::traffic::{Server, Variant};
 
     use crate::test_support::{instance, traffic};
 
@@ -116,36 +98,47 @@ mod tests {
                 traffic("bot", 50, None),
             ],
         };
-        let routes = nginx_routes(&settings, &instances, &desired);
+        let upstreams: Upstreams = instances
+            .iter()
+            .map(|i| (i.service.clone(), i.server()))
+            .collect();
+        let routes = nginx_routes(&settings, &upstreams, &desired);
         assert_eq!(
             routes,
             vec![
                 Route {
                     service: "web".into(),
                     listen: "0.0.0.0:80".into(),
-                    upstreams: vec![
-                        Upstream {
+                    servers: vec![
+                        Server {
+                            name: "web-s".into(),
                             address: "127.0.0.1:8001".into(),
                             variant: Variant::Stable
                         },
-                        Upstream {
+                        Server {
+                            name: "web-c".into(),
                             address: "127.0.0.1:8002".into(),
                             variant: Variant::Canary
                         },
                     ],
                     canary_weight: 25,
                     sticky_key: Some("$cookie_uid".into()),
+                    stable_version: "v1".into(),
+                    canary_version: "v2".into(),
                 },
                 // Not in the desired state: all traffic on stable.
                 Route {
                     service: "api".into(),
                     listen: "0.0.0.0:81".into(),
-                    upstreams: vec![Upstream {
+                    servers: vec![Server {
+                        name: "api-s".into(),
                         address: "127.0.0.1:8003".into(),
                         variant: Variant::Stable
                     }],
                     canary_weight: 0,
                     sticky_key: None,
+                    stable_version: String::new(),
+                    canary_version: String::new(),
                 },
             ]
         );

@@ -17,7 +17,7 @@
 
 use std::collections::HashMap;
 
-use super::{Route, Variant};
+use crate::traffic::{Route, Variant, server_weights};
 
 /// Keep-alive connections each nginx worker holds open per upstream.
 const UPSTREAM_KEEPALIVE: u32 = 16;
@@ -117,24 +117,6 @@ pub fn identifier(service: &str) -> String {
         .collect()
 }
 
-/// Per-server weights `(stable, canary)` for the weighted upstream, such that the canary
-/// variant gets exactly `canary_weight`% of picks in total. Only meaningful for
-/// `0 < canary_weight < 100` with servers on both sides; never returns a zero weight then.
-pub fn server_weights(canary_weight: u32, n_stable: usize, n_canary: usize) -> (u64, u64) {
-    let w = u64::from(canary_weight);
-    let stable = (100 - w) * n_canary as u64;
-    let canary = w * n_stable as u64;
-    let g = gcd(stable, canary).max(1);
-    (stable / g, canary / g)
-}
-
-fn gcd(mut a: u64, mut b: u64) -> u64 {
-    while b != 0 {
-        (a, b) = (b, a % b);
-    }
-    a
-}
-
 fn validate_generation(generation: &str) -> Result<(), RenderError> {
     let ok = !generation.is_empty()
         && generation.len() <= 64
@@ -178,15 +160,15 @@ fn validate_route(route: &Route) -> Result<(), RenderError> {
             value: route.listen.clone(),
         });
     }
-    for upstream in &route.upstreams {
-        if !is_address(&upstream.address) {
+    for server in &route.servers {
+        if !is_address(&server.address) {
             return Err(RenderError::InvalidAddress {
                 field: format!("route '{service}' upstream address"),
-                value: upstream.address.clone(),
+                value: server.address.clone(),
             });
         }
     }
-    let has = |v: Variant| route.upstreams.iter().any(|u| u.variant == v);
+    let has = |v: Variant| route.servers_of(v).next().is_some();
     if route.canary_weight < 100 && !has(Variant::Stable) {
         return Err(RenderError::NoStableUpstream {
             service: service.clone(),
@@ -225,10 +207,8 @@ fn validate_route(route: &Route) -> Result<(), RenderError> {
 
 fn servers(route: &Route, variant: Variant) -> Vec<&str> {
     route
-        .upstreams
-        .iter()
-        .filter(|u| u.variant == variant)
-        .map(|u| u.address.as_str())
+        .servers_of(variant)
+        .map(|s| s.address.as_str())
         .collect()
 }
 
@@ -338,19 +318,21 @@ fn render_route(out: &mut String, route: &Route, generation: &str) {
 
 #[cfg(test)]
 mod tests {
-    use super::super::Upstream;
     use super::*;
+    use crate::traffic::Server;
 
-    fn ups(n_stable: usize, n_canary: usize) -> Vec<Upstream> {
+    fn ups(n_stable: usize, n_canary: usize) -> Vec<Server> {
         let mut v = Vec::new();
         for i in 0..n_stable {
-            v.push(Upstream {
+            v.push(Server {
+                name: format!("stable-{i}"),
                 address: format!("127.0.0.1:{}", 9000 + i),
                 variant: Variant::Stable,
             });
         }
         for i in 0..n_canary {
-            v.push(Upstream {
+            v.push(Server {
+                name: format!("canary-{i}"),
                 address: format!("127.0.0.1:{}", 9500 + i),
                 variant: Variant::Canary,
             });
@@ -362,9 +344,11 @@ mod tests {
         Route {
             service: "web-api".into(),
             listen: "127.0.0.1:8080".into(),
-            upstreams: ups(n_stable, n_canary),
+            servers: ups(n_stable, n_canary),
             canary_weight: w,
             sticky_key: sticky.map(str::to_owned),
+            stable_version: "v1".into(),
+            canary_version: "v2".into(),
         }
     }
 
@@ -418,11 +402,6 @@ mod tests {
                 assert_eq!(weighted_servers(&text).len(), ns + nc);
             }
         }
-        // Spot checks of the reduced weights.
-        assert_eq!(server_weights(25, 1, 1), (3, 1));
-        assert_eq!(server_weights(25, 2, 1), (3, 2));
-        assert_eq!(server_weights(50, 3, 2), (2, 3));
-        assert_eq!(server_weights(10, 3, 2), (6, 1));
     }
 
     #[test]
@@ -585,7 +564,7 @@ mod tests {
             RenderError::InvalidAddress { .. }
         ));
         let mut bad_up = route(1, 1, 5, None);
-        bad_up.upstreams[0].address = "a b".into();
+        bad_up.servers[0].address = "a b".into();
         assert!(matches!(err(bad_up), RenderError::InvalidAddress { .. }));
         let mut nameless = route(1, 1, 5, None);
         nameless.service = String::new();

@@ -11,6 +11,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::{JoinHandle, JoinSet};
 
 use super::*;
+use crate::traffic::{Server, Variant};
 
 fn nginx_binary() -> PathBuf {
     find_nginx().expect("nginx not found on PATH or at /usr/sbin/nginx: apt-get install -y nginx")
@@ -126,20 +127,23 @@ fn route(
     canary_weight: u32,
     sticky_key: Option<&str>,
 ) -> Route {
-    let upstream = |b: &&Backend, variant| Upstream {
+    let upstream = |b: &&Backend, variant| Server {
+        name: format!("{variant:?}-{}", b.addr.port()),
         address: b.addr.to_string(),
         variant,
     };
     Route {
         service: "web".into(),
         listen: listen.to_owned(),
-        upstreams: stable
+        servers: stable
             .iter()
             .map(|b| upstream(b, Variant::Stable))
             .chain(canary.iter().map(|b| upstream(b, Variant::Canary)))
             .collect(),
         canary_weight,
         sticky_key: sticky_key.map(str::to_owned),
+        stable_version: "v1".into(),
+        canary_version: "v2".into(),
     }
 }
 
@@ -540,13 +544,15 @@ async fn sticky_split_keeps_canary_users_as_share_grows() {
 #[tokio::test]
 async fn rendered_variants_pass_nginx_config_test() {
     let h = harness().await;
-    let upstreams = |ns: u16, nc: u16| -> Vec<Upstream> {
+    let upstreams = |ns: u16, nc: u16| -> Vec<Server> {
         (0..ns)
-            .map(|i| Upstream {
+            .map(|i| Server {
+                name: format!("stable-{i}"),
                 address: format!("127.0.0.1:{}", 20000 + i),
                 variant: Variant::Stable,
             })
-            .chain((0..nc).map(|i| Upstream {
+            .chain((0..nc).map(|i| Server {
+                name: format!("canary-{i}"),
                 address: format!("127.0.0.1:{}", 21000 + i),
                 variant: Variant::Canary,
             }))
@@ -567,9 +573,11 @@ async fn rendered_variants_pass_nginx_config_test() {
             cases.push(Route {
                 service: format!("svc.{w}-{}", cases.len()),
                 listen: format!("127.0.0.1:{}", 30000 + cases.len()),
-                upstreams: upstreams(ns, nc),
+                servers: upstreams(ns, nc),
                 canary_weight: w,
                 sticky_key: sticky.map(str::to_owned),
+                stable_version: "v1".into(),
+                canary_version: "v2".into(),
             });
         }
     }
@@ -618,22 +626,28 @@ async fn no_old_generation_after_apply_returns() {
     h.nginx.stop().await;
 }
 
-/// The [`crate::actuator::TrafficActuator`] contract, against real nginx; then the traffic it
-/// left live is the last state's (all stable).
+/// The [`crate::actuator::TrafficActuator`] contract, against real nginx through the
+/// [`crate::balancer::Balancer`] the runtime drives; then the traffic it left live is the
+/// last state's (all stable).
 #[tokio::test]
 async fn nginx_actuator_keeps_the_traffic_actuator_contract() {
-    let mut h = harness().await;
+    let h = harness().await;
     let (s, c) = (backend("stable-1").await, backend("canary-1").await);
-    let instance = |b: &Backend, variant| crate::config::InstanceConfig {
-        name: format!("web-{variant:?}"),
-        service: "web".into(),
-        variant,
-        address: b.addr.to_string(),
-        metrics_url: format!("http://{}/metrics", b.addr),
-        metrics: Default::default(),
+    let server = |b: &Backend, variant| {
+        let server = Server {
+            name: format!("web-{variant:?}"),
+            address: b.addr.to_string(),
+            variant,
+        };
+        ("web".to_owned(), server)
     };
-    let instances = [instance(&s, Variant::Stable), instance(&c, Variant::Canary)];
-    crate::actuator::conformance::check(&mut h.actuator, &instances).await;
+    let upstreams: crate::traffic::Upstreams =
+        [server(&s, Variant::Stable), server(&c, Variant::Canary)]
+            .into_iter()
+            .collect();
+    let mut balancer = crate::balancer::Balancer::Nginx(h.actuator);
+    assert_eq!(balancer.kind(), "nginx");
+    crate::actuator::conformance::check(&mut balancer, &upstreams).await;
     assert_eq!(count_canary(&h.listen, 20).await, 0);
     h.nginx.stop().await;
 }

@@ -1,0 +1,225 @@
+//! The balancer-neutral traffic model: which servers a service has, per variant, and what
+//! one service's traffic should look like ([`Route`]). Pure: no I/O, no clock.
+//!
+//! Why a module of its own: these types are what every traffic actuator (nginx today,
+//! HAProxy next) is driven by, and what the local config (`[[instances]]`) and later the
+//! coordinator's inventory produce. Living below `config` and every balancer, they let the
+//! servers come from either source without a balancer knowing which, and let a second
+//! balancer reuse the route derivation and the exact-share weights instead of copying them
+//! out of nginx.
+
+use std::collections::BTreeMap;
+
+use crate::store::DesiredState;
+
+/// Which side of a rollout a server belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Variant {
+    Stable,
+    Canary,
+}
+
+/// One upstream server of a service: an instance a balancer can send traffic to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Server {
+    /// The instance's name, unique among the service's servers.
+    pub name: String,
+    /// `host:port`, as reachable from the balancer.
+    pub address: String,
+    pub variant: Variant,
+}
+
+/// The upstream servers of every service, per service name, each service's servers in the
+/// order they were added: what the balancers route to.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Upstreams(BTreeMap<String, Vec<Server>>);
+
+impl Upstreams {
+    /// `service`'s servers, empty when it has none.
+    pub fn of(&self, service: &str) -> &[Server] {
+        self.0.get(service).map_or(&[], Vec::as_slice)
+    }
+
+    /// Adds `server` to `service`'s servers, after those already there.
+    pub fn add(&mut self, service: impl Into<String>, server: Server) {
+        self.0.entry(service.into()).or_default().push(server);
+    }
+}
+
+/// Builds the upstreams from `(service, server)` pairs, keeping each service's order.
+impl FromIterator<(String, Server)> for Upstreams {
+    fn from_iter<I: IntoIterator<Item = (String, Server)>>(iter: I) -> Self {
+        let mut upstreams = Upstreams::default();
+        for (service, server) in iter {
+            upstreams.add(service, server);
+        }
+        upstreams
+    }
+}
+
+/// What one service's traffic should look like on a balancer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    pub service: String,
+    /// `host:port` the balancer listens on for this service.
+    pub listen: String,
+    /// The servers of both variants, each with its [`Variant`].
+    pub servers: Vec<Server>,
+    /// Share of requests (0..=100) for the canary variant as a whole.
+    pub canary_weight: u32,
+    /// A balancer-specific key expression (nginx: a variable such as `"$cookie_uid"`);
+    /// `Some` switches to a sticky split.
+    pub sticky_key: Option<String>,
+    /// The version the stable servers run; empty when no rollout mentions the service.
+    pub stable_version: String,
+    /// The version the canary servers run; empty when no rollout mentions the service.
+    pub canary_version: String,
+}
+
+impl Route {
+    /// `service`'s route in `desired`, listening on `listen`, to `service`'s servers in
+    /// `upstreams`. A service the desired state does not mention gets all its traffic on
+    /// stable (no rollout).
+    pub fn for_service(
+        service: &str,
+        listen: &str,
+        desired: &DesiredState,
+        upstreams: &Upstreams,
+    ) -> Route {
+        let traffic = desired.services.iter().find(|s| s.service == service);
+        Route {
+            service: service.to_owned(),
+            listen: listen.to_owned(),
+            servers: upstreams.of(service).to_vec(),
+            canary_weight: traffic.map_or(0, |t| t.canary_weight),
+            sticky_key: traffic.and_then(|t| t.sticky_key.clone()),
+            stable_version: traffic
+                .map(|t| t.stable_version.clone())
+                .unwrap_or_default(),
+            canary_version: traffic
+                .map(|t| t.canary_version.clone())
+                .unwrap_or_default(),
+        }
+    }
+
+    /// The servers of `variant`, in order.
+    pub fn servers_of(&self, variant: Variant) -> impl Iterator<Item = &Server> {
+        self.servers.iter().filter(move |s| s.variant == variant)
+    }
+}
+
+/// Per-server weights `(stable, canary)` for a weighted upstream, such that the canary
+/// variant gets exactly `canary_weight`% of picks in total. Only meaningful for
+/// `0 < canary_weight < 100` with servers on both sides; never returns a zero weight then.
+pub fn server_weights(canary_weight: u32, n_stable: usize, n_canary: usize) -> (u64, u64) {
+    let w = u64::from(canary_weight);
+    let stable = (100 - w) * n_canary as u64;
+    let canary = w * n_stable as u64;
+    let g = gcd(stable, canary).max(1);
+    (stable / g, canary / g)
+}
+
+fn gcd(mut a: u64, mut b: u64) -> u64 {
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    a
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Generation;
+    use crate::test_support::traffic;
+
+    fn server(name: &str, port: u16, variant: Variant) -> Server {
+        Server {
+            name: name.into(),
+            address: format!("127.0.0.1:{port}"),
+            variant,
+        }
+    }
+
+    #[test]
+    fn server_weights_give_the_canary_exactly_its_share_and_never_zero() {
+        for (ns, nc) in [(1, 1), (2, 1), (1, 2), (3, 2), (2, 3), (5, 7)] {
+            for w in 1..100u32 {
+                let (ws, wc) = server_weights(w, ns, nc);
+                assert!(ws > 0 && wc > 0, "{ns}x{nc} at {w}%: ({ws}, {wc})");
+                let canary = wc * nc as u64;
+                let total = ws * ns as u64 + canary;
+                // canary/total == w/100 exactly, in integers.
+                assert_eq!(u64::from(w) * total, 100 * canary, "{ns}x{nc} at {w}%");
+            }
+        }
+        // Spot checks of the reduced weights.
+        assert_eq!(server_weights(25, 1, 1), (3, 1));
+        assert_eq!(server_weights(25, 2, 1), (3, 2));
+        assert_eq!(server_weights(50, 3, 2), (2, 3));
+        assert_eq!(server_weights(10, 3, 2), (6, 1));
+    }
+
+    #[test]
+    fn upstreams_keep_each_services_servers_in_the_order_added() {
+        let upstreams: Upstreams = [
+            ("web", server("web-2", 8002, Variant::Canary)),
+            ("api", server("api-1", 8003, Variant::Stable)),
+            ("web", server("web-1", 8001, Variant::Stable)),
+        ]
+        .into_iter()
+        .map(|(s, server)| (s.to_owned(), server))
+        .collect();
+        let names = |service| -> Vec<&str> {
+            upstreams
+                .of(service)
+                .iter()
+                .map(|s| s.name.as_str())
+                .collect()
+        };
+        assert_eq!(names("web"), ["web-2", "web-1"]);
+        assert_eq!(names("api"), ["api-1"]);
+        assert!(upstreams.of("bot").is_empty());
+    }
+
+    #[test]
+    fn a_route_takes_the_desired_traffic_or_else_all_stable() {
+        let upstreams: Upstreams = [
+            ("web".to_owned(), server("web-s", 8001, Variant::Stable)),
+            ("web".to_owned(), server("web-c", 8002, Variant::Canary)),
+        ]
+        .into_iter()
+        .collect();
+        let desired = DesiredState {
+            generation: Generation { term: 1, index: 2 },
+            services: vec![traffic("web", 25, Some("$cookie_uid"))],
+        };
+        let route = Route::for_service("web", "0.0.0.0:80", &desired, &upstreams);
+        assert_eq!(
+            route,
+            Route {
+                service: "web".into(),
+                listen: "0.0.0.0:80".into(),
+                servers: upstreams.of("web").to_vec(),
+                canary_weight: 25,
+                sticky_key: Some("$cookie_uid".into()),
+                stable_version: "v1".into(),
+                canary_version: "v2".into(),
+            }
+        );
+        let canary: Vec<&str> = route
+            .servers_of(Variant::Canary)
+            .map(|s| s.name.as_str())
+            .collect();
+        assert_eq!(canary, ["web-c"]);
+
+        let route = Route::for_service("api", "0.0.0.0:81", &desired, &upstreams);
+        assert_eq!(
+            (route.canary_weight, route.sticky_key, route.servers.len()),
+            (0, None, 0)
+        );
+        assert_eq!(
+            (route.stable_version, route.canary_version),
+            ("".into(), "".into())
+        );
+    }
+}
