@@ -37,7 +37,10 @@ async fn registers_reports_acks_and_reregisters_after_coordinator_restart() {
         r#"
         name = "host-1"
         coordinators = ["http://{coordinator}"]
-        interval = "100ms"
+        interval = "500ms"
+        # A generous scrape timeout: under load an 80 ms one made the good and the garbage
+        # pages time out too; only the silent instance may time out here.
+        scrape_timeout = "400ms"
         data_dir = "{data}"
         labels = {{ zone = "z1" }}
 
