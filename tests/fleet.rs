@@ -110,6 +110,47 @@ fn the_missing_requirement_is_named_root_or_ip_or_both() {
     );
 }
 
+/// Not the test itself: run by
+/// [`a_fleet_started_by_a_user_other_than_root_fails_saying_it_needs_root`] as uid 65534, it
+/// prints what `Fleet::new` said. As root it must succeed.
+#[test]
+#[ignore = "helper, run as another user by the non-root test"]
+fn helper_fleet_new_as_the_current_user() {
+    match Fleet::new(1) {
+        Ok(_) => assert_eq!(
+            rustix::process::geteuid().as_raw(),
+            0,
+            "only root gets a fleet"
+        ),
+        Err(e) => println!("FLEET ERROR: {e:#}"),
+    }
+}
+
+/// The harness's refusal is real, not only its message: the same test binary, run as uid
+/// 65534, gets an error naming root and the uid instead of a fleet.
+#[test]
+fn a_fleet_started_by_a_user_other_than_root_fails_saying_it_needs_root() {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(&exe)
+        .args([
+            "--exact",
+            "helper_fleet_new_as_the_current_user",
+            "--ignored",
+            "--nocapture",
+        ])
+        .output()
+        .expect("running setpriv (util-linux)");
+    let text = describe(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("FLEET ERROR: a test fleet of network namespaces needs root")
+            && text.contains("uid 65534"),
+        "{text}"
+    );
+}
+
 #[test]
 fn only_fleet_resource_names_yield_the_pid_the_sweep_checks() {
     assert_eq!(owner_pid("serin-4242-0-sw"), Some(4242));
