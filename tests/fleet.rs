@@ -228,6 +228,26 @@ async fn hosts_reach_the_root_namespace_and_each_other_until_one_is_cut_or_kille
         "h1 cannot reach healed h2"
     );
 
+    // A daemon that left its parent: kill_all must find it by namespace, not by parentage.
+    let out = fleet
+        .host(3)
+        .exec(
+            "bash",
+            &["-c", "sleep 600 >/dev/null 2>&1 & disown; echo $!"],
+            Duration::from_secs(5),
+        )
+        .await;
+    let orphan: i32 = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("no pid from the orphan's shell: {}", describe(&out)));
+    assert!(
+        fleet
+            .host(3)
+            .pids()
+            .expect("listing h3's pids")
+            .contains(&orphan)
+    );
     fleet.host_mut(3).kill_all().expect("killing h3");
     assert_eq!(
         fleet.host(3).pids().expect("listing h3's pids"),

@@ -6,6 +6,8 @@
 //!   and a [`Load`] generator sending ~100 req/s through nginx, a new connection per request.
 //! - [`Proc`]: one child process; stdout and stderr go to `<dir>/<name>.log`; killed on drop.
 //! - [`cli_at`] / [`Stack::cli`]: the `serin` CLI with `SERIN_COORDINATOR` set.
+//! - [`netns::Fleet`]: several hosts on one machine, one per network namespace, each with its
+//!   own address, that a test can kill or cut off (needs root and iproute2).
 //! - Waiting is always on a condition, polled every [`POLL`] ([`Stack::wait_until`],
 //!   [`Stack::wait_status`]); a timeout panics with the last rollout status and the tails of
 //!   every log. When a test panics while a [`Stack`] is alive, the stack's drop prints the same
