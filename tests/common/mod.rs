@@ -6,6 +6,8 @@
 //!   and a [`Load`] generator sending ~100 req/s through nginx, a new connection per request.
 //! - [`Proc`]: one child process; stdout and stderr go to `<dir>/<name>.log`; killed on drop.
 //! - [`cli_at`] / [`Stack::cli`]: the `serin` CLI with `SERIN_COORDINATOR` set.
+//! - [`netns::Fleet`]: several hosts on one machine, one per network namespace, each with its
+//!   own address, that a test can kill or cut off (needs root and iproute2).
 //! - Waiting is always on a condition, polled every [`POLL`] ([`Stack::wait_until`],
 //!   [`Stack::wait_status`]); a timeout panics with the last rollout status and the tails of
 //!   every log. When a test panics while a [`Stack`] is alive, the stack's drop prints the same
@@ -17,6 +19,8 @@
 //! taken by an outgoing connection between choosing it and the process binding it. A
 //! process-wide set ensures two tests running in parallel never get the same port.
 #![allow(dead_code)]
+
+pub mod netns;
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt::Write as _;
@@ -224,6 +228,23 @@ impl Proc {
 
     /// Like [`Proc::spawn`], with `SERIN_LOG` set to `filter` when given.
     pub fn spawn_with_log(name: &str, dir: &Path, args: &[String], filter: Option<&str>) -> Proc {
+        let mut argv = vec![SERIN.to_owned()];
+        argv.extend_from_slice(args);
+        let shown = format!("serin {}", args.join(" "));
+        Proc::spawn_argv(name, dir, &argv, &shown, filter)
+    }
+
+    /// Spawns `argv[0] argv[1..]` in `dir` with the conventions of [`Proc::spawn`] (output to
+    /// `dir/<name>.log` under a `=== <shown>` header line, `NO_COLOR=1`, no inherited
+    /// `SERIN_COORDINATOR`, `SERIN_LOG` only when `filter` is given, killed on drop).
+    pub fn spawn_argv(
+        name: &str,
+        dir: &Path,
+        argv: &[String],
+        shown: &str,
+        filter: Option<&str>,
+    ) -> Proc {
+        let (program, args) = argv.split_first().expect("spawn_argv: empty argv");
         let log = dir.join(format!("{name}.log"));
         let mut file = std::fs::OpenOptions::new()
             .create(true)
@@ -232,10 +253,10 @@ impl Proc {
             .unwrap_or_else(|e| panic!("creating {}: {e}", log.display()));
         {
             use std::io::Write;
-            let _ = writeln!(file, "=== serin {}", args.join(" "));
+            let _ = writeln!(file, "=== {shown}");
         }
         let err = file.try_clone().expect("cloning a log file handle");
-        let mut command = Command::new(SERIN);
+        let mut command = Command::new(program);
         command
             .args(args)
             .current_dir(dir)
@@ -251,7 +272,7 @@ impl Proc {
             .stderr(Stdio::from(err))
             .kill_on_drop(true)
             .spawn()
-            .unwrap_or_else(|e| panic!("spawning {SERIN} {}: {e}", args.join(" ")));
+            .unwrap_or_else(|e| panic!("spawning {}: {e}", argv.join(" ")));
         Proc {
             name: name.to_owned(),
             log,
