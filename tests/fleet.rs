@@ -546,16 +546,11 @@ async fn agents_on_three_hosts_connect_and_a_killed_host_shows_disconnected() {
 }
 
 /// A host cut off from the network while its agent runs on is listed disconnected within a
-/// bounded time, and connected again once healed.
-///
-/// Fails today: the agent notices the partition (its HTTP/2 keepalive times out after ~20 s and
-/// it reconnects once healed), but the coordinator's gRPC server has no keepalive and sends
-/// nothing unprompted, so the dead session's stream never ends and the agent stays listed as
-/// connected for as long as the partition lasts. Needs a server-side keepalive (tonic
-/// `Server::http2_keepalive_interval` + `http2_keepalive_timeout`) or a report-silence limit
-/// in coordinator/; remove the `ignore` with that fix.
+/// bounded time (the coordinator's HTTP/2 keepalive: a 5 s quiet interval plus a 10 s ping
+/// timeout), and connected again once healed. Before the server had a keepalive the dead
+/// session's stream never ended and the agent stayed listed as connected for as long as the
+/// partition lasted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "the coordinator never notices a partitioned agent (no server-side keepalive)"]
 async fn a_cut_off_host_shows_disconnected_and_reconnects_when_healed() {
     let mut serin = Serin::start(3).await;
     serin.wait_all_connected(3).await;

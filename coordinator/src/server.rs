@@ -23,6 +23,11 @@ use crate::raft::storage::{self, OpenDbError};
 use crate::service::{Api, MAX_MESSAGE_BYTES};
 use crate::strategy::MAX_TRIGGER_WINDOW;
 
+/// How long a connection may be quiet before the server pings it.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+/// How long an unanswered ping may wait before the connection is dropped.
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Coordinator settings, validated.
 #[derive(Debug, Clone)]
 pub struct CoordinatorConfig {
@@ -217,6 +222,12 @@ pub async fn run(
         let _ = ready.send(addr);
     }
     let server = tonic::transport::Server::builder()
+        // Ping every connection that is quiet for 5 s and drop it when a ping goes unanswered
+        // for 10 s: a partitioned agent sends nothing and a half-open TCP connection never
+        // ends by itself, so without this a cut-off agent stayed listed as connected for as
+        // long as the partition lasted (found by tests/fleet.rs).
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         .add_service(
             AgentServiceServer::new(api.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES),
         )
