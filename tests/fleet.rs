@@ -130,8 +130,22 @@ fn helper_fleet_new_as_the_current_user() {
 /// 65534, gets an error naming root and the uid instead of a fleet.
 #[test]
 fn a_fleet_started_by_a_user_other_than_root_fails_saying_it_needs_root() {
-    let exe = std::env::current_exe().expect("the test binary's path");
+    // A copy in a directory every user can enter: the checkout (and so target/) may live
+    // under a directory uid 65534 cannot traverse, such as /root.
+    use std::os::unix::fs::PermissionsExt;
+    let copy_dir = tempfile::tempdir().expect("a temporary directory");
+    std::fs::set_permissions(copy_dir.path(), std::fs::Permissions::from_mode(0o755))
+        .expect("chmod 755 the copy's directory");
+    let exe = copy_dir.path().join("fleet-test");
+    std::fs::copy(
+        std::env::current_exe().expect("the test binary's path"),
+        &exe,
+    )
+    .expect("copying the test binary");
+    std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755))
+        .expect("chmod 755 the copy");
     let out = std::process::Command::new("setpriv")
+        .current_dir("/")
         .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
         .arg(&exe)
         .args([
