@@ -102,12 +102,7 @@ async fn run_scenario(
 ) -> anyhow::Result<bool> {
     // 1. Coordinator.
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-    let config = CoordinatorConfig {
-        node_id: 1,
-        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-        data_dir: dir.join("coordinator"),
-        forget_agents_after: serin_coordinator::agents::FORGET_DISCONNECTED_AFTER,
-    };
+    let config = CoordinatorConfig::on_loopback(dir.join("coordinator"));
     let token = stop.clone();
     tasks.push(tokio::spawn(async move {
         serin_coordinator::server::run(config, token, Some(ready_tx))

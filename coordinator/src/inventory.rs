@@ -87,23 +87,7 @@ pub struct ServiceUpstreams {
     pub canary_missing: bool,
 }
 
-/// Per-server weights `(stable, canary)` such that the canary gets exactly `canary_weight`% of
-/// picks in total with `n_stable` and `n_canary` servers. Meaningful for
-/// `0 < canary_weight < 100` with servers on both sides; never a zero weight then.
-pub fn server_weights(canary_weight: u32, n_stable: usize, n_canary: usize) -> (u64, u64) {
-    let w = u64::from(canary_weight.min(100));
-    let stable = (100 - w) * n_canary as u64;
-    let canary = w * n_stable as u64;
-    let g = gcd(stable, canary).max(1);
-    (stable / g, canary / g)
-}
-
-fn gcd(mut a: u64, mut b: u64) -> u64 {
-    while b != 0 {
-        (a, b) = (b, a % b);
-    }
-    a
-}
+pub use serin_proto::weights::server_weights;
 
 /// The upstream servers of a service: `instances` (the inventory's, for this service) minus
 /// the addresses in `removed` (the committed membership), weighted for `canary_weight`%.
@@ -451,13 +435,5 @@ mod tests {
             Some(("a".into(), "host-a".into(), "host-other".into()))
         );
         assert_eq!(duplicate_address(&[stable("a"), stable("b")]), None);
-    }
-
-    #[test]
-    fn weights_are_reduced_and_match_the_agents_rendering() {
-        assert_eq!(server_weights(5, 1, 1), (19, 1));
-        assert_eq!(server_weights(50, 2, 1), (1, 2));
-        assert_eq!(server_weights(25, 3, 1), (1, 1));
-        assert_eq!(server_weights(10, 4, 2), (9, 2));
     }
 }

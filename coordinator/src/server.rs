@@ -95,6 +95,17 @@ impl CoordinatorSettings {
 }
 
 impl CoordinatorConfig {
+    /// Node 1 on a free loopback port with its data in `data_dir` and default settings: for
+    /// the demo and tests.
+    pub fn on_loopback(data_dir: PathBuf) -> CoordinatorConfig {
+        CoordinatorConfig {
+            node_id: 1,
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            data_dir,
+            forget_agents_after: crate::agents::FORGET_DISCONNECTED_AFTER,
+        }
+    }
+
     /// Checks the fields.
     pub fn validate(&self) -> Result<(), CoordinatorError> {
         if self.node_id == 0 {

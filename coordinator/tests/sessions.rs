@@ -30,12 +30,7 @@ impl Drop for Coordinator {
 
 async fn coordinator() -> Coordinator {
     let dir = tempfile::tempdir().unwrap();
-    let config = CoordinatorConfig {
-        node_id: 1,
-        listen: "127.0.0.1:0".parse().unwrap(),
-        data_dir: dir.path().to_owned(),
-        forget_agents_after: serin_coordinator::agents::FORGET_DISCONNECTED_AFTER,
-    };
+    let config = CoordinatorConfig::on_loopback(dir.path().to_owned());
     let shutdown = CancellationToken::new();
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     tokio::spawn(run(config, shutdown.clone(), Some(ready_tx)));

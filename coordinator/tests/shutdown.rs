@@ -12,12 +12,7 @@ use tokio_util::sync::CancellationToken;
 #[tokio::test]
 async fn shutdown_with_an_open_agent_session_returns_promptly() {
     let dir = tempfile::tempdir().unwrap();
-    let config = CoordinatorConfig {
-        node_id: 1,
-        listen: "127.0.0.1:0".parse().unwrap(),
-        data_dir: dir.path().to_owned(),
-        forget_agents_after: serin_coordinator::agents::FORGET_DISCONNECTED_AFTER,
-    };
+    let config = CoordinatorConfig::on_loopback(dir.path().to_owned());
     let shutdown = CancellationToken::new();
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     let server = tokio::spawn(run(config, shutdown.clone(), Some(ready_tx)));

@@ -5,6 +5,8 @@
 //! - `ControlService`: the operator's API (start, inspect and steer rollouts).
 #![allow(clippy::all, missing_docs)]
 
+pub mod weights;
+
 /// Version 1 of the wire contract.
 pub mod v1 {
     tonic::include_proto!("serin.v1");
