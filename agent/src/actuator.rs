@@ -178,6 +178,7 @@ pub(crate) mod conformance {
             canary_version: "v2".into(),
             rollout_id: "conformance".into(),
             sticky_key: None,
+            ..Default::default()
         }
     }
 
@@ -291,6 +292,7 @@ mod tests {
                     canary_version: "v2".into(),
                     rollout_id: "r1".into(),
                     sticky_key: None,
+                    ..Default::default()
                 })
                 .collect(),
         }
