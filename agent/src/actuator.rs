@@ -23,7 +23,7 @@ use crate::traffic::Upstreams;
 ///   state that is not carried is ignored, and a carried service the desired state does
 ///   not mention gets all its traffic on stable (no rollout).
 /// - Traffic goes to `upstreams`' servers of each carried service, whoever listed them
-///   (the agent's own `[[instances]]` today, the coordinator's inventory later).
+///   (the coordinator's inventory, or else the agent's own `[[instances]]`).
 /// - `Ok` means the new traffic is live (or was already: [`ActuatorOutcome::Unchanged`]
 ///   when the carried services' traffic equals what is live, whatever the generation).
 /// - A desired state the actuator cannot take (at least: a canary weight above 100 for a
@@ -87,14 +87,18 @@ impl ActuatorFailure {
 #[cfg(test)]
 pub(crate) mod fake {
     use super::*;
+    use crate::traffic::Server;
 
-    /// What the fake has made "live": per carried service, (canary weight, sticky key).
-    type Live = Vec<(u32, Option<String>)>;
+    /// What the fake has made "live": per carried service, (canary weight, sticky key,
+    /// servers).
+    type Live = Vec<(u32, Option<String>, Vec<Server>)>;
 
     pub(crate) struct FakeActuator {
         services: Vec<String>,
         /// Every `apply` call's desired state, in order.
         pub(crate) calls: Vec<DesiredState>,
+        /// Every `apply` call's upstreams, in order.
+        pub(crate) upstreams: Vec<Upstreams>,
         /// When set, every `apply` fails with this text (attributed like nginx's failures)
         /// and changes nothing.
         pub(crate) fail_with: Option<String>,
@@ -108,6 +112,7 @@ pub(crate) mod fake {
             FakeActuator {
                 services: services.iter().map(|s| (*s).to_owned()).collect(),
                 calls: Vec::new(),
+                upstreams: Vec::new(),
                 fail_with: None,
                 fail_times: None,
                 live: None,
@@ -123,9 +128,10 @@ pub(crate) mod fake {
         async fn apply(
             &mut self,
             desired: &DesiredState,
-            _upstreams: &Upstreams,
+            upstreams: &Upstreams,
         ) -> Result<ActuatorOutcome, ActuatorFailure> {
             self.calls.push(desired.clone());
+            self.upstreams.push(upstreams.clone());
             let fail = |error| ActuatorFailure::attributed(&self.services, desired, error);
             if let Some(error) = &self.fail_with {
                 match &mut self.fail_times {
@@ -146,7 +152,11 @@ pub(crate) mod fake {
                         "service '{service}': canary_weight {weight} is out of range (0..=100)"
                     )));
                 }
-                next.push((weight, traffic.and_then(|t| t.sticky_key.clone())));
+                next.push((
+                    weight,
+                    traffic.and_then(|t| t.sticky_key.clone()),
+                    upstreams.of(service).to_vec(),
+                ));
             }
             if self.live.as_ref() == Some(&next) {
                 return Ok(ActuatorOutcome::Unchanged);
@@ -178,6 +188,7 @@ pub(crate) mod conformance {
             canary_version: "v2".into(),
             rollout_id: "conformance".into(),
             sticky_key: None,
+            ..Default::default()
         }
     }
 
@@ -291,6 +302,7 @@ mod tests {
                     canary_version: "v2".into(),
                     rollout_id: "r1".into(),
                     sticky_key: None,
+                    ..Default::default()
                 })
                 .collect(),
         }

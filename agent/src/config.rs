@@ -21,6 +21,7 @@
 //! # metrics = { requests = "http_requests_total", status_label = "code",
 //! #             latency = "http_request_duration_seconds" }
 //!
+//! # A balancer-only agent needs no [[instances]]: the coordinator sends the servers.
 //! [nginx]                      # optional: this host's nginx carries these services
 //! config = "/etc/nginx/nginx.conf"
 //! site = "/etc/nginx/conf.d/serin.conf"
@@ -456,16 +457,19 @@ fn validate(raw: RawConfig) -> Result<AgentConfig, ConfigError> {
     let instances_ok = p.0.len() == problems_before_instances;
     if let Some(nginx) = &raw.nginx {
         for (i, svc) in nginx.services.iter().enumerate() {
-            let has_stable = instances
-                .iter()
-                .any(|inst| inst.service == svc.service && inst.variant == Variant::Stable);
+            // No local instance is fine: the coordinator's inventory sends the servers (nginx
+            // answers 503 until it does). Local ones must include a stable one.
+            let mut local = instances.iter().filter(|inst| inst.service == svc.service);
+            let all_canary =
+                local.clone().next().is_some() && local.all(|inst| inst.variant == Variant::Canary);
             // Only meaningful once every instance is valid; otherwise the cause is reported above.
-            if !has_stable && instances_ok {
+            if all_canary && instances_ok {
                 p.add(
                     format!("nginx.services[{i}].service"),
                     format!(
-                        "no stable instance of service {:?} in [[instances]]; nginx needs one to \
-                         send traffic to",
+                        "the [[instances]] of service {:?} are all canary; nginx needs a stable \
+                         one to send traffic to (or declare none, and the coordinator sends the \
+                         servers)",
                         svc.service
                     ),
                 );
@@ -778,22 +782,47 @@ mod tests {
         );
     }
 
+    const CANARY_INSTANCE: &str = r#"
+        [[instances]]
+        name = "api-c"
+        service = "api"
+        variant = "canary"
+        address = "127.0.0.1:8082"
+        metrics_url = "http://127.0.0.1:8082/metrics"
+    "#;
+
+    const NGINX_WEB_AND_API: &str = r#"
+        [nginx]
+        config = "/etc/nginx/nginx.conf"
+        site = "/etc/nginx/conf.d/serin.conf"
+        services = [
+            { service = "web", listen = "0.0.0.0:80" },
+            { service = "api", listen = "0.0.0.0:81" },
+        ]
+    "#;
+
     #[test]
-    fn nginx_services_need_a_stable_instance() {
-        let nginx = r#"
-            [nginx]
-            config = "/etc/nginx/nginx.conf"
-            site = "/etc/nginx/conf.d/serin.conf"
-            services = [
-                { service = "web", listen = "0.0.0.0:80" },
-                { service = "api", listen = "0.0.0.0:81" },
-            ]
-        "#;
+    fn nginx_services_with_local_instances_need_a_stable_one() {
         assert_single_error(
-            &format!("{MINIMAL}\n{STABLE_INSTANCE}\n{nginx}"),
-            "nginx.services[1].service: no stable instance of service \"api\" in [[instances]]; \
-             nginx needs one to send traffic to",
+            &format!("{MINIMAL}\n{STABLE_INSTANCE}\n{CANARY_INSTANCE}\n{NGINX_WEB_AND_API}"),
+            "nginx.services[1].service: the [[instances]] of service \"api\" are all canary; \
+             nginx needs a stable one to send traffic to (or declare none, and the coordinator \
+             sends the servers)",
         );
+    }
+
+    #[test]
+    fn a_balancer_without_instances_is_valid_its_servers_come_from_the_coordinator() {
+        let c = AgentConfig::from_toml(&format!("{MINIMAL}\n{NGINX_WEB_AND_API}")).unwrap();
+        assert!(c.instances.is_empty());
+        assert!(!c.does_nothing());
+        assert_eq!(c.balancer_services(), ["web", "api"]);
+        assert_eq!(c.local_upstreams(), Upstreams::default());
+        // Some services local, others not: valid too.
+        AgentConfig::from_toml(&format!(
+            "{MINIMAL}\n{STABLE_INSTANCE}\n{NGINX_WEB_AND_API}"
+        ))
+        .unwrap();
     }
 
     #[test]

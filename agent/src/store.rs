@@ -14,6 +14,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use serin_proto::v1 as pb;
 
+use crate::traffic::Variant;
+
 /// Name of the sled directory inside the agent's `data_dir`.
 pub const STORE_DIR: &str = "agent.sled";
 
@@ -58,7 +60,7 @@ impl From<Generation> for pb::Generation {
 }
 
 /// What one service's traffic should look like (the agent's copy of `ServiceTraffic`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceTraffic {
     pub service: String,
     /// Percentage of traffic for the canary; the wire allows any `u32`, the actuator checks.
@@ -68,10 +70,84 @@ pub struct ServiceTraffic {
     pub rollout_id: String,
     /// nginx variable to key a sticky split on; `None` = weighted.
     pub sticky_key: Option<String>,
+    /// The service's upstream servers from the coordinator's inventory, for a balancer.
+    /// Absent in a store written before the inventory existed.
+    #[serde(default)]
+    pub servers: Vec<UpstreamServer>,
+    /// `servers` is authoritative: route to them, not to this agent's `[[instances]]`.
+    #[serde(default)]
+    pub from_inventory: bool,
+    /// Why the coordinator's servers could not be read (naming the server): the applier
+    /// refuses the service. Never stored: a state carrying it is never applied.
+    #[serde(skip)]
+    pub invalid_servers: Option<String>,
+}
+
+/// One upstream server of a service, from the coordinator's inventory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpstreamServer {
+    /// The instance's name in its agent's config.
+    pub instance: String,
+    /// `host:port` the balancer sends traffic to; never empty.
+    pub address: String,
+    pub variant: Variant,
+    /// The coordinator's per-server weight. Informational: balancers recompute the weights
+    /// with [`crate::traffic::server_weights`], the same rule.
+    pub weight: u64,
+    /// The agent that declared (and scrapes) it.
+    pub agent: String,
+}
+
+impl UpstreamServer {
+    /// Reads the `index`th server of a service; the error names the server.
+    fn from_proto(index: usize, s: pb::UpstreamServer) -> Result<UpstreamServer, String> {
+        let name = format!(
+            "server {index} (instance {:?} of agent {:?})",
+            s.instance, s.agent
+        );
+        let variant = match pb::Variant::try_from(s.variant) {
+            Ok(pb::Variant::Stable) => Variant::Stable,
+            Ok(pb::Variant::Canary) => Variant::Canary,
+            _ => {
+                return Err(format!(
+                    "{name}: variant {} is neither stable nor canary",
+                    s.variant
+                ));
+            }
+        };
+        if s.address.is_empty() {
+            return Err(format!("{name}: the address is empty"));
+        }
+        Ok(UpstreamServer {
+            instance: s.instance,
+            address: s.address,
+            variant,
+            weight: s.weight,
+            agent: s.agent,
+        })
+    }
 }
 
 impl From<pb::ServiceTraffic> for ServiceTraffic {
+    /// A server that cannot be read is not dropped: it empties `servers` and sets
+    /// `invalid_servers`, which the applier refuses.
     fn from(s: pb::ServiceTraffic) -> Self {
+        let servers: Result<Vec<UpstreamServer>, String> = s
+            .servers
+            .into_iter()
+            .enumerate()
+            .map(|(i, server)| UpstreamServer::from_proto(i, server))
+            .collect();
+        let (servers, invalid_servers) = match servers {
+            Ok(servers) => (servers, None),
+            Err(error) => (
+                Vec::new(),
+                Some(format!(
+                    "service '{}': the coordinator sent an unusable upstream {error}",
+                    s.service
+                )),
+            ),
+        };
         ServiceTraffic {
             service: s.service,
             canary_weight: s.canary_weight,
@@ -79,6 +155,9 @@ impl From<pb::ServiceTraffic> for ServiceTraffic {
             canary_version: s.canary_version,
             rollout_id: s.rollout_id,
             sticky_key: Some(s.sticky_key).filter(|k| !k.is_empty()),
+            servers,
+            from_inventory: s.from_inventory,
+            invalid_servers,
         }
     }
 }
@@ -334,6 +413,7 @@ mod tests {
                 canary_version: "v2".into(),
                 rollout_id: "r-1".into(),
                 sticky_key: Some("$cookie_uid".into()),
+                ..Default::default()
             }],
         }
     }
@@ -486,6 +566,116 @@ mod tests {
             .unwrap();
         let err = store.last_applied().unwrap_err();
         assert!(err.to_string().contains("format 9"), "{err}");
+    }
+
+    /// A `last_applied` record as the agent before the inventory wrote it (no `servers`,
+    /// no `from_inventory`).
+    const PRE_INVENTORY_RECORD: &[u8] =
+        br#"{"format":1,"desired":{"generation":{"term":2,"index":7},
+        "services":[{"service":"web","canary_weight":50,"stable_version":"v1",
+        "canary_version":"v2","rollout_id":"r-1","sticky_key":"$cookie_uid"}]}}"#;
+
+    #[test]
+    fn a_store_written_before_the_inventory_still_loads_with_local_servers() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(dir.path()).unwrap();
+        store
+            .db
+            .insert(LAST_APPLIED_KEY, PRE_INVENTORY_RECORD)
+            .unwrap();
+        let loaded = store.last_applied().unwrap().expect("a record");
+        assert_eq!(loaded, desired(2, 7, 50));
+        assert!(!loaded.services[0].from_inventory);
+        assert!(loaded.services[0].servers.is_empty());
+    }
+
+    fn server(instance: &str, variant: pb::Variant, address: &str) -> pb::UpstreamServer {
+        pb::UpstreamServer {
+            instance: instance.into(),
+            address: address.into(),
+            variant: variant.into(),
+            weight: 3,
+            agent: "app-1".into(),
+        }
+    }
+
+    #[test]
+    fn inventory_servers_are_converted_and_survive_the_store() {
+        let d = DesiredState::from_proto(pb::DesiredState {
+            generation: Some(pb::Generation { term: 1, index: 4 }),
+            services: vec![pb::ServiceTraffic {
+                service: "web".into(),
+                servers: vec![
+                    server("web-s", pb::Variant::Stable, "10.0.0.1:8080"),
+                    server("web-c", pb::Variant::Canary, "10.0.0.2:8080"),
+                ],
+                from_inventory: true,
+                ..Default::default()
+            }],
+        })
+        .unwrap();
+        let web = &d.services[0];
+        assert!(web.from_inventory);
+        assert_eq!(web.invalid_servers, None);
+        assert_eq!(
+            web.servers,
+            [
+                UpstreamServer {
+                    instance: "web-s".into(),
+                    address: "10.0.0.1:8080".into(),
+                    variant: Variant::Stable,
+                    weight: 3,
+                    agent: "app-1".into(),
+                },
+                UpstreamServer {
+                    instance: "web-c".into(),
+                    address: "10.0.0.2:8080".into(),
+                    variant: Variant::Canary,
+                    weight: 3,
+                    agent: "app-1".into(),
+                },
+            ]
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(dir.path()).unwrap();
+        store.record_applied(&d).unwrap();
+        assert_eq!(store.last_applied().unwrap(), Some(d));
+    }
+
+    #[test]
+    fn an_unusable_inventory_server_marks_its_service_invalid_naming_the_server() {
+        let cases = [
+            (
+                server("web-x", pb::Variant::Unspecified, "10.0.0.3:8080"),
+                "variant 0 is neither stable nor canary",
+            ),
+            (
+                server("web-x", pb::Variant::Stable, ""),
+                "the address is empty",
+            ),
+        ];
+        for (bad, reason) in cases {
+            let d = DesiredState::from_proto(pb::DesiredState {
+                generation: Some(pb::Generation { term: 1, index: 4 }),
+                services: vec![pb::ServiceTraffic {
+                    service: "web".into(),
+                    servers: vec![server("web-s", pb::Variant::Stable, "10.0.0.1:8080"), bad],
+                    from_inventory: true,
+                    ..Default::default()
+                }],
+            })
+            .unwrap();
+            let invalid = d.services[0].invalid_servers.as_deref().expect("invalid");
+            for part in [
+                "service 'web'",
+                "server 1",
+                "\"web-x\"",
+                "\"app-1\"",
+                reason,
+            ] {
+                assert!(invalid.contains(part), "{part:?} not in {invalid:?}");
+            }
+        }
     }
 
     #[test]

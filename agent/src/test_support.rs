@@ -25,5 +25,6 @@ pub fn traffic(service: &str, weight: u32, sticky: Option<&str>) -> ServiceTraff
         canary_version: "v2".into(),
         rollout_id: "r1".into(),
         sticky_key: sticky.map(Into::into),
+        ..Default::default()
     }
 }

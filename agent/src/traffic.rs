@@ -2,18 +2,21 @@
 //! one service's traffic should look like ([`Route`]). Pure: no I/O, no clock.
 //!
 //! Why a module of its own: these types are what every traffic actuator (nginx today,
-//! HAProxy next) is driven by, and what the local config (`[[instances]]`) and later the
-//! coordinator's inventory produce. Living below `config` and every balancer, they let the
+//! HAProxy next) is driven by, and what the local config (`[[instances]]`) and the
+//! coordinator's inventory produce ([`Upstreams::for_desired`] picks per service). Living below `config` and every balancer, they let the
 //! servers come from either source without a balancer knowing which, and let a second
 //! balancer reuse the route derivation and the exact-share weights instead of copying them
 //! out of nginx.
 
 use std::collections::BTreeMap;
 
+use serde::{Deserialize, Serialize};
+
 use crate::store::DesiredState;
 
 /// Which side of a rollout a server belongs to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Variant {
     Stable,
     Canary,
@@ -43,6 +46,69 @@ impl Upstreams {
     /// Adds `server` to `service`'s servers, after those already there.
     pub fn add(&mut self, service: impl Into<String>, server: Server) {
         self.0.entry(service.into()).or_default().push(server);
+    }
+}
+
+/// A carried service whose servers cannot be taken from a desired state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamRefusal {
+    pub service: String,
+    /// Why, naming the service (and the server, when one is at fault).
+    pub error: String,
+}
+
+impl Upstreams {
+    /// The servers the `carried` services route to for `desired`: for a service the
+    /// coordinator sends `from_inventory`, exactly its servers; otherwise `local`'s (the
+    /// agent's `[[instances]]`). Refused, per service: servers the coordinator sent that
+    /// could not be read, and an inventory without a stable server (the coordinator never
+    /// sends one; routing to it would fail every stable request).
+    pub fn for_desired(
+        desired: &DesiredState,
+        local: &Upstreams,
+        carried: &[String],
+    ) -> Result<Upstreams, Vec<UpstreamRefusal>> {
+        let mut upstreams = Upstreams::default();
+        let mut refusals = Vec::new();
+        for service in carried {
+            let traffic = desired
+                .services
+                .iter()
+                .find(|s| &s.service == service && s.from_inventory);
+            let Some(traffic) = traffic else {
+                for server in local.of(service) {
+                    upstreams.add(service.clone(), server.clone());
+                }
+                continue;
+            };
+            let refuse = |error: String| UpstreamRefusal {
+                service: service.clone(),
+                error,
+            };
+            if let Some(error) = &traffic.invalid_servers {
+                refusals.push(refuse(error.clone()));
+            } else if !traffic.servers.iter().any(|s| s.variant == Variant::Stable) {
+                refusals.push(refuse(format!(
+                    "service '{service}': the coordinator's inventory has no stable server \
+                     ({} servers); refusing to route it",
+                    traffic.servers.len()
+                )));
+            } else {
+                for s in &traffic.servers {
+                    let server = Server {
+                        name: s.instance.clone(),
+                        address: s.address.clone(),
+                        variant: s.variant,
+                    };
+                    upstreams.add(service.clone(), server);
+                }
+            }
+        }
+        if refusals.is_empty() {
+            Ok(upstreams)
+        } else {
+            Err(refusals)
+        }
     }
 }
 
@@ -114,7 +180,7 @@ pub use serin_proto::weights::server_weights;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::Generation;
+    use crate::store::{Generation, ServiceTraffic, UpstreamServer};
     use crate::test_support::traffic;
 
     fn server(name: &str, port: u16, variant: Variant) -> Server {
@@ -145,6 +211,108 @@ mod tests {
         assert_eq!(names("web"), ["web-2", "web-1"]);
         assert_eq!(names("api"), ["api-1"]);
         assert!(upstreams.of("bot").is_empty());
+    }
+
+    fn inventory(service: &str, servers: &[(&str, u16, Variant)]) -> ServiceTraffic {
+        ServiceTraffic {
+            servers: servers
+                .iter()
+                .map(|(name, port, variant)| UpstreamServer {
+                    instance: (*name).into(),
+                    address: format!("10.0.0.9:{port}"),
+                    variant: *variant,
+                    weight: 1,
+                    agent: "app-9".into(),
+                })
+                .collect(),
+            from_inventory: true,
+            ..traffic(service, 10, None)
+        }
+    }
+
+    fn carried(services: &[&str]) -> Vec<String> {
+        services.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn upstreams_for_a_desired_state_take_the_inventory_when_sent_else_the_local_servers() {
+        let local: Upstreams = [
+            ("web", server("web-local", 8001, Variant::Stable)),
+            ("api", server("api-local", 8003, Variant::Stable)),
+        ]
+        .into_iter()
+        .map(|(s, server)| (s.to_owned(), server))
+        .collect();
+        let desired = DesiredState {
+            generation: Generation { term: 1, index: 2 },
+            services: vec![
+                inventory(
+                    "web",
+                    &[
+                        ("web-a", 9001, Variant::Stable),
+                        ("web-b", 9002, Variant::Canary),
+                    ],
+                ),
+                // Servers without the flag (an older coordinator's state, say) are not used.
+                ServiceTraffic {
+                    from_inventory: false,
+                    ..inventory("api", &[("api-x", 9003, Variant::Stable)])
+                },
+                // Not carried: ignored, even with an empty inventory.
+                inventory("bot", &[]),
+            ],
+        };
+        let upstreams =
+            Upstreams::for_desired(&desired, &local, &carried(&["web", "api", "lone"])).unwrap();
+        let of = |service| -> Vec<(String, String, Variant)> {
+            upstreams
+                .of(service)
+                .iter()
+                .map(|s| (s.name.clone(), s.address.clone(), s.variant))
+                .collect()
+        };
+        assert_eq!(
+            of("web"),
+            [
+                ("web-a".into(), "10.0.0.9:9001".into(), Variant::Stable),
+                ("web-b".into(), "10.0.0.9:9002".into(), Variant::Canary),
+            ]
+        );
+        assert_eq!(
+            of("api"),
+            [("api-local".into(), "127.0.0.1:8003".into(), Variant::Stable)]
+        );
+        assert!(of("lone").is_empty(), "no local servers, no inventory");
+        assert!(of("bot").is_empty());
+    }
+
+    #[test]
+    fn an_inventory_without_a_stable_server_or_with_an_unusable_one_is_refused_per_service() {
+        let desired = DesiredState {
+            generation: Generation { term: 1, index: 2 },
+            services: vec![
+                inventory("web", &[("web-c", 9002, Variant::Canary)]),
+                ServiceTraffic {
+                    invalid_servers: Some("service 'api': bad server 0".into()),
+                    ..inventory("api", &[])
+                },
+                inventory("ok", &[("ok-s", 9004, Variant::Stable)]),
+            ],
+        };
+        let refusals = Upstreams::for_desired(
+            &desired,
+            &Upstreams::default(),
+            &carried(&["web", "api", "ok"]),
+        )
+        .unwrap_err();
+        let services: Vec<&str> = refusals.iter().map(|r| r.service.as_str()).collect();
+        assert_eq!(services, ["web", "api"]);
+        assert!(
+            refusals[0].error.contains("service 'web'")
+                && refusals[0].error.contains("no stable server"),
+            "{refusals:?}"
+        );
+        assert_eq!(refusals[1].error, "service 'api': bad server 0");
     }
 
     #[test]

@@ -514,6 +514,8 @@ pub fn desired_state(registry: &Registry, services: &BTreeSet<String>) -> Desire
                     canary_version: plan.canary_version,
                     rollout_id: plan.rollout.map(|r| r.0).unwrap_or_default(),
                     sticky_key: plan.sticky_key.unwrap_or_default(),
+                    servers: Vec::new(),
+                    from_inventory: false,
                 }
             }
             None => ServiceTraffic {

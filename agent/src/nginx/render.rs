@@ -10,6 +10,8 @@
 //!   serin_<svc>_stable; }`, canary bucket first so that users stay canary while the share
 //!   grows; the key goes through a `map` that replaces an empty key with `$request_id`, so
 //!   requests without it (first visits) split by weight instead of all hashing to the canary.
+//! - no servers at all (a balancer whose servers come from the coordinator, before they
+//!   arrive; only without a rollout): `location /` answers 503, no upstream is rendered.
 //! - always: `upstream serin_<svc>_stable` / `serin_<svc>_canary` for each variant with
 //!   servers, reachable directly under `/__serin/stable/` and `/__serin/canary/`, and
 //!   `location = /__serin/generation` answering the generation marker, which the actuator
@@ -169,7 +171,10 @@ fn validate_route(route: &Route) -> Result<(), RenderError> {
         }
     }
     let has = |v: Variant| route.servers_of(v).next().is_some();
-    if route.canary_weight < 100 && !has(Variant::Stable) {
+    // No servers at all and no rollout: a balancer waiting for the coordinator's inventory,
+    // rendered as a 503 (see `render_route`).
+    let waiting = route.servers.is_empty() && route.canary_weight == 0;
+    if route.canary_weight < 100 && !has(Variant::Stable) && !waiting {
         return Err(RenderError::NoStableUpstream {
             service: service.clone(),
             canary_weight: route.canary_weight,
@@ -244,6 +249,16 @@ fn render_route(out: &mut String, route: &Route, generation: &str) {
         stable.len(),
         canary.len()
     ));
+    if route.servers.is_empty() {
+        // Validated: no rollout either. Nothing to proxy to until servers arrive.
+        out.push_str(&format!(
+            "server {{\n    listen {};\n    location = {GENERATION_PATH} {{ access_log off; \
+             default_type text/plain; return 200 \"{generation}\\n\"; }}\n    location / {{ \
+             default_type text/plain; return 503 \"no servers yet\\n\"; }}\n}}\n",
+            route.listen
+        ));
+        return;
+    }
 
     // Per-variant upstreams, for direct access and for sticky mode.
     for (name, list) in [(&stable_name, &stable), (&canary_name, &canary)] {
@@ -579,6 +594,35 @@ mod tests {
                 Err(RenderError::InvalidGeneration { .. })
             ));
         }
+    }
+
+    #[test]
+    fn a_service_without_servers_answers_503_but_serves_its_generation() {
+        for sticky in [None, Some("$cookie_uid")] {
+            let text = render_site(&[route(0, 0, 0, sticky)], "2.3").unwrap();
+            assert!(!text.contains("upstream "), "{text}");
+            assert!(!text.contains("proxy_pass"), "{text}");
+            assert!(!text.contains("split_clients"), "{text}");
+            let server = block(&text, "server").expect("a server block");
+            assert!(server.contains(&"listen 127.0.0.1:8080;"), "{text}");
+            assert!(
+                server
+                    .iter()
+                    .any(|l| l.starts_with("location = /__serin/generation") && l.contains("2.3")),
+                "{text}"
+            );
+            assert!(
+                server
+                    .iter()
+                    .any(|l| l.starts_with("location / {") && l.contains("return 503")),
+                "{text}"
+            );
+        }
+        // A rollout needs servers: with none at all, traffic for the canary is still refused.
+        assert!(matches!(
+            render_site(&[route(0, 0, 10, None)], "2.3"),
+            Err(RenderError::NoStableUpstream { .. } | RenderError::NoCanaryUpstream { .. })
+        ));
     }
 
     #[test]

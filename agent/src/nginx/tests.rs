@@ -581,12 +581,103 @@ async fn rendered_variants_pass_nginx_config_test() {
             });
         }
     }
+    // A service waiting for its servers from the coordinator: none at all, no rollout.
+    for sticky in [None, Some("$cookie_uid")] {
+        cases.push(Route {
+            service: format!("waiting-{}", cases.len()),
+            listen: format!("127.0.0.1:{}", 30000 + cases.len()),
+            servers: Vec::new(),
+            canary_weight: 0,
+            sticky_key: sticky.map(str::to_owned),
+            stable_version: String::new(),
+            canary_version: String::new(),
+        });
+    }
     // One file holding every case at once also checks that identifiers do not collide.
     let text = render_site(&cases, "9.9").expect("render");
     std::fs::write(h.nginx.site_path(), &text).expect("write site");
     if let Err(e) = h.actuator.test_config().await {
         panic!("{e}\n--- rendered ---\n{text}");
     }
+}
+
+/// A balancer without `[[instances]]`: nginx answers 503 until the coordinator's inventory
+/// sends servers, then routes to exactly those (and to the new ones when they change).
+#[tokio::test]
+async fn a_balancer_routes_to_the_servers_the_coordinator_sends() {
+    use crate::actuator::TrafficActuator;
+    use crate::store::{DesiredState, Generation, ServiceTraffic, UpstreamServer};
+    use crate::traffic::Upstreams;
+
+    let mut h = harness().await;
+    let (s1, s2, c1) = (
+        backend("stable-1").await,
+        backend("stable-2").await,
+        backend("canary-1").await,
+    );
+    let local = Upstreams::default();
+    let state = |index, traffic: Option<ServiceTraffic>| DesiredState {
+        generation: Generation { term: 4, index },
+        services: traffic.into_iter().collect(),
+    };
+    let inventory = |weight, servers: &[(&Backend, Variant)]| ServiceTraffic {
+        service: "web".into(),
+        canary_weight: weight,
+        stable_version: "v1".into(),
+        canary_version: "v2".into(),
+        servers: servers
+            .iter()
+            .map(|(b, variant)| UpstreamServer {
+                instance: format!("web-{}", b.addr.port()),
+                address: b.addr.to_string(),
+                variant: *variant,
+                weight: 1,
+                agent: "app".into(),
+            })
+            .collect(),
+        from_inventory: true,
+        ..Default::default()
+    };
+    let carried = h.actuator.services();
+    let mut apply = async |desired: DesiredState| {
+        let upstreams = Upstreams::for_desired(&desired, &local, &carried).expect("routable");
+        h.actuator
+            .apply(&desired, &upstreams)
+            .await
+            .unwrap_or_else(|e| panic!("apply {}: {e:?}", desired.generation));
+    };
+    // Bodies of `n` requests, counted per backend name.
+    let bodies = async |listen: &str, n: usize| {
+        let mut seen = std::collections::BTreeMap::<String, usize>::new();
+        for _ in 0..n {
+            let (status, body) = get(listen, "/", None).await;
+            assert_eq!(status, 200, "{body}");
+            *seen.entry(body).or_default() += 1;
+        }
+        seen
+    };
+
+    // Nothing from the coordinator yet.
+    apply(state(1, None)).await;
+    assert_eq!(served_generation(&h.listen).await, "4.1");
+    let (status, body) = get(&h.listen, "/", None).await;
+    assert_eq!((status, body.as_str()), (503, "no servers yet\n"));
+
+    let split = inventory(50, &[(&s1, Variant::Stable), (&c1, Variant::Canary)]);
+    apply(state(2, Some(split))).await;
+    assert_eq!(served_generation(&h.listen).await, "4.2");
+    let seen = bodies(&h.listen, 40).await;
+    assert_eq!(seen.keys().collect::<Vec<_>>(), ["canary-1", "stable-1"]);
+    // One worker's smooth round robin over weights {1, 1}: exactly half, give or take a
+    // request served by the previous worker generation.
+    assert!(seen["canary-1"].abs_diff(20) <= 1, "{seen:?}");
+
+    // The inventory changes: stable-1 leaves, stable-2 joins; the rollout ended.
+    apply(state(3, Some(inventory(0, &[(&s2, Variant::Stable)])))).await;
+    assert_eq!(served_generation(&h.listen).await, "4.3");
+    let seen = bodies(&h.listen, 10).await;
+    assert_eq!(seen.keys().collect::<Vec<_>>(), ["stable-2"], "{seen:?}");
+    h.nginx.stop().await;
 }
 
 /// `stop` quits gracefully: the master exits and removes its pid file.

@@ -8,6 +8,12 @@
 //! decision); every attempt is acknowledged, so a success clears the failure at the
 //! coordinator. An apply in progress is allowed to finish at shutdown.
 //!
+//! The servers each carried service routes to are built per apply
+//! ([`Upstreams::for_desired`]): the coordinator's inventory where the desired state sends it
+//! (`from_inventory`), else this agent's `[[instances]]`. An inventory that cannot be routed
+//! to (an unreadable server, no stable server) fails that service's apply without touching
+//! the actuator.
+//!
 //! Generations: a desired state older than the last applied one is ignored (a deposed
 //! leader cannot undo a newer decision); the same generation is acknowledged again without
 //! re-applying; a newer one is applied. A failed apply is not recorded, so the retries (and
@@ -45,8 +51,9 @@ fn decide(applied: Option<Generation>, incoming: Generation) -> Decision {
 
 /// The applier task: owns the traffic actuator and the store.
 pub(super) struct Applier<A> {
-    /// The servers of each service the actuator routes to: this agent's `[[instances]]`.
-    upstreams: Upstreams,
+    /// The servers of each service from this agent's `[[instances]]`: routed to for a
+    /// service the desired state does not send `from_inventory`.
+    local_upstreams: Upstreams,
     store: LocalStore,
     /// `None` on a host that carries no traffic: desired states are recorded and acked.
     actuator: Option<A>,
@@ -92,10 +99,11 @@ struct Retry {
 }
 
 impl<A: TrafficActuator> Applier<A> {
-    /// An applier of the desired states received on `desired`, routing to `upstreams`
-    /// through `actuator`, with `applied` the generation the store last recorded.
+    /// An applier of the desired states received on `desired`, through `actuator`, routing
+    /// to the coordinator's servers where it sends them and else to `local_upstreams`, with
+    /// `applied` the generation the store last recorded.
     pub(super) fn new(
-        upstreams: Upstreams,
+        local_upstreams: Upstreams,
         store: LocalStore,
         actuator: Option<A>,
         applied: Option<Generation>,
@@ -104,7 +112,7 @@ impl<A: TrafficActuator> Applier<A> {
         acks: mpsc::Sender<pb::Ack>,
     ) -> Self {
         Applier {
-            upstreams,
+            local_upstreams,
             store,
             actuator,
             applied,
@@ -205,7 +213,23 @@ impl<A: TrafficActuator> Applier<A> {
 
         let mut reload = None;
         if let Some(actuator) = &mut self.actuator {
-            match actuator.apply(desired, &self.upstreams).await {
+            let carried = actuator.services();
+            let upstreams = match Upstreams::for_desired(desired, &self.local_upstreams, &carried) {
+                Ok(upstreams) => upstreams,
+                Err(refusals) => {
+                    for r in &refusals {
+                        tracing::warn!(%generation, weights, error = %r.error, "apply refused");
+                    }
+                    return refusals
+                        .into_iter()
+                        .map(|r| pb::ServiceFailure {
+                            service: r.service,
+                            error: r.error,
+                        })
+                        .collect();
+                }
+            };
+            match actuator.apply(desired, &upstreams).await {
                 Ok(ActuatorOutcome::Changed { elapsed }) => reload = Some(elapsed),
                 Ok(ActuatorOutcome::Unchanged) => {}
                 Err(ActuatorFailure { services, error }) => {
@@ -270,7 +294,9 @@ mod tests {
     use super::super::testing::WAIT;
     use super::*;
     use crate::actuator::fake::FakeActuator;
+    use crate::store::{ServiceTraffic, UpstreamServer};
     use crate::test_support::traffic;
+    use crate::traffic::{Server, Variant};
 
     fn generation(term: u64, index: u64) -> Generation {
         Generation { term, index }
@@ -312,6 +338,11 @@ mod tests {
 
     impl ApplierHarness {
         fn new(actuator: Option<FakeActuator>) -> Self {
+            Self::with_local(actuator, Upstreams::default())
+        }
+
+        /// An applier whose `[[instances]]` give `local`.
+        fn with_local(actuator: Option<FakeActuator>, local: Upstreams) -> Self {
             let dir = tempfile::tempdir().expect("tempdir");
             let store = LocalStore::open(dir.path()).expect("store opens");
             let (desired, desired_rx) = watch::channel(None);
@@ -324,7 +355,7 @@ mod tests {
                         max: Duration::from_millis(40),
                     },
                     ..Applier::new(
-                        Upstreams::default(),
+                        local,
                         store.clone(),
                         actuator,
                         None,
@@ -480,6 +511,142 @@ mod tests {
         assert_eq!(failures[0].0, "api");
         assert!(failures[0].1.contains("150"), "{failures:?}");
         assert_eq!(h.stored(), Some(generation(1, 1)));
+    }
+
+    fn server(name: &str, port: u16, variant: Variant) -> Server {
+        Server {
+            name: name.into(),
+            address: format!("10.0.0.1:{port}"),
+            variant,
+        }
+    }
+
+    fn upstreams(service: &str, servers: &[Server]) -> Upstreams {
+        servers
+            .iter()
+            .map(|s| (service.to_owned(), s.clone()))
+            .collect()
+    }
+
+    /// `service` at `weight`, routed to `servers` by the coordinator's inventory.
+    fn from_inventory(service: &str, weight: u32, servers: &[Server]) -> ServiceTraffic {
+        ServiceTraffic {
+            servers: servers
+                .iter()
+                .map(|s| UpstreamServer {
+                    instance: s.name.clone(),
+                    address: s.address.clone(),
+                    variant: s.variant,
+                    weight: 1,
+                    agent: "app-1".into(),
+                })
+                .collect(),
+            from_inventory: true,
+            ..traffic(service, weight, None)
+        }
+    }
+
+    fn state(index: u64, services: Vec<ServiceTraffic>) -> DesiredState {
+        DesiredState {
+            generation: generation(1, index),
+            services,
+        }
+    }
+
+    fn local_web() -> Upstreams {
+        upstreams("web", &[server("web-local", 8000, Variant::Stable)])
+    }
+
+    #[tokio::test]
+    async fn the_servers_of_the_desired_state_are_routed_to_not_the_local_instances() {
+        let mut h = ApplierHarness::with_local(Some(FakeActuator::new(&["web"])), local_web());
+        let inventory = [
+            server("web-s", 8001, Variant::Stable),
+            server("web-c", 8002, Variant::Canary),
+        ];
+        h.applier
+            .handle(&state(1, vec![from_inventory("web", 10, &inventory)]))
+            .await;
+        assert_eq!(h.ack(), (generation(1, 1), vec![]));
+        assert_eq!(h.fake().upstreams, [upstreams("web", &inventory)]);
+        assert_eq!(h.stored(), Some(generation(1, 1)));
+    }
+
+    #[tokio::test]
+    async fn without_the_inventory_flag_the_local_instances_are_routed_to() {
+        let mut h = ApplierHarness::with_local(Some(FakeActuator::new(&["web"])), local_web());
+        let ignored = [server("web-s", 8001, Variant::Stable)];
+        h.applier
+            .handle(&state(
+                1,
+                vec![ServiceTraffic {
+                    from_inventory: false,
+                    ..from_inventory("web", 0, &ignored)
+                }],
+            ))
+            .await;
+        assert_eq!(h.ack(), (generation(1, 1), vec![]));
+        // A service the desired state does not mention is routed to its local servers too.
+        h.applier.handle(&state(2, vec![])).await;
+        assert_eq!(h.ack(), (generation(1, 2), vec![]));
+        assert_eq!(h.fake().upstreams, [local_web(), local_web()]);
+    }
+
+    #[tokio::test]
+    async fn a_later_desired_state_with_other_servers_is_applied_again() {
+        let mut h = ApplierHarness::new(Some(FakeActuator::new(&["web"])));
+        let first = [server("web-1", 8001, Variant::Stable)];
+        let second = [
+            server("web-1", 8001, Variant::Stable),
+            server("web-2", 8002, Variant::Stable),
+        ];
+        h.applier
+            .handle(&state(1, vec![from_inventory("web", 0, &first)]))
+            .await;
+        assert_eq!(h.ack(), (generation(1, 1), vec![]));
+        // Same weights, one more server: a new generation that the actuator applies.
+        h.applier
+            .handle(&state(2, vec![from_inventory("web", 0, &second)]))
+            .await;
+        assert_eq!(h.ack(), (generation(1, 2), vec![]));
+        assert_eq!(
+            h.fake().upstreams,
+            [upstreams("web", &first), upstreams("web", &second)]
+        );
+        assert_eq!(h.stored(), Some(generation(1, 2)));
+    }
+
+    #[tokio::test]
+    async fn an_unusable_inventory_is_an_apply_failure_of_that_service_and_is_not_applied() {
+        let mut h = ApplierHarness::with_local(
+            Some(FakeActuator::new(&["web", "api"])),
+            upstreams("api", &[server("api-local", 8000, Variant::Stable)]),
+        );
+        let canary_only = [server("web-c", 8002, Variant::Canary)];
+        h.applier
+            .handle(&state(1, vec![from_inventory("web", 10, &canary_only)]))
+            .await;
+        let (acked, failures) = h.ack();
+        assert_eq!(acked, generation(1, 1));
+        assert_eq!(failures.len(), 1, "{failures:?}");
+        assert_eq!(failures[0].0, "web");
+        assert!(failures[0].1.contains("no stable server"), "{failures:?}");
+
+        let unreadable = ServiceTraffic {
+            invalid_servers: Some(
+                "service 'web': the coordinator sent an unusable upstream server 0 ...".into(),
+            ),
+            ..from_inventory("web", 10, &[])
+        };
+        h.applier.handle(&state(2, vec![unreadable])).await;
+        let (acked, failures) = h.ack();
+        assert_eq!(acked, generation(1, 2));
+        assert_eq!(failures.len(), 1, "{failures:?}");
+        assert!(failures[0].1.contains("server 0"), "{failures:?}");
+
+        assert!(h.calls().is_empty(), "the actuator was called");
+        assert_eq!(h.stored(), None);
+        assert_eq!(h.applied(), None);
     }
 
     #[tokio::test]

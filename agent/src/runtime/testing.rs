@@ -19,6 +19,7 @@ use tonic::{Request, Response, Status, Streaming};
 use super::{AgentError, run};
 use crate::config::AgentConfig;
 use crate::store::ServiceTraffic;
+use crate::traffic::Variant;
 
 /// Upper bound on every wait; a test that needs longer has failed.
 pub(super) const WAIT: Duration = Duration::from_secs(20);
@@ -189,6 +190,22 @@ pub(super) async fn send_desired(
                     canary_version: s.canary_version,
                     rollout_id: s.rollout_id,
                     sticky_key: s.sticky_key.unwrap_or_default(),
+                    servers: s
+                        .servers
+                        .into_iter()
+                        .map(|u| pb::UpstreamServer {
+                            instance: u.instance,
+                            address: u.address,
+                            variant: match u.variant {
+                                Variant::Stable => pb::Variant::Stable,
+                                Variant::Canary => pb::Variant::Canary,
+                            }
+                            .into(),
+                            weight: u.weight,
+                            agent: u.agent,
+                        })
+                        .collect(),
+                    from_inventory: s.from_inventory,
                 })
                 .collect(),
         })),

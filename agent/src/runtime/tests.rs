@@ -429,3 +429,58 @@ async fn applies_desired_weights_through_real_nginx() {
     server.stop().await;
     nginx.stop().await;
 }
+
+/// A balancer-only agent (no `[[instances]]`) starts and, through a real nginx, routes a
+/// service to the servers the coordinator sends over the session, not to local ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_balancer_without_instances_routes_to_the_servers_the_coordinator_sends() {
+    let binary = find_nginx()
+        .expect("nginx not found on PATH or at /usr/sbin/nginx: apt-get install -y nginx");
+    let remote = http_server(|n| metrics_page(n, "backend remote")).await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let coordinator = listener.local_addr().expect("addr");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let nginx = LocalNginx::start(&dir.path().join("nginx"), &binary)
+        .await
+        .expect("local nginx starts");
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut config = AgentConfig::from_toml(&format!(
+        "name = \"lb-1\"\ncoordinators = [\"http://{coordinator}\"]\ninterval = \"100ms\"\n\
+         data_dir = \"{}\"\n",
+        dir.path().join("agent").display(),
+    ))
+    .expect("valid config");
+    config.nginx = Some(nginx.settings(vec![BalancedService {
+        service: "web".into(),
+        listen: listen.clone(),
+    }]));
+
+    let mut server = TestServer::start(listener).await;
+    let (shutdown, agent) = run_agent(config).await;
+    let down = server.session().await;
+    let register = expect_register(server.message("Register").await);
+    assert_eq!(register.balancer_services, ["web"]);
+
+    let from_inventory = crate::store::ServiceTraffic {
+        servers: vec![crate::store::UpstreamServer {
+            instance: "web-remote".into(),
+            address: remote.addr.to_string(),
+            variant: crate::traffic::Variant::Stable,
+            weight: 1,
+            agent: "app-1".into(),
+        }],
+        from_inventory: true,
+        ..traffic("web", 0, None)
+    };
+    send_desired(&down, 1, 1, vec![from_inventory]).await;
+    let ack = server.ack().await;
+    assert_eq!(ack.generation, Some(pb::Generation { term: 1, index: 1 }));
+    assert!(ack.failures.is_empty(), "{:?}", ack.failures);
+    let body = get_body(&format!("http://{listen}/")).await;
+    assert!(body.contains("backend remote"), "{body}");
+
+    stop_agent(shutdown, agent).await;
+    drop(down);
+    server.stop().await;
+    nginx.stop().await;
+}
