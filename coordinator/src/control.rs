@@ -135,10 +135,10 @@ pub async fn run(shared: Shared, shutdown: CancellationToken) {
             }
             match shared.raft.propose(command).await {
                 Ok(applied) if checkpoint => {
-                    tracing::debug!(rollout = %applied.id, "checkpoint committed")
+                    tracing::debug!(rollout = ?applied.id, "checkpoint committed")
                 }
                 Ok(applied) => {
-                    tracing::info!(rollout = %applied.id, state = %applied.state, "decision applied")
+                    tracing::info!(rollout = ?applied.id, state = ?applied.state, "decision applied")
                 }
                 Err(ProposeError::Rejected(rejection)) => {
                     // Another decision got there first (e.g. an operator's abort).
@@ -405,7 +405,7 @@ mod tests {
                 })
                 .await
                 .unwrap();
-            assert_eq!(applied.state, RolloutState::Progressing);
+            assert_eq!(applied.state, Some(RolloutState::Progressing));
             shared.metrics().record(
                 "api",
                 Side::Canary,

@@ -20,7 +20,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use crate::metrics::Side;
-use crate::rollout::Millis;
+use crate::rollout::{Millis, UpstreamMember};
 
 /// One app instance as the inventory knows it.
 #[derive(Debug, Clone, PartialEq)]
@@ -150,80 +150,136 @@ pub fn upstreams(
     }
 }
 
-/// A change of a service's upstream membership, to be proposed as a command.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum MembershipChange {
-    /// Take the instance at `address` out of the upstreams.
-    Remove {
-        /// Its address.
-        address: String,
-        /// Why, for the service's history.
-        reason: String,
-    },
-    /// Put it back.
-    Restore {
-        /// Its address.
-        address: String,
-        /// Why.
-        reason: String,
-    },
-}
-
-/// The membership changes due at `now`: an instance unhealthy for at least `remove_after` is
-/// taken out (never the last stable one in service), one taken out that is healthy again is put
-/// back. Changes come sorted by address; removals of stable instances stop while one would
-/// leave no stable instance in service.
-pub fn membership_changes(
+/// The upstream membership the inventory calls for, if it differs from the committed one:
+/// `(members, reason)` to propose as a `SetUpstreams` command.
+///
+/// An instance is a member when it is healthy, or when it was already a member and has been
+/// unhealthy for less than `remove_after`; a new instance joins once healthy. A committed
+/// member the inventory does not know (a new leader that has not heard from its agent yet) stays
+/// until `remove_after` after `known_since` (when this leader's inventory began). Whatever the
+/// health, the membership keeps at least one stable instance if it had one: the one seen
+/// healthy most recently.
+pub fn target_membership(
     instances: &[Instance],
-    removed: &BTreeSet<String>,
+    committed: Option<&[UpstreamMember]>,
     remove_after: Duration,
     now: Millis,
-) -> Vec<MembershipChange> {
+    known_since: Millis,
+) -> Option<(Vec<UpstreamMember>, String)> {
     let grace = remove_after.as_millis() as Millis;
-    let mut sorted: Vec<&Instance> = instances.iter().collect();
-    sorted.sort_by(|a, b| a.address.cmp(&b.address));
-    let mut stable_in_service = sorted
-        .iter()
-        .filter(|i| i.variant == Side::Stable && !removed.contains(&i.address))
-        .count();
-    let mut changes = Vec::new();
-    for i in sorted {
-        let out = removed.contains(&i.address);
-        match (out, i.unhealthy_since) {
-            (false, Some(since)) if now - since >= grace => {
-                if i.variant == Side::Stable {
-                    if stable_in_service <= 1 {
-                        continue;
-                    }
-                    stable_in_service -= 1;
-                }
-                let why = if i.connected {
-                    "its scrapes have failed"
-                } else {
-                    "its agent has been disconnected"
-                };
-                changes.push(MembershipChange::Remove {
-                    address: i.address.clone(),
-                    reason: format!(
-                        "instance {} ({}) on agent {}: {why} for {}",
-                        i.name,
-                        i.address,
-                        i.agent,
-                        humantime::format_duration(Duration::from_millis((now - since) as u64))
-                    ),
-                });
-            }
-            (true, None) if i.connected => changes.push(MembershipChange::Restore {
-                address: i.address.clone(),
-                reason: format!(
-                    "instance {} ({}) on agent {} is healthy again",
-                    i.name, i.address, i.agent
-                ),
-            }),
-            _ => {}
+    let was_member =
+        |address: &str| committed.is_some_and(|c| c.iter().any(|m| m.address == address));
+    let mut members: Vec<UpstreamMember> = Vec::new();
+    let mut notes: Vec<String> = Vec::new();
+    for i in instances {
+        let keep = match i.unhealthy_since {
+            None => true,
+            Some(since) => was_member(&i.address) && now - since < grace,
+        };
+        if keep {
+            members.push(member(i));
+        } else if was_member(&i.address) {
+            let why = if i.connected {
+                "its scrapes have failed"
+            } else {
+                "its agent has been disconnected"
+            };
+            let since = i.unhealthy_since.unwrap_or(now);
+            notes.push(format!(
+                "removed {} ({}) of agent {}: {why} for {}",
+                i.name,
+                i.address,
+                i.agent,
+                humantime::format_duration(Duration::from_millis((now - since).max(0) as u64))
+            ));
         }
     }
-    changes
+    let known = |address: &str| instances.iter().any(|i| i.address == address);
+    for m in committed.into_iter().flatten() {
+        if !known(&m.address) {
+            if now - known_since < grace {
+                members.push(m.clone());
+            } else {
+                notes.push(format!(
+                    "removed {} ({}) of agent {}: not heard of for {}",
+                    m.instance,
+                    m.address,
+                    m.agent,
+                    humantime::format_duration(remove_after)
+                ));
+            }
+        }
+    }
+    let had_stable = committed.is_some_and(|c| c.iter().any(|m| !m.canary));
+    if had_stable && !members.iter().any(|m| !m.canary) {
+        let last = instances
+            .iter()
+            .filter(|i| i.variant == Side::Stable)
+            .max_by(|a, b| {
+                a.last_healthy
+                    .cmp(&b.last_healthy)
+                    .then_with(|| b.address.cmp(&a.address))
+            });
+        if let Some(last) = last {
+            notes.push(format!(
+                "kept {} ({}): the last stable instance",
+                last.name, last.address
+            ));
+            members.push(member(last));
+        } else if let Some(m) = committed.into_iter().flatten().find(|m| !m.canary) {
+            notes.push(format!(
+                "kept {} ({}): the last stable instance",
+                m.instance, m.address
+            ));
+            members.push(m.clone());
+        }
+    }
+    members.sort();
+    members.dedup();
+    if committed == Some(members.as_slice()) {
+        return None;
+    }
+    for m in &members {
+        if !was_member(&m.address) {
+            notes.push(format!(
+                "added {} ({}) of agent {}",
+                m.instance, m.address, m.agent
+            ));
+        }
+    }
+    notes.sort();
+    notes.dedup();
+    let reason = if notes.is_empty() {
+        "upstreams set from the inventory".to_owned()
+    } else {
+        format!("upstreams: {}", notes.join("; "))
+    };
+    Some((members, reason))
+}
+
+fn member(i: &Instance) -> UpstreamMember {
+    UpstreamMember {
+        address: i.address.clone(),
+        canary: i.variant == Side::Canary,
+        instance: i.name.clone(),
+        agent: i.agent.clone(),
+    }
+}
+
+/// The committed members as inventory instances, for [`upstreams`].
+pub fn members_as_instances(members: &[UpstreamMember]) -> Vec<Instance> {
+    members
+        .iter()
+        .map(|m| Instance {
+            name: m.instance.clone(),
+            agent: m.agent.clone(),
+            address: m.address.clone(),
+            variant: if m.canary { Side::Canary } else { Side::Stable },
+            connected: true,
+            unhealthy_since: None,
+            last_healthy: None,
+        })
+        .collect()
 }
 
 /// Two agents declaring the same address: `(address, first agent, second agent)` for the first
@@ -363,70 +419,6 @@ mod tests {
     }
 
     #[test]
-    fn an_instance_unhealthy_past_the_grace_is_removed_and_restored_when_healthy() {
-        let grace = Duration::from_secs(30);
-        let mut sick = stable("b");
-        sick.connected = false;
-        sick.unhealthy_since = Some(10_000);
-        let fleet = [stable("a"), sick.clone(), canary("c")];
-        assert!(membership_changes(&fleet, &none(), grace, 39_999).is_empty());
-        let changes = membership_changes(&fleet, &none(), grace, 40_000);
-        assert_eq!(changes.len(), 1);
-        let MembershipChange::Remove { address, reason } = &changes[0] else {
-            panic!("{changes:?}")
-        };
-        assert_eq!(address, "b");
-        assert!(
-            reason.contains("host-b") && reason.contains("disconnected for 30s"),
-            "{reason}"
-        );
-        // Still unhealthy and already out: nothing to do.
-        let out: BTreeSet<String> = ["b".to_owned()].into();
-        assert!(membership_changes(&fleet, &out, grace, 90_000).is_empty());
-        // Back and healthy: restored.
-        let fleet = [stable("a"), stable("b"), canary("c")];
-        assert!(matches!(
-            membership_changes(&fleet, &out, grace, 91_000).as_slice(),
-            [MembershipChange::Restore { address, .. }] if address == "b"
-        ));
-    }
-
-    #[test]
-    fn the_last_stable_instance_in_service_is_never_removed() {
-        let grace = Duration::from_secs(1);
-        let mut a = stable("a");
-        a.unhealthy_since = Some(0);
-        let mut b = stable("b");
-        b.unhealthy_since = Some(0);
-        let mut c = canary("c");
-        c.unhealthy_since = Some(0);
-        let changes = membership_changes(&[a, b, c], &none(), grace, 10_000);
-        let removed: Vec<_> = changes
-            .iter()
-            .map(|c| match c {
-                MembershipChange::Remove { address, .. } => address.as_str(),
-                MembershipChange::Restore { .. } => panic!("{changes:?}"),
-            })
-            .collect();
-        assert_eq!(removed, ["a", "c"], "b stays: the last stable in service");
-        let mut only = stable("x");
-        only.unhealthy_since = Some(0);
-        assert!(membership_changes(&[only], &none(), grace, 10_000).is_empty());
-    }
-
-    #[test]
-    fn a_failing_scrape_is_named_as_the_reason() {
-        let mut sick = canary("c");
-        sick.unhealthy_since = Some(0);
-        let changes =
-            membership_changes(&[stable("a"), sick], &none(), Duration::from_secs(5), 5_000);
-        assert!(matches!(
-            changes.as_slice(),
-            [MembershipChange::Remove { reason, .. }] if reason.contains("scrapes have failed for 5s")
-        ));
-    }
-
-    #[test]
     fn the_same_address_from_two_agents_is_a_conflict_naming_both() {
         let mut twin = stable("a");
         twin.agent = "host-other".into();
@@ -435,5 +427,95 @@ mod tests {
             Some(("a".into(), "host-a".into(), "host-other".into()))
         );
         assert_eq!(duplicate_address(&[stable("a"), stable("b")]), None);
+    }
+
+    fn committed(fleet: &[Instance]) -> Vec<UpstreamMember> {
+        let mut m: Vec<_> = fleet.iter().map(member).collect();
+        m.sort();
+        m
+    }
+
+    const GRACE: Duration = Duration::from_secs(30);
+
+    #[test]
+    fn healthy_instances_join_and_nothing_changes_when_the_membership_is_current() {
+        let fleet = [stable("a"), stable("b"), canary("c")];
+        let (members, reason) = target_membership(&fleet, None, GRACE, 0, 0).unwrap();
+        assert_eq!(members, committed(&fleet));
+        assert!(
+            reason.contains("added app-a (a) of agent host-a"),
+            "{reason}"
+        );
+        assert_eq!(
+            target_membership(&fleet, Some(&members), GRACE, 1_000, 0),
+            None
+        );
+    }
+
+    #[test]
+    fn an_unhealthy_member_stays_through_the_grace_then_leaves_and_returns_when_healthy() {
+        let mut sick = stable("b");
+        sick.connected = false;
+        sick.unhealthy_since = Some(10_000);
+        let healthy = [stable("a"), stable("b"), canary("c")];
+        let current = committed(&healthy);
+        let fleet = [stable("a"), sick, canary("c")];
+        assert_eq!(
+            target_membership(&fleet, Some(&current), GRACE, 39_999, 0),
+            None
+        );
+        let (members, reason) =
+            target_membership(&fleet, Some(&current), GRACE, 40_000, 0).unwrap();
+        assert!(!members.iter().any(|m| m.address == "b"), "{members:?}");
+        assert!(
+            reason.contains(
+                "removed app-b (b) of agent host-b: its agent has been disconnected for 30s"
+            ),
+            "{reason}"
+        );
+        // A new unhealthy instance does not join; once healthy it does.
+        assert_eq!(
+            target_membership(&fleet, Some(&members), GRACE, 50_000, 0),
+            None
+        );
+        let (back, reason) = target_membership(&healthy, Some(&members), GRACE, 60_000, 0).unwrap();
+        assert_eq!(back, current);
+        assert!(reason.contains("added app-b"), "{reason}");
+    }
+
+    #[test]
+    fn the_last_stable_member_is_kept_whatever_its_health() {
+        let mut a = stable("a");
+        a.unhealthy_since = Some(0);
+        a.last_healthy = Some(9_000);
+        let mut b = stable("b");
+        b.unhealthy_since = Some(0);
+        let current = committed(&[stable("a"), stable("b"), canary("c")]);
+        let (members, reason) =
+            target_membership(&[a, b, canary("c")], Some(&current), GRACE, 60_000, 0).unwrap();
+        let addresses: Vec<_> = members.iter().map(|m| m.address.as_str()).collect();
+        assert_eq!(addresses, ["a", "c"], "a was seen healthy last");
+        assert!(
+            reason.contains("kept app-a (a): the last stable instance"),
+            "{reason}"
+        );
+    }
+
+    #[test]
+    fn a_new_leader_keeps_members_it_has_not_heard_of_for_the_grace() {
+        let current = committed(&[stable("a"), stable("b")]);
+        let heard = [stable("a")];
+        assert_eq!(
+            target_membership(&heard, Some(&current), GRACE, 29_000, 0),
+            None
+        );
+        let (members, reason) =
+            target_membership(&heard, Some(&current), GRACE, 30_000, 0).unwrap();
+        assert_eq!(members, committed(&heard));
+        assert!(reason.contains("not heard of for 30s"), "{reason}");
+        // With no instance heard of at all, the last stable member stays.
+        let (kept, _) = target_membership(&[], Some(&current), GRACE, 30_000, 0).unwrap();
+        assert_eq!(kept.len(), 1);
+        assert!(!kept[0].canary);
     }
 }

@@ -325,6 +325,41 @@ pub struct Service {
     pub latest: Option<RolloutId>,
     /// When the desired traffic last changed.
     pub generation: Generation,
+    /// The committed upstream membership for balancers (docs/fleet.md); `None` until the
+    /// leader first commits one, and balancers then use their own instances.
+    #[serde(default)]
+    pub upstreams: Option<Vec<UpstreamMember>>,
+    /// Changes of the service outside its rollouts (upstream membership), newest last, at most
+    /// [`MAX_SERVICE_HISTORY`].
+    #[serde(default)]
+    pub history: Vec<ServiceEvent>,
+}
+
+/// How many [`ServiceEvent`]s a service keeps.
+pub const MAX_SERVICE_HISTORY: usize = 200;
+
+/// One instance in a service's committed upstream membership.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct UpstreamMember {
+    /// `host:port` the balancers send traffic to.
+    pub address: String,
+    /// True for a canary instance.
+    pub canary: bool,
+    /// The instance's name in its agent's config.
+    pub instance: String,
+    /// The agent that declared it.
+    pub agent: String,
+}
+
+/// A change of a service recorded outside its rollouts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServiceEvent {
+    /// When.
+    pub at: Millis,
+    /// What changed and why.
+    pub reason: String,
+    /// The generation it gave the service.
+    pub generation: Generation,
 }
 
 impl Service {
@@ -442,6 +477,17 @@ pub enum Command {
         /// The measurements.
         checkpoint: Checkpoint,
     },
+    /// The leader sets a service's upstream membership from its inventory.
+    SetUpstreams {
+        /// Service.
+        service: String,
+        /// Every instance in the upstreams, sorted.
+        members: Vec<UpstreamMember>,
+        /// What changed and why.
+        reason: String,
+        /// When.
+        at: Millis,
+    },
     /// The controller returns traffic to stable.
     RollBack {
         /// Rollout.
@@ -457,7 +503,7 @@ pub enum Command {
 
 impl Command {
     /// The rollout the command is about.
-    pub fn rollout_id(&self) -> &RolloutId {
+    pub fn rollout_id(&self) -> Option<&RolloutId> {
         match self {
             Command::Start { id, .. }
             | Command::StagePassed { id, .. }
@@ -466,7 +512,8 @@ impl Command {
             | Command::Promote { id, .. }
             | Command::Abort { id, .. }
             | Command::Checkpoint { id, .. }
-            | Command::RollBack { id, .. } => id,
+            | Command::RollBack { id, .. } => Some(id),
+            Command::SetUpstreams { .. } => None,
         }
     }
 
@@ -481,6 +528,7 @@ impl Command {
             Command::Abort { .. } => "abort",
             Command::Checkpoint { .. } => "checkpoint",
             Command::RollBack { .. } => "roll back",
+            Command::SetUpstreams { .. } => "set upstreams",
         }
     }
 }
@@ -491,6 +539,9 @@ pub enum Rejection {
     /// No rollout has this id.
     #[error("rollout '{0}' not found")]
     UnknownRollout(RolloutId),
+    /// A membership change that changes nothing.
+    #[error("service '{0}' already has these upstreams")]
+    UpstreamsUnchanged(String),
     /// The id is taken.
     #[error("rollout '{0}' already exists")]
     DuplicateRollout(RolloutId),
@@ -552,10 +603,10 @@ pub enum Rejection {
 /// What a successful command did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Applied {
-    /// The rollout it changed.
-    pub id: RolloutId,
-    /// Its state afterwards.
-    pub state: RolloutState,
+    /// The rollout it changed (for a service's membership change: its latest rollout, if any).
+    pub id: Option<RolloutId>,
+    /// The rollout's state afterwards (`None` for a service's membership change).
+    pub state: Option<RolloutState>,
     /// Whether the desired traffic of the service changed.
     pub traffic_changed: bool,
 }
@@ -599,7 +650,19 @@ impl Registry {
         if let Command::Start { .. } = command {
             return self.start(command, generation);
         }
-        let id = command.rollout_id().clone();
+        if let Command::SetUpstreams {
+            service,
+            members,
+            reason,
+            at,
+        } = command
+        {
+            return self.set_upstreams(service, members, reason, at, generation);
+        }
+        let id = command
+            .rollout_id()
+            .expect("every other command is about a rollout")
+            .clone();
         let action = command.action();
         let rollout = self
             .rollouts
@@ -616,7 +679,9 @@ impl Registry {
         let weight_before = rollout.canary_weight();
         let state_before = rollout.state;
         match command {
-            Command::Start { .. } => unreachable!("handled above"),
+            Command::Start { .. } | Command::SetUpstreams { .. } => {
+                unreachable!("handled above")
+            }
             Command::StagePassed {
                 stage,
                 analysis,
@@ -757,9 +822,53 @@ impl Registry {
             }
         }
         Ok(Applied {
-            id,
-            state,
+            id: Some(id),
+            state: Some(state),
             traffic_changed,
+        })
+    }
+
+    fn set_upstreams(
+        &mut self,
+        service: String,
+        members: Vec<UpstreamMember>,
+        reason: String,
+        at: Millis,
+        generation: Generation,
+    ) -> Result<Applied, Rejection> {
+        let mut members = members;
+        members.sort();
+        members.dedup();
+        let record = self
+            .services
+            .entry(service.clone())
+            .or_insert_with(|| Service {
+                name: service.clone(),
+                revisions: Vec::new(),
+                active: None,
+                latest: None,
+                generation,
+                upstreams: None,
+                history: Vec::new(),
+            });
+        if record.upstreams.as_ref() == Some(&members) {
+            return Err(Rejection::UpstreamsUnchanged(service));
+        }
+        record.upstreams = Some(members);
+        record.generation = generation;
+        record.history.push(ServiceEvent {
+            at,
+            reason,
+            generation,
+        });
+        if record.history.len() > MAX_SERVICE_HISTORY {
+            let excess = record.history.len() - MAX_SERVICE_HISTORY;
+            record.history.drain(..excess);
+        }
+        Ok(Applied {
+            id: record.latest.clone(),
+            state: None,
+            traffic_changed: true,
         })
     }
 
@@ -813,7 +922,18 @@ impl Registry {
                 active: None,
                 latest: None,
                 generation,
+                upstreams: None,
+                history: Vec::new(),
             });
+        if record.revisions.is_empty() {
+            // A record made by an upstream membership change before any rollout.
+            record.revisions.push(Revision {
+                number: 1,
+                version: stable.clone(),
+                rollout: None,
+                at,
+            });
+        }
         record.active = Some(id.clone());
         record.latest = Some(id.clone());
         record.generation = generation;
@@ -837,8 +957,8 @@ impl Registry {
         rollout.record(at, EventKind::Started, actor, reason);
         self.rollouts.insert(id.clone(), rollout);
         Ok(Applied {
-            id,
-            state: RolloutState::Progressing,
+            id: Some(id),
+            state: Some(RolloutState::Progressing),
             traffic_changed: true,
         })
     }

@@ -101,7 +101,10 @@ impl Api {
     }
 
     async fn propose(&self, command: Command) -> Result<v1::Rollout, Status> {
-        let id = command.rollout_id().clone();
+        let id = command
+            .rollout_id()
+            .cloned()
+            .expect("operator commands are about a rollout");
         // Refuse what the state machine would refuse without writing it to the log; the
         // state machine checks again when it applies (the state may change in between).
         self.shared

@@ -475,13 +475,13 @@ impl<T: Transport> RaftNode<T> {
         let result = self.registry.apply(command, generation);
         match &result {
             Ok(applied) if checkpoint => tracing::debug!(
-                rollout = %applied.id,
+                rollout = ?applied.id,
                 index = generation.index,
                 "checkpoint applied"
             ),
             Ok(applied) => tracing::info!(
-                rollout = %applied.id,
-                state = %applied.state,
+                rollout = ?applied.id,
+                state = ?applied.state,
                 index = generation.index,
                 "applied"
             ),

@@ -112,7 +112,7 @@ async fn proposals_apply_and_publish() {
     let dir = tempfile::tempdir().unwrap();
     let node = Running::open(dir.path(), &NodeConfig::single(1)).await;
     let applied = node.handle.propose(start("r1", "api")).await.unwrap();
-    assert_eq!(applied.state, RolloutState::Progressing);
+    assert_eq!(applied.state, Some(RolloutState::Progressing));
     let view = node.handle.view();
     assert_eq!(view.registry.rollouts.len(), 1);
     assert_eq!(view.leader, Some(1));
@@ -167,7 +167,7 @@ async fn state_survives_a_restart() {
         })
         .await
         .unwrap();
-    assert_eq!(resumed.state, RolloutState::Progressing);
+    assert_eq!(resumed.state, Some(RolloutState::Progressing));
     node.stop().await;
 }
 
@@ -266,7 +266,7 @@ async fn a_restart_without_a_snapshot_replays_the_log_to_the_same_registry_and_i
     }
     let node = Running::open(dir.path(), &config).await;
     let resumed = node.handle.propose(resume("r1")).await.unwrap();
-    assert_eq!(resumed.state, RolloutState::Progressing);
+    assert_eq!(resumed.state, Some(RolloutState::Progressing));
     node.stop().await;
 }
 
