@@ -163,6 +163,7 @@ async fn run_coordinator(command: CoordinatorCommand) -> anyhow::Result<ExitCode
         listen,
         data_dir,
         forget_agents_after: None,
+        remove_unhealthy_after: None,
     };
     let cfg = file.merge(flags).resolve()?;
     serin_coordinator::server::run(cfg, shutdown_on_signals(), None).await?;

@@ -82,6 +82,18 @@ pub enum ConnectError {
         /// Where the connected one is.
         peer: String,
     },
+    /// An instance address another connected agent already declared.
+    #[error(
+        "agent '{agent}' declares instance address {address}, which agent '{other}' already declares; each instance must be declared (and scraped) by exactly one agent"
+    )]
+    AddressTaken {
+        /// The address.
+        address: String,
+        /// The agent refused.
+        agent: String,
+        /// The agent that declared it first.
+        other: String,
+    },
 }
 
 /// Why `forget` refused.
@@ -145,6 +157,8 @@ struct Entry {
     /// Services that failed in the latest acknowledgement.
     failures: HashMap<String, Failure>,
     disconnected_at: Option<Millis>,
+    /// instance name → (since when its scrapes fail, when it was last scraped fine).
+    scrape_health: HashMap<String, (Option<Millis>, Option<Millis>)>,
 }
 
 impl Entry {
@@ -168,6 +182,8 @@ struct Inner {
     pushed: HashMap<String, Generation>,
     /// Agents whose last send found a full channel, to try again.
     retry: BTreeSet<String>,
+    /// instance address → the agent that declared it.
+    by_address: HashMap<String, String>,
     next_session: u64,
 }
 
@@ -195,6 +211,11 @@ impl Inner {
     fn remove(&mut self, name: &str) -> Option<Entry> {
         let entry = self.agents.remove(name)?;
         self.unindex(name, &entry.info.services());
+        for t in &entry.info.targets {
+            if self.by_address.get(&t.address).is_some_and(|a| a == name) {
+                self.by_address.remove(&t.address);
+            }
+        }
         self.retry.remove(name);
         Some(entry)
     }
@@ -207,7 +228,11 @@ impl Inner {
         let Some(sender) = &entry.sender else {
             return;
         };
-        let desired = desired_state(registry, &entry.info.services());
+        let desired = desired_state(
+            registry,
+            &entry.info.services(),
+            &entry.info.balancer_services,
+        );
         let generation = generation_of(&desired);
         if entry.last_sent.is_some_and(|(sent, _)| sent >= generation) {
             self.retry.remove(name);
@@ -276,6 +301,19 @@ impl AgentRegistry {
             }
             tracing::warn!(agent = %info.name, "agent reconnected; closing its previous session");
         }
+        for t in &info.targets {
+            if let Some(other) = inner.by_address.get(&t.address)
+                && other != &info.name
+                && inner.agents.get(other).is_some_and(|e| e.info.connected)
+            {
+                return Err(ConnectError::AddressTaken {
+                    address: t.address.clone(),
+                    agent: info.name.clone(),
+                    other: other.clone(),
+                });
+            }
+        }
+        let targets = info.targets.clone();
         inner.next_session += 1;
         let session = inner.next_session;
         info.connected = true;
@@ -294,8 +332,12 @@ impl AgentRegistry {
                 acked,
                 failures: HashMap::new(),
                 disconnected_at: None,
+                scrape_health: HashMap::new(),
             },
         );
+        for t in &targets {
+            inner.by_address.insert(t.address.clone(), name.clone());
+        }
         inner.push_to(&name, registry, now);
         Ok(session)
     }
@@ -314,10 +356,65 @@ impl AgentRegistry {
     }
 
     /// Notes that a report arrived.
-    pub fn reported(&self, name: &str, at: Millis) {
+    pub fn reported(&self, name: &str, at: Millis, scrapes: &[(String, bool)]) {
         if let Some(entry) = self.lock().agents.get_mut(name) {
             entry.info.last_report = Some(at);
+            for (instance, ok) in scrapes {
+                let health = entry.scrape_health.entry(instance.clone()).or_default();
+                if *ok {
+                    *health = (None, Some(at));
+                } else if health.0.is_none() {
+                    health.0 = Some(at);
+                }
+            }
         }
+    }
+
+    /// The inventory's instances of `service`: every known agent's targets of it, with health.
+    pub fn instances(&self, service: &str) -> Vec<crate::inventory::Instance> {
+        let inner = self.lock();
+        let mut out = Vec::new();
+        for name in inner.by_service.get(service).into_iter().flatten() {
+            let Some(entry) = inner.agents.get(name) else {
+                continue;
+            };
+            for t in entry.info.targets.iter().filter(|t| t.service == service) {
+                let (failing_since, last_ok) = entry
+                    .scrape_health
+                    .get(&t.name)
+                    .copied()
+                    .unwrap_or((None, None));
+                let unhealthy_since = if entry.info.connected {
+                    failing_since
+                } else {
+                    entry.disconnected_at
+                };
+                out.push(crate::inventory::Instance {
+                    name: t.name.clone(),
+                    agent: name.clone(),
+                    address: t.address.clone(),
+                    variant: if t.variant == v1::Variant::Canary as i32 {
+                        crate::metrics::Side::Canary
+                    } else {
+                        crate::metrics::Side::Stable
+                    },
+                    connected: entry.info.connected,
+                    unhealthy_since,
+                    last_healthy: last_ok,
+                });
+            }
+        }
+        out
+    }
+
+    /// Services some connected agent's load balancer carries.
+    pub fn balanced_services(&self) -> BTreeSet<String> {
+        self.lock()
+            .agents
+            .values()
+            .filter(|e| e.info.connected)
+            .flat_map(|e| e.info.balancer_services.iter().cloned())
+            .collect()
     }
 
     /// Records an acknowledgement: `failures` are the services that did not apply, (service,
@@ -500,22 +597,75 @@ impl AgentRegistry {
 }
 
 /// The desired state for an agent hosting `services`.
-pub fn desired_state(registry: &Registry, services: &BTreeSet<String>) -> DesiredState {
+///
+/// For the services in `balanced` (its load balancer carries them) with a committed upstream
+/// membership, it also carries the upstream servers, weighted for the current canary share.
+pub fn desired_state(
+    registry: &Registry,
+    services: &BTreeSet<String>,
+    balanced: &[String],
+) -> DesiredState {
     let mut generation = Generation::default();
     let services = services
         .iter()
         .map(|name| match registry.traffic(name) {
             Some(plan) => {
                 generation = generation.max(plan.generation);
+                let members = registry
+                    .services
+                    .get(name)
+                    .and_then(|s| s.upstreams.as_ref())
+                    .filter(|_| balanced.contains(name));
+                let from_inventory = members.is_some();
+                let upstreams = members.map(|m| {
+                    crate::inventory::upstreams(
+                        &crate::inventory::members_as_instances(m),
+                        &BTreeSet::new(),
+                        plan.canary_weight,
+                    )
+                });
+                // No canary server in the membership: everything goes to stable, and the
+                // balancer is told so (the rollout's checks see no canary data: no_data).
+                let canary_weight = match &upstreams {
+                    Some(u) if u.canary_missing => 0,
+                    _ => plan.canary_weight,
+                };
+                // Every member is sent, so the balancer always knows both sides; a member of
+                // the side that gets nothing at this share has weight 0.
+                let servers = match (members, upstreams) {
+                    (Some(members), Some(u)) => {
+                        let weight_of = |address: &str| {
+                            u.servers
+                                .iter()
+                                .find(|s| s.address == address)
+                                .map_or(0, |s| s.weight)
+                        };
+                        members
+                            .iter()
+                            .map(|m| v1::UpstreamServer {
+                                instance: m.instance.clone(),
+                                address: m.address.clone(),
+                                variant: if m.canary {
+                                    v1::Variant::Canary as i32
+                                } else {
+                                    v1::Variant::Stable as i32
+                                },
+                                weight: weight_of(&m.address),
+                                agent: m.agent.clone(),
+                            })
+                            .collect()
+                    }
+                    _ => Vec::new(),
+                };
                 ServiceTraffic {
                     service: plan.service,
-                    canary_weight: plan.canary_weight,
+                    canary_weight,
                     stable_version: plan.stable_version,
                     canary_version: plan.canary_version,
                     rollout_id: plan.rollout.map(|r| r.0).unwrap_or_default(),
                     sticky_key: plan.sticky_key.unwrap_or_default(),
-                    servers: Vec::new(),
-                    from_inventory: false,
+                    servers,
+                    from_inventory,
                 }
             }
             None => ServiceTraffic {
@@ -557,7 +707,7 @@ mod tests {
                 name: "c".into(),
                 service: "api".into(),
                 variant: v1::Variant::Canary as i32,
-                address: "127.0.0.1:1".into(),
+                address: format!("{name}.example:80"),
             }],
             balancer_services: vec!["api".into()],
             connected: false,
@@ -781,7 +931,7 @@ mod tests {
     fn unknown_services_get_all_traffic_on_stable_and_coverage_tracks_sessions() {
         let agents = AgentRegistry::default();
         let (session, _rx) = connect(&agents, info("a"), &Registry::default());
-        let d = desired_state(&Registry::default(), &["api".to_owned()].into());
+        let d = desired_state(&Registry::default(), &["api".to_owned()].into(), &[]);
         assert_eq!(d.services[0].canary_weight, 0);
         assert_eq!(d.generation.unwrap().index, 0);
         assert_eq!(

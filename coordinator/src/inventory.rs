@@ -153,8 +153,9 @@ pub fn upstreams(
 /// The upstream membership the inventory calls for, if it differs from the committed one:
 /// `(members, reason)` to propose as a `SetUpstreams` command.
 ///
-/// An instance is a member when it is healthy, or when it was already a member and has been
-/// unhealthy for less than `remove_after`; a new instance joins once healthy. A committed
+/// An instance is a member when it is healthy, or when it has been unhealthy for less than
+/// `remove_after` and was already a member or its agent is connected (an unreadable metrics
+/// page does not stop an instance from serving); one unhealthy for longer is not. A committed
 /// member the inventory does not know (a new leader that has not heard from its agent yet) stays
 /// until `remove_after` after `known_since` (when this leader's inventory began). Whatever the
 /// health, the membership keeps at least one stable instance if it had one: the one seen
@@ -172,9 +173,11 @@ pub fn target_membership(
     let mut members: Vec<UpstreamMember> = Vec::new();
     let mut notes: Vec<String> = Vec::new();
     for i in instances {
+        // A metrics page that cannot be read does not mean the instance cannot serve: an
+        // instance of a connected agent joins at once and leaves only after the grace.
         let keep = match i.unhealthy_since {
             None => true,
-            Some(since) => was_member(&i.address) && now - since < grace,
+            Some(since) => (was_member(&i.address) || i.connected) && now - since < grace,
         };
         if keep {
             members.push(member(i));
@@ -473,7 +476,7 @@ mod tests {
             ),
             "{reason}"
         );
-        // A new unhealthy instance does not join; once healthy it does.
+        // A disconnected instance past the grace does not join again; once healthy it does.
         assert_eq!(
             target_membership(&fleet, Some(&members), GRACE, 50_000, 0),
             None

@@ -39,7 +39,13 @@ pub struct CoordinatorConfig {
     pub data_dir: PathBuf,
     /// How long a disconnected agent stays in `serin agent list` before it is forgotten.
     pub forget_agents_after: Duration,
+    /// How long an instance may be unhealthy (its agent disconnected, its scrapes failing)
+    /// before it leaves the balancers' upstreams.
+    pub remove_unhealthy_after: Duration,
 }
+
+/// Default of [`CoordinatorConfig::remove_unhealthy_after`].
+pub const REMOVE_UNHEALTHY_AFTER: Duration = Duration::from_secs(30);
 
 /// Coordinator settings as written in a TOML file or given as flags; every field optional
 /// until [`CoordinatorSettings::resolve`].
@@ -55,6 +61,9 @@ pub struct CoordinatorSettings {
     /// How long a disconnected agent is listed before it is forgotten; default 1 hour.
     #[serde(default, with = "humantime_serde")]
     pub forget_agents_after: Option<Duration>,
+    /// How long an instance may be unhealthy before it leaves the upstreams; default 30 s.
+    #[serde(default, with = "humantime_serde")]
+    pub remove_unhealthy_after: Option<Duration>,
 }
 
 impl CoordinatorSettings {
@@ -70,6 +79,9 @@ impl CoordinatorSettings {
             listen: overrides.listen.or(self.listen),
             data_dir: overrides.data_dir.or(self.data_dir),
             forget_agents_after: overrides.forget_agents_after.or(self.forget_agents_after),
+            remove_unhealthy_after: overrides
+                .remove_unhealthy_after
+                .or(self.remove_unhealthy_after),
         }
     }
 
@@ -88,6 +100,9 @@ impl CoordinatorSettings {
             forget_agents_after: self
                 .forget_agents_after
                 .unwrap_or(crate::agents::FORGET_DISCONNECTED_AFTER),
+            remove_unhealthy_after: self
+                .remove_unhealthy_after
+                .unwrap_or(REMOVE_UNHEALTHY_AFTER),
         };
         config.validate()?;
         Ok(config)
@@ -103,6 +118,7 @@ impl CoordinatorConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             data_dir,
             forget_agents_after: crate::agents::FORGET_DISCONNECTED_AFTER,
+            remove_unhealthy_after: REMOVE_UNHEALTHY_AFTER,
         }
     }
 
@@ -112,6 +128,12 @@ impl CoordinatorConfig {
             return Err(CoordinatorError::Config(
                 "node_id: must be at least 1 (raft reserves 0)".into(),
             ));
+        }
+        if self.remove_unhealthy_after < Duration::from_secs(1) {
+            return Err(CoordinatorError::Config(format!(
+                "remove_unhealthy_after: must be at least 1s, got {}",
+                humantime::format_duration(self.remove_unhealthy_after)
+            )));
         }
         Ok(())
     }
@@ -225,6 +247,11 @@ pub async fn run(
         config.forget_agents_after,
         tasks.clone(),
     ));
+    let upstreams_task = tokio::spawn(reconcile_upstreams(
+        shared.clone(),
+        config.remove_unhealthy_after,
+        tasks.clone(),
+    ));
 
     let sessions = tokio_util::task::TaskTracker::new();
     let api = Api::new(shared, shutdown.clone(), sessions.clone());
@@ -251,6 +278,7 @@ pub async fn run(
     tasks.cancel();
     let _ = control_task.await;
     let _ = push_task.await;
+    let _ = upstreams_task.await;
     node_shutdown.cancel();
     let node_result = node_task.await;
     db.flush().ok();
@@ -261,6 +289,54 @@ pub async fn run(
     }
     tracing::info!("coordinator stopped");
     Ok(())
+}
+
+/// On the leader, once a second: for every service a connected balancer carries, commits the
+/// upstream membership the inventory calls for when it differs from the committed one
+/// ([`crate::inventory::target_membership`]; docs/fleet.md). Each change is a `SetUpstreams`
+/// command, so it is an event in the service's history and a new generation for its balancers.
+async fn reconcile_upstreams(shared: Shared, remove_after: Duration, shutdown: CancellationToken) {
+    let mut leader_since: Option<crate::rollout::Millis> = None;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+        let view = shared.raft.view();
+        if view.role != crate::raft::Role::Leader {
+            leader_since = None;
+            continue;
+        }
+        let now = control::now_millis();
+        let since = *leader_since.get_or_insert(now);
+        for service in shared.agents.balanced_services() {
+            let instances = shared.agents.instances(&service);
+            let committed = view
+                .registry
+                .services
+                .get(&service)
+                .and_then(|s| s.upstreams.as_deref());
+            let Some((members, reason)) = crate::inventory::target_membership(
+                &instances,
+                committed,
+                remove_after,
+                now,
+                since,
+            ) else {
+                continue;
+            };
+            tracing::info!(%service, %reason, "changing upstreams");
+            let command = crate::rollout::Command::SetUpstreams {
+                service: service.clone(),
+                members,
+                reason,
+                at: now,
+            };
+            if let Err(e) = shared.raft.propose(command).await {
+                tracing::warn!(%service, error = %e, "upstream change not committed");
+            }
+        }
+    }
 }
 
 /// Pushes desired state to agents whenever the applied registry changes.

@@ -691,7 +691,12 @@ fn handle_agent_message(shared: &Shared, name: &str, message: AgentMessage) {
     match message.body {
         Some(agent_message::Body::Report(report)) => {
             let now = now_millis();
-            shared.agents.reported(name, now);
+            let scrapes: Vec<(String, bool)> = report
+                .instances
+                .iter()
+                .map(|w| (w.instance.clone(), w.scrape_ok))
+                .collect();
+            shared.agents.reported(name, now, &scrapes);
             let mut metrics = shared.metrics();
             for w in report.instances {
                 let side = if w.variant == v1::Variant::Canary as i32 {
