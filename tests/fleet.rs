@@ -17,6 +17,8 @@ use serde_json::Value;
 
 /// Port of the demo app on every host (each namespace has its own ports).
 const APP_PORT: u16 = 8080;
+/// The coordinator's `remove_unhealthy_after` in these tests.
+const REMOVE_AFTER_SECS: u64 = 3;
 
 fn new_fleet(n: usize) -> Fleet {
     Fleet::new(n).unwrap_or_else(|e| panic!("{e:#}"))
@@ -392,16 +394,23 @@ impl Serin {
     async fn start(hosts: usize) -> Serin {
         let mut fleet = new_fleet(hosts);
         let coordinator_addr = SocketAddr::from((fleet.gateway(), free_port()));
+        let coordinator_toml = fleet.dir().join("coordinator.toml");
+        std::fs::write(
+            &coordinator_toml,
+            format!(
+                "listen = \"{coordinator_addr}\"\ndata_dir = \"{}\"\nremove_unhealthy_after = \"{REMOVE_AFTER_SECS}s\"\n",
+                fleet.dir().join("coordinator").display()
+            ),
+        )
+        .expect("writing coordinator.toml");
         let coordinator = Proc::spawn(
             "coordinator",
             fleet.dir(),
             &[
                 "coordinator".into(),
                 "run".into(),
-                "--listen".into(),
-                coordinator_addr.to_string(),
-                "--data-dir".into(),
-                fleet.dir().join("coordinator").display().to_string(),
+                "--config".into(),
+                coordinator_toml.display().to_string(),
             ],
         );
         for k in 1..=hosts {
@@ -636,4 +645,156 @@ async fn a_cut_off_hosts_reports_stop_and_its_agent_reconnects_once_healed() {
         "h2's agent exited\n{}",
         serin.diagnostics()
     );
+}
+
+/// The fleet shape serin is for: a balancer (nginx and an agent that declares only the service
+/// it carries, no instances) in front of three app hosts, each in its own network namespace with
+/// an agent scraping only its own instance. The coordinator feeds the balancer the upstream
+/// servers from its inventory: traffic reaches the app hosts, a dead stable host leaves the
+/// upstream after `remove_unhealthy_after` with no failed request afterwards, the canary's
+/// share through the balancer lies within a binomial tolerance, and a good canary is promoted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_balancer_fed_by_the_inventory_routes_to_the_app_hosts_drops_a_dead_one_and_promotes() {
+    let mut serin = Serin::start(3).await;
+    serin.wait_all_connected(3).await;
+    // The balancer host: the root namespace, with a private nginx.
+    let nginx_binary = serin_agent::nginx::find_nginx().expect("nginx is installed");
+    let nginx =
+        serin_agent::nginx::LocalNginx::start(&serin.fleet.dir().join("lb-nginx"), &nginx_binary)
+            .await
+            .expect("nginx starts");
+    let listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let settings = nginx.settings(vec![serin_agent::nginx::BalancedService {
+        service: "web".into(),
+        listen: listen.to_string(),
+    }]);
+    let lb_toml = serin.fleet.dir().join("lb.toml");
+    std::fs::write(
+        &lb_toml,
+        format!(
+            "name = \"lb\"\ncoordinators = [\"http://{}\"]\ninterval = \"500ms\"\ndata_dir = \"{}\"\n\n[nginx]\nbinary = \"{}\"\nconfig = \"{}\"\nprefix = \"{}\"\nsite = \"{}\"\n\n[[nginx.services]]\nservice = \"web\"\nlisten = \"{listen}\"\n",
+            serin.coordinator_addr,
+            serin.fleet.dir().join("lb-data").display(),
+            settings.binary.display(),
+            settings.config.display(),
+            settings.prefix.as_deref().expect("a prefix").display(),
+            settings.site.display(),
+        ),
+    )
+    .expect("writing lb.toml");
+    let _lb = Proc::spawn(
+        "lb-agent",
+        serin.fleet.dir(),
+        &[
+            "agent".into(),
+            "run".into(),
+            "--config".into(),
+            lb_toml.display().to_string(),
+        ],
+    );
+    let url = format!("http://{listen}/");
+    let site = settings.site.clone();
+    let h1 = format!("{}:{APP_PORT}", serin.fleet.host(1).addr());
+    let h2 = format!("{}:{APP_PORT}", serin.fleet.host(2).addr());
+    let h3 = format!("{}:{APP_PORT}", serin.fleet.host(3).addr());
+    let site_has = |addresses: &[&str], absent: &[&str]| {
+        let text = std::fs::read_to_string(&site).unwrap_or_default();
+        addresses.iter().all(|a| text.contains(a)) && absent.iter().all(|a| !text.contains(a))
+    };
+    wait_for(
+        Duration::from_secs(30),
+        "the balancer to route to the app hosts' instances from the inventory",
+        async || site_has(&[&h1, &h2, &h3], &[]),
+        || serin.diagnostics(),
+    )
+    .await;
+    let client = fresh_client(Duration::from_secs(2));
+    wait_for(
+        Duration::from_secs(20),
+        "nginx to serve the stable version from the app hosts (old workers drained)",
+        async || {
+            matches!(get_version(&client, &url).await, Ok((200, v)) if v == "v1")
+                && common::burst(&url, 20, 2).await.of("v1") == 20
+        },
+        || serin.diagnostics(),
+    )
+    .await;
+    let before = common::burst(&url, 100, 4).await;
+    assert_eq!(before.of("v1"), 100, "{before:?}\n{}", serin.diagnostics());
+
+    // A stable host dies: after the grace it leaves the upstream, and traffic keeps flowing.
+    serin.fleet.host_mut(2).kill_all().expect("killing h2");
+    let killed = Instant::now();
+    wait_for(
+        Duration::from_secs(30),
+        "the dead host to leave the balancer's upstream",
+        async || site_has(&[&h1, &h3], &[&h2]),
+        || serin.diagnostics(),
+    )
+    .await;
+    eprintln!("h2 left the upstream {:?} after it died", killed.elapsed());
+    let after = common::burst(&url, 200, 4).await;
+    assert_eq!(after.of("v1"), 200, "{after:?}\n{}", serin.diagnostics());
+
+    // A good canary at 50%, then 100%.
+    let strategy = serin.fleet.dir().join("strategy.toml");
+    std::fs::write(
+        &strategy,
+        "[[stages]]\nweight = 50\nmin_duration = \"4s\"\n\n[[stages]]\nweight = 100\nmin_duration = \"2s\"\n\n[[checks]]\nname = \"errors\"\nmetric = \"error_rate\"\nmax = 0.05\nmin_requests = 5\n",
+    )
+    .expect("writing strategy.toml");
+    let out = cli_at(
+        serin.coordinator_addr,
+        &[
+            "rollout",
+            "start",
+            "web",
+            "--version",
+            "v2",
+            "--stable-version",
+            "v1",
+            "--strategy",
+            &strategy.display().to_string(),
+        ],
+    )
+    .await;
+    assert!(out.status.success(), "{}", describe(&out));
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    wait_for(
+        Duration::from_secs(20),
+        "the balancer to send the canary half the traffic",
+        async || {
+            let text = std::fs::read_to_string(&site).unwrap_or_default();
+            text.contains(&h3) && text.contains("weight=")
+        },
+        || serin.diagnostics(),
+    )
+    .await;
+    // Let the reload settle: old workers still at 0% would bias the measurement.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let half = common::burst(&url, 400, 4).await;
+    let canary = half.of("v2") as f64;
+    // 50% of 400: mean 200, sd 10; 4.5 sd either way.
+    assert!(
+        (canary - 200.0).abs() <= 45.0 && half.answered() == 400,
+        "canary share through the balancer: {half:?}\n{}",
+        serin.diagnostics()
+    );
+    wait_for(
+        Duration::from_secs(40),
+        "the good canary to be promoted",
+        async || {
+            // Traffic for the checks of each stage.
+            common::burst(&url, 20, 2).await;
+            let out = cli_at(
+                serin.coordinator_addr,
+                &["rollout", "status", &id, "--json"],
+            )
+            .await;
+            serde_json::from_slice::<Value>(&out.stdout).is_ok_and(|v| v["state"] == "promoted")
+        },
+        || serin.diagnostics(),
+    )
+    .await;
+    let _ = nginx.stop().await;
 }
