@@ -94,6 +94,11 @@ enum AgentCommand {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Show the fleet by service instead: each service's instances by variant and host,
+        /// whether each is in the balancers' upstreams, the balancers and what each applied,
+        /// and the latest upstream changes.
+        #[arg(long)]
+        services: bool,
         #[command(flatten)]
         coordinator: cli::CoordinatorArgs,
     },
@@ -176,7 +181,16 @@ async fn run_agent(command: AgentCommand) -> anyhow::Result<ExitCode> {
             config,
             coordinator,
         } => (config, coordinator),
-        AgentCommand::List { json, coordinator } => {
+        AgentCommand::List {
+            json,
+            services: true,
+            coordinator,
+        } => {
+            return cli::fleet::list(json, &coordinator).await;
+        }
+        AgentCommand::List {
+            json, coordinator, ..
+        } => {
             return cli::agents::list(json, &coordinator).await;
         }
         AgentCommand::Forget { name, coordinator } => {

@@ -733,6 +733,34 @@ async fn a_balancer_fed_by_the_inventory_routes_to_the_app_hosts_drops_a_dead_on
     )
     .await;
     eprintln!("h2 left the upstream {:?} after it died", killed.elapsed());
+    // The fleet view says so: h2's instance out of the upstream, why, and the balancer.
+    let out = cli_at(
+        serin.coordinator_addr,
+        &["agent", "list", "--services", "--json"],
+    )
+    .await;
+    assert!(out.status.success(), "{}", describe(&out));
+    let fleet: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let web = fleet
+        .as_array()
+        .and_then(|a| a.iter().find(|s| s["name"] == "web"))
+        .unwrap_or_else(|| panic!("no web service in {fleet:#}"));
+    assert_eq!(web["from_inventory"], true, "{web:#}");
+    let h2_instance = web["instances"]
+        .as_array()
+        .and_then(|i| i.iter().find(|i| i["address"] == h2.as_str()))
+        .unwrap_or_else(|| panic!("h2's instance not listed: {web:#}"));
+    assert_eq!(h2_instance["in_upstream"], false, "{web:#}");
+    assert_eq!(h2_instance["connected"], false, "{web:#}");
+    assert!(
+        web["history"]
+            .as_array()
+            .is_some_and(|h| h.iter().any(|e| e["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("removed") && r.contains(h2.as_str())))),
+        "{web:#}"
+    );
+    assert_eq!(web["balancers"][0]["agent"], "lb", "{web:#}");
     let after = common::burst(&url, 200, 4).await;
     assert_eq!(after.of("v1"), 200, "{after:?}\n{}", serin.diagnostics());
 

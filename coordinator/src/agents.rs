@@ -407,6 +407,37 @@ impl AgentRegistry {
         out
     }
 
+    /// Every service some known agent hosts or balances.
+    pub fn known_services(&self) -> BTreeSet<String> {
+        self.lock().by_service.keys().cloned().collect()
+    }
+
+    /// The agents whose load balancer carries `service`: (agent, connected, applied
+    /// `generation`, its apply error for the service).
+    pub fn balancers_of(
+        &self,
+        service: &str,
+        generation: Generation,
+    ) -> Vec<(String, bool, bool, Option<String>)> {
+        let inner = self.lock();
+        inner
+            .by_service
+            .get(service)
+            .into_iter()
+            .flatten()
+            .filter_map(|name| inner.agents.get(name).map(|e| (name, e)))
+            .filter(|(_, e)| e.info.balancer_services.iter().any(|s| s == service))
+            .map(|(name, e)| {
+                (
+                    name.clone(),
+                    e.info.connected,
+                    e.has_applied(service, generation),
+                    e.failures.get(service).map(|f| f.error.clone()),
+                )
+            })
+            .collect()
+    }
+
     /// Services some connected agent's load balancer carries.
     pub fn balanced_services(&self) -> BTreeSet<String> {
         self.lock()

@@ -547,6 +547,82 @@ impl ControlService for Api {
         Ok(Response::new(v1::ListAgentsReply { agents }))
     }
 
+    async fn list_services(
+        &self,
+        _request: Request<v1::ListServicesRequest>,
+    ) -> Result<Response<v1::ListServicesReply>, Status> {
+        self.require_leader()?;
+        let view = self.shared.raft.view();
+        let mut names = self.shared.agents.known_services();
+        names.extend(view.registry.services.keys().cloned());
+        let services = names
+            .into_iter()
+            .map(|name| {
+                let record = view.registry.services.get(&name);
+                let generation = record.map(|r| r.generation).unwrap_or_default();
+                let members = record.and_then(|r| r.upstreams.as_ref());
+                let mut instances: Vec<v1::FleetInstance> = self
+                    .shared
+                    .agents
+                    .instances(&name)
+                    .into_iter()
+                    .map(|i| v1::FleetInstance {
+                        in_upstream: members
+                            .is_some_and(|m| m.iter().any(|m| m.address == i.address)),
+                        instance: i.name,
+                        address: i.address,
+                        variant: match i.variant {
+                            crate::metrics::Side::Stable => v1::Variant::Stable as i32,
+                            crate::metrics::Side::Canary => v1::Variant::Canary as i32,
+                        },
+                        agent: i.agent,
+                        connected: i.connected,
+                    })
+                    .collect();
+                instances.sort_by(|a, b| (a.variant, &a.address).cmp(&(b.variant, &b.address)));
+                let balancers = self
+                    .shared
+                    .agents
+                    .balancers_of(&name, generation)
+                    .into_iter()
+                    .map(|(agent, connected, applied, error)| v1::BalancerView {
+                        agent,
+                        connected,
+                        applied,
+                        error: error.unwrap_or_default(),
+                    })
+                    .collect();
+                let history = record
+                    .map(|r| {
+                        let skip = r.history.len().saturating_sub(20);
+                        r.history
+                            .iter()
+                            .skip(skip)
+                            .map(|e| v1::ServiceHistoryEvent {
+                                at_ms: e.at,
+                                reason: e.reason.clone(),
+                                generation: Some(e.generation.into()),
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                v1::ServiceView {
+                    stable_version: record
+                        .and_then(|r| r.stable_version())
+                        .unwrap_or_default()
+                        .to_owned(),
+                    generation: Some(generation.into()),
+                    instances,
+                    balancers,
+                    history,
+                    from_inventory: members.is_some(),
+                    name,
+                }
+            })
+            .collect();
+        Ok(Response::new(v1::ListServicesReply { services }))
+    }
+
     async fn forget_agent(
         &self,
         request: Request<v1::ForgetAgentRequest>,

@@ -17,6 +17,7 @@
 
 pub mod agents;
 pub mod evidence;
+pub mod fleet;
 pub mod output;
 pub mod rollout;
 pub mod strategy;

@@ -1761,6 +1761,13 @@ mod tests {
         ) -> Reply<serin_proto::v1::ForgetAgentReply> {
             Err(tonic::Status::unimplemented("not in the fake"))
         }
+
+        async fn list_services(
+            &self,
+            _: tonic::Request<serin_proto::v1::ListServicesRequest>,
+        ) -> Reply<serin_proto::v1::ListServicesReply> {
+            Err(tonic::Status::unimplemented("not in the fake"))
+        }
     }
 
     /// Serves `fake` on a free port until the returned sender is dropped or fired.
