@@ -226,35 +226,7 @@ pub enum StoreError {
     },
 }
 
-thread_local! {
-    /// Set while [`contain_panic`] runs on this thread: the panic hook stays quiet.
-    static CONTAINING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
-/// Runs `f`; a panic inside it becomes `Err(message)` instead of a message and backtrace on
-/// stderr (sled 0.34 panics in its recovery on some damaged files). Other threads' panics are
-/// reported as usual. The coordinator's raft storage has the same helper.
-fn contain_panic<T>(f: impl FnOnce() -> T) -> Result<T, String> {
-    static QUIET_HOOK: std::sync::Once = std::sync::Once::new();
-    QUIET_HOOK.call_once(|| {
-        let previous = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            if !CONTAINING.with(std::cell::Cell::get) {
-                previous(info);
-            }
-        }));
-    });
-    let was = CONTAINING.with(|c| c.replace(true));
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
-    CONTAINING.with(|c| c.set(was));
-    result.map_err(|payload| {
-        payload
-            .downcast_ref::<&str>()
-            .map(|s| (*s).to_owned())
-            .or_else(|| payload.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "a panic without a message".to_owned())
-    })
-}
+use serin_proto::panic::contain_panic;
 
 /// The agent's sled store. Cheap to clone (handles share one database).
 #[derive(Clone)]

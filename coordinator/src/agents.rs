@@ -651,7 +651,6 @@ pub fn desired_state(
                 let upstreams = members.map(|m| {
                     crate::inventory::upstreams(
                         &crate::inventory::members_as_instances(m),
-                        &BTreeSet::new(),
                         plan.canary_weight,
                     )
                 });

@@ -8,15 +8,14 @@
 //! no clock (time is passed in), so every rule below is tested exhaustively.
 //!
 //! Rules:
-//! - A variant's servers are the service's instances minus those the committed membership took
-//!   out, but never the last stable one: with every stable instance out, the one seen healthy
-//!   most recently stays in (a balancer with no stable server answers 502 to everyone).
+//! - The membership ([`target_membership`]) holds the instances that are healthy or within the
+//!   grace, but never drops the last stable one: the one seen healthy most recently stays in (a
+//!   balancer with no stable server answers 502 to everyone).
 //! - Per-server weights give the canary exactly the stage's share whatever the instance counts.
 //!   At 0% the canary servers are left out, at 100% the stable ones (nginx refuses weight 0).
 //! - The output is sorted, so equal inputs give equal desired states (an unchanged upstream is
 //!   no reload on the balancer).
 
-use std::collections::BTreeSet;
 use std::time::Duration;
 
 use crate::metrics::Side;
@@ -80,8 +79,6 @@ impl From<Side> for Variant {
 pub struct ServiceUpstreams {
     /// The servers, sorted by (variant, address).
     pub servers: Vec<UpstreamServer>,
-    /// The stable instance kept although the membership took it out (it was the last one).
-    pub kept_last_stable: Option<String>,
     /// True when the plan sends traffic to the canary but no canary server is available, so
     /// everything goes to stable.
     pub canary_missing: bool,
@@ -89,38 +86,16 @@ pub struct ServiceUpstreams {
 
 pub use serin_proto::weights::server_weights;
 
-/// The upstream servers of a service: `instances` (the inventory's, for this service) minus
-/// the addresses in `removed` (the committed membership), weighted for `canary_weight`%.
-pub fn upstreams(
-    instances: &[Instance],
-    removed: &BTreeSet<String>,
-    canary_weight: u32,
-) -> ServiceUpstreams {
-    let in_service = |i: &&Instance| !removed.contains(&i.address);
-    let mut stable: Vec<&Instance> = instances
+/// The upstream servers of a service's members (`instances`), weighted for `canary_weight`%.
+pub fn upstreams(instances: &[Instance], canary_weight: u32) -> ServiceUpstreams {
+    let stable: Vec<&Instance> = instances
         .iter()
         .filter(|i| i.variant == Side::Stable)
-        .filter(in_service)
         .collect();
     let canary: Vec<&Instance> = instances
         .iter()
         .filter(|i| i.variant == Side::Canary)
-        .filter(in_service)
         .collect();
-    let mut kept_last_stable = None;
-    if stable.is_empty()
-        && let Some(last) = instances
-            .iter()
-            .filter(|i| i.variant == Side::Stable)
-            .max_by(|a, b| {
-                a.last_healthy
-                    .cmp(&b.last_healthy)
-                    .then_with(|| b.address.cmp(&a.address))
-            })
-    {
-        kept_last_stable = Some(last.address.clone());
-        stable.push(last);
-    }
     let canary_weight = canary_weight.min(100);
     let canary_missing = canary_weight > 0 && canary.is_empty();
     let (stable_weight, canary_server_weight) = match (canary_weight, stable.len(), canary.len()) {
@@ -145,7 +120,6 @@ pub fn upstreams(
     servers.sort();
     ServiceUpstreams {
         servers,
-        kept_last_stable,
         canary_missing,
     }
 }
@@ -285,20 +259,6 @@ pub fn members_as_instances(members: &[UpstreamMember]) -> Vec<Instance> {
         .collect()
 }
 
-/// Two agents declaring the same address: `(address, first agent, second agent)` for the first
-/// conflict in `instances`, if any.
-pub fn duplicate_address(instances: &[Instance]) -> Option<(String, String, String)> {
-    let mut seen: std::collections::BTreeMap<&str, &str> = std::collections::BTreeMap::new();
-    for i in instances {
-        if let Some(first) = seen.insert(&i.address, &i.agent)
-            && first != i.agent
-        {
-            return Some((i.address.clone(), first.to_owned(), i.agent.clone()));
-        }
-    }
-    None
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -323,10 +283,6 @@ mod tests {
         inst(address, Side::Canary)
     }
 
-    fn none() -> BTreeSet<String> {
-        BTreeSet::new()
-    }
-
     fn canary_share(up: &ServiceUpstreams) -> f64 {
         let total: u64 = up.servers.iter().map(|s| s.weight).sum();
         let canary: u64 = up
@@ -346,7 +302,7 @@ mod tests {
                     (0..n_stable).map(|k| stable(&format!("s{k}"))).collect();
                 fleet.extend((0..n_canary).map(|k| canary(&format!("c{k}"))));
                 for w in [1, 5, 10, 25, 33, 50, 99] {
-                    let up = upstreams(&fleet, &none(), w);
+                    let up = upstreams(&fleet, w);
                     assert_eq!(up.servers.len(), n_stable + n_canary);
                     assert!(up.servers.iter().all(|s| s.weight >= 1));
                     let share = canary_share(&up);
@@ -362,10 +318,10 @@ mod tests {
     #[test]
     fn zero_and_full_shares_leave_the_other_side_out() {
         let fleet = [stable("a"), stable("b"), canary("c")];
-        let at0 = upstreams(&fleet, &none(), 0);
+        let at0 = upstreams(&fleet, 0);
         assert!(at0.servers.iter().all(|s| s.variant == Variant::Stable));
         assert_eq!(at0.servers.len(), 2);
-        let at100 = upstreams(&fleet, &none(), 100);
+        let at100 = upstreams(&fleet, 100);
         assert_eq!(at100.servers.len(), 1);
         assert_eq!(at100.servers[0].variant, Variant::Canary);
         assert!(!at0.canary_missing && !at100.canary_missing);
@@ -373,29 +329,10 @@ mod tests {
 
     #[test]
     fn without_a_canary_instance_everything_goes_to_stable_and_it_says_so() {
-        let up = upstreams(&[stable("a")], &none(), 25);
+        let up = upstreams(&[stable("a")], 25);
         assert_eq!(up.servers.len(), 1);
         assert!(up.canary_missing);
-        let up = upstreams(&[stable("a"), canary("c")], &["c".to_owned()].into(), 25);
-        assert!(up.canary_missing);
         assert!(up.servers.iter().all(|s| s.variant == Variant::Stable));
-    }
-
-    #[test]
-    fn removed_instances_leave_but_never_the_last_stable_one() {
-        let mut a = stable("a");
-        a.last_healthy = Some(5_000);
-        let b = stable("b");
-        let fleet = [a, b, canary("c")];
-        let up = upstreams(&fleet, &["b".to_owned()].into(), 10);
-        let addresses: Vec<_> = up.servers.iter().map(|s| s.address.as_str()).collect();
-        assert_eq!(addresses, ["a", "c"]);
-        assert_eq!(up.kept_last_stable, None);
-        let all_out: BTreeSet<String> = ["a".to_owned(), "b".to_owned()].into();
-        let up = upstreams(&fleet, &all_out, 10);
-        let addresses: Vec<_> = up.servers.iter().map(|s| s.address.as_str()).collect();
-        assert_eq!(addresses, ["a", "c"], "a was seen healthy last");
-        assert_eq!(up.kept_last_stable.as_deref(), Some("a"));
     }
 
     #[test]
@@ -403,8 +340,8 @@ mod tests {
         let fleet = [canary("z"), stable("m"), canary("b"), stable("a")];
         let mut reversed = fleet.clone();
         reversed.reverse();
-        let one = upstreams(&fleet, &none(), 5);
-        assert_eq!(one, upstreams(&reversed, &none(), 5));
+        let one = upstreams(&fleet, 5);
+        assert_eq!(one, upstreams(&reversed, 5));
         let order: Vec<_> = one
             .servers
             .iter()
@@ -419,17 +356,6 @@ mod tests {
                 (Variant::Canary, "z")
             ]
         );
-    }
-
-    #[test]
-    fn the_same_address_from_two_agents_is_a_conflict_naming_both() {
-        let mut twin = stable("a");
-        twin.agent = "host-other".into();
-        assert_eq!(
-            duplicate_address(&[stable("a"), canary("c"), twin]),
-            Some(("a".into(), "host-a".into(), "host-other".into()))
-        );
-        assert_eq!(duplicate_address(&[stable("a"), stable("b")]), None);
     }
 
     fn committed(fleet: &[Instance]) -> Vec<UpstreamMember> {
