@@ -382,6 +382,22 @@ fn a_new_fleet_deletes_the_leftovers_of_a_dead_test_process_only() {
 // serin on the fleet
 // ---------------------------------------------------------------------------------------------
 
+/// The balancer host of [`Serin::start_balancer`].
+struct Balancer {
+    /// Where clients send requests for `web`.
+    url: String,
+    /// The site file the agent renders.
+    site: std::path::PathBuf,
+    nginx: serin_agent::nginx::LocalNginx,
+    _agent: Proc,
+}
+
+impl Balancer {
+    async fn stop(self) {
+        let _ = self.nginx.stop().await;
+    }
+}
+
 /// A coordinator in the root namespace on the fleet's gateway address, and on each host a
 /// demo app and an agent that declares (and scrapes) only that host's instance.
 struct Serin {
@@ -518,6 +534,81 @@ metrics_url = "http://{addr}:{APP_PORT}/metrics"
         )
         .await;
         start.elapsed()
+    }
+
+    /// The balancer host: the root namespace, with a private nginx carrying `web` and an
+    /// agent that declares no instances; returns once nginx serves the stable version from
+    /// every app host's instance, as fed by the inventory.
+    async fn start_balancer(&self) -> Balancer {
+        let nginx_binary = serin_agent::nginx::find_nginx().expect("nginx is installed");
+        let nginx = serin_agent::nginx::LocalNginx::start(
+            &self.fleet.dir().join("lb-nginx"),
+            &nginx_binary,
+        )
+        .await
+        .expect("nginx starts");
+        let listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let settings = nginx.settings(vec![serin_agent::nginx::BalancedService {
+            service: "web".into(),
+            listen: listen.to_string(),
+        }]);
+        let lb_toml = self.fleet.dir().join("lb.toml");
+        std::fs::write(
+            &lb_toml,
+            format!(
+                "name = \"lb\"\ncoordinators = [\"http://{}\"]\ninterval = \"500ms\"\ndata_dir = \"{}\"\n\n[nginx]\nbinary = \"{}\"\nconfig = \"{}\"\nprefix = \"{}\"\nsite = \"{}\"\n\n[[nginx.services]]\nservice = \"web\"\nlisten = \"{listen}\"\n",
+                self.coordinator_addr,
+                self.fleet.dir().join("lb-data").display(),
+                settings.binary.display(),
+                settings.config.display(),
+                settings.prefix.as_deref().expect("a prefix").display(),
+                settings.site.display(),
+            ),
+        )
+        .expect("writing lb.toml");
+        let agent = Proc::spawn(
+            "lb-agent",
+            self.fleet.dir(),
+            &[
+                "agent".into(),
+                "run".into(),
+                "--config".into(),
+                lb_toml.display().to_string(),
+            ],
+        );
+        let balancer = Balancer {
+            url: format!("http://{listen}/"),
+            site: settings.site.clone(),
+            nginx,
+            _agent: agent,
+        };
+        let hosts = self.fleet.hosts().len();
+        let addresses: Vec<String> = (1..=hosts)
+            .map(|k| format!("{}:{APP_PORT}", self.fleet.host(k).addr()))
+            .collect();
+        wait_for(
+            Duration::from_secs(30),
+            "the balancer to route to the app hosts' instances from the inventory",
+            async || {
+                let text = std::fs::read_to_string(&balancer.site).unwrap_or_default();
+                addresses.iter().all(|a| text.contains(a.as_str()))
+            },
+            || self.diagnostics(),
+        )
+        .await;
+        let client = fresh_client(Duration::from_secs(2));
+        let url = balancer.url.clone();
+        wait_for(
+            Duration::from_secs(20),
+            "nginx to serve the stable version from the app hosts (old workers drained)",
+            async || {
+                matches!(get_version(&client, &url).await, Ok((200, v)) if v == "v1")
+                    && common::burst(&url, 20, 2).await.of("v1") == 20
+            },
+            || self.diagnostics(),
+        )
+        .await;
+        balancer
     }
 
     async fn wait_all_connected(&self, hosts: usize) {
@@ -657,43 +748,8 @@ async fn a_cut_off_hosts_reports_stop_and_its_agent_reconnects_once_healed() {
 async fn a_balancer_fed_by_the_inventory_routes_to_the_app_hosts_drops_a_dead_one_and_promotes() {
     let mut serin = Serin::start(3).await;
     serin.wait_all_connected(3).await;
-    // The balancer host: the root namespace, with a private nginx.
-    let nginx_binary = serin_agent::nginx::find_nginx().expect("nginx is installed");
-    let nginx =
-        serin_agent::nginx::LocalNginx::start(&serin.fleet.dir().join("lb-nginx"), &nginx_binary)
-            .await
-            .expect("nginx starts");
-    let listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let settings = nginx.settings(vec![serin_agent::nginx::BalancedService {
-        service: "web".into(),
-        listen: listen.to_string(),
-    }]);
-    let lb_toml = serin.fleet.dir().join("lb.toml");
-    std::fs::write(
-        &lb_toml,
-        format!(
-            "name = \"lb\"\ncoordinators = [\"http://{}\"]\ninterval = \"500ms\"\ndata_dir = \"{}\"\n\n[nginx]\nbinary = \"{}\"\nconfig = \"{}\"\nprefix = \"{}\"\nsite = \"{}\"\n\n[[nginx.services]]\nservice = \"web\"\nlisten = \"{listen}\"\n",
-            serin.coordinator_addr,
-            serin.fleet.dir().join("lb-data").display(),
-            settings.binary.display(),
-            settings.config.display(),
-            settings.prefix.as_deref().expect("a prefix").display(),
-            settings.site.display(),
-        ),
-    )
-    .expect("writing lb.toml");
-    let _lb = Proc::spawn(
-        "lb-agent",
-        serin.fleet.dir(),
-        &[
-            "agent".into(),
-            "run".into(),
-            "--config".into(),
-            lb_toml.display().to_string(),
-        ],
-    );
-    let url = format!("http://{listen}/");
-    let site = settings.site.clone();
+    let lb = serin.start_balancer().await;
+    let (url, site) = (lb.url.clone(), lb.site.clone());
     let h1 = format!("{}:{APP_PORT}", serin.fleet.host(1).addr());
     let h2 = format!("{}:{APP_PORT}", serin.fleet.host(2).addr());
     let h3 = format!("{}:{APP_PORT}", serin.fleet.host(3).addr());
@@ -701,24 +757,6 @@ async fn a_balancer_fed_by_the_inventory_routes_to_the_app_hosts_drops_a_dead_on
         let text = std::fs::read_to_string(&site).unwrap_or_default();
         addresses.iter().all(|a| text.contains(a)) && absent.iter().all(|a| !text.contains(a))
     };
-    wait_for(
-        Duration::from_secs(30),
-        "the balancer to route to the app hosts' instances from the inventory",
-        async || site_has(&[&h1, &h2, &h3], &[]),
-        || serin.diagnostics(),
-    )
-    .await;
-    let client = fresh_client(Duration::from_secs(2));
-    wait_for(
-        Duration::from_secs(20),
-        "nginx to serve the stable version from the app hosts (old workers drained)",
-        async || {
-            matches!(get_version(&client, &url).await, Ok((200, v)) if v == "v1")
-                && common::burst(&url, 20, 2).await.of("v1") == 20
-        },
-        || serin.diagnostics(),
-    )
-    .await;
     let before = common::burst(&url, 100, 4).await;
     assert_eq!(before.of("v1"), 100, "{before:?}\n{}", serin.diagnostics());
 
@@ -824,5 +862,145 @@ async fn a_balancer_fed_by_the_inventory_routes_to_the_app_hosts_drops_a_dead_on
         || serin.diagnostics(),
     )
     .await;
-    let _ = nginx.stop().await;
+    lb.stop().await;
+}
+
+/// The coordinator counts what the app hosts served, from each host's own agent: with one
+/// canary host behind the balancer, the live per-variant request counts of a stage equal what
+/// the load generator received from each version (the traffic is sent in a quiet gap, so no
+/// request straddles the stage's start or a report interval's edge), the split lies within a
+/// binomial tolerance, and once the canary starts failing the critical trigger rolls it back
+/// and the balancer stops sending it anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_canary_host_is_rolled_back_and_the_coordinator_counted_exactly_what_was_served() {
+    let serin = Serin::start(3).await;
+    serin.wait_all_connected(3).await;
+    let lb = serin.start_balancer().await;
+    let canary_addr = format!("{}:{APP_PORT}", serin.fleet.host(3).addr());
+    let strategy = serin.fleet.dir().join("strategy.toml");
+    // A long first stage: the test decides when it ends (by breaking the canary).
+    let stages = [common::StageSpec {
+        weight: 25,
+        min_duration: "10m",
+        manual_gate: false,
+    }];
+    std::fs::write(&strategy, common::strategy(&stages, "")).expect("writing strategy.toml");
+    let out = cli_at(
+        serin.coordinator_addr,
+        &[
+            "rollout",
+            "start",
+            "web",
+            "--version",
+            "v2",
+            "--stable-version",
+            "v1",
+            "--strategy",
+            &strategy.display().to_string(),
+        ],
+    )
+    .await;
+    assert!(out.status.success(), "{}", describe(&out));
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let status = async || {
+        let out = cli_at(
+            serin.coordinator_addr,
+            &["rollout", "status", &id, "--json"],
+        )
+        .await;
+        assert!(out.status.success(), "{}", describe(&out));
+        serde_json::from_slice::<Value>(&out.stdout).expect("status JSON")
+    };
+    wait_for(
+        Duration::from_secs(20),
+        "the balancer to send the canary host its share",
+        async || {
+            let text = std::fs::read_to_string(&lb.site).unwrap_or_default();
+            text.contains(&canary_addr) && text.contains("weight=")
+        },
+        || serin.diagnostics(),
+    )
+    .await;
+    // A quiet gap: the reload settles and every report of the traffic before the stage began
+    // has arrived (the agents report every 500 ms).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = status().await;
+    let count = |v: &Value, side: &str| v["live"][side]["requests"].as_u64().unwrap_or(0);
+    let (stable_before, canary_before) = (count(&before, "stable"), count(&before, "canary"));
+
+    let sent = common::burst(&lb.url, 800, 4).await;
+    assert_eq!(sent.answered(), 800, "{sent:?}\n{}", serin.diagnostics());
+    // 25% of 800: mean 200, sd 12.2; 4.5 sd either way.
+    let canary = sent.of("v2") as f64;
+    assert!(
+        (canary - 200.0).abs() <= 55.0,
+        "canary share through the balancer: {sent:?}"
+    );
+    // Two report intervals and a control tick for the last requests to be counted.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = status().await;
+    assert_eq!(after["state"], "progressing", "{after:#}");
+    assert_eq!(
+        (
+            count(&after, "stable") - stable_before,
+            count(&after, "canary") - canary_before
+        ),
+        (sent.of("v1"), sent.of("v2")),
+        "the coordinator's per-variant counts differ from what the load generator received\n{}",
+        serin.diagnostics()
+    );
+
+    // The canary host starts failing every request: the critical trigger rolls it back.
+    let admin = format!("http://{canary_addr}/admin");
+    assert_eq!(
+        common::post_json(&admin, r#"{"error_rate": 1.0}"#).await,
+        200,
+        "the canary's admin endpoint"
+    );
+    wait_for(
+        Duration::from_secs(30),
+        "the failing canary to be rolled back by its trigger",
+        async || {
+            common::burst(&lb.url, 40, 4).await;
+            status().await["state"] == "rolled_back"
+        },
+        || serin.diagnostics(),
+    )
+    .await;
+    let rolled_back = status().await;
+    assert!(
+        rolled_back["last_reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("canary-error-spike")),
+        "{rolled_back:#}"
+    );
+    // The balancer's main upstream (the one clients reach) no longer lists the canary host.
+    let main_upstream = |site: &str| -> String {
+        site.split("upstream serin_web {")
+            .nth(1)
+            .and_then(|rest| rest.split('}').next())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    wait_for(
+        Duration::from_secs(20),
+        "the balancer to take the canary host out of the upstream clients reach",
+        async || {
+            let site = std::fs::read_to_string(&lb.site).unwrap_or_default();
+            let upstream = main_upstream(&site);
+            !upstream.is_empty() && !upstream.contains(&canary_addr)
+        },
+        || serin.diagnostics(),
+    )
+    .await;
+    // Old nginx workers finish their requests; the new ones route to stable only.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after_rollback = common::burst(&lb.url, 200, 4).await;
+    assert_eq!(
+        (after_rollback.of("v1"), after_rollback.server_errors),
+        (200, 0),
+        "traffic after the rollback: {after_rollback:?}\n{}",
+        serin.diagnostics()
+    );
+    lb.stop().await;
 }
