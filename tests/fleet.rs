@@ -382,6 +382,41 @@ fn a_new_fleet_deletes_the_leftovers_of_a_dead_test_process_only() {
 // serin on the fleet
 // ---------------------------------------------------------------------------------------------
 
+/// Starts an app host's demo app and its agent, which declares (and scrapes) only that
+/// host's instance of `web`: the canary (`v2`) or a stable one (`v1`).
+fn start_app_host(host: &mut Host, canary: bool, coordinator_addr: SocketAddr) {
+    let variant = if canary { "canary" } else { "stable" };
+    spawn_demo_app(host, if canary { "v2" } else { "v1" });
+    let addr = host.addr();
+    let config = format!(
+        r#"name = "{name}"
+coordinators = ["http://{coordinator_addr}"]
+interval = "500ms"
+data_dir = "{data}"
+
+[[instances]]
+name = "web-{name}"
+service = "web"
+variant = "{variant}"
+address = "{addr}:{APP_PORT}"
+metrics_url = "http://{addr}:{APP_PORT}/metrics"
+"#,
+        name = host.name(),
+        data = host.dir().join("agent-data").display(),
+    );
+    let file = host.dir().join("agent.toml");
+    std::fs::write(&file, config).expect("writing agent.toml");
+    host.serin(
+        "agent",
+        &[
+            "agent".into(),
+            "run".into(),
+            "--config".into(),
+            file.display().to_string(),
+        ],
+    );
+}
+
 /// The balancer host of [`Serin::start_balancer`].
 struct Balancer {
     /// Where clients send requests for `web`.
@@ -430,37 +465,7 @@ impl Serin {
             ],
         );
         for k in 1..=hosts {
-            let host = fleet.host_mut(k);
-            let variant = if k == hosts { "canary" } else { "stable" };
-            spawn_demo_app(host, if k == hosts { "v2" } else { "v1" });
-            let addr = host.addr();
-            let config = format!(
-                r#"name = "{name}"
-coordinators = ["http://{coordinator_addr}"]
-interval = "500ms"
-data_dir = "{data}"
-
-[[instances]]
-name = "web-{name}"
-service = "web"
-variant = "{variant}"
-address = "{addr}:{APP_PORT}"
-metrics_url = "http://{addr}:{APP_PORT}/metrics"
-"#,
-                name = host.name(),
-                data = host.dir().join("agent-data").display(),
-            );
-            let file = host.dir().join("agent.toml");
-            std::fs::write(&file, config).expect("writing agent.toml");
-            host.serin(
-                "agent",
-                &[
-                    "agent".into(),
-                    "run".into(),
-                    "--config".into(),
-                    file.display().to_string(),
-                ],
-            );
+            start_app_host(fleet.host_mut(k), k == hosts, coordinator_addr);
         }
         Serin {
             fleet,
@@ -540,9 +545,14 @@ metrics_url = "http://{addr}:{APP_PORT}/metrics"
     /// agent that declares no instances; returns once nginx serves the stable version from
     /// every app host's instance, as fed by the inventory.
     async fn start_balancer(&self) -> Balancer {
+        self.start_balancer_named("lb").await
+    }
+
+    /// [`Serin::start_balancer`] with agent `name`, its files under `name`-prefixed paths.
+    async fn start_balancer_named(&self, name: &str) -> Balancer {
         let nginx_binary = serin_agent::nginx::find_nginx().expect("nginx is installed");
         let nginx = serin_agent::nginx::LocalNginx::start(
-            &self.fleet.dir().join("lb-nginx"),
+            &self.fleet.dir().join(format!("{name}-nginx")),
             &nginx_binary,
         )
         .await
@@ -552,22 +562,22 @@ metrics_url = "http://{addr}:{APP_PORT}/metrics"
             service: "web".into(),
             listen: listen.to_string(),
         }]);
-        let lb_toml = self.fleet.dir().join("lb.toml");
+        let lb_toml = self.fleet.dir().join(format!("{name}.toml"));
         std::fs::write(
             &lb_toml,
             format!(
-                "name = \"lb\"\ncoordinators = [\"http://{}\"]\ninterval = \"500ms\"\ndata_dir = \"{}\"\n\n[nginx]\nbinary = \"{}\"\nconfig = \"{}\"\nprefix = \"{}\"\nsite = \"{}\"\n\n[[nginx.services]]\nservice = \"web\"\nlisten = \"{listen}\"\n",
+                "name = \"{name}\"\ncoordinators = [\"http://{}\"]\ninterval = \"500ms\"\ndata_dir = \"{}\"\n\n[nginx]\nbinary = \"{}\"\nconfig = \"{}\"\nprefix = \"{}\"\nsite = \"{}\"\n\n[[nginx.services]]\nservice = \"web\"\nlisten = \"{listen}\"\n",
                 self.coordinator_addr,
-                self.fleet.dir().join("lb-data").display(),
+                self.fleet.dir().join(format!("{name}-data")).display(),
                 settings.binary.display(),
                 settings.config.display(),
                 settings.prefix.as_deref().expect("a prefix").display(),
                 settings.site.display(),
             ),
         )
-        .expect("writing lb.toml");
+        .expect("writing the balancer's agent.toml");
         let agent = Proc::spawn(
-            "lb-agent",
+            &format!("{name}-agent"),
             self.fleet.dir(),
             &[
                 "agent".into(),
@@ -1003,4 +1013,114 @@ async fn a_bad_canary_host_is_rolled_back_and_the_coordinator_counted_exactly_wh
         serin.diagnostics()
     );
     lb.stop().await;
+}
+
+/// Not a test but the benchmark of docs/benchmarks.md §5 (run it with
+/// `cargo nextest run --test fleet --run-ignored only --no-capture benchmark_`): the time from an
+/// app host's death (every process SIGKILLed) or cut-off (its link down) to its removal from
+/// every balancer's upstream, with two nginx balancers in front of four app hosts and
+/// `remove_unhealthy_after = 3s`; and the time until it is back once it returns. It asserts
+/// only that removal and return happen; the times are printed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: run on purpose, see docs/benchmarks.md §5"]
+async fn benchmark_host_death_to_removal_from_every_balancer() {
+    const HOSTS: usize = 4;
+    let mut serin = Serin::start(HOSTS).await;
+    serin.wait_all_connected(HOSTS).await;
+    let balancers = [
+        serin.start_balancer_named("lb1").await,
+        serin.start_balancer_named("lb2").await,
+    ];
+    let fleet_dir = serin.fleet.dir().to_owned();
+    let in_main_upstream = |lb: &Balancer, address: &str| {
+        let site = std::fs::read_to_string(&lb.site).unwrap_or_default();
+        site.split("upstream serin_web {")
+            .nth(1)
+            .and_then(|rest| rest.split('}').next())
+            .is_some_and(|upstream| upstream.contains(address))
+    };
+    // Polls every 20 ms until every balancer's membership of `address` is `wanted`; returns
+    // each balancer's time (since `since`) and the slowest.
+    let wait_all = async |address: &str, wanted: bool, since: Instant| -> Vec<Duration> {
+        let mut seen: Vec<Option<Duration>> = vec![None; balancers.len()];
+        let deadline = since + Duration::from_secs(60);
+        while seen.iter().any(Option::is_none) {
+            assert!(
+                Instant::now() < deadline,
+                "{address} not {} every balancer within 60 s (fleet files in {})",
+                if wanted { "back in" } else { "out of" },
+                fleet_dir.display()
+            );
+            for (lb, t) in balancers.iter().zip(seen.iter_mut()) {
+                if t.is_none() && in_main_upstream(lb, address) == wanted {
+                    *t = Some(since.elapsed());
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        seen.into_iter().flatten().collect()
+    };
+    let secs = |d: &Duration| format!("{:.2}", d.as_secs_f64());
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let mut removed = std::collections::BTreeMap::<&str, Vec<f64>>::new();
+    let mut returned = Vec::new();
+    let coordinator_addr = serin.coordinator_addr;
+    let trials = [
+        ("kill", 1),
+        ("kill", 2),
+        ("kill", 3),
+        ("kill", 1),
+        ("kill", 2),
+        ("cut", 3),
+        ("cut", 1),
+        ("cut", 2),
+    ];
+    for (how, k) in trials {
+        let address = format!("{}:{APP_PORT}", serin.fleet.host(k).addr());
+        let name = serin.fleet.host(k).name().to_owned();
+        let at = Instant::now();
+        match how {
+            "kill" => serin
+                .fleet
+                .host_mut(k)
+                .kill_all()
+                .expect("killing the host"),
+            _ => serin.fleet.host_mut(k).cut().expect("cutting the host"),
+        }
+        let times = wait_all(&address, false, at).await;
+        let slowest = times.iter().max().copied().unwrap_or_default();
+        let back_at = Instant::now();
+        match how {
+            "kill" => start_app_host(serin.fleet.host_mut(k), false, coordinator_addr),
+            _ => serin.fleet.host_mut(k).heal().expect("healing the host"),
+        }
+        let back = wait_all(&address, true, back_at).await;
+        let back_slowest = back.iter().max().copied().unwrap_or_default();
+        println!(
+            "BENCH {how} {name}: out of every balancer after {} s (each: {}), back in {} s after it returned",
+            secs(&slowest),
+            times.iter().map(secs).collect::<Vec<_>>().join(", "),
+            secs(&back_slowest),
+        );
+        removed.entry(how).or_default().push(slowest.as_secs_f64());
+        returned.push(back_slowest.as_secs_f64());
+    }
+    for (how, times) in removed {
+        println!(
+            "BENCH median {how}: {:.2} s to leave every balancer over {} trials",
+            median(times.clone()),
+            times.len()
+        );
+    }
+    println!(
+        "BENCH median return: {:.2} s to be back in every balancer over {} trials",
+        median(returned.clone()),
+        returned.len()
+    );
+    for lb in balancers {
+        lb.stop().await;
+    }
 }

@@ -159,12 +159,21 @@ struct Entry {
     disconnected_at: Option<Millis>,
     /// instance name → (since when its scrapes fail, when it was last scraped fine).
     scrape_health: HashMap<String, (Option<Millis>, Option<Millis>)>,
+    /// The report interval its latest report declared.
+    report_interval: Option<Millis>,
 }
 
 impl Entry {
     fn has_applied(&self, service: &str, generation: Generation) -> bool {
         self.acked.is_some_and(|a| a >= generation) && !self.failures.contains_key(service)
     }
+}
+
+/// How long a connected agent may go without a report before its instances count as unhealthy:
+/// three of its report intervals, and never less than 1.5 s (a report can be late by a
+/// scrape's timeout on a busy host).
+pub fn silent_after(report_interval: Millis) -> Millis {
+    (3 * report_interval).max(1500)
 }
 
 /// All agents seen by this leader and not yet forgotten.
@@ -333,6 +342,7 @@ impl AgentRegistry {
                 failures: HashMap::new(),
                 disconnected_at: None,
                 scrape_health: HashMap::new(),
+                report_interval: None,
             },
         );
         for t in &targets {
@@ -355,10 +365,11 @@ impl AgentRegistry {
         }
     }
 
-    /// Notes that a report arrived.
-    pub fn reported(&self, name: &str, at: Millis, scrapes: &[(String, bool)]) {
+    /// Notes that a report arrived, covering `interval` milliseconds (its `interval_ms`).
+    pub fn reported(&self, name: &str, at: Millis, interval: Millis, scrapes: &[(String, bool)]) {
         if let Some(entry) = self.lock().agents.get_mut(name) {
             entry.info.last_report = Some(at);
+            entry.report_interval = Some(interval);
             for (instance, ok) in scrapes {
                 let health = entry.scrape_health.entry(instance.clone()).or_default();
                 if *ok {
@@ -371,7 +382,12 @@ impl AgentRegistry {
     }
 
     /// The inventory's instances of `service`: every known agent's targets of it, with health.
-    pub fn instances(&self, service: &str) -> Vec<crate::inventory::Instance> {
+    ///
+    /// An instance whose agent is connected but has sent no report for [`silent_after`] of
+    /// its report interval is unhealthy since its agent's last report: a host cut off from the
+    /// network keeps its session open until the HTTP/2 keepalive gives up (15 s), and its
+    /// instances should not wait for that to leave the upstreams.
+    pub fn instances(&self, service: &str, now: Millis) -> Vec<crate::inventory::Instance> {
         let inner = self.lock();
         let mut out = Vec::new();
         for name in inner.by_service.get(service).into_iter().flatten() {
@@ -384,10 +400,19 @@ impl AgentRegistry {
                     .get(&t.name)
                     .copied()
                     .unwrap_or((None, None));
-                let unhealthy_since = if entry.info.connected {
-                    failing_since
-                } else {
+                let silent = entry.info.connected
+                    && entry.info.last_report.is_some_and(|last| {
+                        now - last > silent_after(entry.report_interval.unwrap_or(1000))
+                    });
+                let unhealthy_since = if !entry.info.connected {
                     entry.disconnected_at
+                } else if silent {
+                    match (failing_since, entry.info.last_report) {
+                        (Some(f), Some(r)) => Some(f.min(r)),
+                        (f, r) => f.or(r),
+                    }
+                } else {
+                    failing_since
                 };
                 out.push(crate::inventory::Instance {
                     name: t.name.clone(),
@@ -399,6 +424,7 @@ impl AgentRegistry {
                         crate::metrics::Side::Stable
                     },
                     connected: entry.info.connected,
+                    silent,
                     unhealthy_since,
                     last_healthy: last_ok,
                 });
@@ -804,6 +830,34 @@ mod tests {
     }
 
     const G7: Generation = Generation { term: 1, index: 7 };
+
+    #[test]
+    fn a_connected_agent_whose_reports_stop_makes_its_instances_unhealthy_since_its_last_report() {
+        let agents = AgentRegistry::default();
+        let reg = registry_at(7);
+        let (_session, _rx) = connect(&agents, info("a"), &reg);
+        let health = |now| {
+            let i = agents.instances("api", now).remove(0);
+            (i.connected, i.silent, i.unhealthy_since)
+        };
+        // Connected, no report yet: healthy (it has just connected).
+        assert_eq!(health(60_000), (true, false, None));
+        agents.reported("a", 10_000, 500, &[("c".into(), true)]);
+        // Three intervals of 500 ms are under the 1.5 s floor: 1.5 s of silence is allowed.
+        assert_eq!(health(11_500), (true, false, None));
+        assert_eq!(health(11_501), (true, true, Some(10_000)));
+        // A report ends the silence.
+        agents.reported("a", 12_000, 500, &[("c".into(), true)]);
+        assert_eq!(health(12_100), (true, false, None));
+        // A slow reporter (10 s interval) may be quiet for 30 s.
+        agents.reported("a", 20_000, 10_000, &[("c".into(), true)]);
+        assert_eq!(health(50_000), (true, false, None));
+        assert_eq!(health(50_001), (true, true, Some(20_000)));
+        // Failing scrapes before the silence: unhealthy since the first failure.
+        agents.reported("a", 60_000, 1000, &[("c".into(), false)]);
+        assert_eq!(health(60_500), (true, false, Some(60_000)));
+        assert_eq!(health(70_000), (true, true, Some(60_000)));
+    }
 
     #[test]
     fn desired_state_is_pushed_once_per_generation() {

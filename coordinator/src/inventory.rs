@@ -34,6 +34,8 @@ pub struct Instance {
     pub variant: Side,
     /// Whether its agent's session is open.
     pub connected: bool,
+    /// Its agent's session is open but its reports stopped (a cut-off host).
+    pub silent: bool,
     /// Since when it is unhealthy: its agent disconnected, or its scrapes fail. `None` while
     /// healthy.
     pub unhealthy_since: Option<Millis>,
@@ -156,10 +158,12 @@ pub fn target_membership(
         if keep {
             members.push(member(i));
         } else if was_member(&i.address) {
-            let why = if i.connected {
-                "its scrapes have failed"
-            } else {
+            let why = if !i.connected {
                 "its agent has been disconnected"
+            } else if i.silent {
+                "no report from its agent"
+            } else {
+                "its scrapes have failed"
             };
             let since = i.unhealthy_since.unwrap_or(now);
             notes.push(format!(
@@ -253,6 +257,7 @@ pub fn members_as_instances(members: &[UpstreamMember]) -> Vec<Instance> {
             address: m.address.clone(),
             variant: if m.canary { Side::Canary } else { Side::Stable },
             connected: true,
+            silent: false,
             unhealthy_since: None,
             last_healthy: None,
         })
@@ -270,6 +275,7 @@ mod tests {
             address: address.into(),
             variant,
             connected: true,
+            silent: false,
             unhealthy_since: None,
             last_healthy: Some(1_000),
         }
@@ -446,5 +452,27 @@ mod tests {
         let (kept, _) = target_membership(&[], Some(&current), GRACE, 30_000, 0).unwrap();
         assert_eq!(kept.len(), 1);
         assert!(!kept[0].canary);
+    }
+
+    #[test]
+    fn an_instance_whose_agent_went_silent_is_removed_after_the_grace_saying_so() {
+        let mut quiet = stable("b");
+        quiet.silent = true;
+        quiet.unhealthy_since = Some(10_000);
+        let fleet = vec![stable("a"), quiet];
+        let (members, _) = target_membership(&fleet, None, GRACE, 10_000, 0).unwrap();
+        assert_eq!(members.len(), 2);
+        assert_eq!(
+            target_membership(&fleet, Some(&members), GRACE, 10_000 + 29_999, 0),
+            None,
+            "removed before the grace"
+        );
+        let (after, reason) =
+            target_membership(&fleet, Some(&members), GRACE, 10_000 + 30_000, 0).unwrap();
+        assert_eq!(after.len(), 1);
+        assert!(
+            reason.contains("removed app-b (b) of agent host-b: no report from its agent for 30s"),
+            "{reason}"
+        );
     }
 }

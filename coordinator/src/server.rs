@@ -310,7 +310,7 @@ async fn reconcile_upstreams(shared: Shared, remove_after: Duration, shutdown: C
         let now = control::now_millis();
         let since = *leader_since.get_or_insert(now);
         for service in shared.agents.balanced_services() {
-            let instances = shared.agents.instances(&service);
+            let instances = shared.agents.instances(&service, now);
             let committed = view
                 .registry
                 .services

@@ -564,7 +564,7 @@ impl ControlService for Api {
                 let mut instances: Vec<v1::FleetInstance> = self
                     .shared
                     .agents
-                    .instances(&name)
+                    .instances(&name, now_millis())
                     .into_iter()
                     .map(|i| v1::FleetInstance {
                         in_upstream: members
@@ -772,7 +772,9 @@ fn handle_agent_message(shared: &Shared, name: &str, message: AgentMessage) {
                 .iter()
                 .map(|w| (w.instance.clone(), w.scrape_ok))
                 .collect();
-            shared.agents.reported(name, now, &scrapes);
+            shared
+                .agents
+                .reported(name, now, report.interval_ms as Millis, &scrapes);
             let mut metrics = shared.metrics();
             for w in report.instances {
                 let side = if w.variant == v1::Variant::Canary as i32 {
