@@ -1,5 +1,6 @@
 //! The balancer-neutral traffic model: which servers a service has, per variant, and what
-//! one service's traffic should look like ([`Route`]). Pure: no I/O, no clock.
+//! one service's traffic should look like ([`Route`]), including the header and cookie that
+//! pick a variant per request ([`VariantOverride`]). Pure: no I/O, no clock.
 //!
 //! Why a module of its own: these types are what every traffic actuator (nginx today,
 //! HAProxy next) is driven by, and what the local config (`[[instances]]`) and the
