@@ -961,3 +961,113 @@ async fn measure_reload_timing() {
         last_stales.last(),
     );
 }
+
+/// What the override maps cost per request, side by side on one nginx: a weighted service
+/// without overrides, a sticky one without overrides (its `proxy_pass` takes a variable, as
+/// with overrides), and a weighted one with a header and a cookie override, requested
+/// unmarked, with the header and with the cookie. Keep-alive requests to nginx (so the
+/// connection setup does not drown the difference), interleaved in rounds whose order rotates
+/// so that drift and warm-up hit every case alike.
+/// `cargo nextest run -p serin-agent measure_override --run-ignored only --no-capture`;
+/// results in docs/benchmarks.md §5.
+#[tokio::test]
+#[ignore = "measurement, prints timings"]
+async fn measure_override_cost() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let nginx = LocalNginx::start(dir.path(), &nginx_binary())
+        .await
+        .expect("start local nginx");
+    let (plain_listen, sticky_listen, override_listen) = (
+        format!("127.0.0.1:{}", free_port()),
+        format!("127.0.0.1:{}", free_port()),
+        format!("127.0.0.1:{}", free_port()),
+    );
+    let settings = nginx.settings(vec![
+        BalancedService {
+            service: "plain".into(),
+            listen: plain_listen.clone(),
+        },
+        BalancedService {
+            service: "sticky".into(),
+            listen: sticky_listen.clone(),
+        },
+        BalancedService {
+            service: "marked".into(),
+            listen: override_listen.clone(),
+        },
+    ]);
+    let mut actuator = NginxActuator::new(settings).await.expect("actuator");
+    let (s, c) = (backend("stable-1").await, backend("canary-1").await);
+    let mut plain = route(&plain_listen, &[&s], &[&c], 5, None);
+    plain.service = "plain".into();
+    let mut sticky = route(&sticky_listen, &[&s], &[&c], 5, Some("$cookie_uid"));
+    sticky.service = "sticky".into();
+    let mut marked = route(&override_listen, &[&s], &[&c], 5, None);
+    marked.service = "marked".into();
+    marked.overrides = VariantOverride {
+        header: Some("X-Serin-Variant".into()),
+        cookie: Some("serin_variant".into()),
+    };
+    actuator
+        .apply_routes(&[plain, sticky, marked], "8.1")
+        .await
+        .expect("apply");
+
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .expect("client");
+    // (name, listen address, the request's marker header)
+    type Case<'a> = (&'a str, &'a str, Option<(&'a str, &'a str)>);
+    let cases: [Case; 5] = [
+        ("weighted, no overrides", &plain_listen, None),
+        ("sticky, no overrides", &sticky_listen, None),
+        ("overrides, unmarked", &override_listen, None),
+        (
+            "overrides, header canary",
+            &override_listen,
+            Some(("X-Serin-Variant", "canary")),
+        ),
+        (
+            "overrides, cookie canary",
+            &override_listen,
+            Some(("Cookie", "serin_variant=canary")),
+        ),
+    ];
+    let (rounds, per_round) = (20, 250);
+    let mut samples: Vec<Vec<Duration>> = vec![Vec::new(); cases.len()];
+    for round in 0..rounds {
+        for k in 0..cases.len() {
+            let i = (k + round) % cases.len();
+            let (_, listen, header) = cases[i];
+            let url = format!("http://{listen}/");
+            for _ in 0..per_round {
+                let mut request = client.get(&url);
+                if let Some((name, value)) = header {
+                    request = request.header(name, value);
+                }
+                let t0 = std::time::Instant::now();
+                let response = request.send().await.expect("request");
+                let _ = response.bytes().await.expect("body");
+                samples[i].push(t0.elapsed());
+            }
+        }
+    }
+    let median = |v: &mut Vec<Duration>| {
+        v.sort();
+        v[v.len() / 2]
+    };
+    let p99 = |v: &Vec<Duration>| v[v.len() * 99 / 100];
+    let base = median(&mut samples[0]);
+    for (i, (name, _, _)) in cases.iter().enumerate() {
+        let m = median(&mut samples[i]);
+        eprintln!(
+            "{name:26} median {:>6.1} µs  p99 {:>6.1} µs  ratio {:.3}  ({} requests)",
+            m.as_secs_f64() * 1e6,
+            p99(&samples[i]).as_secs_f64() * 1e6,
+            m.as_secs_f64() / base.as_secs_f64(),
+            samples[i].len()
+        );
+    }
+    nginx.stop().await;
+}
