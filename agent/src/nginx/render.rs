@@ -26,6 +26,8 @@
 
 use std::collections::HashMap;
 
+use serin_proto::overrides::{CANARY_VALUE, STABLE_VALUE};
+
 use crate::traffic::{Route, Variant, server_weights};
 
 /// Keep-alive connections each nginx worker holds open per upstream.
@@ -397,14 +399,15 @@ fn override_chain(
     .flatten()
     .map(|(source, by)| (source, format!("$serin_{ident}_by_{by}")))
     .collect();
+    let (canary_value, stable_value) = (CANARY_VALUE, STABLE_VALUE);
     let mut next = normal.to_owned();
     for (source, var) in links.iter().rev() {
         out.push_str(&format!("map {source} {var} {{\n"));
         if has(Variant::Canary) {
-            out.push_str(&format!("    ~*^canary$ {canary_name};\n"));
+            out.push_str(&format!("    ~*^{canary_value}$ {canary_name};\n"));
         }
         if has(Variant::Stable) {
-            out.push_str(&format!("    ~*^stable$ {stable_name};\n"));
+            out.push_str(&format!("    ~*^{stable_value}$ {stable_name};\n"));
         }
         out.push_str(&format!("    default {next};\n}}\n"));
         next = var.clone();
