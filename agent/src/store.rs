@@ -77,6 +77,14 @@ pub struct ServiceTraffic {
     /// `servers` is authoritative: route to them, not to this agent's `[[instances]]`.
     #[serde(default)]
     pub from_inventory: bool,
+    /// The request header whose value `canary` or `stable` routes to that variant (see
+    /// [`crate::traffic::VariantOverride`]); `None` = no header override. Absent in a store
+    /// written before overrides existed.
+    #[serde(default)]
+    pub override_header: Option<String>,
+    /// The cookie with the same meaning; `None` = no cookie override.
+    #[serde(default)]
+    pub override_cookie: Option<String>,
     /// Why the coordinator's servers could not be read (naming the server): the applier
     /// refuses the service. Never stored: a state carrying it is never applied.
     #[serde(skip)]
@@ -157,6 +165,8 @@ impl From<pb::ServiceTraffic> for ServiceTraffic {
             sticky_key: Some(s.sticky_key).filter(|k| !k.is_empty()),
             servers,
             from_inventory: s.from_inventory,
+            override_header: Some(s.override_header).filter(|h| !h.is_empty()),
+            override_cookie: Some(s.override_cookie).filter(|c| !c.is_empty()),
             invalid_servers,
         }
     }
@@ -559,6 +569,36 @@ mod tests {
         assert_eq!(loaded, desired(2, 7, 50));
         assert!(!loaded.services[0].from_inventory);
         assert!(loaded.services[0].servers.is_empty());
+        assert_eq!(loaded.services[0].override_header, None);
+        assert_eq!(loaded.services[0].override_cookie, None);
+    }
+
+    #[test]
+    fn override_names_are_converted_empty_as_none_and_survive_the_store() {
+        let d = DesiredState::from_proto(pb::DesiredState {
+            generation: Some(pb::Generation { term: 1, index: 5 }),
+            services: vec![
+                pb::ServiceTraffic {
+                    service: "web".into(),
+                    override_header: "X-Serin-Variant".into(),
+                    override_cookie: "serin_variant".into(),
+                    ..Default::default()
+                },
+                pb::ServiceTraffic {
+                    service: "api".into(),
+                    ..Default::default()
+                },
+            ],
+        })
+        .unwrap();
+        let (web, api) = (&d.services[0], &d.services[1]);
+        assert_eq!(web.override_header.as_deref(), Some("X-Serin-Variant"));
+        assert_eq!(web.override_cookie.as_deref(), Some("serin_variant"));
+        assert_eq!((&api.override_header, &api.override_cookie), (&None, &None));
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(dir.path()).unwrap();
+        store.record_applied(&d).unwrap();
+        assert_eq!(store.last_applied().unwrap(), Some(d));
     }
 
     fn server(instance: &str, variant: pb::Variant, address: &str) -> pb::UpstreamServer {

@@ -1,5 +1,6 @@
 //! The balancer-neutral traffic model: which servers a service has, per variant, and what
-//! one service's traffic should look like ([`Route`]). Pure: no I/O, no clock.
+//! one service's traffic should look like ([`Route`]), including the header and cookie that
+//! pick a variant per request ([`VariantOverride`]). Pure: no I/O, no clock.
 //!
 //! Why a module of its own: these types are what every traffic actuator (nginx today,
 //! HAProxy next) is driven by, and what the local config (`[[instances]]`) and the
@@ -140,6 +141,95 @@ pub struct Route {
     pub stable_version: String,
     /// The version the canary servers run; empty when no rollout mentions the service.
     pub canary_version: String,
+    /// The header and cookie that pick a variant per request, whatever the split.
+    pub overrides: VariantOverride,
+}
+
+/// A request header and/or cookie that sends a request to a chosen variant, whatever the
+/// split: for testers and smoke tests, which must reach the canary at a 1% stage (or the
+/// stable variant at 100%). The coordinator sends the names while the service's rollout is
+/// active and none once it is promoted, rolled back or aborted; the balancer applies exactly
+/// what it is sent.
+///
+/// What every balancer must do with it (nginx: `agent/src/nginx/render.rs`; a second balancer
+/// follows the same rules, and [`VariantOverride::choose`] states them as a function its tests
+/// can compare against):
+///
+/// 1. Read the request's header [`VariantOverride::header`] and cookie
+///    [`VariantOverride::cookie`] (the names are checked with [`VariantOverride::check`]
+///    before they go into a configuration).
+/// 2. A value is *recognised* when it is `canary` or `stable`, compared ASCII
+///    case-insensitively (`Canary` and `CANARY` work; so does nothing else: `canary ` after
+///    the parser's trimming, `canary-1`, `1` are not recognised).
+/// 3. The header is looked at first: a recognised value naming a variant that has servers
+///    sends the request to that variant's servers (spread over them as the balancer spreads
+///    within a variant, ignoring the split's weights). Otherwise the cookie, by the same rule.
+/// 4. Otherwise (absent, unrecognised, or the named variant has no servers) the request takes
+///    the normal weighted or sticky choice, as if no override existed. A balancer never
+///    answers an error because of an override.
+///
+/// This holds at every canary weight, 0 and 100 included. Counting needs nothing more: the
+/// request reaches an instance of the chosen variant, whose agent scrapes it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VariantOverride {
+    /// Request header name (e.g. `X-Serin-Variant`); `None` = no header override.
+    pub header: Option<String>,
+    /// Cookie name (e.g. `serin_variant`); `None` = no cookie override.
+    pub cookie: Option<String>,
+}
+
+impl VariantOverride {
+    /// True when neither a header nor a cookie is named.
+    pub fn is_none(&self) -> bool {
+        self.header.is_none() && self.cookie.is_none()
+    }
+
+    /// Refuses names a balancer cannot address safely (they come from the wire and are
+    /// written into configurations): the error names the field (`override_header` or
+    /// `override_cookie`) and quotes the value.
+    pub fn check(&self) -> Result<(), String> {
+        if let Some(header) = &self.header {
+            serin_proto::overrides::check_header_name(header)
+                .map_err(|e| format!("override_header {e}"))?;
+        }
+        if let Some(cookie) = &self.cookie {
+            serin_proto::overrides::check_cookie_name(cookie)
+                .map_err(|e| format!("override_cookie {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// The variant a request's header or cookie value names: `canary` or `stable`, ASCII
+    /// case-insensitively; `None` for anything else.
+    pub fn variant_named(value: &str) -> Option<Variant> {
+        if value.eq_ignore_ascii_case(serin_proto::overrides::CANARY_VALUE) {
+            Some(Variant::Canary)
+        } else if value.eq_ignore_ascii_case(serin_proto::overrides::STABLE_VALUE) {
+            Some(Variant::Stable)
+        } else {
+            None
+        }
+    }
+
+    /// The variant a request is sent to by its `header_value` and `cookie_value` (what it
+    /// carries under [`Self::header`] and [`Self::cookie`]), when `has_servers` says which
+    /// variants have servers; `None` = the normal split. The rules of the type's docs, as a
+    /// function: the reference a balancer's tests compare its routing against.
+    pub fn choose(
+        &self,
+        header_value: Option<&str>,
+        cookie_value: Option<&str>,
+        has_servers: impl Fn(Variant) -> bool,
+    ) -> Option<Variant> {
+        let pick = |named: bool, value: Option<&str>| {
+            value
+                .filter(|_| named)
+                .and_then(Self::variant_named)
+                .filter(|&v| has_servers(v))
+        };
+        pick(self.header.is_some(), header_value)
+            .or_else(|| pick(self.cookie.is_some(), cookie_value))
+    }
 }
 
 impl Route {
@@ -165,6 +255,10 @@ impl Route {
             canary_version: traffic
                 .map(|t| t.canary_version.clone())
                 .unwrap_or_default(),
+            overrides: VariantOverride {
+                header: traffic.and_then(|t| t.override_header.clone()),
+                cookie: traffic.and_then(|t| t.override_cookie.clone()),
+            },
         }
     }
 
@@ -325,7 +419,11 @@ mod tests {
         .collect();
         let desired = DesiredState {
             generation: Generation { term: 1, index: 2 },
-            services: vec![traffic("web", 25, Some("$cookie_uid"))],
+            services: vec![ServiceTraffic {
+                override_header: Some("X-Serin-Variant".into()),
+                override_cookie: Some("serin_variant".into()),
+                ..traffic("web", 25, Some("$cookie_uid"))
+            }],
         };
         let route = Route::for_service("web", "0.0.0.0:80", &desired, &upstreams);
         assert_eq!(
@@ -338,6 +436,10 @@ mod tests {
                 sticky_key: Some("$cookie_uid".into()),
                 stable_version: "v1".into(),
                 canary_version: "v2".into(),
+                overrides: VariantOverride {
+                    header: Some("X-Serin-Variant".into()),
+                    cookie: Some("serin_variant".into()),
+                },
             }
         );
         let canary: Vec<&str> = route
@@ -355,5 +457,88 @@ mod tests {
             (route.stable_version, route.canary_version),
             ("".into(), "".into())
         );
+        assert!(route.overrides.is_none());
+    }
+
+    fn both() -> VariantOverride {
+        VariantOverride {
+            header: Some("X-Serin-Variant".into()),
+            cookie: Some("serin_variant".into()),
+        }
+    }
+
+    #[test]
+    fn override_values_are_canary_or_stable_in_any_ascii_case_and_nothing_else() {
+        for v in ["canary", "Canary", "CANARY", "cAnArY"] {
+            assert_eq!(
+                VariantOverride::variant_named(v),
+                Some(Variant::Canary),
+                "{v}"
+            );
+        }
+        for v in ["stable", "Stable", "STABLE"] {
+            assert_eq!(
+                VariantOverride::variant_named(v),
+                Some(Variant::Stable),
+                "{v}"
+            );
+        }
+        for v in [
+            "", "canary ", " canary", "canary-1", "can", "1", "v2", "ſtable",
+        ] {
+            assert_eq!(VariantOverride::variant_named(v), None, "{v:?}");
+        }
+    }
+
+    #[test]
+    fn the_header_wins_then_the_cookie_and_a_variant_without_servers_takes_the_split() {
+        use Variant::{Canary, Stable};
+        let all = |_: Variant| true;
+        let o = both();
+        assert_eq!(o.choose(Some("canary"), None, all), Some(Canary));
+        assert_eq!(o.choose(None, Some("stable"), all), Some(Stable));
+        assert_eq!(o.choose(Some("stable"), Some("canary"), all), Some(Stable));
+        // An unrecognised header is as if absent: the cookie decides.
+        assert_eq!(o.choose(Some("bogus"), Some("canary"), all), Some(Canary));
+        assert_eq!(o.choose(Some("bogus"), Some("bogus"), all), None);
+        assert_eq!(o.choose(None, None, all), None);
+        // The named variant has no servers: the next rule, then the split.
+        let no_canary = |v: Variant| v == Stable;
+        assert_eq!(o.choose(Some("canary"), None, no_canary), None);
+        assert_eq!(
+            o.choose(Some("canary"), Some("stable"), no_canary),
+            Some(Stable)
+        );
+        // A value under a name the strategy did not name does nothing.
+        let header_only = VariantOverride {
+            cookie: None,
+            ..both()
+        };
+        assert_eq!(header_only.choose(None, Some("canary"), all), None);
+        assert_eq!(
+            VariantOverride::default().choose(Some("canary"), Some("canary"), all),
+            None
+        );
+    }
+
+    #[test]
+    fn override_names_from_the_wire_are_checked_naming_the_field() {
+        assert_eq!(both().check(), Ok(()));
+        assert_eq!(VariantOverride::default().check(), Ok(()));
+        let bad_header = VariantOverride {
+            header: Some("X-Serin\"; return 200".into()),
+            ..both()
+        };
+        let e = bad_header.check().unwrap_err();
+        assert!(
+            e.starts_with("override_header \"X-Serin\\\"; return 200\""),
+            "{e}"
+        );
+        let bad_cookie = VariantOverride {
+            cookie: Some("serin-variant".into()),
+            ..both()
+        };
+        let e = bad_cookie.check().unwrap_err();
+        assert!(e.starts_with("override_cookie \"serin-variant\""), "{e}");
     }
 }

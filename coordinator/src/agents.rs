@@ -722,6 +722,8 @@ pub fn desired_state(
                     sticky_key: plan.sticky_key.unwrap_or_default(),
                     servers,
                     from_inventory,
+                    override_header: plan.override_header.unwrap_or_default(),
+                    override_cookie: plan.override_cookie.unwrap_or_default(),
                 }
             }
             None => ServiceTraffic {
@@ -872,6 +874,51 @@ mod tests {
         assert_eq!(got[0].generation.unwrap().index, 7);
         agents.push_desired(&registry_at(9), 0);
         assert_eq!(received(&mut rx).len(), 1);
+    }
+
+    #[test]
+    fn the_desired_state_carries_the_override_names_while_the_rollout_runs_and_empty_after() {
+        let strategy = Strategy::from_toml(
+            "[[stages]]\nweight = 5\n[traffic]\noverride_header = \"X-Serin-Variant\"\n\
+             override_cookie = \"serin_variant\"\n",
+        )
+        .unwrap();
+        let mut reg = Registry::default();
+        reg.apply(
+            Command::Start {
+                id: RolloutId("api-1".into()),
+                service: "api".into(),
+                version: "v2".into(),
+                stable_version: Some("v1".into()),
+                strategy,
+                actor: Actor::Controller,
+                at: 0,
+            },
+            Generation { term: 1, index: 1 },
+        )
+        .unwrap();
+        let services = BTreeSet::from(["api".to_owned()]);
+        let api = desired_state(&reg, &services, &[]).services.remove(0);
+        assert_eq!(
+            (api.override_header.as_str(), api.override_cookie.as_str()),
+            ("X-Serin-Variant", "serin_variant")
+        );
+        reg.apply(
+            Command::RollBack {
+                id: RolloutId("api-1".into()),
+                reason: "test".into(),
+                analysis: None,
+                at: 1,
+            },
+            Generation { term: 1, index: 2 },
+        )
+        .unwrap();
+        let api = desired_state(&reg, &services, &[]).services.remove(0);
+        assert_eq!(
+            (api.override_header.as_str(), api.override_cookie.as_str()),
+            ("", "")
+        );
+        assert_eq!(api.canary_weight, 0);
     }
 
     #[test]

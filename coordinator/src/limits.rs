@@ -22,6 +22,10 @@ pub const MAX_STRATEGY_TOML: usize = 64 * 1024;
 pub const MAX_STRATEGY_NAME: usize = 64;
 /// Longest `traffic.sticky_key` of a strategy, in bytes.
 pub const MAX_STICKY_KEY: usize = 64;
+/// Longest `traffic.override_header` of a strategy, in bytes (the rule agents check too).
+pub const MAX_OVERRIDE_HEADER: usize = serin_proto::overrides::MAX_NAME_BYTES;
+/// Longest `traffic.override_cookie` of a strategy, in bytes (the rule agents check too).
+pub const MAX_OVERRIDE_COOKIE: usize = serin_proto::overrides::MAX_NAME_BYTES;
 /// Longest page token of `ListRollouts`, in bytes.
 pub const MAX_PAGE_TOKEN: usize = 256;
 

@@ -258,6 +258,14 @@ impl Rollout {
         }
     }
 
+    /// Whether the strategy's header and cookie overrides route requests: in every state that
+    /// is not terminal (progressing, paused and awaiting promotion, at any stage weight), so
+    /// testers reach a canary an operator holds for inspection; never once the rollout is
+    /// promoted, rolled back or aborted (a rolled-back canary gets no traffic at all).
+    pub fn overrides_active(&self) -> bool {
+        !self.state.is_terminal()
+    }
+
     /// The reason of the last transition.
     pub fn last_reason(&self) -> &str {
         self.events.last().map_or("", |e| e.reason.as_str())
@@ -384,6 +392,13 @@ pub struct TrafficPlan {
     pub rollout: Option<RolloutId>,
     /// Sticky split key while a rollout sends traffic to the canary.
     pub sticky_key: Option<String>,
+    /// The request header whose value `canary` or `stable` picks the variant, while the
+    /// rollout is active (see [`Rollout::overrides_active`]).
+    #[serde(default)]
+    pub override_header: Option<String>,
+    /// The cookie with the same meaning, while the rollout is active.
+    #[serde(default)]
+    pub override_cookie: Option<String>,
     /// When it last changed.
     pub generation: Generation,
 }
@@ -982,6 +997,18 @@ impl Registry {
                     } else {
                         None
                     },
+                    override_header: r
+                        .strategy
+                        .traffic
+                        .override_header
+                        .clone()
+                        .filter(|_| r.overrides_active()),
+                    override_cookie: r
+                        .strategy
+                        .traffic
+                        .override_cookie
+                        .clone()
+                        .filter(|_| r.overrides_active()),
                     generation: record.generation,
                 }
             }
@@ -992,6 +1019,8 @@ impl Registry {
                 canary_version: String::new(),
                 rollout: None,
                 sticky_key: None,
+                override_header: None,
+                override_cookie: None,
                 generation: record.generation,
             },
         };

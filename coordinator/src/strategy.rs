@@ -9,7 +9,10 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::limits::{MAX_STICKY_KEY, MAX_STRATEGY_NAME, MAX_STRATEGY_TOML, TooLong, check_len};
+use crate::limits::{
+    MAX_OVERRIDE_COOKIE, MAX_OVERRIDE_HEADER, MAX_STICKY_KEY, MAX_STRATEGY_NAME, MAX_STRATEGY_TOML,
+    TooLong, check_len,
+};
 
 /// Default minimum observation time of a stage.
 pub const DEFAULT_MIN_DURATION: Duration = Duration::from_secs(60);
@@ -55,6 +58,15 @@ pub struct Stage {
 pub struct Traffic {
     /// nginx variable for a sticky per-user split (e.g. `$cookie_uid`); `None` = weighted.
     pub sticky_key: Option<String>,
+    /// A request header (e.g. `X-Serin-Variant`) whose value `canary` or `stable` sends the
+    /// request to that variant whatever the split, while the rollout is active. Checked by
+    /// [`serin_proto::overrides::check_header_name`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub override_header: Option<String>,
+    /// A cookie (e.g. `serin_variant`) with the same meaning; the header wins when both carry
+    /// a recognised value. Checked by [`serin_proto::overrides::check_cookie_name`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub override_cookie: Option<String>,
 }
 
 /// What a check or trigger measures, always over the canary (and stable, for ratios).
@@ -235,6 +247,8 @@ struct RawStrategy {
 #[serde(deny_unknown_fields)]
 struct RawTraffic {
     sticky_key: Option<String>,
+    override_header: Option<String>,
+    override_cookie: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -463,6 +477,20 @@ impl Strategy {
                 p.push("traffic.sticky_key", reason);
             }
         }
+        if let Some(header) = &raw.traffic.override_header {
+            if let Err(e) = check_len("traffic.override_header", header, MAX_OVERRIDE_HEADER) {
+                p.0.push(too_long(e));
+            } else if let Err(reason) = serin_proto::overrides::check_header_name(header) {
+                p.push("traffic.override_header", reason);
+            }
+        }
+        if let Some(cookie) = &raw.traffic.override_cookie {
+            if let Err(e) = check_len("traffic.override_cookie", cookie, MAX_OVERRIDE_COOKIE) {
+                p.0.push(too_long(e));
+            } else if let Err(reason) = serin_proto::overrides::check_cookie_name(cookie) {
+                p.push("traffic.override_cookie", reason);
+            }
+        }
 
         if p.0.is_empty() {
             Ok(Strategy {
@@ -471,6 +499,8 @@ impl Strategy {
                 triggers,
                 traffic: Traffic {
                     sticky_key: raw.traffic.sticky_key,
+                    override_header: raw.traffic.override_header,
+                    override_cookie: raw.traffic.override_cookie,
                 },
             })
         } else {
@@ -656,6 +686,8 @@ mod tests {
     const GOOD: &str = r#"
 [traffic]
 sticky_key = "$cookie_uid"
+override_header = "X-Serin-Variant"
+override_cookie = "serin_variant"
 
 [[stages]]
 weight = 1
@@ -730,6 +762,11 @@ grace = "5m"
         assert_eq!(s.triggers[0].window, Duration::from_secs(5));
         assert_eq!(s.triggers[1].grace, Duration::from_secs(300));
         assert_eq!(s.traffic.sticky_key.as_deref(), Some("$cookie_uid"));
+        assert_eq!(
+            s.traffic.override_header.as_deref(),
+            Some("X-Serin-Variant")
+        );
+        assert_eq!(s.traffic.override_cookie.as_deref(), Some("serin_variant"));
         assert_eq!(s.longest_trigger_window(), DEFAULT_TRIGGER_WINDOW);
     }
 
@@ -897,6 +934,63 @@ sticky_key = "cookie uid"
                 huge.len()
             )]
         );
+    }
+
+    #[test]
+    fn override_names_are_checked_and_refusals_name_the_field() {
+        let p = problems(
+            "[[stages]]\nweight = 5\n[traffic]\noverride_header = \"X_Serin\"\n\
+             override_cookie = \"serin-variant\"\n",
+        );
+        assert_eq!(p.len(), 2, "{p:#?}");
+        assert!(
+            p[0].starts_with("traffic.override_header: \"X_Serin\" is not usable: '_'"),
+            "{p:#?}"
+        );
+        assert!(
+            p[1].starts_with("traffic.override_cookie: \"serin-variant\" is not usable: '-'"),
+            "{p:#?}"
+        );
+        let p = problems("[[stages]]\nweight = 5\n[traffic]\noverride_header = \"\"\n");
+        assert_eq!(p.len(), 1, "{p:#?}");
+        assert!(p[0].starts_with("traffic.override_header: \"\" is not usable: it is empty"));
+        let long = "a".repeat(65);
+        let p = problems(&format!(
+            "[[stages]]\nweight = 5\n[traffic]\noverride_header = \"{long}\"\n\
+             override_cookie = \"{long}\"\n"
+        ));
+        assert_eq!(
+            p,
+            [
+                "traffic.override_header: 65 bytes is longer than the limit of 64 bytes",
+                "traffic.override_cookie: 65 bytes is longer than the limit of 64 bytes",
+            ]
+        );
+        // Unknown keys next to them are still refused.
+        let p = problems("[[stages]]\nweight = 5\n[traffic]\noverride = \"X\"\n");
+        assert_eq!(p.len(), 1, "{p:#?}");
+
+        // Either one alone is fine, and neither is the default.
+        let s = Strategy::from_toml(
+            "[[stages]]\nweight = 5\n[traffic]\noverride_cookie = \"serin_variant\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                s.traffic.override_header,
+                s.traffic.override_cookie.as_deref()
+            ),
+            (None, Some("serin_variant"))
+        );
+        let s = Strategy::from_toml("[[stages]]\nweight = 5\n").unwrap();
+        assert_eq!(s.traffic, Traffic::default());
+    }
+
+    #[test]
+    fn a_strategy_stored_before_overrides_existed_still_reads() {
+        let stored = r#"{"stages":[],"checks":[],"triggers":[],"traffic":{"sticky_key":null}}"#;
+        let s: Strategy = serde_json::from_str(stored).unwrap();
+        assert_eq!(s.traffic, Traffic::default());
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! - `ControlService`: the operator's API (start, inspect and steer rollouts).
 #![allow(clippy::all, missing_docs)]
 
+pub mod overrides;
 pub mod panic;
 pub mod weights;
 

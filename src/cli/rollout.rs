@@ -673,6 +673,35 @@ fn p95_text(s: &VariantStats) -> String {
     }
 }
 
+/// The strategy's header and cookie overrides, from the full record in `detail_json`
+/// (`header X-Serin-Variant: canary|stable`), marked off once the rollout finished (the
+/// coordinator stops sending them then); `None` when the strategy names neither or the record
+/// is absent or unreadable.
+fn override_text(r: &Rollout) -> Option<String> {
+    let detail: Value = serde_json::from_str(&r.detail_json).ok()?;
+    let traffic = &detail["strategy"]["traffic"];
+    let values = "canary|stable";
+    let parts: Vec<String> = [
+        traffic["override_header"]
+            .as_str()
+            .map(|h| format!("header {h}: {values}")),
+        traffic["override_cookie"]
+            .as_str()
+            .map(|c| format!("cookie {c}={values}")),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    if parts.is_empty() {
+        return None;
+    }
+    let mut text = parts.join(", ");
+    if is_terminal(&r.state) {
+        text.push_str(" (off: the rollout finished)");
+    }
+    Some(text)
+}
+
 /// The full human status of a rollout: header, live analysis, event history.
 pub fn render_status(r: &Rollout, now_ms: i64) -> String {
     let mut out = String::new();
@@ -696,6 +725,9 @@ pub fn render_status(r: &Rollout, now_ms: i64) -> String {
         ));
     }
     head.row(vec!["stage".into(), stage]);
+    if let Some(text) = override_text(r) {
+        head.row(vec!["override".into(), text]);
+    }
     head.row(vec![
         "started".into(),
         format!(
@@ -1289,6 +1321,42 @@ mod tests {
         assert!(text.contains(
             "  12:01:00    stage_advanced  2/4        5%  controller      stage 1 passed: all 2 checks pass\n"
         ), "{text}");
+    }
+
+    #[test]
+    fn status_shows_the_override_names_while_active_and_marks_them_off_when_finished() {
+        let mut r = sample();
+        r.detail_json = r#"{"strategy":{"traffic":{"override_header":"X-Serin-Variant"}}}"#.into();
+        let text = render_status(&r, T0 + 184_000);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[4], "stage     2/4 at 5% (for 2m 4s)", "{text}");
+        assert_eq!(
+            lines[5], "override  header X-Serin-Variant: canary|stable",
+            "{text}"
+        );
+
+        r.detail_json = r#"{"strategy":{"traffic":{"override_header":"X-Serin-Variant",
+            "override_cookie":"serin_variant"}}}"#
+            .into();
+        r.state = "rolled_back".into();
+        let text = render_status(&r, T0 + 184_000);
+        assert!(
+            text.contains(
+                "override  header X-Serin-Variant: canary|stable, cookie \
+                 serin_variant=canary|stable (off: the rollout finished)\n"
+            ),
+            "{text}"
+        );
+
+        for detail in [
+            "",
+            "not json",
+            r#"{"strategy":{"traffic":{"sticky_key":null}}}"#,
+        ] {
+            r.detail_json = detail.into();
+            let text = render_status(&r, T0 + 184_000);
+            assert!(!text.contains("override"), "{detail}: {text}");
+        }
     }
 
     #[test]

@@ -125,6 +125,7 @@ mod tests {
                     sticky_key: Some("$cookie_uid".into()),
                     stable_version: "v1".into(),
                     canary_version: "v2".into(),
+                    overrides: Default::default(),
                 },
                 // Not in the desired state: all traffic on stable.
                 Route {
@@ -139,6 +140,7 @@ mod tests {
                     sticky_key: None,
                     stable_version: String::new(),
                     canary_version: String::new(),
+                    overrides: Default::default(),
                 },
             ]
         );

@@ -12,12 +12,21 @@
 //!   requests without it (first visits) split by weight instead of all hashing to the canary.
 //! - no servers at all (a balancer whose servers come from the coordinator, before they
 //!   arrive; only without a rollout): `location /` answers 503, no upstream is rendered.
+//! - overrides (`route.overrides`, see [`crate::traffic::VariantOverride`]): a chain of `map`s
+//!   in front of the choice above, `$http_<header>` first, then `$cookie_<cookie>`, each mapping
+//!   `~*^canary$` to `serin_<svc>_canary` and `~*^stable$` to `serin_<svc>_stable` (only for a
+//!   variant that has servers; otherwise that value falls through) and everything else to the
+//!   next link, the last link being the normal weighted upstream or the sticky variable; `location
+//!   /` proxies to the chain's head. Case-insensitive regexes because the contract is ASCII
+//!   case-insensitive; no map at all without overrides, so such sites render as before.
 //! - always: `upstream serin_<svc>_stable` / `serin_<svc>_canary` for each variant with
 //!   servers, reachable directly under `/__serin/stable/` and `/__serin/canary/`, and
 //!   `location = /__serin/generation` answering the generation marker, which the actuator
 //!   polls to learn that a reload is live.
 
 use std::collections::HashMap;
+
+use serin_proto::overrides::{CANARY_VALUE, STABLE_VALUE};
 
 use crate::traffic::{Route, Variant, server_weights};
 
@@ -70,6 +79,12 @@ pub enum RenderError {
     InvalidAddress { field: String, value: String },
     #[error("generation {value:?} is invalid: it must be 1-64 characters of A-Z a-z 0-9 . _ : -")]
     InvalidGeneration { value: String },
+    #[error("route '{service}': {reason}")]
+    InvalidOverride {
+        service: String,
+        /// Names the field (`override_header`, `override_cookie`) and quotes the value.
+        reason: String,
+    },
 }
 
 /// Renders the whole site file for `routes`, served generation `generation` (e.g. "3.17").
@@ -186,6 +201,13 @@ fn validate_route(route: &Route) -> Result<(), RenderError> {
             canary_weight: route.canary_weight,
         });
     }
+    route
+        .overrides
+        .check()
+        .map_err(|reason| RenderError::InvalidOverride {
+            service: service.clone(),
+            reason,
+        })?;
     if let Some(key) = &route.sticky_key {
         let reason = if !key.starts_with('$') {
             Some("it must start with '$'")
@@ -308,6 +330,7 @@ fn render_route(out: &mut String, route: &Route, generation: &str) {
             var
         }
     };
+    let target = override_chain(out, route, &ident, &target, &stable_name, &canary_name);
 
     out.push_str("server {\n");
     out.push_str(&format!("    listen {};\n", route.listen));
@@ -331,10 +354,71 @@ fn render_route(out: &mut String, route: &Route, generation: &str) {
     out.push_str("}\n");
 }
 
+/// Renders the `map`s that let the route's override header and cookie pick a variant, in
+/// front of `normal` (the weighted upstream's name or the sticky variable), and returns what
+/// `location /` proxies to: the chain's head, or `normal` itself without overrides.
+fn override_chain(
+    out: &mut String,
+    route: &Route,
+    ident: &str,
+    normal: &str,
+    stable_name: &str,
+    canary_name: &str,
+) -> String {
+    let overrides = &route.overrides;
+    if overrides.is_none() {
+        return normal.to_owned();
+    }
+    let has = |v: Variant| route.servers_of(v).next().is_some();
+    out.push_str(&format!(
+        "# overrides: {}\n",
+        [
+            overrides.header.as_ref().map(|h| format!("header {h}")),
+            overrides.cookie.as_ref().map(|c| format!("cookie {c}")),
+        ]
+        .into_iter()
+        .flatten()
+        .collect::<Vec<_>>()
+        .join(", ")
+    ));
+    // Links in request order (header, then cookie), each with its nginx variable; rendered
+    // last-first so each map can name the next link's variable as its default.
+    let links: Vec<(String, String)> = [
+        overrides.header.as_ref().map(|h| {
+            (
+                format!("$http_{}", h.to_ascii_lowercase().replace('-', "_")),
+                "header",
+            )
+        }),
+        overrides
+            .cookie
+            .as_ref()
+            .map(|c| (format!("$cookie_{c}"), "cookie")),
+    ]
+    .into_iter()
+    .flatten()
+    .map(|(source, by)| (source, format!("$serin_{ident}_by_{by}")))
+    .collect();
+    let (canary_value, stable_value) = (CANARY_VALUE, STABLE_VALUE);
+    let mut next = normal.to_owned();
+    for (source, var) in links.iter().rev() {
+        out.push_str(&format!("map {source} {var} {{\n"));
+        if has(Variant::Canary) {
+            out.push_str(&format!("    ~*^{canary_value}$ {canary_name};\n"));
+        }
+        if has(Variant::Stable) {
+            out.push_str(&format!("    ~*^{stable_value}$ {stable_name};\n"));
+        }
+        out.push_str(&format!("    default {next};\n}}\n"));
+        next = var.clone();
+    }
+    next
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::traffic::Server;
+    use crate::traffic::{Server, VariantOverride};
 
     fn ups(n_stable: usize, n_canary: usize) -> Vec<Server> {
         let mut v = Vec::new();
@@ -364,7 +448,16 @@ mod tests {
             sticky_key: sticky.map(str::to_owned),
             stable_version: "v1".into(),
             canary_version: "v2".into(),
+            overrides: VariantOverride::default(),
         }
+    }
+
+    fn with_overrides(mut route: Route, header: Option<&str>, cookie: Option<&str>) -> Route {
+        route.overrides = VariantOverride {
+            header: header.map(str::to_owned),
+            cookie: cookie.map(str::to_owned),
+        };
+        route
     }
 
     /// Lines of the `upstream <name> { ... }` block, if present.
@@ -623,6 +716,181 @@ mod tests {
             render_site(&[route(0, 0, 10, None)], "2.3"),
             Err(RenderError::NoStableUpstream { .. } | RenderError::NoCanaryUpstream { .. })
         ));
+    }
+
+    #[test]
+    fn overrides_map_the_header_then_the_cookie_to_a_variant_before_the_weighted_split() {
+        let text = render_site(
+            &[with_overrides(
+                route(2, 1, 5, None),
+                Some("X-Serin-Variant"),
+                Some("serin_variant"),
+            )],
+            "1.1",
+        )
+        .unwrap();
+        let header = block(&text, "map $http_x_serin_variant $serin_web_api_by_header")
+            .unwrap_or_else(|| panic!("header map missing:\n{text}"));
+        assert_eq!(
+            header,
+            [
+                "~*^canary$ serin_web_api_canary;",
+                "~*^stable$ serin_web_api_stable;",
+                "default $serin_web_api_by_cookie;",
+            ]
+        );
+        let cookie = block(&text, "map $cookie_serin_variant $serin_web_api_by_cookie")
+            .unwrap_or_else(|| panic!("cookie map missing:\n{text}"));
+        assert_eq!(
+            cookie,
+            [
+                "~*^canary$ serin_web_api_canary;",
+                "~*^stable$ serin_web_api_stable;",
+                "default serin_web_api;",
+            ]
+        );
+        // Maps come before the server block that uses them; the split itself is unchanged.
+        assert!(text.find("map $http_").unwrap() < text.find("server {").unwrap());
+        assert!(text.contains("# overrides: header X-Serin-Variant, cookie serin_variant\n"));
+        assert!(text.contains("location / { proxy_pass http://$serin_web_api_by_header;"));
+        let (canary, total) = canary_share(&text);
+        assert_eq!(100 * canary, 5 * total, "{text}");
+        assert!(block(&text, "upstream serin_web_api_canary").is_some());
+        assert!(block(&text, "upstream serin_web_api_stable").is_some());
+    }
+
+    #[test]
+    fn overrides_fall_back_to_the_sticky_split_and_either_name_works_alone() {
+        let text = render_site(
+            &[with_overrides(
+                route(2, 1, 30, Some("$cookie_uid")),
+                None,
+                Some("serin_variant"),
+            )],
+            "1.1",
+        )
+        .unwrap();
+        assert!(!text.contains("$http_"), "{text}");
+        let cookie = block(&text, "map $cookie_serin_variant $serin_web_api_by_cookie")
+            .unwrap_or_else(|| panic!("cookie map missing:\n{text}"));
+        assert_eq!(cookie[2], "default $serin_web_api_upstream;");
+        assert!(text.contains("location / { proxy_pass http://$serin_web_api_by_cookie;"));
+        assert!(
+            block(
+                &text,
+                "split_clients \"$serin_web_api_split_key\" $serin_web_api_upstream"
+            )
+            .is_some()
+        );
+
+        let text = render_site(
+            &[with_overrides(
+                route(1, 1, 30, Some("$cookie_uid")),
+                Some("X-Test"),
+                None,
+            )],
+            "1.1",
+        )
+        .unwrap();
+        assert!(!text.contains("$cookie_serin"), "{text}");
+        let header = block(&text, "map $http_x_test $serin_web_api_by_header").expect("map");
+        assert_eq!(header[2], "default $serin_web_api_upstream;");
+        assert!(text.contains("location / { proxy_pass http://$serin_web_api_by_header;"));
+    }
+
+    #[test]
+    fn overrides_reach_both_variants_at_0_and_100_percent_and_skip_a_variant_without_servers() {
+        let header = |r: Route| {
+            let text = render_site(&[with_overrides(r, Some("X-V"), None)], "1.1").unwrap();
+            block(&text, "map $http_x_v $serin_web_api_by_header")
+                .unwrap_or_else(|| panic!("map missing:\n{text}"))
+                .into_iter()
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        };
+        for sticky in [None, Some("$cookie_uid")] {
+            let normal = if sticky.is_some() {
+                "$serin_web_api_upstream"
+            } else {
+                "serin_web_api"
+            };
+            for w in [0, 100] {
+                assert_eq!(
+                    header(route(1, 1, w, sticky)),
+                    [
+                        "~*^canary$ serin_web_api_canary;".to_owned(),
+                        "~*^stable$ serin_web_api_stable;".to_owned(),
+                        format!("default {normal};"),
+                    ],
+                    "{w}% {sticky:?}"
+                );
+            }
+            // No canary server: "canary" takes the split, which has only stable.
+            assert_eq!(
+                header(route(2, 0, 0, sticky)),
+                [
+                    "~*^stable$ serin_web_api_stable;".to_owned(),
+                    format!("default {normal};"),
+                ]
+            );
+            assert_eq!(
+                header(route(0, 2, 100, sticky)),
+                [
+                    "~*^canary$ serin_web_api_canary;".to_owned(),
+                    format!("default {normal};"),
+                ]
+            );
+        }
+        // A service waiting for its servers keeps answering 503: no maps, no proxying.
+        let text = render_site(
+            &[with_overrides(route(0, 0, 0, None), Some("X-V"), Some("v"))],
+            "1.1",
+        )
+        .unwrap();
+        assert!(
+            !text.contains("map ") && !text.contains("proxy_pass"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn without_overrides_no_map_is_rendered() {
+        for sticky in [None, Some("$cookie_uid")] {
+            let text = render_site(&[route(2, 1, 10, sticky)], "1.1").unwrap();
+            assert!(
+                !text.contains("_by_") && !text.contains("# overrides"),
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_unusable_override_name_is_refused_naming_the_service_and_field() {
+        for (header, cookie, field) in [
+            (Some("X_Serin"), None, "override_header \"X_Serin\""),
+            (Some("X;1"), None, "override_header \"X;1\""),
+            (None, Some("a b"), "override_cookie \"a b\""),
+            (
+                None,
+                Some("serin-variant"),
+                "override_cookie \"serin-variant\"",
+            ),
+        ] {
+            let e = render_site(
+                &[with_overrides(route(1, 1, 5, None), header, cookie)],
+                "1.1",
+            )
+            .unwrap_err();
+            assert!(
+                matches!(&e, RenderError::InvalidOverride { service, .. } if service == "web-api"),
+                "{e:?}"
+            );
+            let msg = e.to_string();
+            assert!(
+                msg.starts_with("route 'web-api': ") && msg.contains(field),
+                "{msg}"
+            );
+        }
     }
 
     #[test]

@@ -11,7 +11,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::{JoinHandle, JoinSet};
 
 use super::*;
-use crate::traffic::{Server, Variant};
+use crate::traffic::{Server, Variant, VariantOverride};
 
 fn nginx_binary() -> PathBuf {
     find_nginx().expect("nginx not found on PATH or at /usr/sbin/nginx: apt-get install -y nginx")
@@ -97,6 +97,28 @@ async fn get(addr: &str, path: &str, cookie: Option<&str>) -> (u16, String) {
     (status, body.to_owned())
 }
 
+/// One request on a fresh connection with `headers` (`Name: value` lines): (status, body).
+async fn get_with_headers(addr: &str, path: &str, headers: &[String]) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr)
+        .await
+        .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    let extra: String = headers.iter().map(|h| format!("{h}\r\n")).collect();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\n{extra}Connection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.expect("send");
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).await.expect("read response");
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("malformed response from {addr}{path}: {text:?}"));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {head:?}"));
+    (status, body.to_owned())
+}
+
 async fn served_generation(listen: &str) -> String {
     let (status, body) = get(listen, GENERATION_PATH, None).await;
     assert_eq!(status, 200, "{body}");
@@ -144,6 +166,7 @@ fn route(
         sticky_key: sticky_key.map(str::to_owned),
         stable_version: "v1".into(),
         canary_version: "v2".into(),
+        overrides: Default::default(),
     }
 }
 
@@ -578,6 +601,7 @@ async fn rendered_variants_pass_nginx_config_test() {
                 sticky_key: sticky.map(str::to_owned),
                 stable_version: "v1".into(),
                 canary_version: "v2".into(),
+                overrides: Default::default(),
             });
         }
     }
@@ -591,7 +615,33 @@ async fn rendered_variants_pass_nginx_config_test() {
             sticky_key: sticky.map(str::to_owned),
             stable_version: String::new(),
             canary_version: String::new(),
+            overrides: Default::default(),
         });
+    }
+    // Overrides (header, cookie, both) in every mode, including variants without servers.
+    let names = [
+        (Some("X-Serin-Variant"), None),
+        (None, Some("serin_variant")),
+        (Some("x-tester-9"), Some("SerinVariant")),
+    ];
+    for (w, ns, nc) in [(0, 2, 0), (0, 1, 1), (5, 3, 2), (100, 1, 1), (100, 0, 2)] {
+        for sticky in [None, Some("$cookie_uid")] {
+            for (header, cookie) in names {
+                cases.push(Route {
+                    service: format!("override-{}", cases.len()),
+                    listen: format!("127.0.0.1:{}", 30000 + cases.len()),
+                    servers: upstreams(ns, nc),
+                    canary_weight: w,
+                    sticky_key: sticky.map(str::to_owned),
+                    stable_version: "v1".into(),
+                    canary_version: "v2".into(),
+                    overrides: VariantOverride {
+                        header: header.map(str::to_owned),
+                        cookie: cookie.map(str::to_owned),
+                    },
+                });
+            }
+        }
     }
     // One file holding every case at once also checks that identifiers do not collide.
     let text = render_site(&cases, "9.9").expect("render");
@@ -681,6 +731,126 @@ async fn a_balancer_routes_to_the_servers_the_coordinator_sends() {
 }
 
 /// `stop` quits gracefully: the master exits and removes its pid file.
+/// Header and cookie overrides through a real nginx, in weighted and sticky mode, at 0%, 1%
+/// and 100%: every combination of header and cookie value lands where
+/// [`VariantOverride::choose`] (the balancer-neutral rules) says, and unmarked requests take
+/// the normal split.
+#[tokio::test]
+async fn overrides_send_marked_requests_to_their_variant_and_the_rest_split() {
+    let mut h = harness().await;
+    let (s1, s2, c1) = (
+        backend("stable-1").await,
+        backend("stable-2").await,
+        backend("canary-1").await,
+    );
+    let overrides = VariantOverride {
+        header: Some("X-Serin-Variant".into()),
+        cookie: Some("serin_variant".into()),
+    };
+    let header_values = [None, Some("canary"), Some("Stable"), Some("bogus")];
+    let cookie_values = [None, Some("CANARY"), Some("stable"), Some("x")];
+    let variant_of = |body: &str| match body {
+        b if b.starts_with("canary") => Variant::Canary,
+        b if b.starts_with("stable") => Variant::Stable,
+        b => panic!("unexpected body {b:?}"),
+    };
+    let mut generation = 0;
+    // At 0% and 100% the normal split is deterministic, so every case has one answer.
+    // (stable servers, canary servers, weight, sticky)
+    type Case<'a> = (&'a [&'a Backend], &'a [&'a Backend], u32, Option<&'a str>);
+    let cases: [Case; 5] = [
+        (&[&s1, &s2], &[&c1], 0, None),
+        (&[&s1, &s2], &[&c1], 0, Some("$cookie_uid")),
+        (&[&s1, &s2], &[&c1], 100, None),
+        (&[&s1, &s2], &[&c1], 100, Some("$cookie_uid")),
+        // No canary server: "canary" falls through to the split (all stable).
+        (&[&s1], &[], 0, Some("$cookie_uid")),
+    ];
+    for (stable, canary, weight, sticky) in cases {
+        let mut r = route(&h.listen, stable, canary, weight, sticky);
+        r.overrides = overrides.clone();
+        generation += 1;
+        h.actuator
+            .apply_routes(&[r.clone()], &format!("5.{generation}"))
+            .await
+            .unwrap_or_else(|e| panic!("apply {weight}% {sticky:?}: {e}"));
+        let normal = if weight == 100 {
+            Variant::Canary
+        } else {
+            Variant::Stable
+        };
+        for header in header_values {
+            for cookie in cookie_values {
+                let mut headers = Vec::new();
+                if let Some(v) = header {
+                    headers.push(format!("X-Serin-Variant: {v}"));
+                }
+                let mut cookies = vec!["uid=user-7".to_owned()];
+                if let Some(v) = cookie {
+                    cookies.push(format!("serin_variant={v}"));
+                }
+                headers.push(format!("Cookie: {}", cookies.join("; ")));
+                let expected = overrides
+                    .choose(header, cookie, |v| r.servers_of(v).next().is_some())
+                    .unwrap_or(normal);
+                let (status, body) = get_with_headers(&h.listen, "/", &headers).await;
+                assert_eq!(status, 200, "{body}");
+                assert_eq!(
+                    variant_of(&body),
+                    expected,
+                    "{weight}% {sticky:?} header {header:?} cookie {cookie:?}:\n{}",
+                    std::fs::read_to_string(h.nginx.site_path()).unwrap_or_default()
+                );
+            }
+        }
+    }
+
+    // At 1%: every marked request reaches its variant, unmarked ones split (2 of 200 picks
+    // per cycle are canary with weights {99, 99, 2}; a second worker generation may add one).
+    // Weighted last: its split is deterministic, the sticky one (random keys) is not.
+    for sticky in [Some("$cookie_uid"), None] {
+        let mut r = route(&h.listen, &[&s1, &s2], &[&c1], 1, sticky);
+        r.overrides = overrides.clone();
+        generation += 1;
+        h.actuator
+            .apply_routes(&[r], &format!("5.{generation}"))
+            .await
+            .expect("apply 1%");
+        for (marker, expected) in [
+            ("X-Serin-Variant: canary", Variant::Canary),
+            ("Cookie: serin_variant=canary", Variant::Canary),
+            ("X-Serin-Variant: stable", Variant::Stable),
+        ] {
+            for _ in 0..20 {
+                let (status, body) = get_with_headers(&h.listen, "/", &[marker.to_owned()]).await;
+                assert_eq!(status, 200, "{body}");
+                assert_eq!(variant_of(&body), expected, "1% {sticky:?} {marker}");
+            }
+        }
+    }
+    let canary = count_canary(&h.listen, 100).await;
+    assert!(
+        canary <= 3,
+        "{canary} of 100 unmarked requests reached the canary at 1%"
+    );
+
+    // Without overrides, the marker means nothing: at 0% everything is stable.
+    generation += 1;
+    h.actuator
+        .apply_routes(
+            &[route(&h.listen, &[&s1, &s2], &[&c1], 0, None)],
+            &format!("5.{generation}"),
+        )
+        .await
+        .expect("apply 0% without overrides");
+    for _ in 0..20 {
+        let (_, body) =
+            get_with_headers(&h.listen, "/", &["X-Serin-Variant: canary".to_owned()]).await;
+        assert_eq!(variant_of(&body), Variant::Stable, "{body}");
+    }
+    h.nginx.stop().await;
+}
+
 #[tokio::test]
 async fn local_nginx_stops_and_removes_pid_file() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -790,4 +960,114 @@ async fn measure_reload_timing() {
         last_stales.len(),
         last_stales.last(),
     );
+}
+
+/// What the override maps cost per request, side by side on one nginx: a weighted service
+/// without overrides, a sticky one without overrides (its `proxy_pass` takes a variable, as
+/// with overrides), and a weighted one with a header and a cookie override, requested
+/// unmarked, with the header and with the cookie. Keep-alive requests to nginx (so the
+/// connection setup does not drown the difference), interleaved in rounds whose order rotates
+/// so that drift and warm-up hit every case alike.
+/// `cargo nextest run -p serin-agent measure_override --run-ignored only --no-capture`;
+/// results in docs/benchmarks.md §6.
+#[tokio::test]
+#[ignore = "measurement, prints timings"]
+async fn measure_override_cost() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let nginx = LocalNginx::start(dir.path(), &nginx_binary())
+        .await
+        .expect("start local nginx");
+    let (plain_listen, sticky_listen, override_listen) = (
+        format!("127.0.0.1:{}", free_port()),
+        format!("127.0.0.1:{}", free_port()),
+        format!("127.0.0.1:{}", free_port()),
+    );
+    let settings = nginx.settings(vec![
+        BalancedService {
+            service: "plain".into(),
+            listen: plain_listen.clone(),
+        },
+        BalancedService {
+            service: "sticky".into(),
+            listen: sticky_listen.clone(),
+        },
+        BalancedService {
+            service: "marked".into(),
+            listen: override_listen.clone(),
+        },
+    ]);
+    let mut actuator = NginxActuator::new(settings).await.expect("actuator");
+    let (s, c) = (backend("stable-1").await, backend("canary-1").await);
+    let mut plain = route(&plain_listen, &[&s], &[&c], 5, None);
+    plain.service = "plain".into();
+    let mut sticky = route(&sticky_listen, &[&s], &[&c], 5, Some("$cookie_uid"));
+    sticky.service = "sticky".into();
+    let mut marked = route(&override_listen, &[&s], &[&c], 5, None);
+    marked.service = "marked".into();
+    marked.overrides = VariantOverride {
+        header: Some("X-Serin-Variant".into()),
+        cookie: Some("serin_variant".into()),
+    };
+    actuator
+        .apply_routes(&[plain, sticky, marked], "8.1")
+        .await
+        .expect("apply");
+
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .expect("client");
+    // (name, listen address, the request's marker header)
+    type Case<'a> = (&'a str, &'a str, Option<(&'a str, &'a str)>);
+    let cases: [Case; 5] = [
+        ("weighted, no overrides", &plain_listen, None),
+        ("sticky, no overrides", &sticky_listen, None),
+        ("overrides, unmarked", &override_listen, None),
+        (
+            "overrides, header canary",
+            &override_listen,
+            Some(("X-Serin-Variant", "canary")),
+        ),
+        (
+            "overrides, cookie canary",
+            &override_listen,
+            Some(("Cookie", "serin_variant=canary")),
+        ),
+    ];
+    let (rounds, per_round) = (20, 250);
+    let mut samples: Vec<Vec<Duration>> = vec![Vec::new(); cases.len()];
+    for round in 0..rounds {
+        for k in 0..cases.len() {
+            let i = (k + round) % cases.len();
+            let (_, listen, header) = cases[i];
+            let url = format!("http://{listen}/");
+            for _ in 0..per_round {
+                let mut request = client.get(&url);
+                if let Some((name, value)) = header {
+                    request = request.header(name, value);
+                }
+                let t0 = std::time::Instant::now();
+                let response = request.send().await.expect("request");
+                let _ = response.bytes().await.expect("body");
+                samples[i].push(t0.elapsed());
+            }
+        }
+    }
+    let median = |v: &mut Vec<Duration>| {
+        v.sort();
+        v[v.len() / 2]
+    };
+    let p99 = |v: &Vec<Duration>| v[v.len() * 99 / 100];
+    let base = median(&mut samples[0]);
+    for (i, (name, _, _)) in cases.iter().enumerate() {
+        let m = median(&mut samples[i]);
+        eprintln!(
+            "{name:26} median {:>6.1} µs  p99 {:>6.1} µs  ratio {:.3}  ({} requests)",
+            m.as_secs_f64() * 1e6,
+            p99(&samples[i]).as_secs_f64() * 1e6,
+            m.as_secs_f64() / base.as_secs_f64(),
+            samples[i].len()
+        );
+    }
+    nginx.stop().await;
 }

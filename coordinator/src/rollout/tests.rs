@@ -465,6 +465,56 @@ fn sticky_key_applies_only_while_split() {
 }
 
 #[test]
+fn overrides_route_in_every_active_state_and_never_after_the_rollout_ends() {
+    for state in ALL_STATES {
+        let mut reg = in_state(state);
+        let traffic = &mut reg.rollouts.get_mut(&id("r1")).unwrap().strategy.traffic;
+        traffic.override_header = Some("X-Serin-Variant".into());
+        traffic.override_cookie = Some("serin_variant".into());
+        let plan = reg.traffic("api").unwrap();
+        let expected = if state.is_terminal() {
+            (None, None)
+        } else {
+            (Some("X-Serin-Variant"), Some("serin_variant"))
+        };
+        assert_eq!(
+            (
+                plan.override_header.as_deref(),
+                plan.override_cookie.as_deref()
+            ),
+            expected,
+            "{state}: {plan:?}"
+        );
+        if state == RolloutState::RolledBack || state == RolloutState::Aborted {
+            assert_eq!(plan.canary_weight, 0, "{state}");
+        }
+    }
+    // Every stage, whatever its weight, while progressing.
+    let mut s = strategy(&[1, 5, 99, 100]);
+    s.traffic.override_header = Some("X-Serin-Variant".into());
+    let mut reg = Registry::default();
+    reg.apply(start_cmd("r1", "api", s), generation(1)).unwrap();
+    for stage in 0..4 {
+        let plan = reg.traffic("api").unwrap();
+        assert_eq!(
+            plan.override_header.as_deref(),
+            Some("X-Serin-Variant"),
+            "{plan:?}"
+        );
+        assert_eq!(plan.override_cookie, None);
+        reg.apply(
+            passed(stage, T0 + 1 + stage as Millis),
+            generation(2 + stage as u64),
+        )
+        .unwrap();
+    }
+    assert_eq!(reg.rollouts[&id("r1")].state, RolloutState::Promoted);
+    assert_eq!(reg.traffic("api").unwrap().override_header, None);
+    // A service without a rollout has none.
+    assert_eq!(Registry::default().traffic("api"), None);
+}
+
+#[test]
 fn registry_round_trips_through_serde() {
     let mut reg = started(&[1, 5]);
     reg.apply(passed(0, T0 + 1), generation(2)).unwrap();
