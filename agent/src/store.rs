@@ -568,6 +568,7 @@ mod tests {
             variant: variant.into(),
             weight: 3,
             agent: "app-1".into(),
+            version: String::new(),
         }
     }
 

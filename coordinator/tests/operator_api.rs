@@ -128,6 +128,7 @@ async fn coordinator() -> (
                     service: "web".into(),
                     variant: variant as i32,
                     address: "127.0.0.1:1".into(),
+                    ..Default::default()
                 })
                 .collect(),
                 balancer_services: vec!["web".into()],

@@ -198,6 +198,7 @@ mod tests {
                 generation: Some(Generation { term: 2, index: 9 }),
             }],
             from_inventory: true,
+            revisions: vec![],
         }
     }
 
