@@ -435,3 +435,63 @@ async fn undo_to_revision_1_sends_every_request_through_the_balancer_back_to_the
     let burst = common::burst(&fleet.url, 200, 4).await;
     assert_eq!(burst.of("v2"), 200, "{burst:?}\n{}", fleet.diagnostics());
 }
+
+/// The loopback stack of tests/rollout_e2e.rs, whose balancer routes its own `[[instances]]`
+/// (no inventory) and whose instances declare no version: after v2 is promoted, an undo sends
+/// the whole share back to the stable instance (v1 ran there in the last rollout), and a new
+/// rollout after it starts from v1 and splits by variant again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_an_inventory_or_declared_versions_undo_follows_the_last_rollouts_variants() {
+    use common::{CANARY, STABLE, Stack, stage, strategy};
+    let stack = Stack::start().await;
+    let id = stack.start_rollout(&strategy(&[stage(50)], "")).await;
+    stack.cli_ok(&["rollout", "promote", &id]).await;
+    stack.wait_nginx_weight(100).await;
+    assert_eq!(stack.burst(100).await.of(CANARY), 100);
+
+    let out = stack
+        .cli_ok(&["rollout", "undo", common::SERVICE, "--to-revision", "1"])
+        .await;
+    assert!(
+        out.contains("revision 2 → revision 3 (v1, undo of 1)"),
+        "{out}"
+    );
+    stack.wait_nginx_weight(0).await;
+    let burst = stack.burst(200).await;
+    assert_eq!(burst.of(STABLE), 200, "{burst:?}\n{}", stack.diagnostics());
+
+    // A new rollout after the undo: its stable version is v1 again, and the stage's share
+    // goes to the canary instance.
+    let second = stack
+        .start_rollout(&strategy(
+            &[common::StageSpec {
+                weight: 50,
+                min_duration: "1h",
+                manual_gate: false,
+            }],
+            "",
+        ))
+        .await;
+    stack.wait_nginx_weight(50).await;
+    let status = stack.status_json(&second).await;
+    assert_eq!(status["stable_version"], STABLE, "{status:#}");
+    let history: Value = serde_json::from_str(
+        &stack
+            .cli_ok(&["rollout", "history", common::SERVICE, "--json"])
+            .await,
+    )
+    .expect("JSON");
+    assert_eq!(history["current"], 3, "{history:#}");
+    assert!(
+        history["pinned"].is_null(),
+        "the rollout ended the pin: {history:#}"
+    );
+    // And while it runs, an undo is refused naming it.
+    let out = stack.cli(&["rollout", "undo", common::SERVICE]).await;
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(&format!("abort rollout {second} first")),
+        "{}",
+        describe(&out)
+    );
+}
