@@ -424,6 +424,12 @@ async fn undo_to_revision_1_sends_every_request_through_the_balancer_back_to_the
             .contains("undo to revision 1 (v1) by operator:e2e, as revision 3: v2 corrupts carts"),
         "{services:#}"
     );
+    let api = services
+        .as_array()
+        .and_then(|a| a.iter().find(|s| s["name"] == SERVICE))
+        .unwrap_or_else(|| panic!("no {SERVICE} in {services:#}"));
+    assert_eq!(api["revisions"], history["revisions"], "{services:#}");
+    assert_eq!(api["stable_version"], "v1", "{services:#}");
 
     // Undo again (default: the previous revision): forth to v2, on hosts 1 and 2.
     let again = fleet
@@ -436,12 +442,12 @@ async fn undo_to_revision_1_sends_every_request_through_the_balancer_back_to_the
     assert_eq!(burst.of("v2"), 200, "{burst:?}\n{}", fleet.diagnostics());
 }
 
-/// The loopback stack of tests/rollout_e2e.rs, whose balancer routes its own `[[instances]]`
-/// (no inventory) and whose instances declare no version: after v2 is promoted, an undo sends
-/// the whole share back to the stable instance (v1 ran there in the last rollout), and a new
-/// rollout after it starts from v1 and splits by variant again.
+/// The loopback stack of tests/rollout_e2e.rs, one agent with both instances and nginx, whose
+/// instances declare no version: after v2 is promoted, an undo sends every request back to the
+/// stable instance (v1 ran there in the last rollout), and a new rollout after it starts from
+/// v1 and splits by variant again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn without_an_inventory_or_declared_versions_undo_follows_the_last_rollouts_variants() {
+async fn without_declared_versions_undo_follows_the_last_rollouts_variants() {
     use common::{CANARY, STABLE, Stack, stage, strategy};
     let stack = Stack::start().await;
     let id = stack.start_rollout(&strategy(&[stage(50)], "")).await;
@@ -452,9 +458,12 @@ async fn without_an_inventory_or_declared_versions_undo_follows_the_last_rollout
     let out = stack
         .cli_ok(&["rollout", "undo", common::SERVICE, "--to-revision", "1"])
         .await;
-    assert!(
-        out.contains("revision 2 → revision 3 (v1, undo of 1)"),
-        "{out}"
+    assert_eq!(
+        out,
+        format!(
+            "web: revision 2 → revision 3 (v1, undo of 1)\ntraffic: web-stable ({})\n",
+            stack.stable_addr
+        )
     );
     stack.wait_nginx_weight(0).await;
     let burst = stack.burst(200).await;

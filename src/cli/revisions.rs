@@ -138,7 +138,8 @@ pub fn render_history(reply: &ListRevisionsReply) -> String {
     out
 }
 
-fn revision_json(r: &RevisionView) -> Value {
+/// One revision as JSON: `{number, version, how, rollout, undo_of, at_ms, at}`.
+pub fn revision_json(r: &RevisionView) -> Value {
     json!({
         "number": r.number,
         "version": r.version,
