@@ -376,6 +376,7 @@ async fn undo_to_revision_1_sends_every_request_through_the_balancer_back_to_the
     fleet
         .wait_membership_change(&format!("added api-on-host-3 ({h3}) of agent host-3"))
         .await;
+    let undo_sent = std::time::Instant::now();
     let undone = fleet
         .cli_json(&[
             "rollout",
@@ -397,6 +398,12 @@ async fn undo_to_revision_1_sends_every_request_through_the_balancer_back_to_the
         "{undone:#}"
     );
     fleet.wait_serving("v1", &[&h3], &[&h1, &h2]).await;
+    // Measured, not asserted (docs/benchmarks.md §5): from sending the undo until nginx
+    // answers a burst with v1 only.
+    eprintln!(
+        "undo to v1 served by nginx {} ms after the CLI was started",
+        undo_sent.elapsed().as_millis()
+    );
     let burst = common::burst(&fleet.url, 200, 4).await;
     assert_eq!(
         burst.of("v1"),
