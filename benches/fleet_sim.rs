@@ -139,6 +139,7 @@ fn register(i: usize, services: usize) -> AgentMessage {
                 service: format!("svc-{}", i % services),
                 variant: Variant::Stable as i32,
                 address: format!("127.0.0.1:{}", 10_000 + i % 50_000),
+                ..Target::default()
             }],
             ..Register::default()
         })),

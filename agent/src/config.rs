@@ -82,6 +82,9 @@ pub struct InstanceConfig {
     pub metrics_url: String,
     /// Which series mean requests, errors and latency.
     pub metrics: MetricNames,
+    /// The version it runs, if declared (`version = "v1.2.0"`): sent to the coordinator so
+    /// `serin rollout undo` can route to the instances that run an earlier revision.
+    pub version: Option<String>,
 }
 
 /// Values that replace the file's, applied before validation (the binary's
@@ -197,6 +200,7 @@ struct RawInstance {
     address: Option<String>,
     metrics_url: Option<String>,
     metrics: Option<MetricNames>,
+    version: Option<String>,
 }
 
 impl AgentConfig {
@@ -299,6 +303,14 @@ impl Problems {
             None
         }
     }
+}
+
+/// A version as the coordinator accepts it: letters, digits, `.`, `_`, `-`, `+`, 1 to 64.
+fn is_version(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '+'))
 }
 
 fn is_identifier(s: &str) -> bool {
@@ -430,6 +442,17 @@ fn validate(raw: RawConfig) -> Result<AgentConfig, ConfigError> {
         if let Some(Err(reason)) = metrics_url.as_deref().map(|u| check_http_url(u, true)) {
             p.add(at("metrics_url"), reason);
         }
+        let version = inst.version;
+        if let Some(v) = &version
+            && !is_version(v)
+        {
+            p.add(
+                at("version"),
+                format!(
+                    "must be 1 to 64 letters, digits, '.', '_', '-', '+' (e.g. \"v1.2.0\"), got {v:?}"
+                ),
+            );
+        }
         let metrics = inst.metrics.unwrap_or_default();
         for (field, value) in [
             ("requests", &metrics.requests),
@@ -450,6 +473,7 @@ fn validate(raw: RawConfig) -> Result<AgentConfig, ConfigError> {
                 address,
                 metrics_url,
                 metrics,
+                version,
             });
         }
     }
@@ -585,6 +609,7 @@ mod tests {
                 address: "127.0.0.1:8081".into(),
                 metrics_url: "http://127.0.0.1:8081/metrics".into(),
                 metrics: MetricNames::default(),
+                version: None,
             }
         );
         assert_eq!(c.instances[1].variant, Variant::Canary);
@@ -780,6 +805,27 @@ mod tests {
                 "instances[2].metrics_url: required",
             ]
         );
+    }
+
+    #[test]
+    fn an_instance_may_declare_the_version_it_runs_and_a_bad_one_is_named() {
+        let declared = format!("{MINIMAL}\n{STABLE_INSTANCE}\nversion = \"v1.2.0+build.7\"\n");
+        let c = AgentConfig::from_toml(&declared).unwrap();
+        assert_eq!(c.instances[0].version.as_deref(), Some("v1.2.0+build.7"));
+        let undeclared = format!("{MINIMAL}\n{STABLE_INSTANCE}");
+        assert_eq!(
+            AgentConfig::from_toml(&undeclared).unwrap().instances[0].version,
+            None
+        );
+        for bad in ["", "v 1", "v1/2", &"9".repeat(65)] {
+            let text = format!("{MINIMAL}\n{STABLE_INSTANCE}\nversion = {bad:?}\n");
+            assert_single_error(
+                &text,
+                &format!(
+                    "instances[0].version: must be 1 to 64 letters, digits, '.', '_', '-', '+' (e.g. \"v1.2.0\"), got {bad:?}"
+                ),
+            );
+        }
     }
 
     const CANARY_INSTANCE: &str = r#"

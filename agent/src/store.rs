@@ -608,6 +608,7 @@ mod tests {
             variant: variant.into(),
             weight: 3,
             agent: "app-1".into(),
+            version: String::new(),
         }
     }
 

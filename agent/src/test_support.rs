@@ -13,6 +13,7 @@ pub fn instance(name: &str, service: &str, variant: Variant, port: u16) -> Insta
         address: format!("127.0.0.1:{port}"),
         metrics_url: format!("http://127.0.0.1:{port}/metrics"),
         metrics: Default::default(),
+        version: None,
     }
 }
 

@@ -427,6 +427,7 @@ impl AgentRegistry {
                     silent,
                     unhealthy_since,
                     last_healthy: last_ok,
+                    version: Some(t.version.clone()).filter(|v| !v.is_empty()),
                 });
             }
         }
@@ -674,6 +675,40 @@ pub fn desired_state(
                     .and_then(|s| s.upstreams.as_ref())
                     .filter(|_| balanced.contains(name));
                 let from_inventory = members.is_some();
+                let record = registry.services.get(name);
+                let mapping = record
+                    .map(|r| registry.variant_versions(r))
+                    .unwrap_or_default();
+                // After an undo, a balancer fed from the inventory routes only to the members
+                // that run the pinned version, all on the stable side (docs/fleet.md).
+                let pinned = registry.pin(name).and_then(|pin| {
+                    let serving = crate::inventory::serving(members?, &pin.version, &pin.mapping);
+                    (!serving.is_empty()).then(|| {
+                        serving
+                            .into_iter()
+                            .map(|m| v1::UpstreamServer {
+                                instance: m.instance.clone(),
+                                address: m.address.clone(),
+                                variant: v1::Variant::Stable as i32,
+                                weight: 1,
+                                agent: m.agent.clone(),
+                                version: pin.version.clone(),
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                });
+                if let Some(servers) = pinned {
+                    return ServiceTraffic {
+                        service: plan.service,
+                        canary_weight: 0,
+                        stable_version: plan.stable_version,
+                        canary_version: String::new(),
+                        rollout_id: String::new(),
+                        sticky_key: String::new(),
+                        servers,
+                        from_inventory,
+                    };
+                }
                 let upstreams = members.map(|m| {
                     crate::inventory::upstreams(
                         &crate::inventory::members_as_instances(m),
@@ -708,6 +743,9 @@ pub fn desired_state(
                                 },
                                 weight: weight_of(&m.address),
                                 agent: m.agent.clone(),
+                                version: crate::inventory::version_of(m, &mapping)
+                                    .unwrap_or_default()
+                                    .to_owned(),
                             })
                             .collect()
                     }
@@ -766,6 +804,7 @@ mod tests {
                 service: "api".into(),
                 variant: v1::Variant::Canary as i32,
                 address: format!("{name}.example:80"),
+                ..Default::default()
             }],
             balancer_services: vec!["api".into()],
             connected: false,

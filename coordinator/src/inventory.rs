@@ -41,6 +41,8 @@ pub struct Instance {
     pub unhealthy_since: Option<Millis>,
     /// When it was last seen healthy (its agent's latest successful scrape of it).
     pub last_healthy: Option<Millis>,
+    /// The version it runs, when its agent declares one.
+    pub version: Option<String>,
 }
 
 /// One server of a balancer's upstream.
@@ -221,6 +223,21 @@ pub fn target_membership(
         return None;
     }
     for m in &members {
+        let before = committed
+            .into_iter()
+            .flatten()
+            .find(|c| c.address == m.address);
+        if let Some(before) = before
+            && before.version != m.version
+        {
+            notes.push(format!(
+                "{} ({}) of agent {} now runs {}",
+                m.instance,
+                m.address,
+                m.agent,
+                m.version.as_deref().unwrap_or("an undeclared version")
+            ));
+        }
         if !was_member(&m.address) {
             notes.push(format!(
                 "added {} ({}) of agent {}",
@@ -244,6 +261,7 @@ fn member(i: &Instance) -> UpstreamMember {
         canary: i.variant == Side::Canary,
         instance: i.name.clone(),
         agent: i.agent.clone(),
+        version: i.version.clone(),
     }
 }
 
@@ -260,8 +278,65 @@ pub fn members_as_instances(members: &[UpstreamMember]) -> Vec<Instance> {
             silent: false,
             unhealthy_since: None,
             last_healthy: None,
+            version: m.version.clone(),
         })
         .collect()
+}
+
+/// What the service's latest rollout ran where: its stable version on the stable instances,
+/// its canary version on the canary ones. Nothing since has moved binaries (serin does not
+/// deploy yet), so it says what an instance that declares no version runs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VariantVersions {
+    /// The version the stable instances run, if known.
+    pub stable: Option<String>,
+    /// The version the canary instances run, if known.
+    pub canary: Option<String>,
+}
+
+impl VariantVersions {
+    /// The version an instance of `canary`'s side runs by this mapping.
+    pub fn of(&self, canary: bool) -> Option<&str> {
+        if canary {
+            self.canary.as_deref()
+        } else {
+            self.stable.as_deref()
+        }
+    }
+}
+
+/// The version `member` runs: the one it declares, else the one its variant ran in the last
+/// rollout (`mapping`); `None` when neither is known.
+pub fn version_of<'a>(member: &'a UpstreamMember, mapping: &'a VariantVersions) -> Option<&'a str> {
+    member
+        .version
+        .as_deref()
+        .or_else(|| mapping.of(member.canary))
+}
+
+/// The members that run `version` (by [`version_of`]), in their order.
+pub fn serving<'a>(
+    members: &'a [UpstreamMember],
+    version: &str,
+    mapping: &VariantVersions,
+) -> Vec<&'a UpstreamMember> {
+    members
+        .iter()
+        .filter(|m| version_of(m, mapping) == Some(version))
+        .collect()
+}
+
+/// Every version the members run (by [`version_of`]), sorted, without repeats; members whose
+/// version is unknown are left out.
+pub fn versions_running(members: &[UpstreamMember], mapping: &VariantVersions) -> Vec<String> {
+    let mut versions: Vec<String> = members
+        .iter()
+        .filter_map(|m| version_of(m, mapping))
+        .map(str::to_owned)
+        .collect();
+    versions.sort();
+    versions.dedup();
+    versions
 }
 
 #[cfg(test)]
@@ -278,6 +353,7 @@ mod tests {
             silent: false,
             unhealthy_since: None,
             last_healthy: Some(1_000),
+            version: None,
         }
     }
 
@@ -432,6 +508,95 @@ mod tests {
         assert_eq!(addresses, ["a", "c"], "a was seen healthy last");
         assert!(
             reason.contains("kept app-a (a): the last stable instance"),
+            "{reason}"
+        );
+    }
+
+    fn running(address: &str, canary: bool, version: Option<&str>) -> UpstreamMember {
+        UpstreamMember {
+            address: address.into(),
+            canary,
+            instance: format!("app-{address}"),
+            agent: format!("host-{address}"),
+            version: version.map(str::to_owned),
+        }
+    }
+
+    /// Every combination of (declared version, variant, mapping): a declared version always
+    /// wins, the mapping decides only for members that declare none, and `serving` and
+    /// `versions_running` agree with `version_of`.
+    #[test]
+    fn a_members_version_is_the_declared_one_else_what_its_variant_ran_in_the_last_rollout() {
+        let versions = [None, Some("v1"), Some("v2"), Some("v3")];
+        for declared in versions {
+            for canary in [false, true] {
+                for stable_ran in versions {
+                    for canary_ran in versions {
+                        let mapping = VariantVersions {
+                            stable: stable_ran.map(str::to_owned),
+                            canary: canary_ran.map(str::to_owned),
+                        };
+                        let m = running("a", canary, declared);
+                        let expected = declared.or(if canary { canary_ran } else { stable_ran });
+                        assert_eq!(
+                            version_of(&m, &mapping),
+                            expected,
+                            "{declared:?} canary={canary} {mapping:?}"
+                        );
+                        for v in ["v1", "v2", "v3"] {
+                            let members = [m.clone()];
+                            let picked = serving(&members, v, &mapping);
+                            assert_eq!(picked.len(), usize::from(expected == Some(v)));
+                        }
+                        let all = versions_running(std::slice::from_ref(&m), &mapping);
+                        assert_eq!(
+                            all,
+                            expected.into_iter().map(str::to_owned).collect::<Vec<_>>()
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn serving_picks_every_member_of_the_version_across_variants_in_order() {
+        let mapping = VariantVersions {
+            stable: Some("v1".into()),
+            canary: Some("v2".into()),
+        };
+        let members = [
+            running("a", false, None),
+            running("b", false, Some("v2")),
+            running("c", true, None),
+            running("d", true, Some("v1")),
+            running("e", true, Some("v3")),
+        ];
+        let addresses = |v: &str| -> Vec<&str> {
+            serving(&members, v, &mapping)
+                .iter()
+                .map(|m| m.address.as_str())
+                .collect()
+        };
+        assert_eq!(addresses("v1"), ["a", "d"]);
+        assert_eq!(addresses("v2"), ["b", "c"]);
+        assert_eq!(addresses("v3"), ["e"]);
+        assert!(addresses("v4").is_empty());
+        assert_eq!(versions_running(&members, &mapping), ["v1", "v2", "v3"]);
+    }
+
+    #[test]
+    fn a_redeploy_that_changes_a_declared_version_is_a_membership_change_that_says_so() {
+        let mut before = stable("a");
+        before.version = Some("v1".into());
+        let current = committed(&[before.clone()]);
+        let mut after = before;
+        after.version = Some("v2".into());
+        let (members, reason) =
+            target_membership(&[after], Some(&current), GRACE, 1_000, 0).unwrap();
+        assert_eq!(members[0].version.as_deref(), Some("v2"));
+        assert!(
+            reason.contains("app-a (a) of agent host-a now runs v2"),
             "{reason}"
         );
     }

@@ -5,7 +5,8 @@
 //! - [`limits`]: every size limit of operator input and of stored history, in one place.
 //! - [`strategy`]: strategy TOML, parsed then validated into a runtime type (pure).
 //! - [`analysis`]: merging agent measurements and judging checks (pure).
-//! - [`rollout`]: the rollout state machine and the controller's decisions (pure, time passed in).
+//! - [`rollout`]: the rollout state machine and the controller's decisions (pure, time passed in);
+//!   [`rollout::revisions`]: a service's revisions and `Undo`.
 //! - [`raft`]: the Raft node (raft-rs `RawNode` owned by one task) and its sled storage.
 //! - [`metrics`]: the leader's soft state of recent agent reports per service and variant.
 //! - [`agents`]: connected agents, their sessions and desired-state pushes.

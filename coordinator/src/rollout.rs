@@ -314,8 +314,11 @@ pub struct Revision {
     pub number: u32,
     /// The version.
     pub version: String,
-    /// The rollout that promoted it (none for the initial version).
+    /// The rollout that promoted it (none for the initial version and for an undo).
     pub rollout: Option<RolloutId>,
+    /// The revision an undo went back to (`serin rollout undo`); none otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub undo_of: Option<u32>,
     /// When.
     pub at: Millis,
 }
@@ -341,6 +344,10 @@ pub struct Service {
     /// [`MAX_SERVICE_HISTORY`].
     #[serde(default)]
     pub history: Vec<ServiceEvent>,
+    /// Set by an undo: the revision whose version all the traffic goes to, until the next
+    /// rollout starts (docs/fleet.md, "Revisions").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pinned: Option<u32>,
 }
 
 /// How many [`ServiceEvent`]s a service keeps.
@@ -357,6 +364,9 @@ pub struct UpstreamMember {
     pub instance: String,
     /// The agent that declared it.
     pub agent: String,
+    /// The version it runs, when its agent's `[[instances]]` declares one (`version = …`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
 }
 
 /// A change of a service recorded outside its rollouts.
@@ -503,6 +513,20 @@ pub enum Command {
         /// When.
         at: Millis,
     },
+    /// An operator sends the service's traffic back to an earlier revision's version
+    /// (`serin rollout undo`); see [`revisions`].
+    Undo {
+        /// Service.
+        service: String,
+        /// The revision to go back to; 0 means the one before the current.
+        to_revision: u32,
+        /// Who.
+        actor: Actor,
+        /// Why.
+        reason: String,
+        /// When.
+        at: Millis,
+    },
     /// The controller returns traffic to stable.
     RollBack {
         /// Rollout.
@@ -528,7 +552,7 @@ impl Command {
             | Command::Abort { id, .. }
             | Command::Checkpoint { id, .. }
             | Command::RollBack { id, .. } => Some(id),
-            Command::SetUpstreams { .. } => None,
+            Command::SetUpstreams { .. } | Command::Undo { .. } => None,
         }
     }
 
@@ -544,6 +568,7 @@ impl Command {
             Command::Checkpoint { .. } => "checkpoint",
             Command::RollBack { .. } => "roll back",
             Command::SetUpstreams { .. } => "set upstreams",
+            Command::Undo { .. } => "undo",
         }
     }
 }
@@ -551,6 +576,9 @@ impl Command {
 /// Why a command changed nothing.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Rejection {
+    /// An undo that cannot be applied.
+    #[error(transparent)]
+    Undo(#[from] revisions::UndoRefusal),
     /// No rollout has this id.
     #[error("rollout '{0}' not found")]
     UnknownRollout(RolloutId),
@@ -674,6 +702,16 @@ impl Registry {
         {
             return self.set_upstreams(service, members, reason, at, generation);
         }
+        if let Command::Undo {
+            service,
+            to_revision,
+            actor,
+            reason,
+            at,
+        } = command
+        {
+            return self.undo(&service, to_revision, actor, reason, at, generation);
+        }
         let id = command
             .rollout_id()
             .expect("every other command is about a rollout")
@@ -694,7 +732,7 @@ impl Registry {
         let weight_before = rollout.canary_weight();
         let state_before = rollout.state;
         match command {
-            Command::Start { .. } | Command::SetUpstreams { .. } => {
+            Command::Start { .. } | Command::SetUpstreams { .. } | Command::Undo { .. } => {
                 unreachable!("handled above")
             }
             Command::StagePassed {
@@ -829,6 +867,7 @@ impl Registry {
                     number,
                     version,
                     rollout: Some(id.clone()),
+                    undo_of: None,
                     at: promoted_at,
                 });
             }
@@ -865,6 +904,7 @@ impl Registry {
                 generation,
                 upstreams: None,
                 history: Vec::new(),
+                pinned: None,
             });
         if record.upstreams.as_ref() == Some(&members) {
             return Err(Rejection::UpstreamsUnchanged(service));
@@ -932,6 +972,7 @@ impl Registry {
                     number: 1,
                     version: stable.clone(),
                     rollout: None,
+                    undo_of: None,
                     at,
                 }],
                 active: None,
@@ -939,6 +980,7 @@ impl Registry {
                 generation,
                 upstreams: None,
                 history: Vec::new(),
+                pinned: None,
             });
         if record.revisions.is_empty() {
             // A record made by an upstream membership change before any rollout.
@@ -946,9 +988,12 @@ impl Registry {
                 number: 1,
                 version: stable.clone(),
                 rollout: None,
+                undo_of: None,
                 at,
             });
         }
+        // A new rollout ends an undo's pin: traffic is split by variant again.
+        record.pinned = None;
         record.active = Some(id.clone());
         record.latest = Some(id.clone());
         record.generation = generation;
@@ -981,6 +1026,9 @@ impl Registry {
     /// The desired traffic of one service.
     pub fn traffic(&self, service: &str) -> Option<TrafficPlan> {
         let record = self.services.get(service)?;
+        if let Some(plan) = self.pinned_traffic(record) {
+            return Some(plan);
+        }
         let stable = record.stable_version().unwrap_or_default().to_owned();
         let rollout = record.latest.as_ref().and_then(|id| self.rollouts.get(id));
         let plan = match rollout {
@@ -1186,6 +1234,7 @@ pub fn decide(
 
 mod listing;
 pub use listing::{BadToken, Cursor, Page};
+pub mod revisions;
 
 #[cfg(test)]
 mod tests;

@@ -27,6 +27,7 @@ use crate::limits::{
 };
 use crate::metrics::Side;
 use crate::raft::{ProposeError, Role};
+use crate::rollout::revisions::UndoRefusal;
 use crate::rollout::{
     Actor, Command, Cursor, Generation, Millis, Rejection, Rollout, RolloutId, TriggerReading,
 };
@@ -135,6 +136,10 @@ fn rejection_status(rejection: Rejection) -> Status {
     match rejection {
         Rejection::UnknownRollout(_) => Status::not_found(rejection.to_string()),
         Rejection::DuplicateRollout(_) => Status::already_exists(rejection.to_string()),
+        Rejection::Undo(UndoRefusal::UnknownService(_)) => Status::not_found(rejection.to_string()),
+        Rejection::Undo(UndoRefusal::UnknownRevision { .. }) => {
+            Status::invalid_argument(rejection.to_string())
+        }
         _ => Status::failed_precondition(rejection.to_string()),
     }
 }
@@ -327,6 +332,21 @@ fn summary_line(text: &str, max: usize) -> String {
     let mut out: String = folded.chars().take(max.saturating_sub(1)).collect();
     out.push('…');
     out
+}
+
+/// A revision as the operator API shows it.
+fn revision_view(r: &crate::rollout::Revision) -> v1::RevisionView {
+    v1::RevisionView {
+        number: r.number,
+        version: r.version.clone(),
+        rollout_id: r
+            .rollout
+            .as_ref()
+            .map(|id| id.0.clone())
+            .unwrap_or_default(),
+        undo_of: r.undo_of.unwrap_or(0),
+        at_ms: r.at,
+    }
 }
 
 /// Refuses a value over its limit with `INVALID_ARGUMENT` naming the field, limit and length.
@@ -616,11 +636,100 @@ impl ControlService for Api {
                     balancers,
                     history,
                     from_inventory: members.is_some(),
+                    revisions: record
+                        .map(|r| r.revisions.iter().map(revision_view).collect())
+                        .unwrap_or_default(),
                     name,
                 }
             })
             .collect();
         Ok(Response::new(v1::ListServicesReply { services }))
+    }
+
+    async fn undo_service(
+        &self,
+        request: Request<v1::UndoServiceRequest>,
+    ) -> Result<Response<v1::UndoServiceReply>, Status> {
+        let req = request.into_inner();
+        length("service", &req.service, MAX_SERVICE)?;
+        length("reason", &req.reason, MAX_REASON)?;
+        length("actor", &req.actor, MAX_ACTOR)?;
+        valid_name("service", &req.service)?;
+        let command = Command::Undo {
+            service: req.service.clone(),
+            to_revision: req.to_revision,
+            actor: Actor::Operator(if req.actor.is_empty() {
+                "operator".to_owned()
+            } else {
+                req.actor
+            }),
+            reason: req.reason,
+            at: now_millis(),
+        };
+        // Refuse what the state machine would refuse (an unknown service or revision even on
+        // a follower) without writing it to the log; it checks again when it applies.
+        self.shared
+            .raft
+            .view()
+            .registry
+            .validate(&command)
+            .map_err(rejection_status)?;
+        self.require_leader()?;
+        self.shared
+            .raft
+            .propose(command)
+            .await
+            .map_err(propose_status)?;
+        let view = self.shared.raft.view();
+        let record = view
+            .registry
+            .services
+            .get(&req.service)
+            .ok_or_else(|| Status::internal("the undone service vanished"))?;
+        let revision = record.revisions.last().map(revision_view);
+        let previous = record
+            .revisions
+            .len()
+            .checked_sub(2)
+            .map_or(0, |i| record.revisions[i].number);
+        let serving = match (view.registry.pin(&req.service), &record.upstreams) {
+            (Some(pin), Some(members)) => {
+                crate::inventory::serving(members, &pin.version, &pin.mapping)
+                    .into_iter()
+                    .map(|m| format!("{} ({})", m.instance, m.address))
+                    .collect()
+            }
+            _ => Vec::new(),
+        };
+        Ok(Response::new(v1::UndoServiceReply {
+            service: req.service,
+            revision,
+            previous,
+            serving,
+        }))
+    }
+
+    async fn list_revisions(
+        &self,
+        request: Request<v1::ListRevisionsRequest>,
+    ) -> Result<Response<v1::ListRevisionsReply>, Status> {
+        let service = request.into_inner().service;
+        length("service", &service, MAX_SERVICE)?;
+        valid_name("service", &service)?;
+        let view = self.shared.raft.view();
+        let record = view
+            .registry
+            .services
+            .get(&service)
+            .filter(|r| !r.revisions.is_empty())
+            .ok_or_else(|| {
+                Status::not_found(UndoRefusal::UnknownService(service.clone()).to_string())
+            })?;
+        Ok(Response::new(v1::ListRevisionsReply {
+            revisions: record.revisions.iter().map(revision_view).collect(),
+            pinned: record.pinned.unwrap_or(0),
+            service,
+        }))
     }
 
     async fn forget_agent(

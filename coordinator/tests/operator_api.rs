@@ -128,6 +128,7 @@ async fn coordinator() -> (
                     service: "web".into(),
                     variant: variant as i32,
                     address: "127.0.0.1:1".into(),
+                    ..Default::default()
                 })
                 .collect(),
                 balancer_services: vec!["web".into()],
@@ -360,6 +361,132 @@ async fn overlong_operator_strings_are_refused_before_anything_is_proposed() {
     assert_eq!(rollout.state, "progressing");
     assert_eq!(rollout.events.len(), 1, "{:?}", rollout.events);
 
+    shutdown.cancel();
+    server.await.unwrap();
+}
+
+/// `UndoService` and `ListRevisions` over gRPC: each bad request gets the status code an
+/// operator's script can branch on and a message naming the problem, and changes nothing.
+#[tokio::test]
+async fn undo_refusals_have_their_own_status_codes_and_change_nothing() {
+    use serin_proto::v1::{ListRevisionsRequest, UndoServiceRequest};
+    let (mut client, shutdown, server, _dir) = coordinator().await;
+    let undo = |service: &str, to_revision: u32| UndoServiceRequest {
+        service: service.into(),
+        to_revision,
+        reason: "bad release".into(),
+        actor: "ana".into(),
+    };
+    let refused = async |client: &mut ControlServiceClient<Channel>,
+                         request: UndoServiceRequest,
+                         code: Code,
+                         expected: &str| {
+        let err = client.undo_service(request).await.unwrap_err();
+        assert_eq!(err.code(), code, "{expected}: {err}");
+        assert!(err.message().contains(expected), "{expected}: {err}");
+    };
+    refused(
+        &mut client,
+        undo("web", 0),
+        Code::NotFound,
+        "service 'web' not found",
+    )
+    .await;
+    refused(
+        &mut client,
+        undo("we b", 0),
+        Code::InvalidArgument,
+        "service: must be",
+    )
+    .await;
+    refused(
+        &mut client,
+        UndoServiceRequest {
+            reason: "x".repeat(MAX_REASON + 1),
+            ..undo("web", 0)
+        },
+        Code::InvalidArgument,
+        "reason: 1025 bytes is longer than the limit",
+    )
+    .await;
+    let err = client
+        .list_revisions(ListRevisionsRequest {
+            service: "web".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err}");
+
+    let id = client
+        .start_rollout(start_request())
+        .await
+        .unwrap()
+        .into_inner()
+        .rollout
+        .unwrap()
+        .id;
+    refused(
+        &mut client,
+        undo("web", 1),
+        Code::FailedPrecondition,
+        &format!("abort rollout {id} first"),
+    )
+    .await;
+    client
+        .steer_rollout(SteerRolloutRequest {
+            id: id.clone(),
+            action: SteerAction::Promote as i32,
+            reason: String::new(),
+            actor: "ana".into(),
+        })
+        .await
+        .unwrap();
+    refused(
+        &mut client,
+        undo("web", 9),
+        Code::InvalidArgument,
+        "revision 9 does not exist: service 'web' has revisions 1..=2",
+    )
+    .await;
+    refused(
+        &mut client,
+        undo("web", 2),
+        Code::FailedPrecondition,
+        "already at revision 2 (v2)",
+    )
+    .await;
+    let revisions = |client: &mut ControlServiceClient<Channel>| {
+        let mut client = client.clone();
+        async move {
+            client
+                .list_revisions(ListRevisionsRequest {
+                    service: "web".into(),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+        }
+    };
+    let before = revisions(&mut client).await;
+    assert_eq!(before.revisions.len(), 2, "{before:?}");
+    assert_eq!(before.revisions[1].rollout_id, id);
+    assert_eq!(before.pinned, 0);
+
+    // The default goes to the previous revision.
+    let reply = client
+        .undo_service(undo("web", 0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.previous, 2);
+    let revision = reply.revision.expect("the new revision");
+    assert_eq!(
+        (revision.number, revision.version.as_str(), revision.undo_of),
+        (3, "v1", 1)
+    );
+    let after = revisions(&mut client).await;
+    assert_eq!(after.revisions.len(), 3);
+    assert_eq!(after.pinned, 3);
     shutdown.cancel();
     server.await.unwrap();
 }

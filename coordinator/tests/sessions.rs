@@ -57,6 +57,7 @@ fn register(agent: &str, instance_id: &str) -> AgentMessage {
                 service: "api".into(),
                 variant: Variant::Stable as i32,
                 address: "127.0.0.1:1".into(),
+                ..Default::default()
             }],
             ..Register::default()
         })),
@@ -210,6 +211,7 @@ fn app(agent: &str, instance: &str, variant: Variant, address: &str) -> AgentMes
                 service: "api".into(),
                 variant: variant as i32,
                 address: address.into(),
+                ..Default::default()
             }],
             ..Register::default()
         })),

@@ -35,6 +35,7 @@ async fn shutdown_with_an_open_agent_session_returns_promptly() {
                     service: "api".into(),
                     variant: Variant::Stable as i32,
                     address: "127.0.0.1:1".into(),
+                    ..Default::default()
                 }],
                 ..Register::default()
             })),

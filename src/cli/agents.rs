@@ -43,7 +43,14 @@ pub fn render(agents: &[AgentInfo], now_ms: i64) -> String {
         let instances = a
             .targets
             .iter()
-            .map(|t| format!("{}/{}", t.service, variant_name(t.variant)))
+            .map(|t| {
+                let mut text = format!("{}/{}", t.service, variant_name(t.variant));
+                if !t.version.is_empty() {
+                    text.push('@');
+                    text.push_str(&t.version);
+                }
+                text
+            })
             .collect::<Vec<_>>()
             .join(",");
         table.row(vec![
@@ -84,6 +91,7 @@ pub fn to_json(agents: &[AgentInfo]) -> Value {
                         "service": t.service,
                         "variant": variant_name(t.variant),
                         "address": t.address,
+                        "version": (!t.version.is_empty()).then_some(&t.version),
                     })).collect::<Vec<_>>(),
                 })
             })
@@ -138,12 +146,14 @@ mod tests {
                     service: "api".into(),
                     variant: Variant::Stable as i32,
                     address: "127.0.0.1:8081".into(),
+                    version: String::new(),
                 },
                 Target {
                     name: "api-2".into(),
                     service: "api".into(),
                     variant: Variant::Canary as i32,
                     address: "127.0.0.1:8082".into(),
+                    version: "v2".into(),
                 },
             ],
             connected,
@@ -166,7 +176,7 @@ mod tests {
             "{text}"
         );
         assert!(
-            lines[1].contains("2.17") && lines[1].contains("api/stable,api/canary"),
+            lines[1].contains("2.17") && lines[1].contains("api/stable,api/canary@v2"),
             "{text}"
         );
         assert!(
@@ -205,6 +215,8 @@ mod tests {
         assert_eq!(v[0]["last_report_ms"], Value::Null);
         assert_eq!(v[0]["last_error"], Value::Null);
         assert_eq!(v[0]["instances"][1]["variant"], "canary");
+        assert_eq!(v[0]["instances"][0]["version"], Value::Null, "not declared");
+        assert_eq!(v[0]["instances"][1]["version"], "v2");
         assert_eq!(v[0]["labels"]["zone"], "a");
     }
 }

@@ -47,6 +47,16 @@ pub fn render(services: &[ServiceView]) -> String {
                 "each balancer's own instances"
             }
         ));
+        if let Some(current) = s.revisions.last() {
+            out.push_str(&format!(
+                "  revision {} ({}, {}) of {}; `serin rollout history {}` lists them\n",
+                current.number,
+                current.version,
+                super::revisions::origin(current),
+                s.revisions.len(),
+                s.name
+            ));
+        }
         if s.instances.is_empty() {
             out.push_str("  no instances\n");
         } else {
@@ -115,6 +125,7 @@ pub fn to_json(services: &[ServiceView]) -> Value {
                     "stable_version": (!s.stable_version.is_empty()).then(|| s.stable_version.clone()),
                     "generation": s.generation.map(|g| json!({"term": g.term, "index": g.index})),
                     "from_inventory": s.from_inventory,
+                    "revisions": s.revisions.iter().map(super::revisions::revision_json).collect::<Vec<_>>(),
                     "instances": s.instances.iter().map(|i| json!({
                         "instance": i.instance,
                         "variant": variant_name(i.variant),
@@ -159,7 +170,9 @@ pub async fn list(json: bool, coordinator: &CoordinatorArgs) -> anyhow::Result<E
 
 #[cfg(test)]
 mod tests {
-    use serin_proto::v1::{BalancerView, FleetInstance, Generation, ServiceHistoryEvent};
+    use serin_proto::v1::{
+        BalancerView, FleetInstance, Generation, RevisionView, ServiceHistoryEvent,
+    };
 
     use super::*;
 
@@ -198,7 +211,46 @@ mod tests {
                 generation: Some(Generation { term: 2, index: 9 }),
             }],
             from_inventory: true,
+            revisions: vec![],
         }
+    }
+
+    #[test]
+    fn the_current_revision_is_named_with_how_it_came() {
+        let mut service = view();
+        assert!(!render(std::slice::from_ref(&service)).contains("revision"));
+        service.revisions = vec![
+            RevisionView {
+                number: 1,
+                version: "v1".into(),
+                ..RevisionView::default()
+            },
+            RevisionView {
+                number: 2,
+                version: "v2".into(),
+                rollout_id: "web-00beef".into(),
+                ..RevisionView::default()
+            },
+            RevisionView {
+                number: 3,
+                version: "v1".into(),
+                undo_of: 1,
+                ..RevisionView::default()
+            },
+        ];
+        let text = render(std::slice::from_ref(&service));
+        assert!(
+            text.contains(
+                "  revision 3 (v1, undo of 1) of 3; `serin rollout history web` lists them"
+            ),
+            "{text}"
+        );
+        let json = to_json(&[service]);
+        assert_eq!(
+            json[0]["revisions"][1]["how"],
+            "promoted by rollout web-00beef"
+        );
+        assert_eq!(json[0]["revisions"][2]["undo_of"], 1);
     }
 
     #[test]

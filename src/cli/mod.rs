@@ -7,6 +7,7 @@
 //! - [`rollout`]: `serin rollout start|status|list|pause|resume|promote|abort`, the
 //!   ControlService client, with the pure renderers [`rollout::render_status`] and
 //!   [`rollout::rollout_json`];
+//! - [`revisions`]: `serin rollout undo|history`, a service's revisions and going back to one;
 //! - [`agents`]: `serin agent list`, the agents a coordinator knows;
 //! - [`evidence`]: `serin rollout evidence`, per-stage measurements and the audit trail;
 //! - [`output`]: padded tables, UTC times and other text formatting.
@@ -19,6 +20,7 @@ pub mod agents;
 pub mod evidence;
 pub mod fleet;
 pub mod output;
+pub mod revisions;
 pub mod rollout;
 pub mod strategy;
 

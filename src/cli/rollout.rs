@@ -143,6 +143,20 @@ pub enum RolloutCommand {
         after_help = "Example:\n  serin rollout abort checkout-3f9a1c --reason \"bad release\""
     )]
     Abort(SteerArgs),
+    /// Send a service's traffic back to an earlier revision's version (default: the previous
+    /// revision), through the balancers.
+    ///
+    /// Appends a revision (the old version, "undo of N"); refused while a rollout of the
+    /// service runs, for an unknown revision, for the version already current, and when no
+    /// instance is known to run that version. See `serin rollout history SERVICE`.
+    #[command(after_help = "Examples:\n  \
+        serin rollout undo checkout\n  \
+        serin rollout undo checkout --to-revision 1 --reason \"1.5.0 corrupts carts\"")]
+    Undo(super::revisions::UndoArgs),
+    /// List a service's revisions: number, version, how it came (initial, promoted by a
+    /// rollout, undo of a revision) and when.
+    #[command(after_help = "Example:\n  serin rollout history checkout")]
+    History(super::revisions::HistoryArgs),
 }
 
 /// Arguments of pause, resume, promote and abort.
@@ -255,6 +269,8 @@ pub async fn run_rollout(cmd: RolloutCommand) -> anyhow::Result<ExitCode> {
         RolloutCommand::Resume(args) => steer(SteerAction::Resume, args).await,
         RolloutCommand::Promote(args) => steer(SteerAction::Promote, args).await,
         RolloutCommand::Abort(args) => steer(SteerAction::Abort, args).await,
+        RolloutCommand::Undo(args) => super::revisions::undo(args).await,
+        RolloutCommand::History(args) => super::revisions::history(args).await,
     }
 }
 
@@ -478,9 +494,9 @@ async fn default_id(
 }
 
 /// What became of a change sent to the coordinator.
-enum Sent {
+pub(super) enum Sent<T = RolloutReply> {
     /// The coordinator answered.
-    Answered(Box<RolloutReply>),
+    Answered(Box<T>),
     /// The request went out but the connection failed or the time ran out before an answer:
     /// it may or may not have been applied. Holds the cause.
     Unknown(String),
@@ -507,7 +523,7 @@ pub fn outcome_unknown(status: &tonic::Status) -> bool {
 
 /// Prints why the outcome of `action` is unknown and how to check, and returns
 /// [`EXIT_OUTCOME_UNKNOWN`].
-fn unknown_outcome(action: &str, cause: &str, check: &str) -> ExitCode {
+pub(super) fn unknown_outcome(action: &str, cause: &str, check: &str) -> ExitCode {
     eprintln!("error: {}", unknown_outcome_message(action, cause, check));
     ExitCode::from(EXIT_OUTCOME_UNKNOWN)
 }
@@ -543,14 +559,14 @@ fn lost_cause(status: &tonic::Status) -> String {
 /// leader"), so when several addresses are given each is tried in turn until one accepts; the
 /// first answer that is not `Unavailable` is final. A request whose answer is lost is never
 /// sent again (it may have been applied): its outcome is [`Sent::Unknown`].
-async fn on_leader<F, Fut>(
+pub(super) async fn on_leader<T, F, Fut>(
     coordinator: &CoordinatorArgs,
     id: Option<&str>,
     call: F,
-) -> anyhow::Result<Sent>
+) -> anyhow::Result<Sent<T>>
 where
     F: Fn(ControlServiceClient<Channel>) -> Fut,
-    Fut: Future<Output = Result<tonic::Response<RolloutReply>, tonic::Status>>,
+    Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
 {
     let unavailable = match call(connect(coordinator).await?).await {
         Ok(reply) => return Ok(Sent::Answered(Box::new(reply.into_inner()))),
@@ -623,7 +639,7 @@ pub fn describe_status(
 }
 
 /// The actor recorded for operator actions: `$USER`, else `operator`.
-fn actor() -> String {
+pub(super) fn actor() -> String {
     std::env::var("USER")
         .ok()
         .filter(|u| !u.trim().is_empty())
@@ -1834,6 +1850,20 @@ mod tests {
             &self,
             _: tonic::Request<serin_proto::v1::ListServicesRequest>,
         ) -> Reply<serin_proto::v1::ListServicesReply> {
+            Err(tonic::Status::unimplemented("not in the fake"))
+        }
+
+        async fn undo_service(
+            &self,
+            _: tonic::Request<serin_proto::v1::UndoServiceRequest>,
+        ) -> Reply<serin_proto::v1::UndoServiceReply> {
+            Err(tonic::Status::unimplemented("not in the fake"))
+        }
+
+        async fn list_revisions(
+            &self,
+            _: tonic::Request<serin_proto::v1::ListRevisionsRequest>,
+        ) -> Reply<serin_proto::v1::ListRevisionsReply> {
             Err(tonic::Status::unimplemented("not in the fake"))
         }
     }

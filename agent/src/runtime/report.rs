@@ -37,6 +37,7 @@ pub(super) fn register(config: &AgentConfig, instance_id: String) -> pb::Registe
                 service: i.service.clone(),
                 variant: proto_variant(i.variant) as i32,
                 address: i.address.clone(),
+                version: i.version.clone().unwrap_or_default(),
             })
             .collect(),
         last_applied: None,

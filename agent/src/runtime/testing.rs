@@ -205,6 +205,7 @@ pub(super) async fn send_desired(
                             .into(),
                             weight: u.weight,
                             agent: u.agent,
+                            version: String::new(),
                         })
                         .collect(),
                     from_inventory: s.from_inventory,
