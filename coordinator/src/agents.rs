@@ -707,6 +707,8 @@ pub fn desired_state(
                         sticky_key: String::new(),
                         servers,
                         from_inventory,
+                        override_header: String::new(),
+                        override_cookie: String::new(),
                     };
                 }
                 let upstreams = members.map(|m| {

@@ -141,6 +141,8 @@ impl Registry {
             },
             rollout: None,
             sticky_key: None,
+            override_header: None,
+            override_cookie: None,
             generation: record.generation,
         })
     }
