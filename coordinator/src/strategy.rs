@@ -11,6 +11,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::limits::{MAX_STICKY_KEY, MAX_STRATEGY_NAME, MAX_STRATEGY_TOML, TooLong, check_len};
 
+mod hook;
+pub use hook::{DEFAULT_HOOK_RETRIES, DEFAULT_HOOK_TIMEOUT, Hook, HookOn};
+
 /// Default minimum observation time of a stage.
 pub const DEFAULT_MIN_DURATION: Duration = Duration::from_secs(60);
 /// Default number of requests each variant must serve in a stage before a check can pass.
@@ -33,6 +36,9 @@ pub struct Strategy {
     pub triggers: Vec<Trigger>,
     /// How the weight becomes real on the load balancer.
     pub traffic: Traffic,
+    /// HTTP webhooks around the rollout's transitions, in file order ([`crate::hooks`]).
+    #[serde(default)]
+    pub hooks: Vec<Hook>,
 }
 
 /// One step of a rollout.
@@ -229,6 +235,8 @@ struct RawStrategy {
     triggers: Vec<RawTrigger>,
     #[serde(default)]
     traffic: RawTraffic,
+    #[serde(default)]
+    hooks: Vec<hook::RawHook>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -464,6 +472,8 @@ impl Strategy {
             }
         }
 
+        let hooks = hook::validate_hooks(&raw.hooks, &mut p);
+
         if p.0.is_empty() {
             Ok(Strategy {
                 stages,
@@ -472,6 +482,7 @@ impl Strategy {
                 traffic: Traffic {
                     sticky_key: raw.traffic.sticky_key,
                 },
+                hooks,
             })
         } else {
             Err(StrategyError::Invalid(p.0))
@@ -481,6 +492,16 @@ impl Strategy {
     /// The canary weight of stage `index` (0 when out of range).
     pub fn weight(&self, index: usize) -> u32 {
         self.stages.get(index).map_or(0, |s| s.weight)
+    }
+
+    /// The hooks that run `on`, in file order.
+    pub fn hooks_on(&self, on: HookOn) -> impl Iterator<Item = &Hook> {
+        self.hooks.iter().filter(move |h| h.on == on)
+    }
+
+    /// The hook named `name`, if the strategy has one.
+    pub fn hook(&self, name: &str) -> Option<&Hook> {
+        self.hooks.iter().find(|h| h.name == name)
     }
 
     /// The longest trigger window, which bounds how much recent data the analysis keeps.
