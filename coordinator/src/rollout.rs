@@ -272,9 +272,14 @@ impl Rollout {
         }
     }
 
-    /// The reason of the last transition.
+    /// The reason of the last transition (hook runs are not transitions: a post_rollback hook
+    /// does not hide why the rollout rolled back).
     pub fn last_reason(&self) -> &str {
-        self.events.last().map_or("", |e| e.reason.as_str())
+        self.events
+            .iter()
+            .rev()
+            .find(|e| e.kind != EventKind::Hook)
+            .map_or("", |e| e.reason.as_str())
     }
 
     fn keep_evidence(
