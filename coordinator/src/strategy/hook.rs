@@ -514,6 +514,22 @@ headers = { "Content-Type" = "text/plain", "X Bad" = "v", "X-Ok" = "line\nbreak"
     }
 
     #[test]
+    fn the_example_strategy_with_hooks_is_valid() {
+        let s = Strategy::from_toml(include_str!("../../../deploy/strategies/smoke-hooks.toml"))
+            .expect("deploy/strategies/smoke-hooks.toml is valid");
+        let kinds: Vec<_> = s.hooks.iter().map(|h| h.on).collect();
+        assert_eq!(
+            kinds,
+            [
+                HookOn::PreRollout,
+                HookOn::PreAdvance,
+                HookOn::PostPromote,
+                HookOn::PostRollback
+            ]
+        );
+    }
+
+    #[test]
     fn hook_kinds_round_trip_their_names() {
         for (name, on) in HookOn::ALL {
             assert_eq!(HookOn::parse(name), Some(on));
