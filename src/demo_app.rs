@@ -924,7 +924,6 @@ mod tests {
                 run.error.as_deref(),
                 Some("no answer within the timeout of 100ms")
             );
-            assert!(run.duration_ms < 5_000, "{run:?}");
             assert_eq!(admin(&c, &app.base).await["smoke_calls"], 2);
             // A slow answer within the timeout passes.
             post_admin(&c, &app.base, r#"{"smoke_latency_ms": 50}"#).await;

@@ -287,3 +287,70 @@ url = "http://{stable}/smoke"
     let after = stack.burst(100).await;
     assert_eq!(after.of(CANARY), 0, "{after:?}");
 }
+
+/// A coordinator killed while its pre_advance hook is in flight lost that call's result; the
+/// restarted one (the next leader) finds the stage still passing and calls the hook again (at
+/// least once), and the rollout advances. The lost call is in no history.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hook_in_flight_when_the_leader_dies_is_called_again_by_the_next() {
+    let mut stack = Stack::start().await;
+    let canary_admin = format!("http://{}/admin", stack.canary_addr);
+    // Slow enough to kill the coordinator while the call is open.
+    assert_eq!(
+        common::post_json(&canary_admin, r#"{"smoke_latency_ms": 60000}"#).await,
+        200
+    );
+    let hooks = format!(
+        r#"
+[[hooks]]
+name = "smoke"
+on = "pre_advance"
+url = "http://{canary}/smoke"
+timeout = "1m"
+retries = 0
+"#,
+        canary = stack.canary_addr,
+    );
+    let id = stack
+        .start_rollout(&strategy(&[stage(5), stage(50)], &hooks))
+        .await;
+    stack
+        .wait_until(
+            Duration::from_secs(60),
+            "the smoke hook to be called",
+            async || admin(stack.canary_addr).await["smoke_calls"].as_u64() >= Some(1),
+        )
+        .await;
+    let before = stack.status_json(&id).await;
+    assert_eq!(
+        (before["state"].as_str(), before["stage_index"].as_u64()),
+        (Some("progressing"), Some(0)),
+        "{before:#}"
+    );
+    assert!(hook_runs(&before).is_empty(), "{before:#}");
+
+    stack.kill_coordinator().await;
+    assert_eq!(
+        common::post_json(&canary_admin, r#"{"smoke_latency_ms": 0}"#).await,
+        200
+    );
+    stack.restart_coordinator();
+    let advanced = stack
+        .wait_status(
+            &id,
+            Duration::from_secs(60),
+            "the restarted coordinator to call the hook again and advance",
+            |s| s["stage_index"].as_u64() >= Some(1) || s["terminal"] == true,
+        )
+        .await;
+    assert_eq!(advanced["stage_index"], 1, "{}", stack.diagnostics());
+    assert!(
+        admin(stack.canary_addr).await["smoke_calls"].as_u64() >= Some(2),
+        "the hook was not called again"
+    );
+    assert_eq!(
+        hook_runs(&advanced),
+        [("smoke".to_owned(), true, Some(200))],
+        "only the committed run is in the history: {advanced:#}"
+    );
+}

@@ -8,7 +8,8 @@
 //!   canary weight is **0** ([`HookState::pre_rollout_pending`]). When every `pre_rollout` hook
 //!   has passed, the canary gets the first stage's weight and the stage's observation starts.
 //!   The first one that fails (after its retries) **aborts** the rollout, actor `hook:<name>`:
-//!   the canary never got a request.
+//!   the canary never got a request. An operator's pause in this phase holds at 0%: results
+//!   arriving while paused are refused and the hooks run again after `serin rollout resume`.
 //! - `pre_advance` runs each time a stage has passed its checks, before the next stage (or the
 //!   promotion, or the wait at a manual gate) is committed. Hooks run one after the other in
 //!   file order; when all pass, the stage's pass is committed. The first failure **holds** the
@@ -239,9 +240,17 @@ impl Registry {
         };
         match on {
             HookOn::PreRollout => {
-                if rollout.state.is_terminal() || !rollout.hooks.pre_rollout_pending.contains(&name)
-                {
+                if !rollout.hooks.pre_rollout_pending.contains(&name) {
                     return Err(not_due());
+                }
+                // A pause during the pre_rollout phase holds at 0%: results that arrive
+                // meanwhile do not count, and the hooks run again after the resume.
+                if rollout.state != RolloutState::Progressing {
+                    return Err(Rejection::InvalidTransition {
+                        id: id.clone(),
+                        state: rollout.state,
+                        action: "record a pre_rollout hook of",
+                    });
                 }
             }
             HookOn::PreAdvance => {

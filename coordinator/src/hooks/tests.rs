@@ -327,6 +327,18 @@ fn a_hook_result_not_awaited_is_refused_and_changes_nothing() {
             generation(4),
         )
         .unwrap();
+    let mut paused_at_zero = fresh.clone();
+    paused_at_zero
+        .apply(
+            Command::Pause {
+                id: id(),
+                actor: Actor::Operator("ana".into()),
+                reason: "hold at 0%".into(),
+                at: T0 + 10,
+            },
+            generation(4),
+        )
+        .unwrap();
     type Case<'a> = (&'a str, &'a Registry, Command, fn(&Rejection) -> bool);
     let cases: Vec<Case> = vec![
         (
@@ -363,6 +375,12 @@ fn a_hook_result_not_awaited_is_refused_and_changes_nothing() {
             "pre_advance while paused",
             &paused,
             ran(0, run("smoke", HookOn::PreAdvance, 500), T0 + 9),
+            |e| matches!(e, Rejection::InvalidTransition { .. }),
+        ),
+        (
+            "a pre_rollout hook while paused at 0%",
+            &paused_at_zero,
+            ran(0, run("warmup", HookOn::PreRollout, 200), T0 + 9),
             |e| matches!(e, Rejection::InvalidTransition { .. }),
         ),
         (
