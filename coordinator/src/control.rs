@@ -3,6 +3,12 @@
 //!
 //! It wakes every [`EVALUATE_EVERY`] and whenever a report arrives, so a critical trigger acts on
 //! the report that shows it rather than on the next timer tick. Followers run nothing here.
+//!
+//! Between [`decide`] and the log sit the rollout's hooks ([`crate::hooks::gate`]): a stage pass
+//! with `pre_advance` hooks, and a rollout whose `pre_rollout` hooks are pending, become hook
+//! batches run in their own tasks ([`HookTasks`]), never awaited by the loop, so a slow hook
+//! delays neither the loop nor another rollout's triggers. Finished rollouts with `post_*`
+//! hooks due get theirs the same way.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

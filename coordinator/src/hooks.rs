@@ -707,16 +707,6 @@ impl<R: HookRunner> HookTasks<R> {
         });
     }
 
-    /// Number of batches running or remembered.
-    pub fn len(&self) -> usize {
-        self.tasks.len()
-    }
-
-    /// True when no batch runs or is remembered.
-    pub fn is_empty(&self) -> bool {
-        self.tasks.is_empty()
-    }
-
     /// Cancels every running batch (this node stopped being the leader): the next leader runs
     /// their hooks again.
     pub fn abort_all(&mut self) {
