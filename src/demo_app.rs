@@ -15,7 +15,12 @@
 //!   benchmark can tell when a scraper first saw a change;
 //! - `POST /admin` with `{"error_rate": 0.5}` and/or `{"latency_ms": 200}`: changes them at run
 //!   time, so a demo can break the canary on purpose. Invalid input is a `400` naming the field,
-//!   and changes nothing.
+//!   and changes nothing;
+//! - `POST /smoke`: a smoke test for rollout hooks (`[[hooks]]` with `url` pointing here). It
+//!   waits `smoke_latency_ms`, then answers `200 smoke ok: <version>`, or `500 smoke failed:
+//!   <reason>` after `POST /admin` with `{"smoke_fail": "<reason>"}` (`{"smoke_fail": null}`
+//!   makes it pass again). `GET /admin` counts the calls (`smoke_calls`) and shows the body of
+//!   the latest (`last_smoke_body`, the hook's JSON payload), so tests can see what a hook sent.
 //!
 //! [`bind`] then [`DemoApp::serve`] (or [`run`], which does both). On shutdown, requests still
 //! waiting out their latency are answered at once, the server drains, and after
@@ -23,8 +28,8 @@
 
 use std::future::{Future, IntoFuture};
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
@@ -33,7 +38,7 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -45,6 +50,12 @@ use tokio_util::sync::CancellationToken;
 
 /// Largest accepted `latency_ms`, on the command line and through `POST /admin`.
 pub const MAX_LATENCY_MS: u64 = 60_000;
+
+/// Longest `smoke_fail` reason accepted through `POST /admin`, in bytes.
+pub const MAX_SMOKE_REASON: usize = 200;
+
+/// Most of a smoke request's body kept for `GET /admin`, in bytes.
+const SMOKE_BODY_KEPT: usize = 4096;
 
 /// How long [`DemoApp::serve`] waits for open connections after the shutdown signal.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -140,6 +151,7 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/admin", get(admin_get).post(admin_post))
+        .route("/smoke", post(smoke))
         .fallback(app_request)
         .with_state(shared)
 }
@@ -162,6 +174,19 @@ struct Shared {
     last_scrape_unix_ms: AtomicU64,
     /// Cancelled on shutdown: cuts latency sleeps short.
     stop: CancellationToken,
+    /// Smoke test state (`POST /smoke`).
+    smoke: Mutex<Smoke>,
+    /// `POST /smoke` requests received.
+    smoke_calls: AtomicU64,
+}
+
+/// How `POST /smoke` answers, and what it last received.
+#[derive(Debug, Default)]
+struct Smoke {
+    /// `Some(reason)`: answer 500 with it.
+    fail: Option<String>,
+    latency_ms: u64,
+    last_body: Option<String>,
 }
 
 impl Shared {
@@ -225,6 +250,8 @@ impl Shared {
             metrics_scrapes: AtomicU64::new(0),
             last_scrape_unix_ms: AtomicU64::new(0),
             stop: CancellationToken::new(),
+            smoke: Mutex::new(Smoke::default()),
+            smoke_calls: AtomicU64::new(0),
         })
     }
 
@@ -236,8 +263,17 @@ impl Shared {
         self.latency_ms.load(Ordering::Relaxed)
     }
 
+    fn smoke(&self) -> std::sync::MutexGuard<'_, Smoke> {
+        self.smoke.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn settings_json(&self) -> serde_json::Value {
+        let smoke = self.smoke();
         serde_json::json!({
+            "smoke_fail": smoke.fail,
+            "smoke_latency_ms": smoke.latency_ms,
+            "smoke_calls": self.smoke_calls.load(Ordering::Relaxed),
+            "last_smoke_body": smoke.last_body,
             "version": self.version,
             "error_rate": self.error_rate(),
             "latency_ms": self.latency_ms(),
@@ -316,6 +352,32 @@ async fn healthz() -> &'static str {
     "ok\n"
 }
 
+/// `POST /smoke`: waits `smoke_latency_ms`, then passes or fails as told through `/admin`.
+async fn smoke(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
+    shared.smoke_calls.fetch_add(1, Ordering::Relaxed);
+    let latency = {
+        let mut smoke = shared.smoke();
+        let kept = &body[..body.len().min(SMOKE_BODY_KEPT)];
+        smoke.last_body = Some(String::from_utf8_lossy(kept).into_owned());
+        Duration::from_millis(smoke.latency_ms)
+    };
+    if !latency.is_zero() {
+        tokio::select! {
+            () = tokio::time::sleep(latency) => {}
+            () = shared.stop.cancelled() => {}
+        }
+    }
+    let fail = shared.smoke().fail.clone();
+    match fail {
+        Some(reason) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("smoke failed: {reason}\n"),
+        )
+            .into_response(),
+        None => (StatusCode::OK, format!("smoke ok: {}\n", shared.version)).into_response(),
+    }
+}
+
 async fn admin_get(State(shared): State<Arc<Shared>>) -> Response {
     axum::Json(shared.settings_json()).into_response()
 }
@@ -328,6 +390,15 @@ async fn admin_post(State(shared): State<Arc<Shared>>, body: Bytes) -> Response 
             }
             if let Some(ms) = update.latency_ms {
                 shared.latency_ms.store(ms, Ordering::Relaxed);
+            }
+            {
+                let mut smoke = shared.smoke();
+                if let Some(fail) = update.smoke_fail.clone() {
+                    smoke.fail = fail;
+                }
+                if let Some(ms) = update.smoke_latency_ms {
+                    smoke.latency_ms = ms;
+                }
             }
             tracing::info!(
                 error_rate = shared.error_rate(),
@@ -345,7 +416,12 @@ async fn admin_post(State(shared): State<Arc<Shared>>, body: Bytes) -> Response 
 struct AdminUpdate {
     error_rate: Option<f64>,
     latency_ms: Option<u64>,
+    /// `Some(Some(reason))`: the smoke endpoint fails; `Some(None)`: it passes again.
+    smoke_fail: Option<Option<String>>,
+    smoke_latency_ms: Option<u64>,
 }
+
+const ADMIN_FIELDS: &str = "error_rate, latency_ms, smoke_fail, smoke_latency_ms";
 
 /// Parses and validates a `POST /admin` body; the error message names the offending field.
 fn parse_admin_update(body: &[u8]) -> Result<AdminUpdate, String> {
@@ -377,15 +453,40 @@ fn parse_admin_update(body: &[u8]) -> Result<AdminUpdate, String> {
                     })?;
                 update.latency_ms = Some(ms);
             }
+            "smoke_fail" => {
+                let reason = match v {
+                    serde_json::Value::Null => None,
+                    serde_json::Value::String(r)
+                        if !r.trim().is_empty() && r.len() <= MAX_SMOKE_REASON =>
+                    {
+                        Some(r.clone())
+                    }
+                    _ => {
+                        return Err(format!(
+                            "smoke_fail must be a reason of 1 to {MAX_SMOKE_REASON} bytes (the smoke test fails with it) or null (it passes), got {v}"
+                        ));
+                    }
+                };
+                update.smoke_fail = Some(reason);
+            }
+            "smoke_latency_ms" => {
+                let ms = v
+                    .as_u64()
+                    .filter(|ms| *ms <= MAX_LATENCY_MS)
+                    .ok_or_else(|| {
+                        format!(
+                            "smoke_latency_ms must be an integer between 0 and {MAX_LATENCY_MS}, got {v}"
+                        )
+                    })?;
+                update.smoke_latency_ms = Some(ms);
+            }
             other => {
-                return Err(format!(
-                    "unknown field '{other}' (expected error_rate and/or latency_ms)"
-                ));
+                return Err(format!("unknown field '{other}' (expected {ADMIN_FIELDS})"));
             }
         }
     }
     if update == AdminUpdate::default() {
-        return Err("expected at least one of error_rate, latency_ms".to_owned());
+        return Err(format!("expected at least one of {ADMIN_FIELDS}"));
     }
     Ok(update)
 }
@@ -553,6 +654,10 @@ mod tests {
                 "latency_ms": 0,
                 "metrics_scrapes": 0,
                 "last_scrape_unix_ms": 0,
+                "smoke_fail": null,
+                "smoke_latency_ms": 0,
+                "smoke_calls": 0,
+                "last_smoke_body": null,
             })
         );
 
@@ -660,20 +765,210 @@ mod tests {
         assert_eq!((status, body.as_str()), (200, "v1.2.3\n"));
     }
 
+    async fn admin(c: &reqwest::Client, base: &str) -> serde_json::Value {
+        let (_, body) = get(c, &format!("{base}/admin")).await;
+        serde_json::from_str(&body).unwrap()
+    }
+
+    #[tokio::test]
+    async fn the_smoke_endpoint_passes_fails_when_told_and_counts_its_calls() {
+        let app = Running::start(args(0.0, 0)).await;
+        let c = client();
+        let smoke = |body: &'static str| {
+            let c = c.clone();
+            let url = format!("{}/smoke", app.base);
+            async move {
+                let resp = c.post(url).body(body).send().await.unwrap();
+                (resp.status().as_u16(), resp.text().await.unwrap())
+            }
+        };
+        assert_eq!(smoke("{}").await, (200, "smoke ok: v1.2.3\n".to_owned()));
+        let (status, body) =
+            post_admin(&c, &app.base, r#"{"smoke_fail": "orders table missing"}"#).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(
+            smoke(r#"{"rollout": "web-1"}"#).await,
+            (500, "smoke failed: orders table missing\n".to_owned())
+        );
+        let settings = admin(&c, &app.base).await;
+        assert_eq!(settings["smoke_calls"], 2);
+        assert_eq!(settings["smoke_fail"], "orders table missing");
+        assert_eq!(settings["last_smoke_body"], r#"{"rollout": "web-1"}"#);
+        assert_eq!(
+            post_admin(&c, &app.base, r#"{"smoke_fail": null}"#).await.0,
+            200
+        );
+        assert_eq!(smoke("{}").await.0, 200);
+        // Smoke calls are not app requests.
+        let (_, page) = get(&c, &format!("{}/metrics", app.base)).await;
+        let sample = parse_sample(&page, &MetricNames::default()).unwrap();
+        assert_eq!(sample.total_requests(), 0.0);
+        for (body, needle) in [
+            (r#"{"smoke_fail": ""}"#, "smoke_fail"),
+            (r#"{"smoke_fail": true}"#, "smoke_fail"),
+            (r#"{"smoke_latency_ms": 60001}"#, "smoke_latency_ms"),
+        ] {
+            let (status, msg) = post_admin(&c, &app.base, body).await;
+            assert_eq!(status, 400, "{body} -> {msg}");
+            assert!(msg.contains(needle), "{body} -> {msg}");
+        }
+        let long = format!(
+            r#"{{"smoke_fail": "{}"}}"#,
+            "x".repeat(MAX_SMOKE_REASON + 1)
+        );
+        assert_eq!(post_admin(&c, &app.base, &long).await.0, 400);
+        assert_eq!(
+            admin(&c, &app.base).await["smoke_fail"],
+            serde_json::Value::Null
+        );
+        app.stop().await.unwrap();
+    }
+
+    mod hook_runner {
+        use super::*;
+        use serin_coordinator::hooks::{HookPayload, HookRunner, HttpHookRunner};
+        use serin_coordinator::strategy::{Hook, HookOn};
+
+        fn hook(url: String, timeout_ms: u64, retries: u32) -> Hook {
+            Hook {
+                name: "smoke".into(),
+                on: HookOn::PreAdvance,
+                url,
+                timeout: Duration::from_millis(timeout_ms),
+                retries,
+                headers: [("X-Token".to_owned(), "t0ken".to_owned())].into(),
+            }
+        }
+
+        fn payload() -> HookPayload {
+            HookPayload {
+                rollout: "web-3f9a1c".into(),
+                service: "web".into(),
+                version: "v2".into(),
+                stable_version: "v1".into(),
+                on: HookOn::PreAdvance,
+                hook: "smoke".into(),
+                stage_index: 1,
+                stage_count: 4,
+                canary_weight: 5,
+                next_weight: Some(25),
+                state: "progressing".into(),
+                reason: "stage 2 passed".into(),
+            }
+        }
+
+        #[tokio::test]
+        async fn a_2xx_answer_passes_at_the_first_attempt_with_the_payload_sent_as_json() {
+            let app = Running::start(args(0.0, 0)).await;
+            let runner = HttpHookRunner::without_proxy().unwrap();
+            let run = runner
+                .call(&hook(format!("{}/smoke", app.base), 2_000, 2), &payload())
+                .await;
+            assert!(run.passed(), "{run:?}");
+            assert_eq!((run.attempts, run.status), (1, Some(200)));
+            assert_eq!(run.body, "smoke ok: v1.2.3");
+            assert_eq!((run.name.as_str(), run.on), ("smoke", HookOn::PreAdvance));
+            let settings = admin(&client(), &app.base).await;
+            let sent: HookPayload =
+                serde_json::from_str(settings["last_smoke_body"].as_str().unwrap()).unwrap();
+            assert_eq!(sent, payload());
+            app.stop().await.unwrap();
+        }
+
+        #[tokio::test]
+        async fn a_failing_smoke_is_retried_and_the_last_answer_reported() {
+            let app = Running::start(args(0.0, 0)).await;
+            let c = client();
+            post_admin(&c, &app.base, r#"{"smoke_fail": "checkout returns 502"}"#).await;
+            let runner = HttpHookRunner::without_proxy().unwrap();
+            let run = runner
+                .call(&hook(format!("{}/smoke", app.base), 2_000, 2), &payload())
+                .await;
+            assert!(!run.passed());
+            assert_eq!(
+                (run.attempts, run.status, run.error.as_deref()),
+                (3, Some(500), None)
+            );
+            assert_eq!(run.body, "smoke failed: checkout returns 502");
+            assert_eq!(
+                admin(&c, &app.base).await["smoke_calls"],
+                3,
+                "1 call + 2 retries"
+            );
+            // No retries configured: one call.
+            let run = runner
+                .call(&hook(format!("{}/smoke", app.base), 2_000, 0), &payload())
+                .await;
+            assert_eq!(run.attempts, 1);
+            assert_eq!(admin(&c, &app.base).await["smoke_calls"], 4);
+            // Any non-2xx answer fails: `/healthz` answers POST with 405.
+            let run = runner
+                .call(&hook(format!("{}/healthz", app.base), 2_000, 0), &payload())
+                .await;
+            assert_eq!((run.passed(), run.status), (false, Some(405)), "{run:?}");
+            app.stop().await.unwrap();
+        }
+
+        #[tokio::test]
+        async fn each_attempt_is_bounded_by_the_timeout() {
+            let app = Running::start(args(0.0, 0)).await;
+            let c = client();
+            post_admin(&c, &app.base, r#"{"smoke_latency_ms": 5000}"#).await;
+            let runner = HttpHookRunner::without_proxy().unwrap();
+            let run = runner
+                .call(&hook(format!("{}/smoke", app.base), 100, 1), &payload())
+                .await;
+            assert!(!run.passed());
+            assert_eq!((run.attempts, run.status), (2, None));
+            assert_eq!(
+                run.error.as_deref(),
+                Some("no answer within the timeout of 100ms")
+            );
+            assert_eq!(admin(&c, &app.base).await["smoke_calls"], 2);
+            // A slow answer within the timeout passes.
+            post_admin(&c, &app.base, r#"{"smoke_latency_ms": 50}"#).await;
+            let run = runner
+                .call(&hook(format!("{}/smoke", app.base), 5_000, 0), &payload())
+                .await;
+            assert!(run.passed(), "{run:?}");
+            app.stop().await.unwrap();
+        }
+
+        #[tokio::test]
+        async fn no_listener_is_an_error_naming_the_refused_connection() {
+            let port = {
+                let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+                l.local_addr().unwrap().port()
+            };
+            let runner = HttpHookRunner::without_proxy().unwrap();
+            let run = runner
+                .call(
+                    &hook(format!("http://127.0.0.1:{port}/smoke"), 1_000, 1),
+                    &payload(),
+                )
+                .await;
+            assert!(!run.passed());
+            assert_eq!((run.attempts, run.status), (2, None));
+            let error = run.error.unwrap();
+            assert!(error.to_lowercase().contains("refused"), "{error}");
+        }
+    }
+
     #[test]
     fn admin_update_parsing() {
         assert_eq!(
             parse_admin_update(br#"{"error_rate": 0.5}"#),
             Ok(AdminUpdate {
                 error_rate: Some(0.5),
-                latency_ms: None
+                ..AdminUpdate::default()
             })
         );
         assert_eq!(
             parse_admin_update(br#"{"latency_ms": 200, "error_rate": 0}"#),
             Ok(AdminUpdate {
                 error_rate: Some(0.0),
-                latency_ms: Some(200)
+                latency_ms: Some(200),
+                ..AdminUpdate::default()
             })
         );
         assert!(parse_admin_update(br#"{"latency_ms": 60000}"#).is_ok());

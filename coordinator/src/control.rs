@@ -3,6 +3,12 @@
 //!
 //! It wakes every [`EVALUATE_EVERY`] and whenever a report arrives, so a critical trigger acts on
 //! the report that shows it rather than on the next timer tick. Followers run nothing here.
+//!
+//! Between [`decide`] and the log sit the rollout's hooks ([`crate::hooks::gate`]): a stage pass
+//! with `pre_advance` hooks, and a rollout whose `pre_rollout` hooks are pending, become hook
+//! batches run in their own tasks ([`HookTasks`]), never awaited by the loop, so a slow hook
+//! delays neither the loop nor another rollout's triggers. Finished rollouts with `post_*`
+//! hooks due get theirs the same way.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -13,6 +19,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::agents::AgentRegistry;
 use crate::analysis::{Pair, StageAnalysis, analyse_stage, evaluate_check};
+use crate::hooks::{
+    HookPayload, HookRun, HookRunner, HookTasks, HttpHookRunner, Step, gate, post_due,
+};
 use crate::metrics::{MetricsStore, Side, StageKey};
 use crate::raft::{ProposeError, RaftHandle, Role};
 use crate::rollout::{
@@ -84,13 +93,53 @@ impl Shared {
     }
 }
 
-/// Runs the control loop until `shutdown`.
+/// Runs the control loop until `shutdown`, calling hooks over HTTP ([`HttpHookRunner`]).
 pub async fn run(shared: Shared, shutdown: CancellationToken) {
+    match HttpHookRunner::new() {
+        Ok(runner) => run_with_hooks(shared, Arc::new(runner), shutdown).await,
+        Err(e) => {
+            // Building a client without TLS or custom roots does not fail in practice; if it
+            // does, rollouts must still be watched, and hooks then fail with this reason.
+            tracing::error!(error = %e, "cannot build the HTTP client for hooks");
+            run_with_hooks(shared, Arc::new(BrokenRunner(e.to_string())), shutdown).await
+        }
+    }
+}
+
+/// A runner whose every call fails with the reason the HTTP client could not be built.
+struct BrokenRunner(String);
+
+impl HookRunner for BrokenRunner {
+    async fn call(&self, hook: &crate::strategy::Hook, _: &HookPayload) -> HookRun {
+        HookRun {
+            name: hook.name.clone(),
+            on: hook.on,
+            attempts: 0,
+            status: None,
+            error: Some(format!("no HTTP client: {}", self.0)),
+            body: String::new(),
+            duration_ms: 0,
+        }
+    }
+}
+
+/// Runs the control loop until `shutdown`, calling hooks with `runner`. Hook batches run in
+/// their own tasks ([`HookTasks`]); they are cancelled when this node stops leading and awaited
+/// on shutdown.
+pub async fn run_with_hooks<R: HookRunner>(
+    shared: Shared,
+    runner: Arc<R>,
+    shutdown: CancellationToken,
+) {
     let mut memories: HashMap<RolloutId, TriggerMemory> = HashMap::new();
     let mut checkpointed: HashMap<RolloutId, (Millis, Pair)> = HashMap::new();
+    let mut hooks = HookTasks::new(runner, shared.raft.clone());
     loop {
         tokio::select! {
-            _ = shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => {
+                hooks.shutdown().await;
+                return;
+            }
             _ = tokio::time::sleep(EVALUATE_EVERY) => {}
             _ = shared.wake.notified() => {}
         }
@@ -98,7 +147,19 @@ pub async fn run(shared: Shared, shutdown: CancellationToken) {
         if view.role != Role::Leader {
             memories.clear();
             checkpointed.clear();
+            hooks.abort_all();
             continue;
+        }
+        hooks.tidy(&view.registry);
+        for finished in view
+            .registry
+            .rollouts
+            .values()
+            .filter(|r| !r.hooks.post_pending.is_empty())
+        {
+            if let Some(batch) = post_due(finished) {
+                hooks.start(batch);
+            }
         }
         let now = now_millis();
         shared.metrics().prune(now);
@@ -124,8 +185,16 @@ pub async fn run(shared: Shared, shutdown: CancellationToken) {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .insert(rollout.id.clone(), live);
+            let command = match gate(&rollout, decision) {
+                Some(Step::Propose(command)) => Some(command),
+                Some(Step::Run(batch)) => {
+                    hooks.start(batch);
+                    None
+                }
+                None => None,
+            };
             let Some(command) =
-                decision.or_else(|| checkpoint_due(&rollout, &observation, &mut checkpointed, now))
+                command.or_else(|| checkpoint_due(&rollout, &observation, &mut checkpointed, now))
             else {
                 continue;
             };

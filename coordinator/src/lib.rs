@@ -11,6 +11,7 @@
 //! - [`metrics`]: the leader's soft state of recent agent reports per service and variant.
 //! - [`agents`]: connected agents, their sessions and desired-state pushes.
 //! - [`control`]: the leader's control loop: analysis → decision → proposal.
+//! - [`hooks`]: rollout hooks: what each kind means (pure), the HTTP runner, the leader's hook tasks.
 //! - [`service`]: the gRPC services (agent streams and the operator API).
 //! - [`server`]: wiring of all of the above into a running coordinator.
 //!
@@ -21,6 +22,7 @@
 pub mod agents;
 pub mod analysis;
 pub mod control;
+pub mod hooks;
 pub mod inventory;
 pub mod limits;
 pub mod metrics;

@@ -26,6 +26,25 @@ pub const MAX_STICKY_KEY: usize = 64;
 pub const MAX_OVERRIDE_HEADER: usize = serin_proto::overrides::MAX_NAME_BYTES;
 /// Longest `traffic.override_cookie` of a strategy, in bytes (the rule agents check too).
 pub const MAX_OVERRIDE_COOKIE: usize = serin_proto::overrides::MAX_NAME_BYTES;
+/// Most `[[hooks]]` in one strategy.
+pub const MAX_HOOKS: usize = 16;
+/// Longest hook `url`, in bytes.
+pub const MAX_HOOK_URL: usize = 2048;
+/// Longest hook `timeout` (one attempt): a slow hook only delays its own rollout, but a hook
+/// that may take minutes per attempt holds a stage for longer than any stage is meant to last.
+pub const MAX_HOOK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+/// Most `retries` of a hook (so at most 6 calls per run).
+pub const MAX_HOOK_RETRIES: u32 = 5;
+/// Most `headers` of one hook.
+pub const MAX_HOOK_HEADERS: usize = 16;
+/// Longest hook header name, in bytes.
+pub const MAX_HOOK_HEADER_NAME: usize = 64;
+/// Longest hook header value, in bytes.
+pub const MAX_HOOK_HEADER_VALUE: usize = 1024;
+/// How much of a hook's response body is kept in its event, in characters.
+pub const HOOK_BODY_EXCERPT_CHARS: usize = 200;
+/// How much of a hook's response body is read at most, in bytes (the rest is not waited for).
+pub const HOOK_BODY_READ_BYTES: usize = 4096;
 /// Longest page token of `ListRollouts`, in bytes.
 pub const MAX_PAGE_TOKEN: usize = 256;
 

@@ -21,8 +21,9 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::analysis::{CheckResult, Pair, StageAnalysis, StageVerdict, Verdict, judge_stage};
+use crate::hooks::{HookRun, HookState};
 use crate::limits::{KEEP_FIRST_EVENTS, KEEP_LAST_EVENTS, MAX_EVENT_REASON, cut};
-use crate::strategy::{Severity, Strategy};
+use crate::strategy::{HookOn, Severity, Strategy};
 
 /// Milliseconds since the Unix epoch, as proposed by the leader.
 pub type Millis = i64;
@@ -127,6 +128,8 @@ pub enum Actor {
     Operator(String),
     /// The leader's control loop.
     Controller,
+    /// A hook of the strategy, by name: a failed `pre_*` hook ([`crate::hooks`]).
+    Hook(String),
 }
 
 impl fmt::Display for Actor {
@@ -134,6 +137,7 @@ impl fmt::Display for Actor {
         match self {
             Actor::Operator(name) => write!(f, "operator:{name}"),
             Actor::Controller => f.write_str("controller"),
+            Actor::Hook(name) => write!(f, "hook:{name}"),
         }
     }
 }
@@ -156,8 +160,10 @@ pub enum EventKind {
     Promoted,
     /// Automatically returned to stable.
     RolledBack,
-    /// Returned to stable by an operator.
+    /// Returned to stable by an operator (or by a failed `pre_rollout` hook).
     Aborted,
+    /// A hook ran; the event carries its outcome ([`Event::hook`]).
+    Hook,
 }
 
 /// One entry of a rollout's history.
@@ -175,6 +181,9 @@ pub struct Event {
     pub stage_index: usize,
     /// The canary weight after the event.
     pub canary_weight: u32,
+    /// For [`EventKind::Hook`]: what the hook answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hook: Option<HookRun>,
 }
 
 /// A snapshot of what was measured and decided, committed at each stage end and rollback.
@@ -225,6 +234,9 @@ pub struct Rollout {
     /// The leader's running analysis of the current stage, as last checkpointed.
     #[serde(default)]
     pub checkpoint: Option<Checkpoint>,
+    /// Which hooks are still due ([`crate::hooks`]).
+    #[serde(default)]
+    pub hooks: HookState,
 }
 
 /// The measurements of a stage so far, committed every few seconds so that a new leader (or a
@@ -254,6 +266,8 @@ impl Rollout {
         match self.state {
             RolloutState::Promoted => 100,
             RolloutState::RolledBack | RolloutState::Aborted => 0,
+            // No traffic moves to the canary before its pre_rollout hooks passed.
+            _ if !self.hooks.pre_rollout_pending.is_empty() => 0,
             _ => self.strategy.weight(self.stage_index),
         }
     }
@@ -266,9 +280,14 @@ impl Rollout {
         !self.state.is_terminal()
     }
 
-    /// The reason of the last transition.
+    /// The reason of the last transition (hook runs are not transitions: a post_rollback hook
+    /// does not hide why the rollout rolled back).
     pub fn last_reason(&self) -> &str {
-        self.events.last().map_or("", |e| e.reason.as_str())
+        self.events
+            .iter()
+            .rev()
+            .find(|e| e.kind != EventKind::Hook)
+            .map_or("", |e| e.reason.as_str())
     }
 
     fn keep_evidence(
@@ -289,7 +308,18 @@ impl Rollout {
         }
     }
 
-    fn record(&mut self, at: Millis, kind: EventKind, actor: Actor, reason: String) {
+    pub(crate) fn record(&mut self, at: Millis, kind: EventKind, actor: Actor, reason: String) {
+        self.record_with(at, kind, actor, reason, None);
+    }
+
+    pub(crate) fn record_with(
+        &mut self,
+        at: Millis,
+        kind: EventKind,
+        actor: Actor,
+        reason: String,
+        hook: Option<HookRun>,
+    ) {
         let canary_weight = self.canary_weight();
         if self.events.len() >= KEEP_FIRST_EVENTS + KEEP_LAST_EVENTS {
             // The oldest of the recent events goes; the first ones (the start) stay.
@@ -303,6 +333,7 @@ impl Rollout {
             reason: cut(&reason, MAX_EVENT_REASON),
             stage_index: self.stage_index,
             canary_weight,
+            hook,
         });
     }
 }
@@ -527,6 +558,18 @@ pub enum Command {
         /// When.
         at: Millis,
     },
+    /// A hook ran (after all its attempts); a failed `pre_rollout` hook aborts the rollout and a
+    /// failed `pre_advance` hook pauses it ([`crate::hooks`]).
+    HookRan {
+        /// Rollout.
+        id: RolloutId,
+        /// The stage it ran at (a `pre_advance` result for a stage already left is stale).
+        stage: usize,
+        /// What it answered.
+        run: HookRun,
+        /// When it finished.
+        at: Millis,
+    },
     /// The controller returns traffic to stable.
     RollBack {
         /// Rollout.
@@ -551,6 +594,7 @@ impl Command {
             | Command::Promote { id, .. }
             | Command::Abort { id, .. }
             | Command::Checkpoint { id, .. }
+            | Command::HookRan { id, .. }
             | Command::RollBack { id, .. } => Some(id),
             Command::SetUpstreams { .. } | Command::Undo { .. } => None,
         }
@@ -566,6 +610,7 @@ impl Command {
             Command::Promote { .. } => "promote",
             Command::Abort { .. } => "abort",
             Command::Checkpoint { .. } => "checkpoint",
+            Command::HookRan { .. } => "record a hook run of",
             Command::RollBack { .. } => "roll back",
             Command::SetUpstreams { .. } => "set upstreams",
             Command::Undo { .. } => "undo",
@@ -617,6 +662,25 @@ pub enum Rejection {
         current: usize,
         /// What the proposal assumed.
         proposed: usize,
+    },
+    /// A hook result for a hook the strategy does not have.
+    #[error("rollout '{id}' has no hook named '{hook}'")]
+    UnknownHook {
+        /// Rollout.
+        id: RolloutId,
+        /// The hook's name.
+        hook: String,
+    },
+    /// A hook result that is no longer awaited (it already passed, or the rollout moved on):
+    /// the second report of an at-least-once run.
+    #[error("rollout '{id}' is not waiting for {on} hook '{hook}'")]
+    HookNotDue {
+        /// Rollout.
+        id: RolloutId,
+        /// The hook's name.
+        hook: String,
+        /// When it runs.
+        on: HookOn,
     },
     /// A start for a service with no known stable version and none given.
     #[error("service '{0}' has no stable version yet: pass --stable-version")]
@@ -693,6 +757,9 @@ impl Registry {
         if let Command::Start { .. } = command {
             return self.start(command, generation);
         }
+        if let Command::HookRan { id, stage, run, at } = command {
+            return self.hook_ran(id, stage, run, at, generation);
+        }
         if let Command::SetUpstreams {
             service,
             members,
@@ -732,7 +799,10 @@ impl Registry {
         let weight_before = rollout.canary_weight();
         let state_before = rollout.state;
         match command {
-            Command::Start { .. } | Command::SetUpstreams { .. } | Command::Undo { .. } => {
+            Command::Start { .. }
+            | Command::SetUpstreams { .. }
+            | Command::Undo { .. }
+            | Command::HookRan { .. } => {
                 unreachable!("handled above")
             }
             Command::StagePassed {
@@ -851,6 +921,9 @@ impl Registry {
             }
         }
         let state = rollout.state;
+        if state.is_terminal() {
+            rollout.hooks.finished(&rollout.strategy, state);
+        }
         let traffic_changed = rollout.canary_weight() != weight_before || state != state_before;
         let (service_name, version, promoted_at) = (
             rollout.service.clone(),
@@ -998,6 +1071,7 @@ impl Registry {
         record.latest = Some(id.clone());
         record.generation = generation;
         let stages = strategy.stages.len();
+        let hook_state = HookState::started(&strategy);
         let mut rollout = Rollout {
             id: id.clone(),
             service,
@@ -1012,8 +1086,15 @@ impl Registry {
             events_dropped: 0,
             evidence: Vec::new(),
             checkpoint: None,
+            hooks: hook_state,
         };
-        let reason = format!("rolling out {version} in {stages} stages");
+        let mut reason = format!("rolling out {version} in {stages} stages");
+        if !rollout.hooks.pre_rollout_pending.is_empty() {
+            reason.push_str(&format!(
+                "; the canary gets no traffic until its pre_rollout hooks pass: {}",
+                rollout.hooks.pre_rollout_pending.join(", ")
+            ));
+        }
         rollout.record(at, EventKind::Started, actor, reason);
         self.rollouts.insert(id.clone(), rollout);
         Ok(Applied {

@@ -230,6 +230,7 @@ fn events_to_proto(rollout: &Rollout) -> Vec<v1::RolloutEvent> {
             reason: e.reason.clone(),
             stage_index: e.stage_index as u32,
             canary_weight: e.canary_weight,
+            hook: e.hook.as_ref().map(hook_outcome),
         })
         .collect();
     if rollout.events_dropped > 0 && events.len() > KEEP_FIRST_EVENTS {
@@ -244,10 +245,25 @@ fn events_to_proto(rollout: &Rollout) -> Vec<v1::RolloutEvent> {
             ),
             stage_index: before.stage_index,
             canary_weight: before.canary_weight,
+            hook: None,
         };
         events.insert(KEEP_FIRST_EVENTS, marker);
     }
     events
+}
+
+/// A hook run on the wire.
+fn hook_outcome(run: &crate::hooks::HookRun) -> v1::HookOutcome {
+    v1::HookOutcome {
+        name: run.name.clone(),
+        on: run.on.name().to_owned(),
+        attempts: run.attempts,
+        status: run.status.map_or(0, u32::from),
+        error: run.error.clone().unwrap_or_default(),
+        body: run.body.clone(),
+        duration_ms: run.duration_ms,
+        passed: run.passed(),
+    }
 }
 
 /// Converts a rollout (and the leader's live view of it) to its wire form.

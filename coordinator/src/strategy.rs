@@ -14,6 +14,9 @@ use crate::limits::{
     TooLong, check_len,
 };
 
+mod hook;
+pub use hook::{DEFAULT_HOOK_RETRIES, DEFAULT_HOOK_TIMEOUT, Hook, HookOn};
+
 /// Default minimum observation time of a stage.
 pub const DEFAULT_MIN_DURATION: Duration = Duration::from_secs(60);
 /// Default number of requests each variant must serve in a stage before a check can pass.
@@ -36,6 +39,9 @@ pub struct Strategy {
     pub triggers: Vec<Trigger>,
     /// How the weight becomes real on the load balancer.
     pub traffic: Traffic,
+    /// HTTP webhooks around the rollout's transitions, in file order ([`crate::hooks`]).
+    #[serde(default)]
+    pub hooks: Vec<Hook>,
 }
 
 /// One step of a rollout.
@@ -241,6 +247,8 @@ struct RawStrategy {
     triggers: Vec<RawTrigger>,
     #[serde(default)]
     traffic: RawTraffic,
+    #[serde(default)]
+    hooks: Vec<hook::RawHook>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -492,6 +500,8 @@ impl Strategy {
             }
         }
 
+        let hooks = hook::validate_hooks(&raw.hooks, &mut p);
+
         if p.0.is_empty() {
             Ok(Strategy {
                 stages,
@@ -502,6 +512,7 @@ impl Strategy {
                     override_header: raw.traffic.override_header,
                     override_cookie: raw.traffic.override_cookie,
                 },
+                hooks,
             })
         } else {
             Err(StrategyError::Invalid(p.0))
@@ -511,6 +522,16 @@ impl Strategy {
     /// The canary weight of stage `index` (0 when out of range).
     pub fn weight(&self, index: usize) -> u32 {
         self.stages.get(index).map_or(0, |s| s.weight)
+    }
+
+    /// The hooks that run `on`, in file order.
+    pub fn hooks_on(&self, on: HookOn) -> impl Iterator<Item = &Hook> {
+        self.hooks.iter().filter(move |h| h.on == on)
+    }
+
+    /// The hook named `name`, if the strategy has one.
+    pub fn hook(&self, name: &str) -> Option<&Hook> {
+        self.hooks.iter().find(|h| h.name == name)
     }
 
     /// The longest trigger window, which bounds how much recent data the analysis keeps.

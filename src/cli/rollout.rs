@@ -13,8 +13,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde_json::{Value, json};
 use serin_proto::v1::control_service_client::ControlServiceClient;
 use serin_proto::v1::{
-    ApplyProgress, GetRolloutRequest, ListRolloutsRequest, Rollout, RolloutReply, RolloutSummary,
-    StartRolloutRequest, SteerAction, SteerRolloutRequest, TriggerOutcome, VariantStats,
+    ApplyProgress, GetRolloutRequest, HookOutcome, ListRolloutsRequest, Rollout, RolloutEvent,
+    RolloutReply, RolloutSummary, StartRolloutRequest, SteerAction, SteerRolloutRequest,
+    TriggerOutcome, VariantStats,
 };
 use tonic::Code;
 use tonic::transport::Channel;
@@ -860,6 +861,7 @@ pub fn render_status(r: &Rollout, now_ms: i64) -> String {
         None => {}
     }
 
+    out.push_str(&render_hooks(r));
     out.push_str("\nevents\n");
     if r.events.is_empty() {
         out.push_str("  none\n");
@@ -1054,6 +1056,77 @@ pub fn summary_json(r: &RolloutSummary) -> Value {
     })
 }
 
+/// A hook run as JSON: `status` and `error` are `null` when absent.
+fn hook_json(h: &HookOutcome) -> Value {
+    json!({
+        "name": h.name,
+        "on": h.on,
+        "passed": h.passed,
+        "attempts": h.attempts,
+        "status": (h.status > 0).then_some(h.status),
+        "error": (!h.error.is_empty()).then(|| h.error.clone()),
+        "body": h.body,
+        "duration_ms": h.duration_ms,
+    })
+}
+
+/// `12ms`, `1.5s`, `2m 3s`: a hook's time with the precision that matters.
+fn took(ms: u64) -> String {
+    match ms {
+        0..1_000 => format!("{ms}ms"),
+        1_000..60_000 => format!("{:.1}s", ms as f64 / 1000.0),
+        _ => short_duration(ms as i64),
+    }
+}
+
+/// The hook runs of a rollout's history, oldest first, as a table (empty without any).
+fn render_hooks(r: &Rollout) -> String {
+    let runs: Vec<(&RolloutEvent, &HookOutcome)> = r
+        .events
+        .iter()
+        .filter_map(|e| e.hook.as_ref().map(|h| (e, h)))
+        .collect();
+    if runs.is_empty() {
+        return String::new();
+    }
+    let mut table = Table::new(&[
+        "TIME (UTC)",
+        "HOOK",
+        "ON",
+        "STAGE",
+        "RESULT",
+        "ANSWER",
+        "ATTEMPTS",
+        "TOOK",
+        "BODY",
+    ])
+    .right(&[6]);
+    for (e, h) in runs {
+        table.row(vec![
+            clock_utc(e.at_ms),
+            h.name.clone(),
+            h.on.clone(),
+            format!("{}/{}", e.stage_index + 1, r.stage_count),
+            if h.passed { "passed" } else { "FAILED" }.into(),
+            if h.status > 0 {
+                format!("HTTP {}", h.status)
+            } else if h.error.is_empty() {
+                "-".into()
+            } else {
+                one_line(&h.error, 60)
+            },
+            h.attempts.to_string(),
+            took(h.duration_ms),
+            if h.body.is_empty() {
+                "-".into()
+            } else {
+                one_line(&h.body, 80)
+            },
+        ]);
+    }
+    format!("\nhooks\n{}", table.render("  "))
+}
+
 /// A rollout as a JSON object (`--json`). `stage_index` is 0-based as on the wire; `detail` is
 /// the coordinator's full record when it sent one (kept as a string if it is not valid JSON).
 pub fn rollout_json(r: &Rollout) -> Value {
@@ -1061,14 +1134,18 @@ pub fn rollout_json(r: &Rollout) -> Value {
         .events
         .iter()
         .map(|e| {
-            json!({
+            let mut event = json!({
                 "at_ms": e.at_ms,
                 "kind": e.kind,
                 "actor": e.actor,
                 "reason": e.reason,
                 "stage_index": e.stage_index,
                 "canary_weight": e.canary_weight,
-            })
+            });
+            if let Some(h) = &e.hook {
+                event["hook"] = hook_json(h);
+            }
+            event
         })
         .collect();
     let live = match &r.live {
@@ -1164,6 +1241,7 @@ mod tests {
                     reason: "release 1.5.0".into(),
                     stage_index: 0,
                     canary_weight: 1,
+                    hook: None,
                 },
                 RolloutEvent {
                     at_ms: T0 + 60_000,
@@ -1172,6 +1250,7 @@ mod tests {
                     reason: "stage 1 passed: all 2 checks pass".into(),
                     stage_index: 1,
                     canary_weight: 5,
+                    hook: None,
                 },
             ],
             live: Some(LiveAnalysis {
@@ -1297,6 +1376,96 @@ mod tests {
             T0 + 154_000
         );
         assert_eq!(json["live"]["triggers"][0]["grace_ms"], Value::Null);
+    }
+
+    #[test]
+    fn status_shows_hook_runs_in_a_table_and_in_json() {
+        let mut r = sample();
+        r.state = "paused".into();
+        r.last_reason = "holding stage 2 (5%): pre_advance hook 'smoke' failed: HTTP 500".into();
+        r.events.push(RolloutEvent {
+            at_ms: T0 + 120_000,
+            kind: "hook".into(),
+            actor: "hook:smoke".into(),
+            reason: "pre_advance hook 'smoke' failed: HTTP 500 in 1.5s (3 attempts)".into(),
+            stage_index: 1,
+            canary_weight: 5,
+            hook: Some(HookOutcome {
+                name: "smoke".into(),
+                on: "pre_advance".into(),
+                attempts: 3,
+                status: 500,
+                error: String::new(),
+                body: "smoke failed: orders table missing".into(),
+                duration_ms: 1_520,
+                passed: false,
+            }),
+        });
+        r.events.push(RolloutEvent {
+            at_ms: T0 + 121_000,
+            kind: "hook".into(),
+            actor: "hook:tell-chat".into(),
+            reason: "post_promote hook 'tell-chat' failed".into(),
+            stage_index: 1,
+            canary_weight: 5,
+            hook: Some(HookOutcome {
+                name: "tell-chat".into(),
+                on: "post_promote".into(),
+                attempts: 1,
+                status: 0,
+                error: "no answer within the timeout of 5s".into(),
+                body: String::new(),
+                duration_ms: 5_004,
+                passed: false,
+            }),
+        });
+        let text = render_status(&r, T0 + 184_000);
+        let section = text
+            .split("\nhooks\n")
+            .nth(1)
+            .and_then(|rest| rest.split("\nevents\n").next())
+            .unwrap_or_else(|| panic!("no hooks section before the events:\n{text}"));
+        let lines: Vec<&str> = section.lines().collect();
+        assert_eq!(lines.len(), 3, "{section}");
+        assert!(
+            lines[0].contains("HOOK") && lines[0].contains("ATTEMPTS"),
+            "{section}"
+        );
+        for needle in [
+            "smoke",
+            "pre_advance",
+            "2/4",
+            "FAILED",
+            "HTTP 500",
+            "1.5s",
+            "orders table missing",
+        ] {
+            assert!(lines[1].contains(needle), "{needle}: {}", lines[1]);
+        }
+        assert!(
+            lines[2].contains("no answer within the timeout of 5s"),
+            "{}",
+            lines[2]
+        );
+        assert!(
+            text.contains("hook:smoke"),
+            "the event names the hook as actor:\n{text}"
+        );
+
+        let json = rollout_json(&r);
+        let hook = &json["events"][2]["hook"];
+        assert_eq!(hook["name"], "smoke");
+        assert_eq!(hook["passed"], false);
+        assert_eq!(hook["status"], 500);
+        assert_eq!(hook["error"], Value::Null);
+        assert_eq!(hook["attempts"], 3);
+        assert_eq!(json["events"][3]["hook"]["status"], Value::Null);
+        assert!(
+            json["events"][0].get("hook").is_none(),
+            "only hook events carry one"
+        );
+        // Without hook runs there is no hooks section.
+        assert!(!render_status(&sample(), T0).contains("\nhooks\n"));
     }
 
     #[test]

@@ -135,20 +135,34 @@ pub fn check_outcome(name: &str, text: &str, json: bool) -> CheckOutcome {
     }
 }
 
-/// `4 stages: 1% → 5% → 50% → 100%, 2 checks, 1 trigger`.
+/// `4 stages: 1% → 5% → 50% → 100%, 2 checks, 1 trigger`, then the hooks if there are any
+/// (`, 1 hook: smoke (pre_advance)`).
 fn summary(s: &Strategy) -> String {
     let weights: Vec<String> = s
         .stages
         .iter()
         .map(|st| format!("{}%", st.weight))
         .collect();
-    format!(
+    let mut text = format!(
         "{}: {}, {}, {}",
         plural(s.stages.len(), "stage"),
         weights.join(" → "),
         plural(s.checks.len(), "check"),
         plural(s.triggers.len(), "trigger"),
-    )
+    );
+    if !s.hooks.is_empty() {
+        let hooks: Vec<String> = s
+            .hooks
+            .iter()
+            .map(|h| format!("{} ({})", h.name, h.on))
+            .collect();
+        text.push_str(&format!(
+            ", {}: {}",
+            plural(s.hooks.len(), "hook"),
+            hooks.join(", ")
+        ));
+    }
+    text
 }
 
 #[cfg(test)]
@@ -186,6 +200,25 @@ max = 0.2
         assert_eq!(
             check_strategy_text("canary.toml", VALID),
             Ok("canary.toml: valid (3 stages: 1% → 5% → 100%, 2 checks, 1 trigger)".to_owned())
+        );
+    }
+
+    #[test]
+    fn hooks_are_listed_in_the_summary() {
+        let text = format!(
+            "{VALID}\n[[hooks]]\non = \"pre_advance\"\nurl = \"http://smoke/\"\n\
+             [[hooks]]\nname = \"chat\"\non = \"post_promote\"\nurl = \"http://chat/\"\n"
+        );
+        assert_eq!(
+            check_strategy_text("canary.toml", &text),
+            Ok("canary.toml: valid (3 stages: 1% → 5% → 100%, 2 checks, 1 trigger, 2 hooks: pre_advance (pre_advance), chat (post_promote))".to_owned())
+        );
+        let bad = format!("{VALID}\n[[hooks]]\non = \"pre_advance\"\nurl = \"https://smoke/\"\n");
+        let problems = check_strategy_text("canary.toml", &bad).unwrap_err();
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0].starts_with("canary.toml: hooks[0].url: https hooks are not supported yet"),
+            "{problems:?}"
         );
     }
 

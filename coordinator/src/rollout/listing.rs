@@ -123,6 +123,7 @@ mod tests {
             checks: vec![],
             triggers: vec![],
             traffic: Traffic::default(),
+            hooks: Vec::new(),
         }
     }
 

@@ -28,6 +28,7 @@ fn strategy(weights: &[u32]) -> Strategy {
         }],
         triggers: vec![],
         traffic: Traffic::default(),
+        hooks: Vec::new(),
     }
 }
 

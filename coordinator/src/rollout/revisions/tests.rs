@@ -22,6 +22,7 @@ fn strategy() -> Strategy {
         checks: vec![],
         triggers: vec![],
         traffic: Traffic::default(),
+        hooks: Vec::new(),
     }
 }
 
