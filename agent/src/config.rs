@@ -26,6 +26,13 @@
 //! config = "/etc/nginx/nginx.conf"
 //! site = "/etc/nginx/conf.d/serin.conf"
 //! services = [{ service = "api", listen = "0.0.0.0:80" }]
+//!
+//! # Or HAProxy instead (at most one balancer section), driven over its runtime API:
+//! # [haproxy]
+//! # config = "/etc/haproxy/serin.cfg"          # rendered and owned by serin
+//! # socket = "/run/haproxy/serin-admin.sock"   # admin socket, rendered into the config
+//! # master_socket = "/run/haproxy/master.sock" # haproxy -W -S <this> -f <config>
+//! # services = [{ service = "api", listen = "0.0.0.0:80" }]   # algorithm = "roundrobin"
 //! ```
 
 use std::collections::{BTreeMap, HashMap};
@@ -36,6 +43,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::collect::MetricNames;
+use crate::haproxy::HaproxySettings;
 use crate::nginx::NginxSettings;
 use crate::traffic::{Server, Upstreams, Variant};
 
@@ -63,8 +71,10 @@ pub struct AgentConfig {
     pub labels: BTreeMap<String, String>,
     /// The local app instances this agent watches (names unique).
     pub instances: Vec<InstanceConfig>,
-    /// The local nginx, when this host balances traffic.
+    /// The local nginx, when this host balances traffic with nginx.
     pub nginx: Option<NginxSettings>,
+    /// The local HAProxy, when this host balances traffic with HAProxy (never both).
+    pub haproxy: Option<HaproxySettings>,
 }
 
 /// One local app instance.
@@ -186,6 +196,7 @@ struct RawConfig {
     #[serde(default)]
     instances: Vec<RawInstance>,
     nginx: Option<NginxSettings>,
+    haproxy: Option<HaproxySettings>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -234,18 +245,23 @@ impl AgentConfig {
         Self::from_toml_with(&text, overrides).map_err(|e| e.with_path(path))
     }
 
-    /// Whether this agent has nothing to do: no instances to report on and no nginx to
+    /// Whether this agent has nothing to do: no instances to report on and no balancer to
     /// steer. Valid (a host being set up), but worth a warning at start.
     pub fn does_nothing(&self) -> bool {
-        self.instances.is_empty() && self.nginx.is_none()
+        self.instances.is_empty() && self.nginx.is_none() && self.haproxy.is_none()
     }
 
-    /// The services this agent's nginx carries (empty without `[nginx]`).
+    /// The services this agent's balancer (nginx or HAProxy) carries (empty without one).
     pub fn balancer_services(&self) -> Vec<String> {
-        self.nginx
+        let nginx = self
+            .nginx
             .iter()
-            .flat_map(|n| n.services.iter().map(|s| s.service.clone()))
-            .collect()
+            .flat_map(|n| n.services.iter().map(|s| s.service.clone()));
+        let haproxy = self
+            .haproxy
+            .iter()
+            .flat_map(|h| h.services.iter().map(|s| s.service.clone()));
+        nginx.chain(haproxy).collect()
     }
 
     /// The upstream servers of each service, from this agent's own `[[instances]]` in file
@@ -455,25 +471,55 @@ fn validate(raw: RawConfig) -> Result<AgentConfig, ConfigError> {
     }
 
     let instances_ok = p.0.len() == problems_before_instances;
-    if let Some(nginx) = &raw.nginx {
-        for (i, svc) in nginx.services.iter().enumerate() {
-            // No local instance is fine: the coordinator's inventory sends the servers (nginx
-            // answers 503 until it does). Local ones must include a stable one.
-            let mut local = instances.iter().filter(|inst| inst.service == svc.service);
-            let all_canary =
-                local.clone().next().is_some() && local.all(|inst| inst.variant == Variant::Canary);
-            // Only meaningful once every instance is valid; otherwise the cause is reported above.
-            if all_canary && instances_ok {
-                p.add(
+    if raw.nginx.is_some() && raw.haproxy.is_some() {
+        p.add(
+            "haproxy",
+            "an agent drives one balancer: keep either [nginx] or [haproxy], not both",
+        );
+    }
+    if let Some(haproxy) = &raw.haproxy {
+        for (field, reason) in haproxy.problems() {
+            p.add(field, reason);
+        }
+    }
+    let balanced: Vec<(String, &str, &str)> = raw
+        .nginx
+        .iter()
+        .flat_map(|n| {
+            n.services.iter().enumerate().map(|(i, s)| {
+                (
                     format!("nginx.services[{i}].service"),
-                    format!(
-                        "the [[instances]] of service {:?} are all canary; nginx needs a stable \
-                         one to send traffic to (or declare none, and the coordinator sends the \
-                         servers)",
-                        svc.service
-                    ),
-                );
-            }
+                    s.service.as_str(),
+                    "nginx",
+                )
+            })
+        })
+        .chain(raw.haproxy.iter().flat_map(|h| {
+            h.services.iter().enumerate().map(|(i, s)| {
+                (
+                    format!("haproxy.services[{i}].service"),
+                    s.service.as_str(),
+                    "HAProxy",
+                )
+            })
+        }))
+        .collect();
+    for (field, service, balancer) in balanced {
+        // No local instance is fine: the coordinator's inventory sends the servers (the
+        // balancer answers 503 until it does). Local ones must include a stable one.
+        let mut local = instances.iter().filter(|inst| inst.service == service);
+        let all_canary =
+            local.clone().next().is_some() && local.all(|inst| inst.variant == Variant::Canary);
+        // Only meaningful once every instance is valid; otherwise the cause is reported above.
+        if all_canary && instances_ok {
+            p.add(
+                field,
+                format!(
+                    "the [[instances]] of service {service:?} are all canary; {balancer} needs a \
+                     stable one to send traffic to (or declare none, and the coordinator sends \
+                     the servers)"
+                ),
+            );
         }
     }
 
@@ -487,6 +533,7 @@ fn validate(raw: RawConfig) -> Result<AgentConfig, ConfigError> {
             labels: raw.labels,
             instances,
             nginx: raw.nginx,
+            haproxy: raw.haproxy,
         }),
         _ => Err(ConfigError::Invalid {
             path: None,
