@@ -872,6 +872,56 @@ mod tests {
         .unwrap();
     }
 
+    const HAPROXY_WEB: &str = r#"
+        [haproxy]
+        config = "/etc/haproxy/serin.cfg"
+        socket = "/run/haproxy/serin.sock"
+        master_socket = "/run/haproxy/master.sock"
+        services = [{ service = "web", listen = "0.0.0.0:80" }]
+    "#;
+
+    #[test]
+    fn an_haproxy_balancer_carries_its_services() {
+        let c = AgentConfig::from_toml(&format!("{MINIMAL}\n{HAPROXY_WEB}")).unwrap();
+        assert!(c.nginx.is_none());
+        let haproxy = c.haproxy.as_ref().expect("[haproxy]");
+        assert_eq!(haproxy.slots, 8);
+        assert_eq!(c.balancer_services(), ["web"]);
+        assert!(!c.does_nothing());
+    }
+
+    #[test]
+    fn nginx_and_haproxy_together_are_refused() {
+        assert_single_error(
+            &format!("{MINIMAL}\n{NGINX_WEB_AND_API}\n{HAPROXY_WEB}"),
+            "haproxy: an agent drives one balancer: keep either [nginx] or [haproxy], not both",
+        );
+    }
+
+    #[test]
+    fn haproxy_problems_are_named_by_their_field_paths() {
+        let text = format!(
+            "{MINIMAL}\n{STABLE_INSTANCE}\n{CANARY_INSTANCE}\n[haproxy]\nconfig = \"serin.cfg\"\n\
+             socket = \"/s\"\nmaster_socket = \"/m\"\nservices = [\n\
+             {{ service = \"web\", listen = \"0.0.0.0:80\", algorithm = \"source\" }},\n\
+             {{ service = \"api\", listen = \"0.0.0.0:81\" }},\n]\n"
+        );
+        assert_eq!(
+            errors_of(&text),
+            vec![
+                "haproxy.config: must be an absolute path, got 'serin.cfg'".to_owned(),
+                "haproxy.services[0].algorithm: backend serin_web: \"source\" is hash-based: it \
+                 pins clients to servers by hash and ignores runtime weight changes, so a canary \
+                 share cannot be set; use roundrobin, leastconn or random"
+                    .to_owned(),
+                "haproxy.services[1].service: the [[instances]] of service \"api\" are all \
+                 canary; HAProxy needs a stable one to send traffic to (or declare none, and the \
+                 coordinator sends the servers)"
+                    .to_owned(),
+            ]
+        );
+    }
+
     #[test]
     fn all_problems_are_reported_one_per_line() {
         let err = AgentConfig::from_toml("name = \"\"\ninterval = \"1ms\"").unwrap_err();
