@@ -33,12 +33,14 @@
 //! **Reloads** happen only for structural changes: the first apply after the agent starts
 //! (it cannot know what the running HAProxy was started from), a new or changed service, a
 //! listen or algorithm change, more servers than slots, or a running HAProxy that lacks a
-//! backend. The file is checked with `haproxy -c` before it replaces the live one, then
+//! backend. The file is checked with `haproxy -c` before it replaces the live one (only for
+//! these: `-c` takes ~100 ms, and a rewrite of server lines from parsed IPs and bounded
+//! weights within a checked structure cannot break it), then
 //! `reload` goes to the master CLI socket; the reload counts once a new worker (another
 //! `Pid` in `show info`) answers the admin socket with every backend's slots. On any failure
 //! the previous file is put back.
 //!
-//! **Restarts.** The file is rewritten (checked, without a reload) on every change, so an
+//! **Restarts.** The file is rewritten (without a reload) on every change, so an
 //! HAProxy restarted from it comes back with the current traffic. Whatever it comes back
 //! with, every apply compares the live slots with the wanted ones and sends only the
 //! difference, and the runtime's applier re-applies the last applied state every
@@ -287,8 +289,9 @@ impl HaproxyActuator {
     }
 
     /// Makes `plans` live: runtime commands when the structure is unchanged, else a checked
-    /// config and a reload. The config file is rewritten (checked) whenever it differs from
-    /// the wanted slots.
+    /// config and a reload. The config file is rewritten whenever it differs from the wanted
+    /// slots (checked with `haproxy -c` when the structure changed; a rewrite of server lines
+    /// only is not, see the module doc).
     pub async fn apply_services(&mut self, plans: &[ServicePlan]) -> Result<Applied, HaproxyError> {
         let started = Instant::now();
         let info = self.api.process().await?;
@@ -366,7 +369,10 @@ impl HaproxyActuator {
             .sum();
         let on_disk = read_optional(&self.settings.config).await?;
         if on_disk.as_deref() != Some(text.as_bytes()) {
-            self.write_checked(&text).await?;
+            // Only server lines differ from the structure checked at the last reload, and
+            // they are rendered from parsed IPs and bounded weights: no `haproxy -c` (it
+            // costs ~100 ms, most of a weight change).
+            self.write_unchecked(&text).await?;
         }
         if planned == 0 {
             return Ok(Applied::Unchanged);
@@ -423,6 +429,20 @@ impl HaproxyActuator {
             let _ = tokio::fs::remove_file(&tmp).await;
         }
         result
+    }
+
+    /// Writes a temporary file beside the config and renames it over the config.
+    async fn write_unchecked(&self, text: &str) -> Result<(), HaproxyError> {
+        let config = &self.settings.config;
+        let tmp = temp_path(config);
+        write_synced(&tmp, text.as_bytes()).await?;
+        let renamed = tokio::fs::rename(&tmp, config)
+            .await
+            .map_err(|e| HaproxyError::io("rename a temporary file over", config, e));
+        if renamed.is_err() {
+            let _ = tokio::fs::remove_file(&tmp).await;
+        }
+        renamed
     }
 
     async fn restore(&self, previous: Option<&[u8]>) {
