@@ -4,7 +4,8 @@
 //! (a keep-alive client and a connection-per-request client) during a rollout that goes
 //! through three stages to promotion: not one request fails, HAProxy is never reloaded for
 //! the weight changes, and the split measured through it at the 50% stage lies within a
-//! binomial tolerance.
+//! binomial tolerance. Before the rollout, HAProxy is killed and restarted from a config
+//! without the service, and a weight is changed by hand: the balancer agent puts both back.
 //!
 //! Needs root, iproute2 and haproxy (CI installs them); without them the test fails naming
 //! what is missing.
@@ -109,7 +110,7 @@ async fn live_weights(api: &RuntimeApi, canary: &str, hosts: usize) -> Option<(V
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn haproxy_fed_by_the_inventory_promotes_a_canary_through_three_stages_without_a_failed_request()
+async fn haproxy_fed_by_the_inventory_is_put_back_after_a_restart_and_promotes_a_canary_through_three_stages_without_a_failed_request()
  {
     let haproxy_binary =
         find_haproxy().expect("haproxy not found (apt-get install -y haproxy; .ci/run does)");
@@ -163,7 +164,8 @@ async fn haproxy_fed_by_the_inventory_promotes_a_canary_through_three_stages_wit
 
     // The balancer host: the root namespace, with a private HAProxy and an agent that
     // declares only the service it carries.
-    let haproxy = LocalHaproxy::start(&fleet.dir().join("lb-haproxy"), &haproxy_binary)
+    let haproxy_dir = fleet.dir().join("lb-haproxy");
+    let mut haproxy = LocalHaproxy::start(&haproxy_dir, &haproxy_binary)
         .await
         .expect("haproxy starts");
     let listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
@@ -200,7 +202,7 @@ async fn haproxy_fed_by_the_inventory_promotes_a_canary_through_three_stages_wit
             fleet.diagnostics(),
             common::tail(&coordinator.log, 30),
             common::tail(&lb.log, 40),
-            haproxy.log_tail()
+            common::tail(&haproxy_dir.join("haproxy.log"), 15)
         )
     };
     let api = haproxy.api();
@@ -212,6 +214,43 @@ async fn haproxy_fed_by_the_inventory_promotes_a_canary_through_three_stages_wit
         diagnostics,
     )
     .await;
+
+    // HAProxy killed and restarted from a config without the service (a reinstall, say):
+    // the balancer agent notices within its resync interval and puts the backend back.
+    let empty = std::fs::read_to_string(haproxy_dir.join("haproxy.cfg"))
+        .expect("the rendered config")
+        .split("\n# service")
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    haproxy.stop().await;
+    std::fs::write(haproxy_dir.join("haproxy.cfg"), empty).expect("writing the older config");
+    haproxy = LocalHaproxy::start(&haproxy_dir, &haproxy_binary)
+        .await
+        .expect("haproxy restarts");
+    assert!(
+        api.servers_state("serin_web").await.is_err(),
+        "the restarted HAProxy has no serin_web yet"
+    );
+    wait_for(
+        Duration::from_secs(20),
+        "the balancer agent to put the service back into the restarted HAProxy",
+        async || live_weights(&api, &canary_addr, 3).await == Some((vec![1, 1], 0)),
+        diagnostics,
+    )
+    .await;
+    // And a weight changed by hand is put back.
+    api.set("set server serin_web/slot0 weight 7")
+        .await
+        .expect("set weight by hand");
+    wait_for(
+        Duration::from_secs(20),
+        "the balancer agent to put back a weight changed by hand",
+        async || live_weights(&api, &canary_addr, 3).await == Some((vec![1, 1], 0)),
+        diagnostics,
+    )
+    .await;
+
     let url = format!("http://{listen}/");
     let before = common::burst(&url, 40, 2).await;
     assert_eq!(before.of("v1"), 40, "{before:?}\n{}", diagnostics());
