@@ -891,6 +891,26 @@ mod tests {
     }
 
     #[test]
+    fn the_deploy_example_is_valid_with_nginx_and_with_its_haproxy_block_instead() {
+        let example = include_str!("../../deploy/agent.toml");
+        let c = AgentConfig::from_toml(example).expect("deploy/agent.toml as shipped");
+        assert!(c.nginx.is_some() && c.haproxy.is_none());
+        let (head, _) = example.split_once("\n[nginx]").expect("an [nginx] section");
+        let (_, haproxy) = example
+            .split_once("\n# [haproxy]")
+            .expect("a commented [haproxy] section");
+        let uncommented: String = format!("# [haproxy]{haproxy}")
+            .lines()
+            .map(|l| l.strip_prefix("# ").unwrap_or(l))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let c = AgentConfig::from_toml(&format!("{head}\n{uncommented}"))
+            .expect("deploy/agent.toml with [haproxy] instead of [nginx]");
+        assert!(c.nginx.is_none());
+        assert_eq!(c.balancer_services(), ["api"]);
+    }
+
+    #[test]
     fn nginx_and_haproxy_together_are_refused() {
         assert_single_error(
             &format!("{MINIMAL}\n{NGINX_WEB_AND_API}\n{HAPROXY_WEB}"),
