@@ -48,6 +48,12 @@
 //! older file, or weights changed by hand, are put back within one interval. A pid change
 //! the actuator did not cause is logged as a restart.
 //!
+//! **Failures.** Refusals (a weight above 100, a sticky split, a variant with traffic and no
+//! server, a server that is not `IP:port`) happen before anything is touched, so the previous
+//! traffic stays live. A runtime command HAProxy refuses halfway (it should not: every value
+//! is checked first) leaves the slots partly changed and the file already rewritten; the
+//! apply fails, and its retry (or the next resync) plans again from what is live.
+//!
 //! **Algorithms** that ignore runtime weights (`static-rr`, `first`, and the hash-based
 //! `source`, `uri`, `url_param`, `hdr()`, `rdp-cookie()`, `hash`) are refused at config load
 //! with the backend and the algorithm named, since serin renders the backends itself.
