@@ -2,8 +2,8 @@
 # Builds what the benchmarks need and runs both (see docs/benchmarks.md).
 #   bash benches/run.sh [OUT_DIR]      # default OUT_DIR: /tmp/serin-bench-results
 # Needs: cargo, python3 (3.9+, standard library only), nginx, curl, /usr/bin/time,
-# /usr/bin/prometheus-node-exporter (apt-get install -y nginx-light curl time
-# prometheus-node-exporter). Takes about 12 minutes on 2 cores (builds mostly cached).
+# /usr/bin/prometheus-node-exporter, haproxy and wrk (apt-get install -y nginx-light curl time
+# prometheus-node-exporter haproxy wrk). Takes about 12 minutes on 2 cores (builds mostly cached).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-/tmp/serin-bench-results}
@@ -28,4 +28,7 @@ echo "== rollback latency" >&2
 python3 benches/rollback.py --runs 10 --json "$out/rollback.json" | tee "$out/rollback.md"
 echo "== rollback latency, canary at 50% errors" >&2
 python3 benches/rollback.py --runs 10 --error-rate 0.5 --json "$out/rollback-0.5.json" | tee "$out/rollback-0.5.md"
+echo "== failed requests during 100 weight changes: HAProxy and nginx" >&2
+cargo build --release --example weight_changes
+target/release/examples/weight_changes --runs 3 --changes 100 | tee "$out/weight-changes.md"
 echo "results in $out" >&2

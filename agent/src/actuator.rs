@@ -41,6 +41,14 @@ pub trait TrafficActuator: Send + 'static {
         desired: &DesiredState,
         upstreams: &Upstreams,
     ) -> impl Future<Output = Result<ActuatorOutcome, ActuatorFailure>> + Send;
+
+    /// How often the runtime re-applies the last applied desired state, for an actuator
+    /// whose live traffic can drift without serin (HAProxy's runtime weights are lost when
+    /// it restarts): `None` (the default) re-applies only when a new state arrives. A
+    /// re-apply of unchanged traffic must be [`ActuatorOutcome::Unchanged`] and cheap.
+    fn resync_interval(&self) -> Option<Duration> {
+        None
+    }
 }
 
 /// Outcome of a successful [`TrafficActuator::apply`].
@@ -105,9 +113,16 @@ pub(crate) mod fake {
         /// When set, only this many more calls fail with `fail_with`; later ones succeed.
         pub(crate) fail_times: Option<u32>,
         live: Option<Live>,
+        /// What [`TrafficActuator::resync_interval`] answers.
+        pub(crate) resync: Option<Duration>,
     }
 
     impl FakeActuator {
+        /// Forgets what is live, as a balancer restarted without its state would.
+        pub(crate) fn drift(&mut self) {
+            self.live = None;
+        }
+
         pub(crate) fn new(services: &[&str]) -> Self {
             FakeActuator {
                 services: services.iter().map(|s| (*s).to_owned()).collect(),
@@ -116,6 +131,7 @@ pub(crate) mod fake {
                 fail_with: None,
                 fail_times: None,
                 live: None,
+                resync: None,
             }
         }
     }
@@ -123,6 +139,10 @@ pub(crate) mod fake {
     impl TrafficActuator for FakeActuator {
         fn services(&self) -> Vec<String> {
             self.services.clone()
+        }
+
+        fn resync_interval(&self) -> Option<Duration> {
+            self.resync
         }
 
         async fn apply(

@@ -9,12 +9,16 @@
 //! `Option<Balancer>` (none on a host that carries no traffic) and never names a concrete
 //! actuator except where it builds it from its config section.
 //!
-//! Adding a balancer (HAProxy is next, issue 6): a variant here wrapping its actuator, its
-//! arms in the two matches below and in [`Balancer::kind`], its settings section in
-//! `config`, and its construction in the runtime's start. It must pass
-//! `actuator::conformance::check` like the others.
+//! Adding a balancer: a variant here wrapping its actuator, its arms in the matches below
+//! and in [`Balancer::kind`], its settings section in `config` (exactly one balancer
+//! section per agent), and its construction in the runtime's start. It must pass
+//! `actuator::conformance::check` like the others (nginx and HAProxy do, against the real
+//! programs).
 
 use crate::actuator::{ActuatorFailure, ActuatorOutcome, TrafficActuator};
+use std::time::Duration;
+
+use crate::haproxy::HaproxyActuator;
 use crate::nginx::NginxActuator;
 use crate::store::DesiredState;
 use crate::traffic::Upstreams;
@@ -24,14 +28,17 @@ use crate::traffic::Upstreams;
 pub enum Balancer {
     /// `[nginx]`: a local nginx, driven by a rendered site file and reloads.
     Nginx(NginxActuator),
-    // Haproxy(HaproxyActuator): `[haproxy]`, HAProxy's runtime API over its admin socket.
+    /// `[haproxy]`: a local HAProxy, driven through its runtime API (weights, server slots)
+    /// and reloaded only for structural changes.
+    Haproxy(HaproxyActuator),
 }
 
 impl Balancer {
-    /// The balancer's kind, as named in the config: `"nginx"`.
+    /// The balancer's kind, as named in the config: `"nginx"` or `"haproxy"`.
     pub fn kind(&self) -> &'static str {
         match self {
             Balancer::Nginx(_) => "nginx",
+            Balancer::Haproxy(_) => "haproxy",
         }
     }
 }
@@ -41,6 +48,14 @@ impl TrafficActuator for Balancer {
     fn services(&self) -> Vec<String> {
         match self {
             Balancer::Nginx(nginx) => nginx.services(),
+            Balancer::Haproxy(haproxy) => haproxy.services(),
+        }
+    }
+
+    fn resync_interval(&self) -> Option<Duration> {
+        match self {
+            Balancer::Nginx(nginx) => nginx.resync_interval(),
+            Balancer::Haproxy(haproxy) => haproxy.resync_interval(),
         }
     }
 
@@ -51,6 +66,7 @@ impl TrafficActuator for Balancer {
     ) -> Result<ActuatorOutcome, ActuatorFailure> {
         match self {
             Balancer::Nginx(nginx) => nginx.apply(desired, upstreams).await,
+            Balancer::Haproxy(haproxy) => haproxy.apply(desired, upstreams).await,
         }
     }
 }

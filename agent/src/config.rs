@@ -26,6 +26,13 @@
 //! config = "/etc/nginx/nginx.conf"
 //! site = "/etc/nginx/conf.d/serin.conf"
 //! services = [{ service = "api", listen = "0.0.0.0:80" }]
+//!
+//! # Or HAProxy instead (at most one balancer section), driven over its runtime API:
+//! # [haproxy]
+//! # config = "/etc/haproxy/serin.cfg"          # rendered and owned by serin
+//! # socket = "/run/haproxy/serin-admin.sock"   # admin socket, rendered into the config
+//! # master_socket = "/run/haproxy/master.sock" # haproxy -W -S <this> -f <config>
+//! # services = [{ service = "api", listen = "0.0.0.0:80" }]   # algorithm = "roundrobin"
 //! ```
 
 use std::collections::{BTreeMap, HashMap};
@@ -36,6 +43,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::collect::MetricNames;
+use crate::haproxy::HaproxySettings;
 use crate::nginx::NginxSettings;
 use crate::traffic::{Server, Upstreams, Variant};
 
@@ -63,8 +71,10 @@ pub struct AgentConfig {
     pub labels: BTreeMap<String, String>,
     /// The local app instances this agent watches (names unique).
     pub instances: Vec<InstanceConfig>,
-    /// The local nginx, when this host balances traffic.
+    /// The local nginx, when this host balances traffic with nginx.
     pub nginx: Option<NginxSettings>,
+    /// The local HAProxy, when this host balances traffic with HAProxy (never both).
+    pub haproxy: Option<HaproxySettings>,
 }
 
 /// One local app instance.
@@ -189,6 +199,7 @@ struct RawConfig {
     #[serde(default)]
     instances: Vec<RawInstance>,
     nginx: Option<NginxSettings>,
+    haproxy: Option<HaproxySettings>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -238,18 +249,23 @@ impl AgentConfig {
         Self::from_toml_with(&text, overrides).map_err(|e| e.with_path(path))
     }
 
-    /// Whether this agent has nothing to do: no instances to report on and no nginx to
+    /// Whether this agent has nothing to do: no instances to report on and no balancer to
     /// steer. Valid (a host being set up), but worth a warning at start.
     pub fn does_nothing(&self) -> bool {
-        self.instances.is_empty() && self.nginx.is_none()
+        self.instances.is_empty() && self.nginx.is_none() && self.haproxy.is_none()
     }
 
-    /// The services this agent's nginx carries (empty without `[nginx]`).
+    /// The services this agent's balancer (nginx or HAProxy) carries (empty without one).
     pub fn balancer_services(&self) -> Vec<String> {
-        self.nginx
+        let nginx = self
+            .nginx
             .iter()
-            .flat_map(|n| n.services.iter().map(|s| s.service.clone()))
-            .collect()
+            .flat_map(|n| n.services.iter().map(|s| s.service.clone()));
+        let haproxy = self
+            .haproxy
+            .iter()
+            .flat_map(|h| h.services.iter().map(|s| s.service.clone()));
+        nginx.chain(haproxy).collect()
     }
 
     /// The upstream servers of each service, from this agent's own `[[instances]]` in file
@@ -479,25 +495,55 @@ fn validate(raw: RawConfig) -> Result<AgentConfig, ConfigError> {
     }
 
     let instances_ok = p.0.len() == problems_before_instances;
-    if let Some(nginx) = &raw.nginx {
-        for (i, svc) in nginx.services.iter().enumerate() {
-            // No local instance is fine: the coordinator's inventory sends the servers (nginx
-            // answers 503 until it does). Local ones must include a stable one.
-            let mut local = instances.iter().filter(|inst| inst.service == svc.service);
-            let all_canary =
-                local.clone().next().is_some() && local.all(|inst| inst.variant == Variant::Canary);
-            // Only meaningful once every instance is valid; otherwise the cause is reported above.
-            if all_canary && instances_ok {
-                p.add(
+    if raw.nginx.is_some() && raw.haproxy.is_some() {
+        p.add(
+            "haproxy",
+            "an agent drives one balancer: keep either [nginx] or [haproxy], not both",
+        );
+    }
+    if let Some(haproxy) = &raw.haproxy {
+        for (field, reason) in haproxy.problems() {
+            p.add(field, reason);
+        }
+    }
+    let balanced: Vec<(String, &str, &str)> = raw
+        .nginx
+        .iter()
+        .flat_map(|n| {
+            n.services.iter().enumerate().map(|(i, s)| {
+                (
                     format!("nginx.services[{i}].service"),
-                    format!(
-                        "the [[instances]] of service {:?} are all canary; nginx needs a stable \
-                         one to send traffic to (or declare none, and the coordinator sends the \
-                         servers)",
-                        svc.service
-                    ),
-                );
-            }
+                    s.service.as_str(),
+                    "nginx",
+                )
+            })
+        })
+        .chain(raw.haproxy.iter().flat_map(|h| {
+            h.services.iter().enumerate().map(|(i, s)| {
+                (
+                    format!("haproxy.services[{i}].service"),
+                    s.service.as_str(),
+                    "HAProxy",
+                )
+            })
+        }))
+        .collect();
+    for (field, service, balancer) in balanced {
+        // No local instance is fine: the coordinator's inventory sends the servers (the
+        // balancer answers 503 until it does). Local ones must include a stable one.
+        let mut local = instances.iter().filter(|inst| inst.service == service);
+        let all_canary =
+            local.clone().next().is_some() && local.all(|inst| inst.variant == Variant::Canary);
+        // Only meaningful once every instance is valid; otherwise the cause is reported above.
+        if all_canary && instances_ok {
+            p.add(
+                field,
+                format!(
+                    "the [[instances]] of service {service:?} are all canary; {balancer} needs a \
+                     stable one to send traffic to (or declare none, and the coordinator sends \
+                     the servers)"
+                ),
+            );
         }
     }
 
@@ -511,6 +557,7 @@ fn validate(raw: RawConfig) -> Result<AgentConfig, ConfigError> {
             labels: raw.labels,
             instances,
             nginx: raw.nginx,
+            haproxy: raw.haproxy,
         }),
         _ => Err(ConfigError::Invalid {
             path: None,
@@ -869,6 +916,76 @@ mod tests {
             "{MINIMAL}\n{STABLE_INSTANCE}\n{NGINX_WEB_AND_API}"
         ))
         .unwrap();
+    }
+
+    const HAPROXY_WEB: &str = r#"
+        [haproxy]
+        config = "/etc/haproxy/serin.cfg"
+        socket = "/run/haproxy/serin.sock"
+        master_socket = "/run/haproxy/master.sock"
+        services = [{ service = "web", listen = "0.0.0.0:80" }]
+    "#;
+
+    #[test]
+    fn an_haproxy_balancer_carries_its_services() {
+        let c = AgentConfig::from_toml(&format!("{MINIMAL}\n{HAPROXY_WEB}")).unwrap();
+        assert!(c.nginx.is_none());
+        let haproxy = c.haproxy.as_ref().expect("[haproxy]");
+        assert_eq!(haproxy.slots, 8);
+        assert_eq!(c.balancer_services(), ["web"]);
+        assert!(!c.does_nothing());
+    }
+
+    #[test]
+    fn the_deploy_example_is_valid_with_nginx_and_with_its_haproxy_block_instead() {
+        let example = include_str!("../../deploy/agent.toml");
+        let c = AgentConfig::from_toml(example).expect("deploy/agent.toml as shipped");
+        assert!(c.nginx.is_some() && c.haproxy.is_none());
+        let (head, _) = example.split_once("\n[nginx]").expect("an [nginx] section");
+        let (_, haproxy) = example
+            .split_once("\n# [haproxy]")
+            .expect("a commented [haproxy] section");
+        let uncommented: String = format!("# [haproxy]{haproxy}")
+            .lines()
+            .map(|l| l.strip_prefix("# ").unwrap_or(l))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let c = AgentConfig::from_toml(&format!("{head}\n{uncommented}"))
+            .expect("deploy/agent.toml with [haproxy] instead of [nginx]");
+        assert!(c.nginx.is_none());
+        assert_eq!(c.balancer_services(), ["api"]);
+    }
+
+    #[test]
+    fn nginx_and_haproxy_together_are_refused() {
+        assert_single_error(
+            &format!("{MINIMAL}\n{NGINX_WEB_AND_API}\n{HAPROXY_WEB}"),
+            "haproxy: an agent drives one balancer: keep either [nginx] or [haproxy], not both",
+        );
+    }
+
+    #[test]
+    fn haproxy_problems_are_named_by_their_field_paths() {
+        let text = format!(
+            "{MINIMAL}\n{STABLE_INSTANCE}\n{CANARY_INSTANCE}\n[haproxy]\nconfig = \"serin.cfg\"\n\
+             socket = \"/s\"\nmaster_socket = \"/m\"\nservices = [\n\
+             {{ service = \"web\", listen = \"0.0.0.0:80\", algorithm = \"source\" }},\n\
+             {{ service = \"api\", listen = \"0.0.0.0:81\" }},\n]\n"
+        );
+        assert_eq!(
+            errors_of(&text),
+            vec![
+                "haproxy.config: must be an absolute path, got 'serin.cfg'".to_owned(),
+                "haproxy.services[0].algorithm: backend serin_web: \"source\" is hash-based: it \
+                 pins clients to servers by hash and ignores runtime weight changes, so a canary \
+                 share cannot be set; use roundrobin, leastconn or random"
+                    .to_owned(),
+                "haproxy.services[1].service: the [[instances]] of service \"api\" are all \
+                 canary; HAProxy needs a stable one to send traffic to (or declare none, and the \
+                 coordinator sends the servers)"
+                    .to_owned(),
+            ]
+        );
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! Also `error_chain`: an error and its causes as one line of text, for logs and acks.
 
 use crate::collect::{HostError, ScrapeError};
+use crate::haproxy::HaproxyError;
 use crate::nginx::NginxError;
 use crate::store::StoreError;
 
@@ -20,6 +21,10 @@ pub enum AgentError {
     /// directory).
     #[error("nginx: {0}")]
     Nginx(#[from] NginxError),
+    /// The `[haproxy]` section does not describe a usable HAProxy (binary, config
+    /// directory).
+    #[error("haproxy: {0}")]
+    Haproxy(#[from] HaproxyError),
     /// The scraper's HTTP client could not be built.
     #[error("metrics scraper: {0}")]
     Scraper(#[from] ScrapeError),

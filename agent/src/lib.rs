@@ -16,19 +16,23 @@
 //!   traffic real on this host, routed to given upstreams, with the contract every
 //!   implementation keeps.
 //! - [`balancer`]: [`balancer::Balancer`], the set of actuators the config chooses from
-//!   (an enum dispatching to each; nginx today).
+//!   (an enum dispatching to each: nginx or HAProxy).
 //! - [`collect`]: metrics collectors (app Prometheus pages, host CPU and memory) and
 //!   [`collect::MetricsSource`], the I/O edge the collector scrapes through
 //!   ([`collect::Scraper`] implements it).
 //! - [`logs`]: whether the binaries colour their log lines (only on a terminal).
 //! - [`nginx`]: the nginx traffic actuator ([`nginx::NginxActuator`] implements
 //!   [`actuator::TrafficActuator`]) and its `[nginx]` settings.
+//! - [`haproxy`]: the HAProxy traffic actuator ([`haproxy::HaproxyActuator`]: runtime API
+//!   weights and pre-provisioned server slots, reloads only for structural changes) and its
+//!   `[haproxy]` settings.
 pub mod actuator;
 pub mod balancer;
 pub mod collect;
 pub mod config;
 pub mod connection;
 pub mod error;
+pub mod haproxy;
 pub mod logs;
 pub mod nginx;
 pub mod runtime;

@@ -28,7 +28,7 @@ mod actuator_impl;
 mod local;
 mod render;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use std::ffi::OsString;
 use std::io;
@@ -43,6 +43,7 @@ use tokio::time::Instant;
 use crate::traffic::Route;
 
 pub use local::{LocalNginx, find_nginx};
+pub(crate) use render::is_address;
 pub use render::{GENERATION_PATH, RenderError, identifier, render_site};
 
 /// How often the generation marker is polled after a reload.

@@ -18,15 +18,15 @@ fn nginx_binary() -> PathBuf {
 }
 
 /// A port that was free a moment ago (bind port 0 on loopback, then release it).
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
     l.local_addr().expect("local addr").port()
 }
 
 /// An HTTP/1.1 backend answering every request with its own name, one connection per
 /// request. Aborted (with all its connection tasks) on drop.
-struct Backend {
-    addr: SocketAddr,
+pub(crate) struct Backend {
+    pub(crate) addr: SocketAddr,
     task: JoinHandle<()>,
 }
 
@@ -36,7 +36,7 @@ impl Drop for Backend {
     }
 }
 
-async fn backend(name: &str) -> Backend {
+pub(crate) async fn backend(name: &str) -> Backend {
     let listener = TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind backend");
@@ -74,7 +74,7 @@ async fn backend(name: &str) -> Backend {
 }
 
 /// One request on a fresh connection: (status, body).
-async fn get(addr: &str, path: &str, cookie: Option<&str>) -> (u16, String) {
+pub(crate) async fn get(addr: &str, path: &str, cookie: Option<&str>) -> (u16, String) {
     let mut stream = TcpStream::connect(addr)
         .await
         .unwrap_or_else(|e| panic!("connect {addr}: {e}"));

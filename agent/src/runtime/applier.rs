@@ -14,6 +14,12 @@
 //! to (an unreadable server, no stable server) fails that service's apply without touching
 //! the actuator.
 //!
+//! Resync: an actuator whose live traffic can drift without serin (HAProxy, whose runtime
+//! weights a restart loses) asks for a [`TrafficActuator::resync_interval`]; the applier then
+//! re-applies the last state it applied in this process at that interval, while no retry is
+//! pending. An unchanged balancer answers `Unchanged`; a change is logged as drift put back.
+//! Resyncs are not acknowledged (the generation already was).
+//!
 //! Generations: a desired state older than the last applied one is ignored (a deposed
 //! leader cannot undo a newer decision); the same generation is acknowledged again without
 //! re-applying; a newer one is applied. A failed apply is not recorded, so the retries (and
@@ -65,6 +71,8 @@ pub(super) struct Applier<A> {
     retry_delays: RetryDelays,
     /// The newest desired state, when applying it failed: tried again at `Retry::at`.
     retry: Option<Retry>,
+    /// The last state applied by this process: what a resync puts back.
+    last_applied: Option<DesiredState>,
 }
 
 /// Delays between the attempts to apply a desired state that failed: `initial`, doubling up
@@ -121,12 +129,18 @@ impl<A: TrafficActuator> Applier<A> {
             acks,
             retry_delays: RetryDelays::default(),
             retry: None,
+            last_applied: None,
         }
     }
 
     pub(super) async fn run(mut self, shutdown: CancellationToken) {
+        let resync_every = self.actuator.as_ref().and_then(|a| a.resync_interval());
+        let mut resync = tokio::time::interval(resync_every.unwrap_or(Duration::from_secs(3600)));
+        resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let retry_at = self.retry.as_ref().map(|r| r.at);
+            let may_resync =
+                resync_every.is_some() && self.retry.is_none() && self.last_applied.is_some();
             let retrying = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return,
@@ -138,6 +152,10 @@ impl<A: TrafficActuator> Applier<A> {
                 }
                 _ = tokio::time::sleep_until(retry_at.unwrap_or_else(Instant::now)),
                     if retry_at.is_some() => true,
+                _ = resync.tick(), if may_resync => {
+                    self.resync().await;
+                    continue;
+                }
             };
             // Only the newest state: those received during the last apply are coalesced.
             let desired = if retrying {
@@ -196,6 +214,29 @@ impl<A: TrafficActuator> Applier<A> {
                 self.ack(generation, failures);
                 // Only a success records the generation as applied.
                 self.applied != Some(generation)
+            }
+        }
+    }
+
+    /// Re-applies the last applied state (see the module doc); logs what it changed.
+    async fn resync(&mut self) {
+        let (Some(actuator), Some(desired)) = (&mut self.actuator, &self.last_applied) else {
+            return;
+        };
+        let generation = desired.generation;
+        let carried = actuator.services();
+        let Ok(upstreams) = Upstreams::for_desired(desired, &self.local_upstreams, &carried) else {
+            return;
+        };
+        match actuator.apply(desired, &upstreams).await {
+            Ok(ActuatorOutcome::Unchanged) => {}
+            Ok(ActuatorOutcome::Changed { elapsed }) => tracing::warn!(
+                %generation,
+                ?elapsed,
+                "the balancer's live traffic differed from the applied state; put it back"
+            ),
+            Err(ActuatorFailure { error, .. }) => {
+                tracing::warn!(%generation, %error, "could not check or put back the applied traffic");
             }
         }
     }
@@ -264,6 +305,7 @@ impl<A: TrafficActuator> Applier<A> {
         }
 
         self.applied = Some(generation);
+        self.last_applied = Some(desired.clone());
         self.applied_tx.send_replace(Some(generation));
         tracing::info!(
             %generation,
@@ -676,6 +718,24 @@ mod tests {
         assert_eq!(h.ack(), (generation(1, 1), vec![]));
         assert_eq!(h.calls(), [generation(1, 1)]);
         assert_eq!(h.stored(), Some(generation(1, 1)));
+    }
+
+    #[tokio::test]
+    async fn a_resync_puts_drifted_traffic_back_without_an_ack_and_is_a_no_op_otherwise() {
+        let mut h = ApplierHarness::new(Some(FakeActuator::new(&["web"])));
+        // Nothing applied yet: nothing to put back.
+        h.applier.resync().await;
+        assert!(h.calls().is_empty());
+        h.applier.handle(&desired_state(1, 1, &[("web", 10)])).await;
+        assert_eq!(h.ack(), (generation(1, 1), vec![]));
+        h.fake().drift();
+        h.applier.resync().await;
+        assert_eq!(h.calls(), [generation(1, 1), generation(1, 1)]);
+        h.no_ack();
+        // Put back: the next resync finds it live (the fake answers Unchanged) and no ack.
+        h.applier.resync().await;
+        assert_eq!(h.calls().len(), 3);
+        h.no_ack();
     }
 
     #[tokio::test]

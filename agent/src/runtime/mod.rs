@@ -4,8 +4,8 @@
 //! The two I/O edges are traits, and the tasks are generic over them: the collector scrapes
 //! through a [`MetricsSource`](crate::collect::MetricsSource) ([`Scraper`] in production)
 //! and the applier drives a [`TrafficActuator`](crate::actuator::TrafficActuator) (a
-//! [`Balancer`] chosen by the config: [`NginxActuator`] when it has `[nginx]`; none
-//! otherwise). The unit tests beside each task run its logic against in-memory fakes.
+//! [`Balancer`] chosen by the config: [`NginxActuator`] when it has `[nginx]`,
+//! [`HaproxyActuator`] when it has `[haproxy]`; none otherwise). The unit tests beside each task run its logic against in-memory fakes.
 //!
 //! Three tasks, each owning its state and stopped by one cancellation token:
 //! - **collector** (`collector`): every `interval` scrapes every instance and the host and
@@ -54,6 +54,7 @@ use crate::collect::{HostCollector, Scraper};
 use crate::config::AgentConfig;
 use crate::connection::{self, Backoff, Connection, Coordinators};
 pub use crate::error::AgentError;
+use crate::haproxy::HaproxyActuator;
 use crate::nginx::NginxActuator;
 use crate::store::LocalStore;
 use applier::Applier;
@@ -121,7 +122,7 @@ async fn start(config: AgentConfig) -> Result<Tasks, AgentError> {
 
     if config.does_nothing() {
         tracing::warn!(
-            "this agent has no [[instances]] and no [nginx]: it will report no traffic and \
+            "this agent has no [[instances]] and no [nginx] or [haproxy]: it will report no traffic and \
              steer none; it only registers and reports host metrics"
         );
     }
@@ -160,14 +161,23 @@ async fn start(config: AgentConfig) -> Result<Tasks, AgentError> {
 /// The balancer the config asks for, checked up front; `None` when this host carries no
 /// traffic.
 async fn balancer(config: &AgentConfig) -> Result<Option<Balancer>, AgentError> {
-    match &config.nginx {
-        Some(settings) => {
-            let actuator = NginxActuator::new(settings.clone()).await?;
-            tracing::info!(version = actuator.version(), site = %settings.site.display(), "nginx ready");
-            Ok(Some(Balancer::Nginx(actuator)))
-        }
-        None => Ok(None),
+    // Config validation allows at most one balancer section.
+    if let Some(settings) = &config.nginx {
+        let actuator = NginxActuator::new(settings.clone()).await?;
+        tracing::info!(version = actuator.version(), site = %settings.site.display(), "nginx ready");
+        return Ok(Some(Balancer::Nginx(actuator)));
     }
+    if let Some(settings) = &config.haproxy {
+        let actuator = HaproxyActuator::new(settings.clone()).await?;
+        tracing::info!(
+            version = actuator.version(),
+            config = %settings.config.display(),
+            socket = %settings.socket.display(),
+            "haproxy ready"
+        );
+        return Ok(Some(Balancer::Haproxy(actuator)));
+    }
+    Ok(None)
 }
 
 impl Tasks {

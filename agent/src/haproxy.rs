@@ -1,0 +1,708 @@
+//! The HAProxy traffic actuator: weights and membership through HAProxy's runtime API on
+//! its admin socket, with no reload; a reload only when the structure changes.
+//!
+//! Layout:
+//! - `settings`: [`HaproxySettings`] (the `[haproxy]` section), [`Algorithm`], validated at
+//!   config load with field paths.
+//! - `weights`: per-server weights in HAProxy's `0..=256` (pure; the error bound when the
+//!   exact-share weights do not fit is written there).
+//! - `plan`: slot assignment and the ordered `set server` commands (pure).
+//! - `render`: the serin-owned config file (pure).
+//! - `runtime_api`: the admin socket client and the parsing of its answers.
+//! - `local`: [`LocalHaproxy`], a private master-worker HAProxy for tests and benchmarks.
+//! - this file: [`HaproxyActuator`] (the I/O edge) and its [`TrafficActuator`] impl.
+//!
+//! **Membership: pre-provisioned slots, not `add server`/`del server`.** Each backend has
+//! `slots` servers `slot0..slotN` rendered into the config; a server arriving takes a parked
+//! slot (`set server B/slotI addr IP port P`, `weight W`, `state ready`), a server leaving
+//! is parked (`state maint`: its established connections finish). Why not dynamic servers:
+//! `del server` refuses a server that still has connections (it must be drained first, so a
+//! removal becomes a wait-and-retry loop), dynamic servers are not written back to any file
+//! (a restart loses them), and 2.6 restricts which keywords they take. Slots are plain
+//! runtime state that `show servers state` reads back whole, so the actuator can always
+//! compare what is live with what is wanted. When a service has more servers than slots the
+//! backend grows by another `slots` (a structural change, one reload).
+//!
+//! **Weights** are set with `set server … weight N` only; HAProxy applies them at once
+//! (measured: ~2 ms, 0 errors for keep-alive clients). The canary variant's share is exact
+//! when the reduced weights fit in 256 and otherwise the closest achievable (`weights`).
+//! Weight 0 is valid in HAProxy, so the side without traffic stays in its slots at weight 0.
+//! Commands are ordered raises first, lowers after, removals last, so the backend never
+//! drops to zero capacity between two commands.
+//!
+//! **Reloads** happen only for structural changes: the first apply after the agent starts
+//! (it cannot know what the running HAProxy was started from), a new or changed service, a
+//! listen or algorithm change, more servers than slots, or a running HAProxy that lacks a
+//! backend. The file is checked with `haproxy -c` before it replaces the live one (only for
+//! these: `-c` takes ~100 ms, and a rewrite of server lines from parsed IPs and bounded
+//! weights within a checked structure cannot break it), then
+//! `reload` goes to the master CLI socket; the reload counts once a new worker (another
+//! `Pid` in `show info`) answers the admin socket with every backend's slots. On any failure
+//! the previous file is put back.
+//!
+//! **Restarts.** The file is rewritten (without a reload) on every change, so an
+//! HAProxy restarted from it comes back with the current traffic. Whatever it comes back
+//! with, every apply compares the live slots with the wanted ones and sends only the
+//! difference, and the runtime's applier re-applies the last applied state every
+//! `resync_interval` ([`TrafficActuator::resync_interval`]): an HAProxy restarted from an
+//! older file, or weights changed by hand, are put back within one interval. A pid change
+//! the actuator did not cause is logged as a restart.
+//!
+//! **Failures.** Refusals (a weight above 100, a sticky split, a variant with traffic and no
+//! server, a server that is not `IP:port`) happen before anything is touched, so the previous
+//! traffic stays live. A runtime command HAProxy refuses halfway (it should not: every value
+//! is checked first) leaves the slots partly changed and the file already rewritten; the
+//! apply fails, and its retry (or the next resync) plans again from what is live.
+//!
+//! **Algorithms** that ignore runtime weights (`static-rr`, `first`, and the hash-based
+//! `source`, `uri`, `url_param`, `hdr()`, `rdp-cookie()`, `hash`) are refused at config load
+//! with the backend and the algorithm named, since serin renders the backends itself.
+//!
+//! **Sticky splits are refused** on HAProxy: a desired state with a `sticky_key` for a
+//! carried service fails that service's apply with a clear error. nginx's `split_clients`
+//! hashes a key into a percentage; the HAProxy equivalent (a `use_backend` rule on
+//! `req.cook(uid),crc32,mod(100)` compared with the canary percentage) would need the
+//! percentage in the config (a reload per stage) or in a map updated with `set map`, and a
+//! backend per variant. That is the plan below, not built yet.
+//!
+//! **Header and cookie overrides (next):** the plan is to render, beside `serin_<svc>`, a
+//! backend per variant, `serin_<svc>_stable` and `serin_<svc>_canary`, whose slots mirror
+//! the variant's servers (the same commands, sent to both backends), and in the frontend a
+//! rule per override before `default_backend`, e.g.
+//! `use_backend serin_<svc>_canary if { req.hdr(X-Serin-Variant) -m str canary }`. The
+//! override list is structure (a reload when it changes); the per-variant slots are runtime
+//! state like the rest. The same per-variant backends carry a sticky split.
+
+mod local;
+mod plan;
+mod render;
+mod runtime_api;
+mod settings;
+#[cfg(test)]
+mod tests;
+mod weights;
+
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tokio::process::Command;
+use tokio::time::Instant;
+
+use crate::actuator::{ActuatorFailure, ActuatorOutcome, TrafficActuator};
+use crate::error::error_chain;
+use crate::store::DesiredState;
+use crate::traffic::{Route, Upstreams, Variant};
+
+pub use local::{LocalHaproxy, find_haproxy};
+pub use plan::{SlotServer, assign, commands, slot_count, slot_name};
+pub use render::{PARKED_ADDRESS, RenderError, RenderedService, backend_name, render_config};
+pub use runtime_api::{LiveSlot, ProcessInfo, RuntimeApi, RuntimeApiError};
+pub use settings::{Algorithm, HaproxyService, HaproxySettings};
+pub use weights::{MAX_SHARE_ERROR, MAX_WEIGHT, canary_share, haproxy_weights};
+
+/// How often `show info` is polled while a reload is confirmed.
+const POLL_INTERVAL: Duration = Duration::from_millis(10);
+/// Upper bound on one `haproxy -v` or `haproxy -c`.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Errors of the HAProxy actuator; each names the path, command or service involved.
+#[derive(Debug, thiserror::Error)]
+pub enum HaproxyError {
+    #[error(
+        "haproxy binary '{}' not found (install Debian's haproxy package or set haproxy.binary)",
+        binary.display()
+    )]
+    BinaryNotFound { binary: PathBuf },
+    #[error("haproxy binary '{}' cannot be used: {reason}", binary.display())]
+    BinaryUnusable { binary: PathBuf, reason: String },
+    #[error("invalid haproxy settings: {}", problems.iter().map(|(f, r)| format!("{f}: {r}")).collect::<Vec<_>>().join("; "))]
+    InvalidSettings { problems: Vec<(String, String)> },
+    #[error("cannot render the HAProxy config: {0}")]
+    Render(#[from] RenderError),
+    #[error("`{command}` rejected the rendered config (live config unchanged): {stderr}")]
+    ConfigCheck { command: String, stderr: String },
+    #[error(transparent)]
+    RuntimeApi(#[from] RuntimeApiError),
+    #[error(
+        "HAProxy did not serve the reloaded config within {timeout:?}: {last_seen} (previous \
+         config file restored; look at HAProxy's log for the reason)"
+    )]
+    NotConfirmed {
+        timeout: Duration,
+        last_seen: String,
+    },
+    #[error(
+        "HAProxy's slots of backend '{backend}' still differ from the applied state after the \
+         commands: {remaining:?}"
+    )]
+    NotApplied {
+        backend: String,
+        remaining: Vec<String>,
+    },
+    #[error("could not run `{command}`: {source}")]
+    Spawn {
+        command: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("could not {action} '{}': {source}", path.display())]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("local haproxy in '{}' did not start: {reason}", dir.display())]
+    LocalStart { dir: PathBuf, reason: String },
+}
+
+impl HaproxyError {
+    fn io(action: &'static str, path: &Path, source: io::Error) -> Self {
+        HaproxyError::Io {
+            action,
+            path: path.to_owned(),
+            source,
+        }
+    }
+}
+
+/// Outcome of a successful [`HaproxyActuator::apply_services`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    /// HAProxy's live slots already were the wanted ones.
+    Unchanged,
+    /// Runtime API commands changed the slots; no reload.
+    Runtime { commands: usize, elapsed: Duration },
+    /// The structure changed: the config was reloaded.
+    Reloaded { elapsed: Duration },
+}
+
+/// A carried service, ready to apply: its frontend and the servers its slots must hold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServicePlan {
+    pub service: String,
+    pub listen: String,
+    pub algorithm: Algorithm,
+    /// Every server of both variants, with its HAProxy weight.
+    pub servers: Vec<SlotServer>,
+}
+
+/// What the structure of the live config is: per service (listen, algorithm, slot count).
+type Structure = Vec<(String, String, Algorithm, usize)>;
+
+/// Drives one HAProxy through its admin and master sockets.
+#[derive(Debug)]
+pub struct HaproxyActuator {
+    settings: HaproxySettings,
+    version: String,
+    api: RuntimeApi,
+    /// The structure the last reload made live; `None` until the first one.
+    structure: Option<Structure>,
+    /// The worker pid last seen on the admin socket.
+    last_pid: Option<u32>,
+}
+
+impl HaproxyActuator {
+    /// Checks the settings and that the binary runs (`haproxy -v`) and the config's
+    /// directory exists. Nothing is written and HAProxy is not contacted.
+    pub async fn new(settings: HaproxySettings) -> Result<Self, HaproxyError> {
+        let problems = settings.problems();
+        if !problems.is_empty() {
+            return Err(HaproxyError::InvalidSettings { problems });
+        }
+        let output = run(&settings.binary, &["-v".as_ref()])
+            .await
+            .map_err(|e| match e {
+                HaproxyError::Spawn { source, .. } if source.kind() == io::ErrorKind::NotFound => {
+                    HaproxyError::BinaryNotFound {
+                        binary: settings.binary.clone(),
+                    }
+                }
+                other => HaproxyError::BinaryUnusable {
+                    binary: settings.binary.clone(),
+                    reason: error_chain(&other),
+                },
+            })?;
+        if !output.status.success() {
+            return Err(HaproxyError::BinaryUnusable {
+                binary: settings.binary.clone(),
+                reason: stderr_text(&output),
+            });
+        }
+        let version = String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_owned();
+        let dir = parent_dir(&settings.config);
+        if !tokio::fs::metadata(&dir).await.is_ok_and(|m| m.is_dir()) {
+            return Err(HaproxyError::InvalidSettings {
+                problems: vec![(
+                    "haproxy.config".into(),
+                    format!("directory '{}' does not exist", dir.display()),
+                )],
+            });
+        }
+        Ok(HaproxyActuator {
+            api: RuntimeApi::new(&settings.socket),
+            settings,
+            version,
+            structure: None,
+            last_pid: None,
+        })
+    }
+
+    pub fn settings(&self) -> &HaproxySettings {
+        &self.settings
+    }
+
+    /// The first line of `haproxy -v`, e.g. "HAProxy version 2.6.12-1+deb12u4 …".
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+
+    /// The runtime API client of this HAProxy's admin socket.
+    pub fn runtime_api(&self) -> &RuntimeApi {
+        &self.api
+    }
+
+    /// The plans of the carried services for `desired` (pure): one per `[haproxy]` service,
+    /// with weights from [`haproxy_weights`]. Refused per service (each error names it): a
+    /// canary weight above 100, a sticky split, a variant with traffic but no server, a
+    /// server whose address is not `IP:port`.
+    pub fn plans(
+        &self,
+        desired: &DesiredState,
+        upstreams: &Upstreams,
+    ) -> Result<Vec<ServicePlan>, Vec<(String, String)>> {
+        let mut plans = Vec::new();
+        let mut refusals = Vec::new();
+        for (i, balanced) in self.settings.services.iter().enumerate() {
+            let route = Route::for_service(&balanced.service, &balanced.listen, desired, upstreams);
+            match plan_service(&route, self.settings.algorithm(i)) {
+                Ok(plan) => plans.push(plan),
+                Err(error) => refusals.push((balanced.service.clone(), error)),
+            }
+        }
+        if refusals.is_empty() {
+            Ok(plans)
+        } else {
+            Err(refusals)
+        }
+    }
+
+    /// Makes `plans` live: runtime commands when the structure is unchanged, else a checked
+    /// config and a reload. The config file is rewritten whenever it differs from the wanted
+    /// slots (checked with `haproxy -c` when the structure changed; a rewrite of server lines
+    /// only is not, see the module doc).
+    pub async fn apply_services(&mut self, plans: &[ServicePlan]) -> Result<Applied, HaproxyError> {
+        let started = Instant::now();
+        let info = self.api.process().await?;
+        if let Some(previous) = self.last_pid
+            && previous != info.pid
+        {
+            tracing::warn!(
+                previous,
+                pid = info.pid,
+                uptime_sec = info.uptime_sec,
+                "HAProxy restarted (another worker pid on the admin socket); putting the applied state back"
+            );
+        }
+        self.last_pid = Some(info.pid);
+
+        let mut live = Vec::with_capacity(plans.len());
+        let mut missing_backend = false;
+        for plan in plans {
+            match self.api.servers_state(&backend_name(&plan.service)).await {
+                Ok(slots) => live.push(slots),
+                Err(RuntimeApiError::NoBackend { .. }) => {
+                    missing_backend = true;
+                    live.push(Vec::new());
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let structure: Structure = plans
+            .iter()
+            .map(|p| {
+                (
+                    p.service.clone(),
+                    p.listen.clone(),
+                    p.algorithm,
+                    slot_count(p.servers.len(), self.settings.slots),
+                )
+            })
+            .collect();
+        let counts_match = live
+            .iter()
+            .zip(&structure)
+            .all(|(slots, s)| slots.len() == s.3);
+        let rendered: Vec<RenderedService> = plans
+            .iter()
+            .zip(&live)
+            .zip(&structure)
+            .map(|((plan, slots), s)| RenderedService {
+                service: plan.service.clone(),
+                listen: plan.listen.clone(),
+                algorithm: plan.algorithm,
+                slots: assign(slots, &plan.servers, s.3),
+            })
+            .collect();
+        let text = render_config(&self.settings.socket, &rendered)?;
+
+        if missing_backend || !counts_match || self.structure.as_ref() != Some(&structure) {
+            let previous = read_optional(&self.settings.config).await?;
+            self.write_checked(&text).await?;
+            if let Err(e) = self.reload(info.pid, &rendered).await {
+                self.restore(previous.as_deref()).await;
+                return Err(e);
+            }
+            self.structure = Some(structure);
+            // A config rendered from the live slots needs no commands; send any difference.
+            self.run_commands(&rendered).await?;
+            return Ok(Applied::Reloaded {
+                elapsed: started.elapsed(),
+            });
+        }
+
+        let planned: usize = rendered
+            .iter()
+            .zip(&live)
+            .map(|(r, slots)| commands(&backend_name(&r.service), slots, &r.slots).len())
+            .sum();
+        let on_disk = read_optional(&self.settings.config).await?;
+        if on_disk.as_deref() != Some(text.as_bytes()) {
+            // Only server lines differ from the structure checked at the last reload, and
+            // they are rendered from parsed IPs and bounded weights: no `haproxy -c` (it
+            // costs ~100 ms, most of a weight change).
+            self.write_unchecked(&text).await?;
+        }
+        if planned == 0 {
+            return Ok(Applied::Unchanged);
+        }
+        let sent = self.run_commands(&rendered).await?;
+        Ok(Applied::Runtime {
+            commands: sent,
+            elapsed: started.elapsed(),
+        })
+    }
+
+    /// Sends each backend's commands from its live slots to `rendered`, then checks that
+    /// nothing is left to do. Returns how many commands were sent.
+    async fn run_commands(&self, rendered: &[RenderedService]) -> Result<usize, HaproxyError> {
+        let mut sent = 0;
+        for service in rendered {
+            let backend = backend_name(&service.service);
+            let live = self.api.servers_state(&backend).await?;
+            for command in commands(&backend, &live, &service.slots) {
+                self.api.set(&command).await?;
+                sent += 1;
+            }
+            let live = self.api.servers_state(&backend).await?;
+            let remaining = commands(&backend, &live, &service.slots);
+            if !remaining.is_empty() {
+                return Err(HaproxyError::NotApplied { backend, remaining });
+            }
+        }
+        Ok(sent)
+    }
+
+    /// `haproxy -c` on a temporary file beside the config, then renames it over the config.
+    async fn write_checked(&self, text: &str) -> Result<(), HaproxyError> {
+        let config = &self.settings.config;
+        let tmp = temp_path(config);
+        write_synced(&tmp, text.as_bytes()).await?;
+        let args = ["-c".as_ref(), "-q".as_ref(), "-f".as_ref(), tmp.as_os_str()];
+        let checked = run(&self.settings.binary, &args).await;
+        let result = match checked {
+            Ok(output) if output.status.success() => tokio::fs::rename(&tmp, config)
+                .await
+                .map_err(|e| HaproxyError::io("rename a temporary file over", config, e)),
+            Ok(output) => Err(HaproxyError::ConfigCheck {
+                command: format!(
+                    "{} -c -q -f {}",
+                    self.settings.binary.display(),
+                    tmp.display()
+                ),
+                stderr: stderr_text(&output),
+            }),
+            Err(e) => Err(e),
+        };
+        if result.is_err() {
+            let _ = tokio::fs::remove_file(&tmp).await;
+        }
+        result
+    }
+
+    /// Writes a temporary file beside the config and renames it over the config.
+    async fn write_unchecked(&self, text: &str) -> Result<(), HaproxyError> {
+        let config = &self.settings.config;
+        let tmp = temp_path(config);
+        write_synced(&tmp, text.as_bytes()).await?;
+        let renamed = tokio::fs::rename(&tmp, config)
+            .await
+            .map_err(|e| HaproxyError::io("rename a temporary file over", config, e));
+        if renamed.is_err() {
+            let _ = tokio::fs::remove_file(&tmp).await;
+        }
+        renamed
+    }
+
+    async fn restore(&self, previous: Option<&[u8]>) {
+        let config = &self.settings.config;
+        let result = match previous {
+            Some(bytes) => write_synced(config, bytes).await,
+            None => tokio::fs::remove_file(config)
+                .await
+                .map_err(|e| HaproxyError::io("remove", config, e)),
+        };
+        if let Err(e) = result {
+            tracing::error!(config = %config.display(), error = %error_chain(&e), "could not restore the previous HAProxy config");
+        }
+    }
+
+    /// `reload` on the master socket, then waits until a worker other than `old_pid`
+    /// answers with every backend's slot count.
+    async fn reload(
+        &mut self,
+        old_pid: u32,
+        rendered: &[RenderedService],
+    ) -> Result<(), HaproxyError> {
+        let master = RuntimeApi::new(&self.settings.master_socket);
+        master.command("reload").await?;
+        let timeout = self.settings.confirm_timeout;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let last_seen = match self.confirmed(old_pid, rendered).await {
+                Ok(Some(pid)) => {
+                    tracing::info!(old_pid, pid, "HAProxy reloaded");
+                    self.last_pid = Some(pid);
+                    return Ok(());
+                }
+                Ok(None) => format!("worker {old_pid} still answers"),
+                Err(e) => error_chain(&e),
+            };
+            if Instant::now() >= deadline {
+                return Err(HaproxyError::NotConfirmed { timeout, last_seen });
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+    }
+
+    /// The new worker's pid once it answers with every backend and its slots.
+    async fn confirmed(
+        &self,
+        old_pid: u32,
+        rendered: &[RenderedService],
+    ) -> Result<Option<u32>, HaproxyError> {
+        let info = self.api.process().await?;
+        if info.pid == old_pid {
+            return Ok(None);
+        }
+        for service in rendered {
+            let slots = self
+                .api
+                .servers_state(&backend_name(&service.service))
+                .await?;
+            if slots.len() != service.slots.len() {
+                return Ok(None);
+            }
+        }
+        Ok(Some(info.pid))
+    }
+}
+
+impl TrafficActuator for HaproxyActuator {
+    fn services(&self) -> Vec<String> {
+        self.settings
+            .services
+            .iter()
+            .map(|s| s.service.clone())
+            .collect()
+    }
+
+    fn resync_interval(&self) -> Option<Duration> {
+        Some(self.settings.resync_interval)
+    }
+
+    /// Refusals of single services name only those; a failure talking to HAProxy is
+    /// attributed with [`ActuatorFailure::attributed`].
+    async fn apply(
+        &mut self,
+        desired: &DesiredState,
+        upstreams: &Upstreams,
+    ) -> Result<ActuatorOutcome, ActuatorFailure> {
+        let plans = match self.plans(desired, upstreams) {
+            Ok(plans) => plans,
+            Err(refusals) => {
+                return Err(ActuatorFailure {
+                    services: refusals.iter().map(|(s, _)| s.clone()).collect(),
+                    error: refusals
+                        .into_iter()
+                        .map(|(_, e)| e)
+                        .collect::<Vec<_>>()
+                        .join("; "),
+                });
+            }
+        };
+        match self.apply_services(&plans).await {
+            Ok(Applied::Unchanged) => Ok(ActuatorOutcome::Unchanged),
+            Ok(Applied::Runtime { commands, elapsed }) => {
+                tracing::info!(
+                    commands,
+                    ?elapsed,
+                    "HAProxy slots changed through the runtime API"
+                );
+                Ok(ActuatorOutcome::Changed { elapsed })
+            }
+            Ok(Applied::Reloaded { elapsed }) => Ok(ActuatorOutcome::Changed { elapsed }),
+            Err(e) => Err(ActuatorFailure::attributed(
+                &self.services(),
+                desired,
+                error_chain(&e),
+            )),
+        }
+    }
+}
+
+/// The plan of one route (pure): weights per variant, servers as `IP:port`.
+fn plan_service(route: &Route, algorithm: Algorithm) -> Result<ServicePlan, String> {
+    let service = &route.service;
+    let w = route.canary_weight;
+    if w > 100 {
+        return Err(format!(
+            "service '{service}': canary_weight {w} is out of range (0..=100)"
+        ));
+    }
+    if route.sticky_key.is_some() {
+        return Err(format!(
+            "service '{service}': the strategy asks for a sticky split (sticky_key), which the \
+             HAProxy balancer does not support yet; use a weighted strategy, or nginx for \
+             sticky splits"
+        ));
+    }
+    let n_stable = route.servers_of(Variant::Stable).count();
+    let n_canary = route.servers_of(Variant::Canary).count();
+    let waiting = route.servers.is_empty() && w == 0;
+    if w < 100 && n_stable == 0 && !waiting {
+        return Err(format!(
+            "service '{service}': canary_weight is {w} so stable still gets traffic, but there \
+             is no stable server"
+        ));
+    }
+    if w > 0 && n_canary == 0 {
+        return Err(format!(
+            "service '{service}': canary_weight is {w} but there is no canary server"
+        ));
+    }
+    let (stable_weight, canary_weight) = haproxy_weights(w, n_stable, n_canary);
+    let mut servers = Vec::with_capacity(route.servers.len());
+    for server in &route.servers {
+        let address: SocketAddr = server.address.parse().map_err(|_| {
+            format!(
+                "service '{service}': server '{}' has address {:?}; HAProxy's slots need an \
+                 IP:port address (the runtime API sets IPs, not host names)",
+                server.name, server.address
+            )
+        })?;
+        servers.push(SlotServer {
+            name: server.name.clone(),
+            ip: address.ip(),
+            port: address.port(),
+            weight: match server.variant {
+                Variant::Stable => stable_weight,
+                Variant::Canary => canary_weight,
+            },
+        });
+    }
+    Ok(ServicePlan {
+        service: service.clone(),
+        listen: route.listen.clone(),
+        algorithm,
+        servers,
+    })
+}
+
+async fn run(
+    binary: &Path,
+    args: &[&std::ffi::OsStr],
+) -> Result<std::process::Output, HaproxyError> {
+    let display = || {
+        let mut s = binary.display().to_string();
+        for a in args {
+            s.push(' ');
+            s.push_str(&a.to_string_lossy());
+        }
+        s
+    };
+    let child = Command::new(binary)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    match tokio::time::timeout(COMMAND_TIMEOUT, child).await {
+        Ok(Ok(output)) => Ok(output),
+        Ok(Err(source)) => Err(HaproxyError::Spawn {
+            command: display(),
+            source,
+        }),
+        Err(_) => Err(HaproxyError::Spawn {
+            command: display(),
+            source: io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no exit within {COMMAND_TIMEOUT:?}"),
+            ),
+        }),
+    }
+}
+
+fn stderr_text(output: &std::process::Output) -> String {
+    let mut text = String::from_utf8_lossy(&output.stderr).trim().to_owned();
+    if text.is_empty() {
+        text = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+    }
+    if text.is_empty() {
+        format!("{} with no output", output.status)
+    } else {
+        text
+    }
+}
+
+fn parent_dir(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+        _ => PathBuf::from("."),
+    }
+}
+
+fn temp_path(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "haproxy.cfg".into());
+    parent_dir(path).join(format!(".{name}.serin-{}.tmp", std::process::id()))
+}
+
+async fn read_optional(path: &Path) -> Result<Option<Vec<u8>>, HaproxyError> {
+    match tokio::fs::read(path).await {
+        Ok(bytes) => Ok(Some(bytes)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(HaproxyError::io("read", path, e)),
+    }
+}
+
+async fn write_synced(path: &Path, content: &[u8]) -> Result<(), HaproxyError> {
+    use tokio::io::AsyncWriteExt;
+    let mut file = tokio::fs::File::create(path)
+        .await
+        .map_err(|e| HaproxyError::io("create", path, e))?;
+    file.write_all(content)
+        .await
+        .map_err(|e| HaproxyError::io("write", path, e))?;
+    file.sync_all()
+        .await
+        .map_err(|e| HaproxyError::io("sync", path, e))
+}
