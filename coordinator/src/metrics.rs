@@ -3,6 +3,14 @@
 //! Reports arrive every interval from every agent. They are not replicated (too many, and fresh
 //! ones arrive every second): the leader keeps a short history for trigger windows and a running
 //! total for the current stage. Time is passed in, so this is tested without a clock.
+//!
+//! A stage's total holds the reports received from its start on, and a report belongs to one
+//! stage only. The control loop wakes on each report, so a stage often ends (its evidence is the
+//! total read at that instant) in the very millisecond a report arrived; the next stage starts
+//! at that millisecond. Time alone cannot tell whether such a report was already in the ended
+//! stage's total, so every record gets a sequence number and a new stage starts after the last
+//! record the previous stage's total was read with (found by `serin demo`, which compares the
+//! coordinator's counts with its load generator's: each boundary counted one report twice).
 
 use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
@@ -30,11 +38,26 @@ pub struct StageKey {
     pub started_at: Millis,
 }
 
+/// One instance's window as received.
+#[derive(Debug)]
+struct Record {
+    /// Position among the service's records, from 0.
+    seq: u64,
+    /// When it was received.
+    at: Millis,
+    side: Side,
+    window: Window,
+}
+
 #[derive(Debug, Default)]
 struct ServiceMetrics {
-    recent: VecDeque<(Millis, Side, Window)>,
+    recent: VecDeque<Record>,
+    /// The `seq` of the next record.
+    next_seq: u64,
     stage: Option<StageKey>,
     stage_data: Pair,
+    /// Records before this `seq` were in the stage total when it was last read.
+    read_upto: u64,
     scrape_errors: HashMap<Side, (Millis, String)>,
 }
 
@@ -62,9 +85,15 @@ impl MetricsStore {
             Side::Canary => &mut entry.stage_data.canary,
         };
         target.merge(&window);
-        entry.recent.push_back((at, side, window));
+        entry.recent.push_back(Record {
+            seq: entry.next_seq,
+            at,
+            side,
+            window,
+        });
+        entry.next_seq += 1;
         let horizon = at - self.retain.as_millis() as Millis;
-        while entry.recent.front().is_some_and(|(t, _, _)| *t < horizon) {
+        while entry.recent.front().is_some_and(|r| r.at < horizon) {
             entry.recent.pop_front();
         }
     }
@@ -88,23 +117,27 @@ impl MetricsStore {
 
     /// Everything measured for `service` since the stage identified by `key` started. When the
     /// key changes the total starts over, from `checkpoint` when one is given (a leader resuming
-    /// a stage another leader, or an earlier run of this one, was observing).
+    /// a stage another leader, or an earlier run of this one, was observing), with the records
+    /// received since the stage started that the previous total was not read with (see the
+    /// module docs).
     pub fn stage(&mut self, service: &str, key: &StageKey, checkpoint: Option<&Pair>) -> Pair {
         let entry = self.services.entry(service.to_owned()).or_default();
         if entry.stage.as_ref() != Some(key) {
-            // Keep what arrived since the stage started; drop the rest.
+            // Keep what arrived since the stage started and was not read as the previous
+            // stage's; drop the rest.
             let mut data = checkpoint.cloned().unwrap_or_default();
-            for (at, side, window) in &entry.recent {
-                if *at >= key.started_at {
-                    match side {
-                        Side::Stable => data.stable.merge(window),
-                        Side::Canary => data.canary.merge(window),
+            for r in &entry.recent {
+                if r.at >= key.started_at && r.seq >= entry.read_upto {
+                    match r.side {
+                        Side::Stable => data.stable.merge(&r.window),
+                        Side::Canary => data.canary.merge(&r.window),
                     }
                 }
             }
             entry.stage = Some(key.clone());
             entry.stage_data = data;
         }
+        entry.read_upto = entry.next_seq;
         entry.stage_data.clone()
     }
 
@@ -112,13 +145,13 @@ impl MetricsStore {
     pub fn since(&self, service: &str, since: Millis) -> Pair {
         let mut data = Pair::default();
         if let Some(entry) = self.services.get(service) {
-            for (at, side, window) in entry.recent.iter().rev() {
-                if *at < since {
+            for r in entry.recent.iter().rev() {
+                if r.at < since {
                     break;
                 }
-                match side {
-                    Side::Stable => data.stable.merge(window),
-                    Side::Canary => data.canary.merge(window),
+                match r.side {
+                    Side::Stable => data.stable.merge(&r.window),
+                    Side::Canary => data.canary.merge(&r.window),
                 }
             }
         }
@@ -129,7 +162,7 @@ impl MetricsStore {
     pub fn prune(&mut self, now: Millis) {
         let horizon = now - self.retain.as_millis() as Millis;
         for entry in self.services.values_mut() {
-            while entry.recent.front().is_some_and(|(t, _, _)| *t < horizon) {
+            while entry.recent.front().is_some_and(|r| r.at < horizon) {
                 entry.recent.pop_front();
             }
         }
@@ -169,13 +202,32 @@ mod tests {
             (p.canary.requests, p.canary.errors, p.stable.requests),
             (20, 1, 90)
         );
-        // Next stage started at 1500: only what arrived since counts.
+        // Next stage started at 1500: only what arrived since (and was not read as stage 0's)
+        // counts.
+        m.record("api", Side::Canary, w(10, 0), 2_500);
         let p = m.stage("api", &key(1, 1_500), None);
         assert_eq!((p.canary.requests, p.stable.requests), (10, 0));
         m.record("api", Side::Canary, w(5, 5), 3_000);
         assert_eq!(m.stage("api", &key(1, 1_500), None).canary.requests, 15);
         // Other services are separate.
         assert_eq!(m.stage("web", &key(1, 1_500), None), Pair::default());
+    }
+
+    #[test]
+    fn a_report_received_in_the_millisecond_a_stage_ends_counts_in_that_stage_only() {
+        let mut m = MetricsStore::new(Duration::from_secs(60));
+        m.stage("api", &key(0, 0), None);
+        m.record("api", Side::Canary, w(10, 0), 1_000);
+        m.record("api", Side::Canary, w(7, 0), 2_000);
+        // The stage ends at 2000, read with the report of 2000 in it (its evidence) ...
+        assert_eq!(m.stage("api", &key(0, 0), None).canary.requests, 17);
+        // ... and a report arriving in that same millisecond after the read belongs to the
+        // next stage, which starts at 2000.
+        m.record("api", Side::Canary, w(3, 0), 2_000);
+        m.record("api", Side::Stable, w(4, 0), 2_500);
+        let p = m.stage("api", &key(1, 2_000), None);
+        assert_eq!((p.canary.requests, p.stable.requests), (3, 4));
+        // Every report counted exactly once over the two stages: 17 + 3 canary.
     }
 
     #[test]
