@@ -461,6 +461,23 @@ async fn without_declared_versions_undo_follows_the_last_rollouts_variants() {
     stack.cli_ok(&["rollout", "promote", &id]).await;
     stack.wait_nginx_weight(100).await;
     assert_eq!(stack.burst(100).await.of(CANARY), 100);
+    // The leader commits the service's upstream membership at its first once-a-second
+    // reconciliation; before that an undo has no members to name (and says so).
+    stack
+        .wait_until(
+            Duration::from_secs(10),
+            "the service's upstream membership to be committed",
+            async || {
+                let out = stack.cli(&["agent", "list", "--services", "--json"]).await;
+                serde_json::from_slice::<Value>(&out.stdout).is_ok_and(|v| {
+                    v.as_array().is_some_and(|a| {
+                        a.iter()
+                            .any(|s| s["name"] == common::SERVICE && s["from_inventory"] == true)
+                    })
+                })
+            },
+        )
+        .await;
 
     let out = stack
         .cli_ok(&["rollout", "undo", common::SERVICE, "--to-revision", "1"])
