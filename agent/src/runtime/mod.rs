@@ -26,7 +26,10 @@
 //!   runs, then the three tasks run until shutdown or the first failure.
 //! - `collector`: the collector task, generic over the metrics source.
 //! - `applier`: the applier task, generic over the traffic actuator: generations, retries,
-//!   the store, acks.
+//!   pacing, the store, acks.
+//! - `pacing`: when a new desired state may be applied through an actuator with a minimum
+//!   change interval (nginx: one reload per second; a change taking traffic away goes at
+//!   once), pure.
 //! - `report`: config and samples as proto messages (`Register`, a report's instance
 //!   windows and host metrics).
 //! - `testing` (tests only): the scaffolding of the end-to-end tests: a fake coordinator,
@@ -35,6 +38,7 @@
 
 mod applier;
 mod collector;
+mod pacing;
 mod report;
 #[cfg(test)]
 mod testing;
