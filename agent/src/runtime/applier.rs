@@ -27,7 +27,10 @@
 //! acknowledged: the ack of the newer generation covers them at the coordinator). A state
 //! that takes traffic away (a canary share down to 0, a server taken out, an override
 //! removed) is applied at once, and so is one that re-acks, is stale, or cannot be routed
-//! (its failure is acknowledged at once). The rule and why are in `pacing`. A held state
+//! (its failure is acknowledged at once). A failed apply does not start the interval (most
+//! failures, `nginx -t` refusing a file, change nothing live); its retries keep their own
+//! backoff, and one that falls within the interval waits for it. The rule and why are in
+//! `pacing`. A held state
 //! is dropped at shutdown without being applied; the store keeps the previous one, and the
 //! coordinator sends the newest again when the agent reconnects.
 //!
@@ -248,7 +251,7 @@ impl<A: TrafficActuator> Applier<A> {
             .take()
             .filter(|r| r.desired.generation == desired.generation)
             .and_then(|r| r.delay);
-        tracing::debug!(generation = %desired.generation, in_ = ?at.saturating_duration_since(Instant::now()), "holding the desired state for the change interval");
+        tracing::debug!(generation = %desired.generation, wait = ?at.saturating_duration_since(Instant::now()), "holding the desired state for the change interval");
         self.retry = Some(Retry { desired, delay, at });
     }
 
