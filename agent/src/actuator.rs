@@ -49,6 +49,16 @@ pub trait TrafficActuator: Send + 'static {
     fn resync_interval(&self) -> Option<Duration> {
         None
     }
+
+    /// The shortest time the runtime leaves between two changes of live traffic, for an
+    /// actuator whose every change costs something (nginx: each reload resets idle
+    /// keep-alive connections): the applier then holds a new desired state until this long
+    /// after the previous change went live, applies only the newest of those that arrived
+    /// meanwhile, and lets a change that takes traffic away (a rollback) through at once.
+    /// `None` (the default) applies every state as soon as the previous apply finished.
+    fn min_change_interval(&self) -> Option<Duration> {
+        None
+    }
 }
 
 /// Outcome of a successful [`TrafficActuator::apply`].
@@ -101,12 +111,20 @@ pub(crate) mod fake {
     /// servers).
     type Live = Vec<(u32, Option<String>, Vec<Server>)>;
 
+    /// See [`FakeActuator::journal`].
+    pub(crate) type Journal =
+        std::sync::Arc<std::sync::Mutex<Vec<(crate::store::Generation, tokio::time::Instant)>>>;
+
     pub(crate) struct FakeActuator {
         services: Vec<String>,
         /// Every `apply` call's desired state, in order.
         pub(crate) calls: Vec<DesiredState>,
         /// Every `apply` call's upstreams, in order.
         pub(crate) upstreams: Vec<Upstreams>,
+        /// Every `apply` call's generation and when it began (tokio's clock, so paused time
+        /// in tests), in order; shared, so a test can read it while the fake is owned by a
+        /// running applier.
+        pub(crate) journal: Journal,
         /// When set, every `apply` fails with this text (attributed like nginx's failures)
         /// and changes nothing.
         pub(crate) fail_with: Option<String>,
@@ -115,6 +133,8 @@ pub(crate) mod fake {
         live: Option<Live>,
         /// What [`TrafficActuator::resync_interval`] answers.
         pub(crate) resync: Option<Duration>,
+        /// What [`TrafficActuator::min_change_interval`] answers.
+        pub(crate) min_change_interval: Option<Duration>,
     }
 
     impl FakeActuator {
@@ -128,10 +148,12 @@ pub(crate) mod fake {
                 services: services.iter().map(|s| (*s).to_owned()).collect(),
                 calls: Vec::new(),
                 upstreams: Vec::new(),
+                journal: Journal::default(),
                 fail_with: None,
                 fail_times: None,
                 live: None,
                 resync: None,
+                min_change_interval: None,
             }
         }
     }
@@ -145,6 +167,10 @@ pub(crate) mod fake {
             self.resync
         }
 
+        fn min_change_interval(&self) -> Option<Duration> {
+            self.min_change_interval
+        }
+
         async fn apply(
             &mut self,
             desired: &DesiredState,
@@ -152,6 +178,10 @@ pub(crate) mod fake {
         ) -> Result<ActuatorOutcome, ActuatorFailure> {
             self.calls.push(desired.clone());
             self.upstreams.push(upstreams.clone());
+            self.journal
+                .lock()
+                .expect("journal lock")
+                .push((desired.generation, tokio::time::Instant::now()));
             let fail = |error| ActuatorFailure::attributed(&self.services, desired, error);
             if let Some(error) = &self.fail_with {
                 match &mut self.fail_times {

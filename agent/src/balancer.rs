@@ -59,6 +59,13 @@ impl TrafficActuator for Balancer {
         }
     }
 
+    fn min_change_interval(&self) -> Option<Duration> {
+        match self {
+            Balancer::Nginx(nginx) => nginx.min_change_interval(),
+            Balancer::Haproxy(haproxy) => haproxy.min_change_interval(),
+        }
+    }
+
     async fn apply(
         &mut self,
         desired: &DesiredState,

@@ -4,8 +4,10 @@
 //! - [`config`]: the agent's TOML file, parsed then validated into [`config::AgentConfig`].
 //! - [`runtime`]: [`runtime::run`] wires everything together until shutdown (collector,
 //!   applier and connection tasks), a module per concern: `runtime/collector.rs`,
-//!   `runtime/applier.rs`, `runtime/report.rs` (proto mapping). The applier's generation
-//!   logic and the collector's report building are generic over the two I/O edges below.
+//!   `runtime/applier.rs` (with `runtime/pacing.rs`: one nginx reload per second),
+//!   `runtime/report.rs` (proto mapping), `runtime/standalone.rs` (the applier on its own,
+//!   for benchmarks). The applier's generation logic and the collector's report building
+//!   are generic over the two I/O edges below.
 //! - [`connection`]: the gRPC session with the coordinator, reconnected with backoff.
 //! - [`store`]: the local sled store of the last applied desired state.
 //! - [`error`]: [`error::AgentError`], the agent's fatal errors.

@@ -23,6 +23,14 @@
 //! old workers to stop accepting. For that window a fresh connection can land on either
 //! generation. `apply_routes` returns once the new generation has answered every probe for
 //! [`RELOAD_SETTLE`], so that traffic after `Ok` follows the new routes.
+//!
+//! Why at most one reload per second ([`MIN_RELOAD_INTERVAL`], answered as
+//! [`crate::actuator::TrafficActuator::min_change_interval`]): every reload resets the idle
+//! keep-alive connections of the old workers, about 2 failed keep-alive requests per reload
+//! (docs/benchmarks.md §8), and an apply takes ~0.3 s, so a burst of desired states would
+//! otherwise reload ~3 times a second. The runtime's applier holds the states of a burst
+//! and applies the newest one a second after the previous reload; a change that takes
+//! traffic away (a rollback) is not held (`runtime/pacing.rs`).
 
 mod actuator_impl;
 mod local;
@@ -53,6 +61,11 @@ pub const POLL_INTERVAL: Duration = Duration::from_millis(10);
 /// Measured with nginx 1.22: old-generation answers appear up to ~100 ms after the first
 /// new one (130 ms after the reload command at worst over 30 reloads).
 pub const RELOAD_SETTLE: Duration = Duration::from_millis(200);
+/// The shortest time between two reloads of the same nginx: the applier holds the desired
+/// states of a burst and applies only the newest one this long after the previous reload
+/// (a change that takes traffic away goes at once). One second, the figure of the notes
+/// measured before serin started (keep-alive clients lose 2-4 requests per reload).
+pub const MIN_RELOAD_INTERVAL: Duration = Duration::from_secs(1);
 /// Upper bound on any single `nginx` command (`-v`, `-t`, `-s reload`).
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
 /// Placeholder generation used to compare renderings while ignoring the marker.

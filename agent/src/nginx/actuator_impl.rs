@@ -2,7 +2,7 @@
 //! service the local nginx carries ([`nginx_routes`], pure), then one site file and one
 //! reload ([`NginxActuator::apply_routes`]).
 
-use super::{Applied, NginxActuator, NginxSettings};
+use super::{Applied, MIN_RELOAD_INTERVAL, NginxActuator, NginxSettings};
 use crate::actuator::{ActuatorFailure, ActuatorOutcome, TrafficActuator};
 use crate::error::error_chain;
 use crate::store::DesiredState;
@@ -15,6 +15,12 @@ impl TrafficActuator for NginxActuator {
             .iter()
             .map(|s| s.service.clone())
             .collect()
+    }
+
+    /// Every change is a reload, which costs idle keep-alive connections: at most one per
+    /// [`MIN_RELOAD_INTERVAL`].
+    fn min_change_interval(&self) -> Option<std::time::Duration> {
+        Some(MIN_RELOAD_INTERVAL)
     }
 
     /// One site file carries every service, so a failure is attributed with

@@ -20,6 +20,20 @@
 //! pending. An unchanged balancer answers `Unchanged`; a change is logged as drift put back.
 //! Resyncs are not acknowledged (the generation already was).
 //!
+//! Pacing: an actuator whose every change costs something (nginx reloads) asks for a
+//! [`TrafficActuator::min_change_interval`]. A new desired state that arrives less than that
+//! after the previous change went live is held until the interval has passed; states that
+//! arrive meanwhile replace it (the newest wins, the ones in between are never applied nor
+//! acknowledged: the ack of the newer generation covers them at the coordinator). A state
+//! that takes traffic away (a canary share down to 0, a server taken out, an override
+//! removed) is applied at once, and so is one that re-acks, is stale, or cannot be routed
+//! (its failure is acknowledged at once). A failed apply does not start the interval (most
+//! failures, `nginx -t` refusing a file, change nothing live); its retries keep their own
+//! backoff, and one that falls within the interval waits for it. The rule and why are in
+//! `pacing`. A held state
+//! is dropped at shutdown without being applied; the store keeps the previous one, and the
+//! coordinator sends the newest again when the agent reconnects.
+//!
 //! Generations: a desired state older than the last applied one is ignored (a deposed
 //! leader cannot undo a newer decision); the same generation is acknowledged again without
 //! re-applying; a newer one is applied. A failed apply is not recorded, so the retries (and
@@ -32,6 +46,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::pacing::{hold_until, takes_traffic_away};
 use crate::actuator::{ActuatorFailure, ActuatorOutcome, TrafficActuator};
 use crate::error::error_chain;
 use crate::store::{DesiredState, Generation, LocalStore};
@@ -69,10 +84,14 @@ pub(super) struct Applier<A> {
     applied_tx: watch::Sender<Option<Generation>>,
     acks: mpsc::Sender<pb::Ack>,
     retry_delays: RetryDelays,
-    /// The newest desired state, when applying it failed: tried again at `Retry::at`.
+    /// The newest desired state, when applying it failed or it is held by the change
+    /// interval: applied at `Retry::at`.
     retry: Option<Retry>,
     /// The last state applied by this process: what a resync puts back.
     last_applied: Option<DesiredState>,
+    /// When the last change of live traffic (an apply or resync that was not `Unchanged`)
+    /// finished: the start of the actuator's `min_change_interval`.
+    last_change: Option<Instant>,
 }
 
 /// Delays between the attempts to apply a desired state that failed: `initial`, doubling up
@@ -99,10 +118,13 @@ impl RetryDelays {
     }
 }
 
-/// A failed desired state waiting to be applied again.
+/// A desired state waiting to be applied at `at`: a failed one waiting to be tried again, or
+/// one held by the actuator's change interval.
 struct Retry {
     desired: DesiredState,
-    delay: Duration,
+    /// The delay before this attempt, when it follows a failure (the backoff doubles it);
+    /// `None` for a state held before its first attempt.
+    delay: Option<Duration>,
     at: Instant,
 }
 
@@ -130,6 +152,7 @@ impl<A: TrafficActuator> Applier<A> {
             retry_delays: RetryDelays::default(),
             retry: None,
             last_applied: None,
+            last_change: None,
         }
     }
 
@@ -166,9 +189,70 @@ impl<A: TrafficActuator> Applier<A> {
             let Some(desired) = desired else {
                 continue;
             };
+            if self.behind_pending(&desired) {
+                continue;
+            }
+            if let Some(at) = self.held_until(&desired, Instant::now()) {
+                self.hold(desired, at);
+                continue;
+            }
             let failed = self.handle(&desired).await;
             self.schedule_retry(desired, failed);
         }
+    }
+
+    /// Whether `desired` is older than the state waiting to be applied (held or retried):
+    /// applying it would go back in time, so it is ignored like any stale state.
+    fn behind_pending(&self, desired: &DesiredState) -> bool {
+        let Some(pending) = self.retry.as_ref().map(|r| r.desired.generation) else {
+            return false;
+        };
+        let behind = desired.generation < pending;
+        if behind {
+            tracing::info!(
+                generation = %desired.generation,
+                %pending,
+                "ignoring a desired state older than the one waiting to be applied"
+            );
+        }
+        behind
+    }
+
+    /// Until when `desired` must wait for the actuator's change interval (see the module
+    /// doc), or `None` to handle it now.
+    fn held_until(&self, desired: &DesiredState, now: Instant) -> Option<Instant> {
+        let actuator = self.actuator.as_ref()?;
+        let at = hold_until(actuator.min_change_interval(), self.last_change, now)?;
+        if decide(self.applied, desired.generation) != Decision::Apply {
+            return None;
+        }
+        let live = self.last_applied.as_ref()?;
+        let carried = actuator.services();
+        // A state that cannot be routed fails without touching the actuator: at once.
+        let next_upstreams =
+            Upstreams::for_desired(desired, &self.local_upstreams, &carried).ok()?;
+        let live_upstreams = Upstreams::for_desired(live, &self.local_upstreams, &carried).ok()?;
+        if let Some(reason) = takes_traffic_away(
+            &carried,
+            (live, &live_upstreams),
+            (desired, &next_upstreams),
+        ) {
+            tracing::info!(generation = %desired.generation, %reason, "takes traffic away: applying it without waiting");
+            return None;
+        }
+        Some(at)
+    }
+
+    /// Holds `desired` until `at`, in place of any older state waiting (a newer state
+    /// supersedes a retry of an older one); a retry of the same generation keeps its backoff.
+    fn hold(&mut self, desired: DesiredState, at: Instant) {
+        let delay = self
+            .retry
+            .take()
+            .filter(|r| r.desired.generation == desired.generation)
+            .and_then(|r| r.delay);
+        tracing::debug!(generation = %desired.generation, wait = ?at.saturating_duration_since(Instant::now()), "holding the desired state for the change interval");
+        self.retry = Some(Retry { desired, delay, at });
     }
 
     /// After handling `desired`: retries it later if it `failed`, else drops a pending retry
@@ -178,12 +262,12 @@ impl<A: TrafficActuator> Applier<A> {
         if failed {
             let previous = pending
                 .filter(|r| r.desired.generation == desired.generation)
-                .map(|r| r.delay);
+                .and_then(|r| r.delay);
             let delay = self.retry_delays.after(previous);
             tracing::info!(generation = %desired.generation, retry_in = ?delay, "will retry the failed apply");
             self.retry = Some(Retry {
                 desired,
-                delay,
+                delay: Some(delay),
                 at: Instant::now() + delay,
             });
         } else {
@@ -230,11 +314,14 @@ impl<A: TrafficActuator> Applier<A> {
         };
         match actuator.apply(desired, &upstreams).await {
             Ok(ActuatorOutcome::Unchanged) => {}
-            Ok(ActuatorOutcome::Changed { elapsed }) => tracing::warn!(
-                %generation,
-                ?elapsed,
-                "the balancer's live traffic differed from the applied state; put it back"
-            ),
+            Ok(ActuatorOutcome::Changed { elapsed }) => {
+                self.last_change = Some(Instant::now());
+                tracing::warn!(
+                    %generation,
+                    ?elapsed,
+                    "the balancer's live traffic differed from the applied state; put it back"
+                );
+            }
             Err(ActuatorFailure { error, .. }) => {
                 tracing::warn!(%generation, %error, "could not check or put back the applied traffic");
             }
@@ -271,7 +358,10 @@ impl<A: TrafficActuator> Applier<A> {
                 }
             };
             match actuator.apply(desired, &upstreams).await {
-                Ok(ActuatorOutcome::Changed { elapsed }) => reload = Some(elapsed),
+                Ok(ActuatorOutcome::Changed { elapsed }) => {
+                    self.last_change = Some(Instant::now());
+                    reload = Some(elapsed);
+                }
                 Ok(ActuatorOutcome::Unchanged) => {}
                 Err(ActuatorFailure { services, error }) => {
                     tracing::warn!(%generation, weights, %error, "apply failed");
@@ -828,6 +918,228 @@ mod tests {
                 .await
                 .is_err(),
             "the superseded generation was retried"
+        );
+        shutdown.cancel();
+        task.await.expect("applier task");
+    }
+
+    /// A running applier over a fake actuator that asks for one second between changes,
+    /// with the fake's journal of (generation, when applied).
+    struct Paced {
+        shutdown: CancellationToken,
+        task: JoinHandle<()>,
+        acks: mpsc::Receiver<pb::Ack>,
+        desired: watch::Sender<Option<DesiredState>>,
+        store: LocalStore,
+        journal: crate::actuator::fake::Journal,
+        _dir: tempfile::TempDir,
+    }
+
+    const SECOND: Duration = Duration::from_secs(1);
+
+    impl Paced {
+        fn start() -> Self {
+            let mut fake = FakeActuator::new(&["web"]);
+            fake.min_change_interval = Some(SECOND);
+            let journal = fake.journal.clone();
+            let mut h = ApplierHarness::new(Some(fake));
+            let dir = std::mem::replace(&mut h._dir, tempfile::tempdir().expect("tempdir"));
+            let (shutdown, task, acks, desired, store) = spawn_applier(h);
+            Paced {
+                shutdown,
+                task,
+                acks,
+                desired,
+                store,
+                journal,
+                _dir: dir,
+            }
+        }
+
+        fn send(&self, index: u64, weight: u32) {
+            self.desired
+                .send_replace(Some(desired_state(1, index, &[("web", weight)])));
+        }
+
+        /// The generations applied, each with when, relative to `since`.
+        fn applied_since(&self, since: Instant) -> Vec<(u64, Duration)> {
+            self.journal
+                .lock()
+                .expect("journal lock")
+                .iter()
+                .map(|(g, at)| (g.index, at.duration_since(since)))
+                .collect()
+        }
+
+        /// Every ack waiting, as (index, failures), after letting the applier run until it
+        /// waits on something (paused time: nothing advances the clock here).
+        async fn acks(&mut self) -> Vec<(u64, usize)> {
+            for _ in 0..10 {
+                tokio::task::yield_now().await;
+            }
+            let mut acks = Vec::new();
+            while let Ok(ack) = self.acks.try_recv() {
+                let generation: Generation = ack.generation.expect("a generation").into();
+                acks.push((generation.index, ack.failures.len()));
+            }
+            acks
+        }
+
+        async fn stop(self) -> LocalStore {
+            self.shutdown.cancel();
+            self.task.await.expect("applier task");
+            self.store
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_of_ten_states_in_a_second_is_two_applies_the_last_one_the_newest() {
+        let mut p = Paced::start();
+        let started = Instant::now();
+        for index in 1..=10 {
+            p.send(index, [5, 10, 25, 50][index as usize % 4]);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // The first at once; 2..=10 arrived within the second after it: only the newest,
+        // once the second has passed.
+        assert_eq!(next_ack(&mut p.acks).await, (generation(1, 1), 0));
+        assert_eq!(next_ack(&mut p.acks).await, (generation(1, 10), 0));
+        let applied = p.applied_since(started);
+        assert_eq!(
+            applied,
+            [(1, Duration::ZERO), (10, SECOND)],
+            "applied (index, at)"
+        );
+        // Nothing else is applied or acknowledged later.
+        tokio::time::sleep(10 * SECOND).await;
+        assert_eq!(p.acks().await, []);
+        assert_eq!(p.applied_since(started).len(), 2);
+        let store = p.stop().await;
+        let stored = store.last_applied().expect("store readable");
+        assert_eq!(stored.map(|d| d.generation), Some(generation(1, 10)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn changes_spread_out_are_each_applied_and_a_burst_never_applies_twice_in_a_second() {
+        let mut p = Paced::start();
+        let started = Instant::now();
+        // 30 states 50 ms apart (a canary share going up), then one every 1.5 s.
+        for index in 1..=30 {
+            p.send(index, 1 + (index as u32 % 3));
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        for index in 31..=33 {
+            p.send(index, 10 + index as u32);
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+        }
+        let applied = p.applied_since(started);
+        let gaps: Vec<Duration> = applied.windows(2).map(|w| w[1].1 - w[0].1).collect();
+        assert!(gaps.iter().all(|g| *g >= SECOND), "{applied:?}");
+        // In order, the newest of each window, and the spread-out ones each at once.
+        let indexes: Vec<u64> = applied.iter().map(|(i, _)| *i).collect();
+        assert!(indexes.windows(2).all(|w| w[0] < w[1]), "{indexes:?}");
+        assert_eq!(indexes.first(), Some(&1));
+        assert!(indexes.ends_with(&[31, 32, 33]), "{indexes:?}");
+        // Every apply was acknowledged, and nothing else.
+        let acked: Vec<u64> = p.acks().await.into_iter().map(|(i, _)| i).collect();
+        assert_eq!(acked, indexes);
+        p.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_rollback_is_applied_at_once_and_supersedes_the_held_state() {
+        let mut p = Paced::start();
+        let started = Instant::now();
+        p.send(1, 10);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        p.send(2, 25); // held: 100 ms after the change
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        p.send(3, 0); // the rollback: at once, and 2 is never applied
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(p.acks().await, [(1, 0), (3, 0)]);
+        assert_eq!(
+            p.applied_since(started),
+            [(1, Duration::ZERO), (3, Duration::from_millis(200))]
+        );
+        // A new rollout's first stage right after waits for the second after the rollback.
+        p.send(4, 5);
+        assert_eq!(next_ack(&mut p.acks).await, (generation(1, 4), 0));
+        assert_eq!(
+            p.applied_since(started).last(),
+            Some(&(4, Duration::from_millis(1200)))
+        );
+        tokio::time::sleep(10 * SECOND).await;
+        assert_eq!(p.acks().await, [], "the held generation 2 was never acked");
+        p.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_older_state_arriving_while_one_is_held_is_ignored() {
+        let mut p = Paced::start();
+        let started = Instant::now();
+        p.send(1, 10);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        p.send(5, 25); // held
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        p.send(4, 50); // a deposed leader's, older than the held one
+        assert_eq!(next_ack(&mut p.acks).await, (generation(1, 1), 0));
+        assert_eq!(next_ack(&mut p.acks).await, (generation(1, 5), 0));
+        tokio::time::sleep(10 * SECOND).await;
+        assert_eq!(p.acks().await, []);
+        assert_eq!(p.applied_since(started), [(1, Duration::ZERO), (5, SECOND)]);
+        p.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_interval_runs_from_a_change_not_from_an_apply_that_changed_nothing() {
+        let mut p = Paced::start();
+        let started = Instant::now();
+        p.send(1, 10);
+        tokio::time::sleep(2 * SECOND).await;
+        p.send(2, 10); // same traffic: the fake answers Unchanged
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        p.send(3, 25); // 2.1 s after the last change: at once
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(p.acks().await, [(1, 0), (2, 0), (3, 0)]);
+        assert_eq!(
+            p.applied_since(started),
+            [
+                (1, Duration::ZERO),
+                (2, 2 * SECOND),
+                (3, Duration::from_millis(2100))
+            ]
+        );
+        p.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_held_state_that_then_fails_is_retried_with_backoff_and_acked_each_time() {
+        let mut fake = FakeActuator::new(&["web"]);
+        fake.min_change_interval = Some(SECOND);
+        let journal = fake.journal.clone();
+        let (shutdown, task, mut acks, desired, _store) =
+            spawn_applier(ApplierHarness::new(Some(fake)));
+        let started = Instant::now();
+        desired.send_replace(Some(desired_state(1, 1, &[("web", 10)])));
+        assert_eq!(next_ack(&mut acks).await, (generation(1, 1), 0));
+        // 150 is refused by the actuator: held for the second, then failed and retried.
+        desired.send_replace(Some(desired_state(1, 2, &[("web", 150)])));
+        assert_eq!(next_ack(&mut acks).await, (generation(1, 2), 1));
+        assert_eq!(next_ack(&mut acks).await, (generation(1, 2), 1));
+        let at: Vec<(u64, Duration)> = journal
+            .lock()
+            .expect("journal lock")
+            .iter()
+            .map(|(g, at)| (g.index, at.duration_since(started)))
+            .collect();
+        // The harness's retry delays start at 10 ms.
+        assert_eq!(
+            at,
+            [
+                (1, Duration::ZERO),
+                (2, SECOND),
+                (2, SECOND + Duration::from_millis(10))
+            ]
         );
         shutdown.cancel();
         task.await.expect("applier task");

@@ -26,16 +26,22 @@
 //!   runs, then the three tasks run until shutdown or the first failure.
 //! - `collector`: the collector task, generic over the metrics source.
 //! - `applier`: the applier task, generic over the traffic actuator: generations, retries,
-//!   the store, acks.
+//!   pacing, the store, acks.
+//! - `pacing`: when a new desired state may be applied through an actuator with a minimum
+//!   change interval (nginx: one reload per second; a change taking traffic away goes at
+//!   once), pure.
 //! - `report`: config and samples as proto messages (`Register`, a report's instance
 //!   windows and host metrics).
+//! - `standalone`: [`StandaloneApplier`], the applier task on its own (benchmarks, tools).
 //! - `testing` (tests only): the scaffolding of the end-to-end tests: a fake coordinator,
 //!   in-test HTTP endpoints, starting and stopping an agent.
 //! - `tests`: [`run`] end to end against the fake coordinator, and through real nginx.
 
 mod applier;
 mod collector;
+mod pacing;
 mod report;
+mod standalone;
 #[cfg(test)]
 mod testing;
 #[cfg(test)]
@@ -60,6 +66,7 @@ use crate::store::LocalStore;
 use applier::Applier;
 use collector::Collector;
 use report::register;
+pub use standalone::{StandaloneAck, StandaloneApplier};
 
 /// Reports waiting for the connection; more are dropped (they are soft state).
 const REPORT_QUEUE: usize = 2;

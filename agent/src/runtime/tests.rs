@@ -430,6 +430,93 @@ async fn applies_desired_weights_through_real_nginx() {
     nginx.stop().await;
 }
 
+/// Real nginx, at most one reload per second: two states sent together within the second
+/// after a reload are one reload, of the newest (the one in between is never applied nor
+/// acknowledged); a rollback to 0% right after it is applied too, and every request then
+/// reaches stable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_through_real_nginx_applies_only_its_newest_state_then_a_rollback() {
+    let binary = find_nginx()
+        .expect("nginx not found on PATH or at /usr/sbin/nginx: apt-get install -y nginx");
+    let stable = http_server(|n| metrics_page(n, "backend stable")).await;
+    let canary = http_server(|n| metrics_page(n, "backend canary")).await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let coordinator = listener.local_addr().expect("addr");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let nginx = LocalNginx::start(&dir.path().join("nginx"), &binary)
+        .await
+        .expect("local nginx starts");
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut config = AgentConfig::from_toml(&format!(
+        "name = \"lb-1\"\ncoordinators = [\"http://{coordinator}\"]\ninterval = \"100ms\"\n\
+         data_dir = \"{}\"\n",
+        dir.path().join("agent").display(),
+    ))
+    .expect("valid config");
+    config.nginx = Some(nginx.settings(vec![BalancedService {
+        service: "web".into(),
+        listen: listen.clone(),
+    }]));
+    let servers = [
+        ("web-stable", stable.addr, crate::traffic::Variant::Stable),
+        ("web-canary", canary.addr, crate::traffic::Variant::Canary),
+    ]
+    .map(
+        |(instance, address, variant)| crate::store::UpstreamServer {
+            instance: instance.into(),
+            address: address.to_string(),
+            variant,
+            weight: 1,
+            agent: "app-1".into(),
+        },
+    );
+    let at = |weight| crate::store::ServiceTraffic {
+        servers: servers.to_vec(),
+        from_inventory: true,
+        ..traffic("web", weight, None)
+    };
+
+    let mut server = TestServer::start(listener).await;
+    let (shutdown, agent) = run_agent(config).await;
+    let down = server.session().await;
+    expect_register(server.message("Register").await);
+
+    send_desired(&down, 1, 1, vec![at(10)]).await;
+    let ack = server.ack().await;
+    assert_eq!(ack.generation, Some(pb::Generation { term: 1, index: 1 }));
+    // Both within the second after that reload: 2 is held, then replaced by 3. (The gap
+    // lets the applier pick 2 up on its own: without the limit it would reload for it and
+    // ack it before 3.)
+    send_desired(&down, 1, 2, vec![at(25)]).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    send_desired(&down, 1, 3, vec![at(50)]).await;
+    let ack = server.ack().await;
+    assert_eq!(
+        ack.generation,
+        Some(pb::Generation { term: 1, index: 3 }),
+        "the held generation 2 was applied"
+    );
+    assert!(ack.failures.is_empty(), "{:?}", ack.failures);
+    let marker = format!("http://{listen}{}", crate::nginx::GENERATION_PATH);
+    assert_eq!(get_body(&marker).await.trim(), "1.3");
+
+    // The rollback, within the second after that reload.
+    send_desired(&down, 1, 4, vec![at(0)]).await;
+    let ack = server.ack().await;
+    assert_eq!(ack.generation, Some(pb::Generation { term: 1, index: 4 }));
+    assert!(ack.failures.is_empty(), "{:?}", ack.failures);
+    assert_eq!(get_body(&marker).await.trim(), "1.4");
+    for _ in 0..5 {
+        let body = get_body(&format!("http://{listen}/")).await;
+        assert!(body.contains("backend stable"), "{body}");
+    }
+
+    stop_agent(shutdown, agent).await;
+    drop(down);
+    server.stop().await;
+    nginx.stop().await;
+}
+
 /// A balancer-only agent (no `[[instances]]`) starts and, through a real nginx, routes a
 /// service to the servers the coordinator sends over the session, not to local ones.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
