@@ -418,6 +418,9 @@ async fn a_rollback_an_agent_cannot_apply_is_shown_as_not_applied_with_the_agent
         .as_ref()
         .and_then(|n| n.pid())
         .expect("nginx master pid");
+    // The master's workers outlive it (nginx's own stop cannot reach them any more): they are
+    // SIGKILLed when the test ends, pass or fail.
+    let _workers = OrphanedWorkers(children_of(master));
     let killed = std::process::Command::new("kill")
         .args(["-KILL", &master.to_string()])
         .status()
@@ -465,4 +468,38 @@ async fn a_rollback_an_agent_cannot_apply_is_shown_as_not_applied_with_the_agent
         listed.contains("aborted ⚠ 1 agent(s) not applied"),
         "{list}"
     );
+}
+
+/// The pids of `parent`'s children (from `/proc/*/stat`'s ppid field).
+fn children_of(parent: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|stat| {
+                    // Fields after the command name, which is in parentheses and may hold spaces.
+                    let rest = stat.rsplit_once(')')?.1.to_owned();
+                    rest.split_whitespace().nth(1)?.parse::<u32>().ok()
+                })
+                == Some(parent)
+        })
+        .collect()
+}
+
+/// Processes SIGKILLed on drop: an nginx master's workers once the master was killed.
+struct OrphanedWorkers(Vec<u32>);
+
+impl Drop for OrphanedWorkers {
+    fn drop(&mut self) {
+        for pid in &self.0 {
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
+    }
 }
