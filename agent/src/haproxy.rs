@@ -32,8 +32,8 @@
 //!
 //! **Reloads** happen only for structural changes: the first apply after the agent starts
 //! (it cannot know what the running HAProxy was started from), a new or changed service, a
-//! listen or algorithm change, more servers than slots, or a running HAProxy that lacks a
-//! backend. The file is checked with `haproxy -c` before it replaces the live one (only for
+//! listen or algorithm change, more servers than slots, override names that change, or a
+//! running HAProxy that lacks a backend. The file is checked with `haproxy -c` before it replaces the live one (only for
 //! these: `-c` takes ~100 ms, and a rewrite of server lines from parsed IPs and bounded
 //! weights within a checked structure cannot break it), then
 //! `reload` goes to the master CLI socket; the reload counts once a new worker (another
@@ -49,7 +49,8 @@
 //! the actuator did not cause is logged as a restart.
 //!
 //! **Failures.** Refusals (a weight above 100, a sticky split, a variant with traffic and no
-//! server, a server that is not `IP:port`) happen before anything is touched, so the previous
+//! server, a server that is not `IP:port`, an override name outside
+//! `serin_proto::overrides`' rules) happen before anything is touched, so the previous
 //! traffic stays live. A runtime command HAProxy refuses halfway (it should not: every value
 //! is checked first) leaves the slots partly changed and the file already rewritten; the
 //! apply fails, and its retry (or the next resync) plans again from what is live.
@@ -63,15 +64,29 @@
 //! hashes a key into a percentage; the HAProxy equivalent (a `use_backend` rule on
 //! `req.cook(uid),crc32,mod(100)` compared with the canary percentage) would need the
 //! percentage in the config (a reload per stage) or in a map updated with `set map`, and a
-//! backend per variant. That is the plan below, not built yet.
+//! backend per variant. The per-variant backends of the overrides below are that second
+//! half; the hashing rule is not built yet.
 //!
-//! **Header and cookie overrides (next):** the plan is to render, beside `serin_<svc>`, a
-//! backend per variant, `serin_<svc>_stable` and `serin_<svc>_canary`, whose slots mirror
-//! the variant's servers (the same commands, sent to both backends), and in the frontend a
-//! rule per override before `default_backend`, e.g.
-//! `use_backend serin_<svc>_canary if { req.hdr(X-Serin-Variant) -m str canary }`. The
-//! override list is structure (a reload when it changes); the per-variant slots are runtime
-//! state like the rest. The same per-variant backends carry a sticky split.
+//! **Header and cookie overrides** ([`VariantOverride`], whose docs hold the rules and
+//! `choose`, the reference the real-HAProxy tests compare every header × cookie value
+//! against): a service whose desired state names an override header or cookie gets, beside
+//! `serin_<svc>`, a backend per variant, `serin_<svc>_stable` and `serin_<svc>_canary`,
+//! with as many slots as the main one, holding that variant's servers at weight 1 (an
+//! override ignores the split: spread evenly within the variant) and the same
+//! membership as the main backend (servers leaving are parked there too). The frontend
+//! gets four rules before `default_backend`, header before cookie:
+//! `use_backend serin_<svc>_canary if { req.fhdr(X-Serin-Variant) -m str -i canary }
+//! { nbsrv(serin_<svc>_canary) gt 0 }`, the same for `stable`, then the same on
+//! `req.cook(name)`. `nbsrv` counts only usable servers (not in maintenance, weight above
+//! 0), so a variant whose servers all left falls through to the next rule and then the
+//! split at run time: no rendering decision depends on membership, and membership changes
+//! stay runtime commands (sent to every backend of the service). The override names are
+//! structure: turning overrides on or off, or renaming them, is one checked reload (the
+//! coordinator sends them for the whole active rollout, so about two reloads per rollout);
+//! weight and membership changes with overrides active are not. A service whose own
+//! backend name is another service's override backend (`web_canary` beside `web`) is
+//! refused at config load. Metrics need nothing: the request reaches an instance of the
+//! chosen variant, whose agent scrapes it.
 
 mod local;
 mod plan;
