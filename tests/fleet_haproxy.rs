@@ -4,7 +4,9 @@
 //! (a keep-alive client and a connection-per-request client) during a rollout that goes
 //! through three stages to promotion: not one request fails, HAProxy is never reloaded for
 //! the weight changes, and the split measured through it at the 50% stage lies within a
-//! binomial tolerance. Before the rollout, HAProxy is killed and restarted from a config
+//! binomial tolerance. The strategy names an override header: at the 10% stage every request
+//! carrying `X-Serin-Variant: canary` reaches the canary (turning the override on and off, at
+//! the rollout's start and end, are its only reloads, and they fail no request either). Before the rollout, HAProxy is killed and restarted from a config
 //! without the service, and a weight is changed by hand: the balancer agent puts both back.
 //!
 //! Needs root, iproute2 and haproxy (CI installs them); without them the test fails naming
@@ -254,7 +256,7 @@ async fn haproxy_fed_by_the_inventory_is_put_back_after_a_restart_and_promotes_a
     let url = format!("http://{listen}/");
     let before = common::burst(&url, 40, 2).await;
     assert_eq!(before.of("v1"), 40, "{before:?}\n{}", diagnostics());
-    let worker = api.process().await.expect("show info").pid;
+    let before_rollout = api.process().await.expect("show info").pid;
 
     // Load through HAProxy for the whole rollout.
     let keep_alive = Loop::start(
@@ -272,7 +274,8 @@ async fn haproxy_fed_by_the_inventory_is_put_back_after_a_restart_and_promotes_a
         &strategy,
         "[[stages]]\nweight = 10\nmin_duration = \"3s\"\n\n[[stages]]\nweight = 50\nmin_duration = \"8s\"\n\n\
          [[stages]]\nweight = 100\nmin_duration = \"2s\"\n\n[[checks]]\nname = \"errors\"\n\
-         metric = \"error_rate\"\nmax = 0.05\nmin_requests = 5\n",
+         metric = \"error_rate\"\nmax = 0.05\nmin_requests = 5\n\n\
+         [traffic]\noverride_header = \"X-Serin-Variant\"\n",
     )
     .expect("writing strategy.toml");
     let out = cli_at(
@@ -301,6 +304,37 @@ async fn haproxy_fed_by_the_inventory_is_put_back_after_a_restart_and_promotes_a
         diagnostics,
     )
     .await;
+    // The override header reaches the canary at 10%, and the rest still splits.
+    let worker = api.process().await.expect("show info").pid;
+    assert_ne!(
+        worker,
+        before_rollout,
+        "turning the override on is a reload (new backends and rules)\n{}",
+        diagnostics()
+    );
+    let tester = reqwest::Client::builder()
+        .no_proxy()
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(5))
+        .default_headers(
+            [(
+                reqwest::header::HeaderName::from_static("x-serin-variant"),
+                reqwest::header::HeaderValue::from_static("Canary"),
+            )]
+            .into_iter()
+            .collect(),
+        )
+        .build()
+        .expect("client");
+    for i in 0..20 {
+        let answer = get_version(&tester, &url).await;
+        assert_eq!(
+            answer,
+            Ok((200, "v2".to_owned())),
+            "request {i} with X-Serin-Variant: Canary at 10%\n{}",
+            diagnostics()
+        );
+    }
     // 50%: 1, 1 : 2.
     wait_for(
         Duration::from_secs(30),
@@ -310,6 +344,12 @@ async fn haproxy_fed_by_the_inventory_is_put_back_after_a_restart_and_promotes_a
     )
     .await;
     let half = common::burst(&url, 400, 4).await;
+    assert_eq!(
+        api.process().await.expect("show info").pid,
+        worker,
+        "the weight change from 10% to 50% reloaded HAProxy\n{}",
+        diagnostics()
+    );
     let canary = half.of("v2") as f64;
     // 50% of 400: mean 200, sd 10; 4.5 sd either way.
     assert!(
@@ -345,12 +385,6 @@ async fn haproxy_fed_by_the_inventory_is_put_back_after_a_restart_and_promotes_a
             "{name} client saw both versions: {counts:?}"
         );
     }
-    assert_eq!(
-        api.process().await.expect("show info").pid,
-        worker,
-        "the weight changes of the rollout reloaded HAProxy\n{}",
-        diagnostics()
-    );
     drop(lb);
     haproxy.stop().await;
 }

@@ -32,8 +32,8 @@
 //!
 //! **Reloads** happen only for structural changes: the first apply after the agent starts
 //! (it cannot know what the running HAProxy was started from), a new or changed service, a
-//! listen or algorithm change, more servers than slots, or a running HAProxy that lacks a
-//! backend. The file is checked with `haproxy -c` before it replaces the live one (only for
+//! listen or algorithm change, more servers than slots, override names that change, or a
+//! running HAProxy that lacks a backend. The file is checked with `haproxy -c` before it replaces the live one (only for
 //! these: `-c` takes ~100 ms, and a rewrite of server lines from parsed IPs and bounded
 //! weights within a checked structure cannot break it), then
 //! `reload` goes to the master CLI socket; the reload counts once a new worker (another
@@ -49,7 +49,8 @@
 //! the actuator did not cause is logged as a restart.
 //!
 //! **Failures.** Refusals (a weight above 100, a sticky split, a variant with traffic and no
-//! server, a server that is not `IP:port`) happen before anything is touched, so the previous
+//! server, a server that is not `IP:port`, an override name outside
+//! `serin_proto::overrides`' rules) happen before anything is touched, so the previous
 //! traffic stays live. A runtime command HAProxy refuses halfway (it should not: every value
 //! is checked first) leaves the slots partly changed and the file already rewritten; the
 //! apply fails, and its retry (or the next resync) plans again from what is live.
@@ -63,15 +64,29 @@
 //! hashes a key into a percentage; the HAProxy equivalent (a `use_backend` rule on
 //! `req.cook(uid),crc32,mod(100)` compared with the canary percentage) would need the
 //! percentage in the config (a reload per stage) or in a map updated with `set map`, and a
-//! backend per variant. That is the plan below, not built yet.
+//! backend per variant. The per-variant backends of the overrides below are that second
+//! half; the hashing rule is not built yet.
 //!
-//! **Header and cookie overrides (next):** the plan is to render, beside `serin_<svc>`, a
-//! backend per variant, `serin_<svc>_stable` and `serin_<svc>_canary`, whose slots mirror
-//! the variant's servers (the same commands, sent to both backends), and in the frontend a
-//! rule per override before `default_backend`, e.g.
-//! `use_backend serin_<svc>_canary if { req.hdr(X-Serin-Variant) -m str canary }`. The
-//! override list is structure (a reload when it changes); the per-variant slots are runtime
-//! state like the rest. The same per-variant backends carry a sticky split.
+//! **Header and cookie overrides** ([`VariantOverride`], whose docs hold the rules and
+//! `choose`, the reference the real-HAProxy tests compare every header × cookie value
+//! against): a service whose desired state names an override header or cookie gets, beside
+//! `serin_<svc>`, a backend per variant, `serin_<svc>_stable` and `serin_<svc>_canary`,
+//! with as many slots as the main one, holding that variant's servers at weight 1 (an
+//! override ignores the split: spread evenly within the variant) and the same
+//! membership as the main backend (servers leaving are parked there too). The frontend
+//! gets four rules before `default_backend`, header before cookie:
+//! `use_backend serin_<svc>_canary if { req.fhdr(X-Serin-Variant) -m str -i canary }
+//! { nbsrv(serin_<svc>_canary) gt 0 }`, the same for `stable`, then the same on
+//! `req.cook(name)`. `nbsrv` counts only usable servers (not in maintenance, weight above
+//! 0), so a variant whose servers all left falls through to the next rule and then the
+//! split at run time: no rendering decision depends on membership, and membership changes
+//! stay runtime commands (sent to every backend of the service). The override names are
+//! structure: turning overrides on or off, or renaming them, is one checked reload (the
+//! coordinator sends them for the whole active rollout, so about two reloads per rollout);
+//! weight and membership changes with overrides active are not. A service whose own
+//! backend name is another service's override backend (`web_canary` beside `web`) is
+//! refused at config load. Metrics need nothing: the request reaches an instance of the
+//! chosen variant, whose agent scrapes it.
 
 mod local;
 mod plan;
@@ -93,11 +108,13 @@ use tokio::time::Instant;
 use crate::actuator::{ActuatorFailure, ActuatorOutcome, TrafficActuator};
 use crate::error::error_chain;
 use crate::store::DesiredState;
-use crate::traffic::{Route, Upstreams, Variant};
+use crate::traffic::{Route, Upstreams, Variant, VariantOverride};
 
 pub use local::{LocalHaproxy, find_haproxy};
 pub use plan::{SlotServer, assign, commands, slot_count, slot_name};
-pub use render::{PARKED_ADDRESS, RenderError, RenderedService, backend_name, render_config};
+pub use render::{
+    PARKED_ADDRESS, RenderError, RenderedService, backend_name, render_config, variant_backend_name,
+};
 pub use runtime_api::{LiveSlot, ProcessInfo, RuntimeApi, RuntimeApiError};
 pub use settings::{Algorithm, HaproxyService, HaproxySettings};
 pub use weights::{MAX_SHARE_ERROR, MAX_WEIGHT, canary_share, haproxy_weights};
@@ -187,10 +204,50 @@ pub struct ServicePlan {
     pub algorithm: Algorithm,
     /// Every server of both variants, with its HAProxy weight.
     pub servers: Vec<SlotServer>,
+    /// The header and cookie that pick a variant (none: no override backends).
+    pub overrides: VariantOverride,
+    /// The stable servers at weight 1: the slots of `serin_<svc>_stable` (used only with
+    /// overrides).
+    pub stable: Vec<SlotServer>,
+    /// The canary servers at weight 1: the slots of `serin_<svc>_canary` (used only with
+    /// overrides).
+    pub canary: Vec<SlotServer>,
 }
 
-/// What the structure of the live config is: per service (listen, algorithm, slot count).
-type Structure = Vec<(String, String, Algorithm, usize)>;
+impl ServicePlan {
+    /// The backends this plan fills, each with the servers its slots must hold: the main
+    /// one, then with overrides the stable and the canary one.
+    fn backends(&self) -> Vec<(String, &[SlotServer])> {
+        let mut backends = vec![(backend_name(&self.service), self.servers.as_slice())];
+        if !self.overrides.is_none() {
+            backends.push((
+                variant_backend_name(&self.service, Variant::Stable),
+                self.stable.as_slice(),
+            ));
+            backends.push((
+                variant_backend_name(&self.service, Variant::Canary),
+                self.canary.as_slice(),
+            ));
+        }
+        backends
+    }
+}
+
+/// What a reload made live for one service: anything else differing is structural. The
+/// override names are structure (they add backends and frontend rules); which servers the
+/// override backends hold is not.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ServiceStructure {
+    service: String,
+    listen: String,
+    algorithm: Algorithm,
+    /// Slots of every backend of the service.
+    slots: usize,
+    overrides: VariantOverride,
+}
+
+/// The structure of the live config: one entry per carried service.
+type Structure = Vec<ServiceStructure>;
 
 /// Drives one HAProxy through its admin and master sockets.
 #[derive(Debug)]
@@ -313,42 +370,57 @@ impl HaproxyActuator {
         }
         self.last_pid = Some(info.pid);
 
-        let mut live = Vec::with_capacity(plans.len());
+        // Per plan, per backend (see `ServicePlan::backends`): the live slots.
+        let mut live: Vec<Vec<Vec<LiveSlot>>> = Vec::with_capacity(plans.len());
         let mut missing_backend = false;
         for plan in plans {
-            match self.api.servers_state(&backend_name(&plan.service)).await {
-                Ok(slots) => live.push(slots),
-                Err(RuntimeApiError::NoBackend { .. }) => {
-                    missing_backend = true;
-                    live.push(Vec::new());
+            let mut per_backend = Vec::new();
+            for (backend, _) in plan.backends() {
+                match self.api.servers_state(&backend).await {
+                    Ok(slots) => per_backend.push(slots),
+                    Err(RuntimeApiError::NoBackend { .. }) => {
+                        missing_backend = true;
+                        per_backend.push(Vec::new());
+                    }
+                    Err(e) => return Err(e.into()),
                 }
-                Err(e) => return Err(e.into()),
             }
+            live.push(per_backend);
         }
         let structure: Structure = plans
             .iter()
-            .map(|p| {
-                (
-                    p.service.clone(),
-                    p.listen.clone(),
-                    p.algorithm,
-                    slot_count(p.servers.len(), self.settings.slots),
-                )
+            .map(|p| ServiceStructure {
+                service: p.service.clone(),
+                listen: p.listen.clone(),
+                algorithm: p.algorithm,
+                slots: slot_count(p.servers.len(), self.settings.slots),
+                overrides: p.overrides.clone(),
             })
             .collect();
         let counts_match = live
             .iter()
             .zip(&structure)
-            .all(|(slots, s)| slots.len() == s.3);
+            .all(|(backends, s)| backends.iter().all(|slots| slots.len() == s.slots));
         let rendered: Vec<RenderedService> = plans
             .iter()
             .zip(&live)
             .zip(&structure)
-            .map(|((plan, slots), s)| RenderedService {
-                service: plan.service.clone(),
-                listen: plan.listen.clone(),
-                algorithm: plan.algorithm,
-                slots: assign(slots, &plan.servers, s.3),
+            .map(|((plan, backends), s)| {
+                let mut assigned = plan
+                    .backends()
+                    .into_iter()
+                    .zip(backends)
+                    .map(|((_, servers), slots)| assign(slots, servers, s.slots));
+                let slots = assigned.next().unwrap_or_default();
+                RenderedService {
+                    service: plan.service.clone(),
+                    listen: plan.listen.clone(),
+                    algorithm: plan.algorithm,
+                    slots,
+                    overrides: plan.overrides.clone(),
+                    stable_slots: assigned.next().unwrap_or_default(),
+                    canary_slots: assigned.next().unwrap_or_default(),
+                }
             })
             .collect();
         let text = render_config(&self.settings.socket, &rendered)?;
@@ -371,7 +443,8 @@ impl HaproxyActuator {
         let planned: usize = rendered
             .iter()
             .zip(&live)
-            .map(|(r, slots)| commands(&backend_name(&r.service), slots, &r.slots).len())
+            .flat_map(|(r, backends)| r.backends().into_iter().zip(backends))
+            .map(|((backend, wanted), slots)| commands(&backend, slots, wanted).len())
             .sum();
         let on_disk = read_optional(&self.settings.config).await?;
         if on_disk.as_deref() != Some(text.as_bytes()) {
@@ -394,15 +467,14 @@ impl HaproxyActuator {
     /// nothing is left to do. Returns how many commands were sent.
     async fn run_commands(&self, rendered: &[RenderedService]) -> Result<usize, HaproxyError> {
         let mut sent = 0;
-        for service in rendered {
-            let backend = backend_name(&service.service);
+        for (backend, wanted) in rendered.iter().flat_map(RenderedService::backends) {
             let live = self.api.servers_state(&backend).await?;
-            for command in commands(&backend, &live, &service.slots) {
+            for command in commands(&backend, &live, wanted) {
                 self.api.set(&command).await?;
                 sent += 1;
             }
             let live = self.api.servers_state(&backend).await?;
-            let remaining = commands(&backend, &live, &service.slots);
+            let remaining = commands(&backend, &live, wanted);
             if !remaining.is_empty() {
                 return Err(HaproxyError::NotApplied { backend, remaining });
             }
@@ -492,7 +564,8 @@ impl HaproxyActuator {
         }
     }
 
-    /// The new worker's pid once it answers with every backend and its slots.
+    /// The new worker's pid once it answers with every backend (override ones included) and
+    /// its slots.
     async fn confirmed(
         &self,
         old_pid: u32,
@@ -502,12 +575,9 @@ impl HaproxyActuator {
         if info.pid == old_pid {
             return Ok(None);
         }
-        for service in rendered {
-            let slots = self
-                .api
-                .servers_state(&backend_name(&service.service))
-                .await?;
-            if slots.len() != service.slots.len() {
+        for (backend, wanted) in rendered.iter().flat_map(RenderedService::backends) {
+            let slots = self.api.servers_state(&backend).await?;
+            if slots.len() != wanted.len() {
                 return Ok(None);
             }
         }
@@ -584,6 +654,10 @@ fn plan_service(route: &Route, algorithm: Algorithm) -> Result<ServicePlan, Stri
              sticky splits"
         ));
     }
+    route
+        .overrides
+        .check()
+        .map_err(|reason| format!("service '{service}': {reason}"))?;
     let n_stable = route.servers_of(Variant::Stable).count();
     let n_canary = route.servers_of(Variant::Canary).count();
     let waiting = route.servers.is_empty() && w == 0;
@@ -600,6 +674,7 @@ fn plan_service(route: &Route, algorithm: Algorithm) -> Result<ServicePlan, Stri
     }
     let (stable_weight, canary_weight) = haproxy_weights(w, n_stable, n_canary);
     let mut servers = Vec::with_capacity(route.servers.len());
+    let (mut stable, mut canary) = (Vec::new(), Vec::new());
     for server in &route.servers {
         let address: SocketAddr = server.address.parse().map_err(|_| {
             format!(
@@ -608,7 +683,7 @@ fn plan_service(route: &Route, algorithm: Algorithm) -> Result<ServicePlan, Stri
                 server.name, server.address
             )
         })?;
-        servers.push(SlotServer {
+        let slot_server = SlotServer {
             name: server.name.clone(),
             ip: address.ip(),
             port: address.port(),
@@ -616,13 +691,26 @@ fn plan_service(route: &Route, algorithm: Algorithm) -> Result<ServicePlan, Stri
                 Variant::Stable => stable_weight,
                 Variant::Canary => canary_weight,
             },
-        });
+        };
+        // In an override backend every server of the variant takes an equal share.
+        let equal = SlotServer {
+            weight: 1,
+            ..slot_server.clone()
+        };
+        match server.variant {
+            Variant::Stable => stable.push(equal),
+            Variant::Canary => canary.push(equal),
+        }
+        servers.push(slot_server);
     }
     Ok(ServicePlan {
         service: service.clone(),
         listen: route.listen.clone(),
         algorithm,
         servers,
+        overrides: route.overrides.clone(),
+        stable,
+        canary,
     })
 }
 

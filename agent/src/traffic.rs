@@ -151,9 +151,10 @@ pub struct Route {
 /// active and none once it is promoted, rolled back or aborted; the balancer applies exactly
 /// what it is sent.
 ///
-/// What every balancer must do with it (nginx: `agent/src/nginx/render.rs`; a second balancer
-/// follows the same rules, and [`VariantOverride::choose`] states them as a function its tests
-/// can compare against):
+/// What every balancer must do with it (nginx: `agent/src/nginx/render.rs`, a chain of
+/// `map`s; HAProxy: `agent/src/haproxy/render.rs`, `use_backend` rules on per-variant
+/// backends), and [`VariantOverride::choose`] states the rules as a function each balancer's
+/// real-process tests compare against:
 ///
 /// 1. Read the request's header [`VariantOverride::header`] and cookie
 ///    [`VariantOverride::cookie`] (the names are checked with [`VariantOverride::check`]

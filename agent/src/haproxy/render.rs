@@ -10,6 +10,17 @@
 //!   serin_<svc>`; `backend serin_<svc>` with the service's balancing algorithm and its
 //!   slots `slot0..slotN`, each holding a server (`server slotI IP:PORT weight W`) or parked
 //!   (`server slotI 127.0.0.1:1 weight 0 disabled`).
+//! - per service with overrides (see [`VariantOverride`]): two more backends,
+//!   `serin_<svc>_stable` and `serin_<svc>_canary`, with as many slots as the main one, each
+//!   holding that variant's servers at weight 1; and in the frontend, before
+//!   `default_backend`, one `use_backend` rule per (name, value): the header's first, then
+//!   the cookie's, each `if { req.fhdr(NAME) -m str -i canary } { nbsrv(serin_<svc>_canary)
+//!   gt 0 }` (or `req.cook(NAME)`). `-i` makes the value ASCII case-insensitive; `req.fhdr`
+//!   takes a header line whole (`req.hdr` would split `canary, x` at the comma and match,
+//!   where the reference rules see one unrecognised value); `nbsrv` counts only usable
+//!   servers (not parked in maintenance, weight above 0), so a variant whose servers all
+//!   left falls through to the next rule and then to the split with no reload: membership
+//!   stays runtime state. Without overrides none of this is rendered.
 //!
 //! The file is rewritten with the live slots on every change (without a reload when only
 //! slots changed), so an HAProxy restarted from it comes back with the current traffic.
@@ -19,6 +30,7 @@ use std::path::Path;
 
 use super::plan::{SlotServer, slot_name};
 use super::settings::Algorithm;
+use crate::traffic::{Variant, VariantOverride};
 
 /// What a parked slot points at until it holds a server: never contacted (the slot is in
 /// maintenance), and valid for HAProxy.
@@ -33,6 +45,31 @@ pub struct RenderedService {
     pub algorithm: Algorithm,
     /// What each slot holds (`None`: parked).
     pub slots: Vec<Option<SlotServer>>,
+    /// The header and cookie that pick a variant; none = no override backends or rules.
+    pub overrides: VariantOverride,
+    /// The slots of `serin_<svc>_stable` (rendered only with overrides).
+    pub stable_slots: Vec<Option<SlotServer>>,
+    /// The slots of `serin_<svc>_canary` (rendered only with overrides).
+    pub canary_slots: Vec<Option<SlotServer>>,
+}
+
+impl RenderedService {
+    /// Every backend this service renders, with its slots: `serin_<svc>`, then (with
+    /// overrides) `serin_<svc>_stable` and `serin_<svc>_canary`.
+    pub fn backends(&self) -> Vec<(String, &[Option<SlotServer>])> {
+        let mut backends = vec![(backend_name(&self.service), self.slots.as_slice())];
+        if !self.overrides.is_none() {
+            backends.push((
+                variant_backend_name(&self.service, Variant::Stable),
+                self.stable_slots.as_slice(),
+            ));
+            backends.push((
+                variant_backend_name(&self.service, Variant::Canary),
+                self.canary_slots.as_slice(),
+            ));
+        }
+        backends
+    }
 }
 
 /// Why a config cannot be rendered; each message names the value at fault.
@@ -55,11 +92,27 @@ pub enum RenderError {
         first: String,
         second: String,
     },
+    #[error("service '{service}': {reason}")]
+    InvalidOverride {
+        service: String,
+        /// Names the field (`override_header`, `override_cookie`) and quotes the value.
+        reason: String,
+    },
 }
 
 /// The HAProxy name of a service's frontend and backend: `serin_<svc>`.
 pub fn backend_name(service: &str) -> String {
     format!("serin_{}", crate::nginx::identifier(service))
+}
+
+/// The backend an override sends `variant`'s requests to: `serin_<svc>_stable` or
+/// `serin_<svc>_canary`.
+pub fn variant_backend_name(service: &str, variant: Variant) -> String {
+    let suffix = match variant {
+        Variant::Stable => "stable",
+        Variant::Canary => "canary",
+    };
+    format!("{}_{suffix}", backend_name(service))
 }
 
 fn plain_path(path: &Path) -> Option<&str> {
@@ -84,13 +137,20 @@ pub fn render_config(socket: &Path, services: &[RenderedService]) -> Result<Stri
                 value: s.listen.clone(),
             });
         }
-        let name = backend_name(&s.service);
-        if let Some(first) = names.insert(name.clone(), &s.service) {
-            return Err(RenderError::DuplicateService {
-                identifier: name.trim_start_matches("serin_").to_owned(),
-                first: first.to_owned(),
-                second: s.service.clone(),
-            });
+        s.overrides
+            .check()
+            .map_err(|reason| RenderError::InvalidOverride {
+                service: s.service.clone(),
+                reason,
+            })?;
+        for (name, _) in s.backends() {
+            if let Some(first) = names.insert(name.clone(), &s.service) {
+                return Err(RenderError::DuplicateService {
+                    identifier: name.trim_start_matches("serin_").to_owned(),
+                    first: first.to_owned(),
+                    second: s.service.clone(),
+                });
+            }
         }
     }
 
@@ -111,36 +171,68 @@ pub fn render_config(socket: &Path, services: &[RenderedService]) -> Result<Stri
         let name = backend_name(&s.service);
         let _ = write!(
             out,
-            "\n# service {:?}\nfrontend {name}\n    bind {}\n    default_backend {name}\n",
+            "\n# service {:?}\nfrontend {name}\n    bind {}\n",
             s.service, s.listen
         );
-        let _ = write!(
-            out,
-            "\nbackend {name}\n    balance {}\n",
-            s.algorithm.keyword()
-        );
-        for (i, slot) in s.slots.iter().enumerate() {
-            let slot_name = slot_name(i);
-            match slot {
-                Some(server) => {
-                    let address = std::net::SocketAddr::new(server.ip, server.port);
-                    let _ = writeln!(
-                        out,
-                        "    server {slot_name} {address} weight {}  # {}",
-                        server.weight,
-                        sanitize_comment(&server.name)
-                    );
-                }
-                None => {
-                    let _ = writeln!(
-                        out,
-                        "    server {slot_name} {PARKED_ADDRESS} weight 0 disabled"
-                    );
+        override_rules(&mut out, s);
+        let _ = writeln!(out, "    default_backend {name}");
+        for (backend, slots) in s.backends() {
+            let _ = write!(
+                out,
+                "\nbackend {backend}\n    balance {}\n",
+                s.algorithm.keyword()
+            );
+            for (i, slot) in slots.iter().enumerate() {
+                let slot_name = slot_name(i);
+                match slot {
+                    Some(server) => {
+                        let address = std::net::SocketAddr::new(server.ip, server.port);
+                        let _ = writeln!(
+                            out,
+                            "    server {slot_name} {address} weight {}  # {}",
+                            server.weight,
+                            sanitize_comment(&server.name)
+                        );
+                    }
+                    None => {
+                        let _ = writeln!(
+                            out,
+                            "    server {slot_name} {PARKED_ADDRESS} weight 0 disabled"
+                        );
+                    }
                 }
             }
         }
     }
     Ok(out)
+}
+
+/// The frontend's `use_backend` rules of `s`'s overrides (nothing without): the header's
+/// before the cookie's, `canary` before `stable` (a value names one of them, so their order
+/// does not matter), each only while that variant's backend has a usable server.
+fn override_rules(out: &mut String, s: &RenderedService) {
+    let fetches = [
+        s.overrides
+            .header
+            .as_ref()
+            .map(|h| format!("req.fhdr({h})")),
+        s.overrides
+            .cookie
+            .as_ref()
+            .map(|c| format!("req.cook({c})")),
+    ];
+    for fetch in fetches.into_iter().flatten() {
+        for (variant, value) in [
+            (Variant::Canary, serin_proto::overrides::CANARY_VALUE),
+            (Variant::Stable, serin_proto::overrides::STABLE_VALUE),
+        ] {
+            let backend = variant_backend_name(&s.service, variant);
+            let _ = writeln!(
+                out,
+                "    use_backend {backend} if {{ {fetch} -m str -i {value} }} {{ nbsrv({backend}) gt 0 }}"
+            );
+        }
+    }
 }
 
 fn sanitize_comment(s: &str) -> String {
@@ -161,7 +253,31 @@ mod tests {
             listen: listen.into(),
             algorithm: Algorithm::RoundRobin,
             slots,
+            overrides: VariantOverride::default(),
+            stable_slots: Vec::new(),
+            canary_slots: Vec::new(),
         }
+    }
+
+    fn slot(name: &str, last: u8, weight: u32) -> Option<SlotServer> {
+        Some(SlotServer {
+            name: name.into(),
+            ip: IpAddr::from([10, 0, 0, last]),
+            port: 8080,
+            weight,
+        })
+    }
+
+    fn with_overrides(
+        mut s: RenderedService,
+        header: Option<&str>,
+        cookie: Option<&str>,
+    ) -> RenderedService {
+        s.overrides = VariantOverride {
+            header: header.map(Into::into),
+            cookie: cookie.map(Into::into),
+        };
+        s
     }
 
     #[test]
@@ -238,5 +354,121 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("'a.b' and 'a-b'"), "{err}");
+    }
+
+    #[test]
+    fn overrides_add_a_backend_per_variant_and_rules_header_first_before_the_default() {
+        let mut svc = with_overrides(
+            service(
+                "web",
+                "0.0.0.0:80",
+                vec![slot("s1", 1, 3), slot("c1", 2, 1), None],
+            ),
+            Some("X-Serin-Variant"),
+            Some("serin_variant"),
+        );
+        svc.stable_slots = vec![slot("s1", 1, 1), None, None];
+        svc.canary_slots = vec![slot("c1", 2, 1), None, None];
+        let text = render_config(Path::new("/s"), &[svc]).unwrap();
+        let c = "use_backend serin_web_canary if";
+        let st = "use_backend serin_web_stable if";
+        let frontend = format!(
+            "frontend serin_web\n    bind 0.0.0.0:80\n\
+             \x20   {c} {{ req.fhdr(X-Serin-Variant) -m str -i canary }} {{ nbsrv(serin_web_canary) gt 0 }}\n\
+             \x20   {st} {{ req.fhdr(X-Serin-Variant) -m str -i stable }} {{ nbsrv(serin_web_stable) gt 0 }}\n\
+             \x20   {c} {{ req.cook(serin_variant) -m str -i canary }} {{ nbsrv(serin_web_canary) gt 0 }}\n\
+             \x20   {st} {{ req.cook(serin_variant) -m str -i stable }} {{ nbsrv(serin_web_stable) gt 0 }}\n\
+             \x20   default_backend serin_web\n"
+        );
+        assert!(text.contains(&frontend), "{text}");
+        assert!(
+            text.contains(
+                "backend serin_web_stable\n    balance roundrobin\n    server slot0 10.0.0.1:8080 weight 1  # s1\n    server slot1 127.0.0.1:1 weight 0 disabled\n    server slot2 127.0.0.1:1 weight 0 disabled\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "backend serin_web_canary\n    balance roundrobin\n    server slot0 10.0.0.2:8080 weight 1  # c1\n"
+            ),
+            "{text}"
+        );
+        // The main backend keeps the split's weights.
+        assert!(
+            text.contains("backend serin_web\n    balance roundrobin\n    server slot0 10.0.0.1:8080 weight 3  # s1\n    server slot1 10.0.0.2:8080 weight 1  # c1\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn either_override_name_works_alone_and_without_overrides_nothing_is_added() {
+        let header_only =
+            with_overrides(service("web", "0.0.0.0:80", vec![None]), Some("X-V"), None);
+        let text = render_config(Path::new("/s"), &[header_only]).unwrap();
+        assert_eq!(text.matches("use_backend").count(), 2, "{text}");
+        assert!(
+            text.contains("req.fhdr(X-V)") && !text.contains("req.cook"),
+            "{text}"
+        );
+        let cookie_only = with_overrides(service("web", "0.0.0.0:80", vec![None]), None, Some("v"));
+        let text = render_config(Path::new("/s"), &[cookie_only]).unwrap();
+        assert_eq!(text.matches("use_backend").count(), 2, "{text}");
+        assert!(
+            text.contains("req.cook(v)") && !text.contains("req.fhdr"),
+            "{text}"
+        );
+        assert!(text.contains("backend serin_web_canary\n"), "{text}");
+
+        // Variant slots without override names are not rendered: the file is as before.
+        let mut plain = service("web", "0.0.0.0:80", vec![slot("s1", 1, 1)]);
+        plain.stable_slots = vec![slot("s1", 1, 1)];
+        let text = render_config(Path::new("/s"), &[plain]).unwrap();
+        assert!(
+            !text.contains("use_backend") && !text.contains("serin_web_stable"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn an_unusable_override_name_or_a_clashing_backend_is_refused_naming_it() {
+        for (header, cookie, expected) in [
+            (Some("X_Serin"), None, "override_header \"X_Serin\""),
+            (Some("X-V) -m found }"), None, "override_header"),
+            (None, Some("a b"), "override_cookie \"a b\""),
+            (
+                None,
+                Some("serin-variant"),
+                "override_cookie \"serin-variant\"",
+            ),
+        ] {
+            let err = render_config(
+                Path::new("/s"),
+                &[with_overrides(
+                    service("web", "0.0.0.0:80", vec![]),
+                    header,
+                    cookie,
+                )],
+            )
+            .unwrap_err();
+            assert!(
+                matches!(&err, RenderError::InvalidOverride { service, .. } if service == "web"),
+                "{err:?}"
+            );
+            let text = err.to_string();
+            assert!(
+                text.starts_with("service 'web': ") && text.contains(expected),
+                "{text}"
+            );
+        }
+        // A service named like another's override backend.
+        let err = render_config(
+            Path::new("/s"),
+            &[
+                with_overrides(service("web", "1.2.3.4:1", vec![]), Some("X-V"), None),
+                service("web_canary", "1.2.3.4:2", vec![]),
+            ],
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("'web' and 'web_canary'"), "{err}");
     }
 }

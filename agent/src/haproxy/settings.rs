@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::traffic::Variant;
+
 fn default_binary() -> PathBuf {
     PathBuf::from("haproxy")
 }
@@ -216,6 +218,34 @@ impl HaproxySettings {
                 ));
             }
         }
+        // A strategy may turn overrides on at any stage, and they add the backends
+        // `serin_<svc>_stable` / `_canary`: a service already named so is refused now.
+        for (i, svc) in self.services.iter().enumerate() {
+            for (j, other) in self.services.iter().enumerate() {
+                let clash = [Variant::Stable, Variant::Canary].into_iter().find(|v| {
+                    i != j
+                        && super::backend_name(&svc.service)
+                            == super::variant_backend_name(&other.service, *v)
+                });
+                if let Some(variant) = clash {
+                    p.push((
+                        format!("haproxy.services[{i}].service"),
+                        format!(
+                            "{:?} has the HAProxy backend name {}, which header and cookie \
+                             overrides of haproxy.services[{j}] ({:?}) use for its {} servers; \
+                             rename one of them",
+                            svc.service,
+                            super::backend_name(&svc.service),
+                            other.service,
+                            match variant {
+                                Variant::Stable => "stable",
+                                Variant::Canary => "canary",
+                            },
+                        ),
+                    ));
+                }
+            }
+        }
         p
     }
 
@@ -312,5 +342,23 @@ mod tests {
         );
         let none = settings("[]");
         assert_eq!(none.problems()[0].0, "haproxy.services");
+    }
+
+    #[test]
+    fn a_service_named_like_another_services_override_backend_is_refused() {
+        let s = settings(
+            "[{ service = \"web\", listen = \"0.0.0.0:80\" },\n\
+              { service = \"web.canary\", listen = \"0.0.0.0:81\" },\n\
+              { service = \"web-stabl\", listen = \"0.0.0.0:82\" }]",
+        );
+        let problems = s.problems();
+        assert_eq!(problems.len(), 1, "{problems:#?}");
+        assert_eq!(problems[0].0, "haproxy.services[1].service");
+        assert!(
+            problems[0].1.contains("serin_web_canary")
+                && problems[0].1.contains("haproxy.services[0] (\"web\")")
+                && problems[0].1.contains("canary servers"),
+            "{problems:#?}"
+        );
     }
 }

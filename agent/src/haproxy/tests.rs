@@ -6,10 +6,10 @@ use std::path::PathBuf;
 
 use super::*;
 use crate::actuator::conformance;
-use crate::nginx::tests::{Backend, backend, free_port, get};
+use crate::nginx::tests::{Backend, backend, free_port, get, get_with_headers};
 use crate::store::{Generation, ServiceTraffic};
 use crate::test_support::traffic;
-use crate::traffic::Server;
+use crate::traffic::{Server, VariantOverride};
 
 fn haproxy_binary() -> PathBuf {
     find_haproxy()
@@ -397,4 +397,299 @@ async fn an_haproxy_that_is_not_running_is_an_apply_error_naming_the_socket() {
         failure.error.contains(&socket.display().to_string()),
         "{failure:?}"
     );
+}
+
+/// `traffic("web", weight)` with the override header `X-Serin-Variant` and cookie
+/// `serin_variant`.
+fn with_overrides(weight: u32) -> ServiceTraffic {
+    ServiceTraffic {
+        override_header: Some("X-Serin-Variant".into()),
+        override_cookie: Some("serin_variant".into()),
+        ..traffic("web", weight, None)
+    }
+}
+
+fn variant_of(body: &str) -> Variant {
+    match body {
+        b if b.starts_with("canary") => Variant::Canary,
+        b if b.starts_with("stable") => Variant::Stable,
+        b => panic!("unexpected body {b:?}"),
+    }
+}
+
+/// The variant one request with the override `header` and `cookie` values reaches (and a
+/// `uid` cookie beside, as a browser would send).
+async fn reached(listen: &str, header: Option<&str>, cookie: Option<&str>) -> Variant {
+    let mut headers = Vec::new();
+    if let Some(v) = header {
+        headers.push(format!("X-Serin-Variant: {v}"));
+    }
+    let mut cookies = vec!["uid=user-7".to_owned()];
+    if let Some(v) = cookie {
+        cookies.push(format!("serin_variant={v}"));
+    }
+    headers.push(format!("Cookie: {}", cookies.join("; ")));
+    let (status, body) = get_with_headers(listen, "/", &headers).await;
+    assert_eq!(status, 200, "{body}");
+    variant_of(&body)
+}
+
+#[tokio::test]
+async fn overrides_send_marked_requests_to_their_variant_and_the_rest_split() {
+    let (s1, s2, c1) = (
+        backend("stable-1").await,
+        backend("stable-2").await,
+        backend("canary-1").await,
+    );
+    let mut rig = rig().await;
+    let overrides = VariantOverride {
+        header: Some("X-Serin-Variant".into()),
+        cookie: Some("serin_variant".into()),
+    };
+    let header_values = [None, Some("canary"), Some("Stable"), Some("bogus")];
+    let cookie_values = [None, Some("CANARY"), Some("stable"), Some("x")];
+    let both = vec![
+        server("stable-1", &s1, Variant::Stable),
+        server("stable-2", &s2, Variant::Stable),
+        server("canary-1", &c1, Variant::Canary),
+    ];
+    let no_canary = vec![server("stable-1", &s1, Variant::Stable)];
+    // At 0% and 100% the normal split is deterministic, so every case has one answer.
+    let cases: [(&[Server], u32); 3] = [(&both, 0), (&both, 100), (&no_canary, 0)];
+    let mut index = 0;
+    for (servers, weight) in cases {
+        index += 1;
+        let desired = state(index, vec![with_overrides(weight)]);
+        let upstreams = web(servers);
+        let applied = rig.actuator.apply(&desired, &upstreams).await;
+        assert!(applied.is_ok(), "apply {weight}%: {applied:?}");
+        let normal = if weight == 100 {
+            Variant::Canary
+        } else {
+            Variant::Stable
+        };
+        let route = Route::for_service("web", &rig.listen, &desired, &upstreams);
+        for header in header_values {
+            for cookie in cookie_values {
+                let expected = overrides
+                    .choose(header, cookie, |v| route.servers_of(v).next().is_some())
+                    .unwrap_or(normal);
+                assert_eq!(
+                    reached(&rig.listen, header, cookie).await,
+                    expected,
+                    "{weight}% ({} servers) header {header:?} cookie {cookie:?}:\n{}",
+                    servers.len(),
+                    std::fs::read_to_string(rig.config_path()).unwrap_or_default()
+                );
+            }
+        }
+    }
+
+    // At 1%: every marked request reaches its variant, unmarked ones split (roundrobin over
+    // weights {99, 99, 2}: 2 canary picks per 200).
+    index += 1;
+    let applied = rig
+        .actuator
+        .apply(&state(index, vec![with_overrides(1)]), &web(&both))
+        .await;
+    assert!(applied.is_ok(), "apply 1%: {applied:?}");
+    for (header, cookie, expected) in [
+        (Some("canary"), None, Variant::Canary),
+        (None, Some("canary"), Variant::Canary),
+        (Some("stable"), None, Variant::Stable),
+        (Some("stable"), Some("canary"), Variant::Stable),
+    ] {
+        for _ in 0..20 {
+            assert_eq!(
+                reached(&rig.listen, header, cookie).await,
+                expected,
+                "1% header {header:?} cookie {cookie:?}"
+            );
+        }
+    }
+    let counts = split(&rig.listen, 100).await;
+    let canary = counts.get("canary-1").copied().unwrap_or(0);
+    assert!(
+        canary <= 3,
+        "{canary} of 100 unmarked requests reached the canary at 1%: {counts:?}"
+    );
+
+    // Without overrides, the marker means nothing: at 0% everything is stable.
+    index += 1;
+    let applied = rig
+        .actuator
+        .apply(&state(index, vec![traffic("web", 0, None)]), &web(&both))
+        .await;
+    assert!(applied.is_ok(), "apply 0% without overrides: {applied:?}");
+    for _ in 0..20 {
+        assert_eq!(
+            reached(&rig.listen, Some("canary"), Some("canary")).await,
+            Variant::Stable
+        );
+    }
+    assert!(
+        !std::fs::read_to_string(rig.config_path())
+            .unwrap()
+            .contains("use_backend"),
+        "no override rules left"
+    );
+    rig.stop().await;
+}
+
+#[tokio::test]
+async fn with_overrides_active_weight_and_membership_changes_do_not_reload() {
+    let stable = backend("stable").await;
+    let canary = backend("canary").await;
+    let mut rig = rig().await;
+    let both = web(&[
+        server("s", &stable, Variant::Stable),
+        server("c", &canary, Variant::Canary),
+    ]);
+    let stable_only = web(&[server("s", &stable, Variant::Stable)]);
+    let first = rig
+        .actuator
+        .apply(&state(1, vec![traffic("web", 0, None)]), &both)
+        .await;
+    assert!(first.is_ok(), "{first:?}");
+    let before = pid(&rig).await;
+
+    // Turning overrides on adds backends and rules: one reload.
+    let plans = rig
+        .actuator
+        .plans(&state(2, vec![with_overrides(0)]), &both)
+        .expect("plans");
+    let applied = rig.actuator.apply_services(&plans).await.expect("applied");
+    assert!(matches!(applied, Applied::Reloaded { .. }), "{applied:?}");
+    let worker = pid(&rig).await;
+    assert_ne!(worker, before, "new override names are structure");
+    assert_eq!(
+        reached(&rig.listen, Some("canary"), None).await,
+        Variant::Canary
+    );
+
+    // Weight changes with overrides active: runtime commands on the main backend only.
+    for (index, weight) in [(3, 25), (4, 50), (5, 1)] {
+        let plans = rig
+            .actuator
+            .plans(&state(index, vec![with_overrides(weight)]), &both)
+            .expect("plans");
+        let applied = rig.actuator.apply_services(&plans).await.expect("applied");
+        assert!(
+            matches!(applied, Applied::Runtime { .. }),
+            "{weight}%: {applied:?}"
+        );
+        assert_eq!(pid(&rig).await, worker, "{weight}%: no reload");
+        for (variant, backend) in [(Variant::Stable, "stable"), (Variant::Canary, "canary")] {
+            let slots = rig
+                .actuator
+                .runtime_api()
+                .servers_state(&variant_backend_name("web", variant))
+                .await
+                .expect("override backend");
+            let held: Vec<u32> = slots.iter().filter(|s| s.ready).map(|s| s.weight).collect();
+            assert_eq!(
+                held,
+                [1],
+                "{weight}%: {backend} backend holds one server at 1"
+            );
+        }
+    }
+
+    // The canary leaves: parked in its override backend too, "canary" falls through to the
+    // split (all stable at 0%), no reload; it comes back the same way.
+    let at_0 = state(6, vec![with_overrides(0)]);
+    let applied = rig.actuator.apply(&at_0, &stable_only).await;
+    assert!(
+        matches!(applied, Ok(ActuatorOutcome::Changed { .. })),
+        "{applied:?}"
+    );
+    assert_eq!(pid(&rig).await, worker, "a server leaving: no reload");
+    for _ in 0..10 {
+        assert_eq!(
+            reached(&rig.listen, Some("canary"), None).await,
+            Variant::Stable
+        );
+    }
+    let applied = rig.actuator.apply(&at_0, &both).await;
+    assert!(
+        matches!(applied, Ok(ActuatorOutcome::Changed { .. })),
+        "{applied:?}"
+    );
+    assert_eq!(pid(&rig).await, worker, "a server returning: no reload");
+    assert_eq!(
+        reached(&rig.listen, Some("canary"), None).await,
+        Variant::Canary
+    );
+    assert_eq!(
+        rig.actuator.apply(&at_0, &both).await,
+        Ok(ActuatorOutcome::Unchanged)
+    );
+
+    // A restart from the file keeps the override backends and rules.
+    rig.start().await;
+    assert_eq!(
+        rig.actuator.apply(&at_0, &both).await,
+        Ok(ActuatorOutcome::Unchanged),
+        "the file held the override backends"
+    );
+    assert_eq!(
+        reached(&rig.listen, None, Some("canary")).await,
+        Variant::Canary
+    );
+
+    // Turning them off is structure again.
+    let restarted = pid(&rig).await;
+    let plans = rig
+        .actuator
+        .plans(&state(7, vec![traffic("web", 0, None)]), &both)
+        .expect("plans");
+    let applied = rig.actuator.apply_services(&plans).await.expect("applied");
+    assert!(matches!(applied, Applied::Reloaded { .. }), "{applied:?}");
+    assert_ne!(pid(&rig).await, restarted);
+    let missing = rig
+        .actuator
+        .runtime_api()
+        .servers_state(&variant_backend_name("web", Variant::Canary))
+        .await;
+    assert!(
+        matches!(missing, Err(RuntimeApiError::NoBackend { .. })),
+        "{missing:?}"
+    );
+    rig.stop().await;
+}
+
+#[tokio::test]
+async fn an_unusable_override_name_is_refused_naming_the_service_and_field() {
+    let stable = backend("stable").await;
+    let mut rig = rig().await;
+    let upstreams = web(&[server("s", &stable, Variant::Stable)]);
+    assert!(
+        rig.actuator
+            .apply(&state(1, vec![traffic("web", 0, None)]), &upstreams)
+            .await
+            .is_ok()
+    );
+    let bad = ServiceTraffic {
+        override_header: Some("X-V) -m found }".into()),
+        ..traffic("web", 0, None)
+    };
+    let failure = rig
+        .actuator
+        .apply(&state(2, vec![bad]), &upstreams)
+        .await
+        .expect_err("refused");
+    assert_eq!(failure.services, ["web"]);
+    assert!(
+        failure
+            .error
+            .starts_with("service 'web': override_header \"X-V) -m found }\""),
+        "{failure:?}"
+    );
+    assert!(
+        !std::fs::read_to_string(rig.config_path())
+            .unwrap()
+            .contains("use_backend"),
+        "nothing written"
+    );
+    rig.stop().await;
 }

@@ -98,7 +98,7 @@ pub(crate) async fn get(addr: &str, path: &str, cookie: Option<&str>) -> (u16, S
 }
 
 /// One request on a fresh connection with `headers` (`Name: value` lines): (status, body).
-async fn get_with_headers(addr: &str, path: &str, headers: &[String]) -> (u16, String) {
+pub(crate) async fn get_with_headers(addr: &str, path: &str, headers: &[String]) -> (u16, String) {
     let mut stream = TcpStream::connect(addr)
         .await
         .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
