@@ -22,6 +22,9 @@ pub const STORE_DIR: &str = "agent.sled";
 const LAST_APPLIED_KEY: &[u8] = b"last_applied";
 const INSTANCE_ID_KEY: &[u8] = b"instance_id";
 const RECORD_FORMAT: u32 = 1;
+/// How long [`LocalStore::open`] waits for a lock that a just-dropped handle in this process
+/// may still hold.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 /// sled's page cache limit; the store holds a single small record.
 const CACHE_BYTES: u64 = 1 << 20;
 
@@ -261,13 +264,28 @@ impl LocalStore {
             source,
         })?;
         let path = data_dir.join(STORE_DIR);
-        let opened = contain_panic(|| {
-            sled::Config::new()
-                .path(&path)
-                // One small record: keep the page cache (and the agent's memory) small.
-                .cache_capacity(CACHE_BYTES)
-                .open()
-        });
+        // sled 0.34 releases its file lock from a background thread after the `Db` is dropped
+        // (spacejam/sled#1234), so reopening in the same process right after a drop can find
+        // the lock still held: wait for it briefly. Another live agent's lock still fails.
+        let deadline = std::time::Instant::now() + LOCK_WAIT;
+        let opened = loop {
+            let attempt = contain_panic(|| {
+                sled::Config::new()
+                    .path(&path)
+                    // One small record: keep the page cache (and the agent's memory) small.
+                    .cache_capacity(CACHE_BYTES)
+                    .open()
+            });
+            match &attempt {
+                Ok(Err(sled::Error::Io(e)))
+                    if e.to_string().contains("could not acquire lock")
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                _ => break attempt,
+            }
+        };
         let damaged = |detail: String| StoreError::Damaged {
             path: path.clone(),
             detail,
