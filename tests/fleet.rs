@@ -11,12 +11,13 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::netns::{Fleet, Host, missing_requirements, owner_pid};
+use common::netns::{
+    APP_PORT, Fleet, Host, missing_requirements, owner_pid, spawn_coordinator, spawn_demo_app,
+    start_app_host,
+};
 use common::{Proc, cli_at, describe, free_port, fresh_client, get_version, wait_for};
 use serde_json::Value;
 
-/// Port of the demo app on every host (each namespace has its own ports).
-const APP_PORT: u16 = 8080;
 /// The coordinator's `remove_unhealthy_after` in these tests.
 const REMOVE_AFTER_SECS: u64 = 3;
 
@@ -46,24 +47,6 @@ fn existing_resources() -> Vec<String> {
     );
     names.retain(|n| owner_pid(n).is_some());
     names
-}
-
-fn spawn_demo_app(host: &mut Host, version: &str) {
-    let addr = host.addr().to_string();
-    host.serin(
-        "app",
-        &[
-            "demo-app".into(),
-            "--host".into(),
-            addr,
-            "--port".into(),
-            APP_PORT.to_string(),
-            "--version".into(),
-            version.into(),
-            "--latency-ms".into(),
-            "1".into(),
-        ],
-    );
 }
 
 /// One HTTP GET from inside `from`'s namespace to `to`, with bash's /dev/tcp (no client tool
@@ -382,41 +365,6 @@ fn a_new_fleet_deletes_the_leftovers_of_a_dead_test_process_only() {
 // serin on the fleet
 // ---------------------------------------------------------------------------------------------
 
-/// Starts an app host's demo app and its agent, which declares (and scrapes) only that
-/// host's instance of `web`: the canary (`v2`) or a stable one (`v1`).
-fn start_app_host(host: &mut Host, canary: bool, coordinator_addr: SocketAddr) {
-    let variant = if canary { "canary" } else { "stable" };
-    spawn_demo_app(host, if canary { "v2" } else { "v1" });
-    let addr = host.addr();
-    let config = format!(
-        r#"name = "{name}"
-coordinators = ["http://{coordinator_addr}"]
-interval = "500ms"
-data_dir = "{data}"
-
-[[instances]]
-name = "web-{name}"
-service = "web"
-variant = "{variant}"
-address = "{addr}:{APP_PORT}"
-metrics_url = "http://{addr}:{APP_PORT}/metrics"
-"#,
-        name = host.name(),
-        data = host.dir().join("agent-data").display(),
-    );
-    let file = host.dir().join("agent.toml");
-    std::fs::write(&file, config).expect("writing agent.toml");
-    host.serin(
-        "agent",
-        &[
-            "agent".into(),
-            "run".into(),
-            "--config".into(),
-            file.display().to_string(),
-        ],
-    );
-}
-
 /// The balancer host of [`Serin::start_balancer`].
 struct Balancer {
     /// Where clients send requests for `web`.
@@ -444,26 +392,7 @@ struct Serin {
 impl Serin {
     async fn start(hosts: usize) -> Serin {
         let mut fleet = new_fleet(hosts);
-        let coordinator_addr = SocketAddr::from((fleet.gateway(), free_port()));
-        let coordinator_toml = fleet.dir().join("coordinator.toml");
-        std::fs::write(
-            &coordinator_toml,
-            format!(
-                "listen = \"{coordinator_addr}\"\ndata_dir = \"{}\"\nremove_unhealthy_after = \"{REMOVE_AFTER_SECS}s\"\n",
-                fleet.dir().join("coordinator").display()
-            ),
-        )
-        .expect("writing coordinator.toml");
-        let coordinator = Proc::spawn(
-            "coordinator",
-            fleet.dir(),
-            &[
-                "coordinator".into(),
-                "run".into(),
-                "--config".into(),
-                coordinator_toml.display().to_string(),
-            ],
-        );
+        let (coordinator, coordinator_addr) = spawn_coordinator(&fleet, REMOVE_AFTER_SECS);
         for k in 1..=hosts {
             start_app_host(fleet.host_mut(k), k == hosts, coordinator_addr);
         }
@@ -819,23 +748,7 @@ async fn a_balancer_fed_by_the_inventory_routes_to_the_app_hosts_drops_a_dead_on
         "[[stages]]\nweight = 50\nmin_duration = \"4s\"\n\n[[stages]]\nweight = 100\nmin_duration = \"2s\"\n\n[[checks]]\nname = \"errors\"\nmetric = \"error_rate\"\nmax = 0.05\nmin_requests = 5\n",
     )
     .expect("writing strategy.toml");
-    let out = cli_at(
-        serin.coordinator_addr,
-        &[
-            "rollout",
-            "start",
-            "web",
-            "--version",
-            "v2",
-            "--stable-version",
-            "v1",
-            "--strategy",
-            &strategy.display().to_string(),
-        ],
-    )
-    .await;
-    assert!(out.status.success(), "{}", describe(&out));
-    let id = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let id = common::start_web_rollout(serin.coordinator_addr, &strategy).await;
     wait_for(
         Duration::from_secs(20),
         "the balancer to send the canary half the traffic",
@@ -895,23 +808,7 @@ async fn a_bad_canary_host_is_rolled_back_and_the_coordinator_counted_exactly_wh
         manual_gate: false,
     }];
     std::fs::write(&strategy, common::strategy(&stages, "")).expect("writing strategy.toml");
-    let out = cli_at(
-        serin.coordinator_addr,
-        &[
-            "rollout",
-            "start",
-            "web",
-            "--version",
-            "v2",
-            "--stable-version",
-            "v1",
-            "--strategy",
-            &strategy.display().to_string(),
-        ],
-    )
-    .await;
-    assert!(out.status.success(), "{}", describe(&out));
-    let id = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let id = common::start_web_rollout(serin.coordinator_addr, &strategy).await;
     let status = async || {
         let out = cli_at(
             serin.coordinator_addr,

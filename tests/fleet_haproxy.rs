@@ -19,13 +19,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::netns::Fleet;
-use common::{Counts, Proc, cli_at, describe, free_port, fresh_client, get_version, wait_for};
+use common::netns::{APP_PORT, Fleet, spawn_coordinator, start_app_host};
+use common::{Counts, Proc, cli_at, free_port, fresh_client, get_version, wait_for};
 use serde_json::Value;
 use serin_agent::haproxy::{LocalHaproxy, RuntimeApi, find_haproxy};
-
-/// Port of the demo app on every host.
-const APP_PORT: u16 = 8080;
 
 /// Sequential GETs on one client until stopped, counted by version.
 struct Loop {
@@ -73,24 +70,6 @@ impl Loop {
     }
 }
 
-fn spawn_app(host: &mut common::netns::Host, version: &str) {
-    let addr = host.addr().to_string();
-    host.serin(
-        "app",
-        &[
-            "demo-app".into(),
-            "--host".into(),
-            addr,
-            "--port".into(),
-            APP_PORT.to_string(),
-            "--version".into(),
-            version.into(),
-            "--latency-ms".into(),
-            "1".into(),
-        ],
-    );
-}
-
 /// (weight of the stable slots, weight of the canary slot), read from HAProxy, for the slots
 /// that take traffic; `None` until every app host holds a ready slot.
 async fn live_weights(api: &RuntimeApi, canary: &str, hosts: usize) -> Option<(Vec<u32>, u32)> {
@@ -117,51 +96,9 @@ async fn haproxy_fed_by_the_inventory_is_put_back_after_a_restart_and_promotes_a
     let haproxy_binary =
         find_haproxy().expect("haproxy not found (apt-get install -y haproxy; .ci/run does)");
     let mut fleet = Fleet::new(3).unwrap_or_else(|e| panic!("{e:#}"));
-    let coordinator_addr = SocketAddr::from((fleet.gateway(), free_port()));
-    let coordinator_toml = fleet.dir().join("coordinator.toml");
-    std::fs::write(
-        &coordinator_toml,
-        format!(
-            "listen = \"{coordinator_addr}\"\ndata_dir = \"{}\"\nremove_unhealthy_after = \"3s\"\n",
-            fleet.dir().join("coordinator").display()
-        ),
-    )
-    .expect("writing coordinator.toml");
-    let coordinator = Proc::spawn(
-        "coordinator",
-        fleet.dir(),
-        &[
-            "coordinator".into(),
-            "run".into(),
-            "--config".into(),
-            coordinator_toml.display().to_string(),
-        ],
-    );
+    let (coordinator, coordinator_addr) = spawn_coordinator(&fleet, 3);
     for k in 1..=3 {
-        let host = fleet.host_mut(k);
-        let canary = k == 3;
-        spawn_app(host, if canary { "v2" } else { "v1" });
-        let config = format!(
-            "name = \"{name}\"\ncoordinators = [\"http://{coordinator_addr}\"]\ninterval = \"500ms\"\n\
-             data_dir = \"{data}\"\n\n[[instances]]\nname = \"web-{name}\"\nservice = \"web\"\n\
-             variant = \"{variant}\"\naddress = \"{addr}:{APP_PORT}\"\n\
-             metrics_url = \"http://{addr}:{APP_PORT}/metrics\"\n",
-            name = host.name(),
-            data = host.dir().join("agent-data").display(),
-            variant = if canary { "canary" } else { "stable" },
-            addr = host.addr(),
-        );
-        let file = host.dir().join("agent.toml");
-        std::fs::write(&file, config).expect("writing agent.toml");
-        host.serin(
-            "agent",
-            &[
-                "agent".into(),
-                "run".into(),
-                "--config".into(),
-                file.display().to_string(),
-            ],
-        );
+        start_app_host(fleet.host_mut(k), k == 3, coordinator_addr);
     }
 
     // The balancer host: the root namespace, with a private HAProxy and an agent that
@@ -278,23 +215,7 @@ async fn haproxy_fed_by_the_inventory_is_put_back_after_a_restart_and_promotes_a
          [traffic]\noverride_header = \"X-Serin-Variant\"\n",
     )
     .expect("writing strategy.toml");
-    let out = cli_at(
-        coordinator_addr,
-        &[
-            "rollout",
-            "start",
-            "web",
-            "--version",
-            "v2",
-            "--stable-version",
-            "v1",
-            "--strategy",
-            &strategy.display().to_string(),
-        ],
-    )
-    .await;
-    assert!(out.status.success(), "{}", describe(&out));
-    let id = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let id = common::start_web_rollout(coordinator_addr, &strategy).await;
 
     // 10% with two stable servers and one canary: 9 : 2 per server (exact).
     wait_for(

@@ -324,6 +324,28 @@ pub async fn cli_at(coordinator: SocketAddr, args: &[&str]) -> Output {
         .unwrap_or_else(|e| panic!("running serin {}: {e}", args.join(" ")))
 }
 
+/// `serin rollout start web --version v2 --stable-version v1 --strategy STRATEGY` against
+/// `coordinator`; the new rollout's id (panics, with the CLI's output, when it fails).
+pub async fn start_web_rollout(coordinator: SocketAddr, strategy: &Path) -> String {
+    let out = cli_at(
+        coordinator,
+        &[
+            "rollout",
+            "start",
+            "web",
+            "--version",
+            "v2",
+            "--stable-version",
+            "v1",
+            "--strategy",
+            &strategy.display().to_string(),
+        ],
+    )
+    .await;
+    assert!(out.status.success(), "{}", describe(&out));
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
 /// `serin coordinator run` on `port` with its data in `data_dir`.
 pub fn spawn_coordinator(dir: &Path, port: u16, data_dir: &Path) -> Proc {
     Proc::spawn(

@@ -42,7 +42,7 @@
 
 use std::collections::HashSet;
 use std::fmt::Write as _;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Command as StdCommand, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -620,4 +620,91 @@ impl Host {
         }
         out
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// serin on the fleet: the pieces every fleet test starts the same way
+// ---------------------------------------------------------------------------------------------
+
+/// Port of the demo app on every host (each namespace has its own ports).
+pub const APP_PORT: u16 = 8080;
+
+/// Starts a coordinator in the root namespace on the fleet's gateway address, with
+/// `remove_unhealthy_after` of `remove_after_secs`; returns it and its address.
+pub fn spawn_coordinator(fleet: &Fleet, remove_after_secs: u64) -> (Proc, SocketAddr) {
+    let coordinator_addr = SocketAddr::from((fleet.gateway(), super::free_port()));
+    let coordinator_toml = fleet.dir().join("coordinator.toml");
+    std::fs::write(
+        &coordinator_toml,
+        format!(
+            "listen = \"{coordinator_addr}\"\ndata_dir = \"{}\"\nremove_unhealthy_after = \"{remove_after_secs}s\"\n",
+            fleet.dir().join("coordinator").display()
+        ),
+    )
+    .expect("writing coordinator.toml");
+    let coordinator = Proc::spawn(
+        "coordinator",
+        fleet.dir(),
+        &[
+            "coordinator".into(),
+            "run".into(),
+            "--config".into(),
+            coordinator_toml.display().to_string(),
+        ],
+    );
+    (coordinator, coordinator_addr)
+}
+
+/// Starts `serin demo-app` on `host` at [`APP_PORT`], answering `version` (1 ms latency).
+pub fn spawn_demo_app(host: &mut Host, version: &str) {
+    let addr = host.addr().to_string();
+    host.serin(
+        "app",
+        &[
+            "demo-app".into(),
+            "--host".into(),
+            addr,
+            "--port".into(),
+            APP_PORT.to_string(),
+            "--version".into(),
+            version.into(),
+            "--latency-ms".into(),
+            "1".into(),
+        ],
+    );
+}
+
+/// Starts an app host's demo app and its agent, which declares (and scrapes) only that
+/// host's instance of `web`: the canary (`v2`) or a stable one (`v1`).
+pub fn start_app_host(host: &mut Host, canary: bool, coordinator_addr: SocketAddr) {
+    let variant = if canary { "canary" } else { "stable" };
+    spawn_demo_app(host, if canary { "v2" } else { "v1" });
+    let addr = host.addr();
+    let config = format!(
+        r#"name = "{name}"
+coordinators = ["http://{coordinator_addr}"]
+interval = "500ms"
+data_dir = "{data}"
+
+[[instances]]
+name = "web-{name}"
+service = "web"
+variant = "{variant}"
+address = "{addr}:{APP_PORT}"
+metrics_url = "http://{addr}:{APP_PORT}/metrics"
+"#,
+        name = host.name(),
+        data = host.dir().join("agent-data").display(),
+    );
+    let file = host.dir().join("agent.toml");
+    std::fs::write(&file, config).expect("writing agent.toml");
+    host.serin(
+        "agent",
+        &[
+            "agent".into(),
+            "run".into(),
+            "--config".into(),
+            file.display().to_string(),
+        ],
+    );
 }
