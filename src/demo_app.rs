@@ -8,7 +8,8 @@
 //! - `GET /metrics`: Prometheus/OpenMetrics text with `http_requests_total{code="200"|"500"}`
 //!   and the `http_request_duration_seconds` histogram, the names serin's agent reads by default,
 //!   plus the `http_requests_in_flight` gauge;
-//! - `GET /healthz`: `200 ok`;
+//! - `GET /healthz`: `200 ok`, or `503 unhealthy` when started with `--unhealthy` (a canary that
+//!   never becomes healthy, for tests of health gates);
 //! - `GET /admin`: `{"version", "error_rate", "latency_ms", "metrics_scrapes",
 //!   "last_scrape_unix_ms"}`: the last two count the `GET /metrics` requests served and give
 //!   the wall-clock time (Unix milliseconds, 0 before the first) of the latest one, so a
@@ -25,6 +26,9 @@
 //! [`bind`] then [`DemoApp::serve`] (or [`run`], which does both). On shutdown, requests still
 //! waiting out their latency are answered at once, the server drains, and after
 //! [`SHUTDOWN_GRACE`] it stops waiting for connections that have not finished.
+//!
+//! `serin demo-worker` (`demo_worker.rs`) shares the plumbing: argument checks, binding,
+//! serving with the grace period, latency jitter and the metrics page are `pub(crate)` here.
 
 use std::future::{Future, IntoFuture};
 use std::net::SocketAddr;
@@ -61,7 +65,8 @@ const SMOKE_BODY_KEPT: usize = 4096;
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// Bucket bounds of `http_request_duration_seconds`.
-const LATENCY_BUCKETS: [f64; 10] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
+pub(crate) const LATENCY_BUCKETS: [f64; 10] =
+    [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
 
 const VERSION_HEADER: HeaderName = HeaderName::from_static("x-serin-version");
 
@@ -85,6 +90,10 @@ pub struct DemoAppArgs {
     /// Mean time to answer, in milliseconds (±20% jitter; at most 60000).
     #[arg(long, default_value_t = 5)]
     pub latency_ms: u64,
+    /// Answer `/healthz` with 503 (everything else unchanged): a canary that never becomes
+    /// healthy.
+    #[arg(long)]
+    pub unhealthy: bool,
 }
 
 /// Binds and serves until `shutdown` completes.
@@ -102,13 +111,109 @@ pub async fn run(
 /// [`DemoApp::serve`].
 pub async fn bind(args: DemoAppArgs) -> anyhow::Result<(SocketAddr, DemoApp)> {
     let shared = Arc::new(Shared::new(&args)?);
-    let listener = TcpListener::bind((args.host.as_str(), args.port))
+    let (addr, listener) = bind_listener(&args.host, args.port, "the demo app").await?;
+    Ok((addr, DemoApp { listener, shared }))
+}
+
+/// Binds `host:port`; errors name `what` (e.g. "the demo app") and the address.
+pub(crate) async fn bind_listener(
+    host: &str,
+    port: u16,
+    what: &str,
+) -> anyhow::Result<(SocketAddr, TcpListener)> {
+    let listener = TcpListener::bind((host, port))
         .await
-        .with_context(|| format!("binding the demo app to {}:{}", args.host, args.port))?;
+        .with_context(|| format!("binding {what} to {host}:{port}"))?;
     let addr = listener
         .local_addr()
-        .context("reading the demo app's bound address")?;
-    Ok((addr, DemoApp { listener, shared }))
+        .with_context(|| format!("reading {what}'s bound address"))?;
+    Ok((addr, listener))
+}
+
+/// Serves `router` on `listener` until `shutdown` completes, then cancels `stop` (which cuts
+/// latency sleeps short) and drains; connections still open after [`SHUTDOWN_GRACE`] are
+/// abandoned. `what` names the server in errors and logs.
+pub(crate) async fn serve_until(
+    listener: TcpListener,
+    router: Router,
+    stop: CancellationToken,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    what: &str,
+) -> anyhow::Result<()> {
+    let signal = {
+        let stop = stop.clone();
+        async move {
+            shutdown.await;
+            stop.cancel();
+        }
+    };
+    let server = axum::serve(listener, router)
+        .with_graceful_shutdown(signal)
+        .into_future();
+    tokio::select! {
+        res = server => res.with_context(|| format!("serving {what}"))?,
+        () = async {
+            stop.cancelled().await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        } => tracing::warn!(grace = ?SHUTDOWN_GRACE, "{what}: connections still open after the grace period; stopping anyway"),
+    }
+    Ok(())
+}
+
+/// Checks a `--version` flag: non-empty, usable as a header value (printable ASCII).
+pub(crate) fn check_version(version: &str) -> anyhow::Result<HeaderValue> {
+    if version.is_empty() {
+        bail!("--version must not be empty");
+    }
+    HeaderValue::from_str(version).map_err(|_| {
+        anyhow::anyhow!(
+            "--version must be printable ASCII without control characters, got {version:?}"
+        )
+    })
+}
+
+/// Checks a `--latency-ms` flag against [`MAX_LATENCY_MS`].
+pub(crate) fn check_latency_ms(latency_ms: u64) -> anyhow::Result<()> {
+    if latency_ms > MAX_LATENCY_MS {
+        bail!("--latency-ms must be at most {MAX_LATENCY_MS}, got {latency_ms}");
+    }
+    Ok(())
+}
+
+/// Checks a rate flag (`flag` names it) is a share between 0 and 1.
+pub(crate) fn check_share(flag: &str, value: f64) -> anyhow::Result<()> {
+    if !(0.0..=1.0).contains(&value) {
+        bail!("{flag} must be between 0 and 1, got {value}");
+    }
+    Ok(())
+}
+
+/// `latency_ms` with ±20% uniform jitter.
+pub(crate) fn jittered(latency_ms: u64, rng: &mut impl Rng) -> Duration {
+    let jitter: f64 = rng.random_range(0.8..=1.2);
+    Duration::from_secs_f64(latency_ms as f64 * jitter / 1000.0)
+}
+
+/// Sleeps `delay`, or less if `stop` is cancelled first.
+pub(crate) async fn sleep_unless_stopped(delay: Duration, stop: &CancellationToken) {
+    if !delay.is_zero() {
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = stop.cancelled() => {}
+        }
+    }
+}
+
+/// `registry` as an OpenMetrics text page (a 500 if it cannot be encoded).
+pub(crate) fn metrics_page(registry: &Registry) -> Response {
+    let mut text = String::new();
+    match prometheus_client::encoding::text::encode(&mut text, registry) {
+        Ok(()) => ([(header::CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE)], text).into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "encoding metrics");
+            (StatusCode::INTERNAL_SERVER_ERROR, "cannot encode metrics\n").into_response()
+        }
+    }
 }
 
 /// A bound demo app, not serving yet.
@@ -125,24 +230,14 @@ impl DemoApp {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let stop = self.shared.stop.clone();
-        let signal = {
-            let stop = stop.clone();
-            async move {
-                shutdown.await;
-                stop.cancel();
-            }
-        };
-        let server = axum::serve(self.listener, router(self.shared))
-            .with_graceful_shutdown(signal)
-            .into_future();
-        tokio::select! {
-            res = server => res.context("serving the demo app")?,
-            () = async {
-                stop.cancelled().await;
-                tokio::time::sleep(SHUTDOWN_GRACE).await;
-            } => tracing::warn!(grace = ?SHUTDOWN_GRACE, "demo app: connections still open after the grace period; stopping anyway"),
-        }
-        Ok(())
+        serve_until(
+            self.listener,
+            router(self.shared),
+            stop,
+            shutdown,
+            "the demo app",
+        )
+        .await
     }
 }
 
@@ -160,6 +255,8 @@ fn router(shared: Arc<Shared>) -> Router {
 struct Shared {
     version: String,
     version_header: HeaderValue,
+    /// `--unhealthy`: `/healthz` answers 503.
+    unhealthy: bool,
     /// `f64` bits.
     error_rate: AtomicU64,
     latency_ms: AtomicU64,
@@ -191,27 +288,9 @@ struct Smoke {
 
 impl Shared {
     fn new(args: &DemoAppArgs) -> anyhow::Result<Self> {
-        if !(0.0..=1.0).contains(&args.error_rate) {
-            bail!(
-                "--error-rate must be between 0 and 1, got {}",
-                args.error_rate
-            );
-        }
-        if args.latency_ms > MAX_LATENCY_MS {
-            bail!(
-                "--latency-ms must be at most {MAX_LATENCY_MS}, got {}",
-                args.latency_ms
-            );
-        }
-        if args.version.is_empty() {
-            bail!("--version must not be empty");
-        }
-        let version_header = HeaderValue::from_str(&args.version).map_err(|_| {
-            anyhow::anyhow!(
-                "--version must be printable ASCII without control characters, got {:?}",
-                args.version
-            )
-        })?;
+        check_share("--error-rate", args.error_rate)?;
+        check_latency_ms(args.latency_ms)?;
+        let version_header = check_version(&args.version)?;
 
         let requests = Family::<[(&'static str, &'static str); 1], Counter>::default();
         // Both series exist from the start, so a scraper finds the metric before any traffic.
@@ -240,6 +319,7 @@ impl Shared {
         Ok(Self {
             version: args.version.clone(),
             version_header,
+            unhealthy: args.unhealthy,
             error_rate: AtomicU64::new(args.error_rate.to_bits()),
             latency_ms: AtomicU64::new(args.latency_ms),
             registry,
@@ -289,17 +369,11 @@ async fn app_request(State(shared): State<Arc<Shared>>) -> Response {
     let _in_flight = InFlight::enter(&shared.in_flight);
     let (delay, fail) = {
         let mut rng = rand::rng();
-        let jitter: f64 = rng.random_range(0.8..=1.2);
-        let delay = Duration::from_secs_f64(shared.latency_ms() as f64 * jitter / 1000.0);
+        let delay = jittered(shared.latency_ms(), &mut rng);
         // `random` is in [0, 1): rate 0 never fails, rate 1 always does.
         (delay, rng.random::<f64>() < shared.error_rate())
     };
-    if !delay.is_zero() {
-        tokio::select! {
-            () = tokio::time::sleep(delay) => {}
-            () = shared.stop.cancelled() => {}
-        }
-    }
+    sleep_unless_stopped(delay, &shared.stop).await;
     let status = if fail {
         shared.failed.inc();
         StatusCode::INTERNAL_SERVER_ERROR
@@ -338,18 +412,15 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
     shared.last_scrape_unix_ms.store(now_ms, Ordering::Relaxed);
     shared.metrics_scrapes.fetch_add(1, Ordering::Relaxed);
-    let mut text = String::new();
-    match prometheus_client::encoding::text::encode(&mut text, &shared.registry) {
-        Ok(()) => ([(header::CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE)], text).into_response(),
-        Err(e) => {
-            tracing::error!(error = %e, "encoding metrics");
-            (StatusCode::INTERNAL_SERVER_ERROR, "cannot encode metrics\n").into_response()
-        }
-    }
+    metrics_page(&shared.registry)
 }
 
-async fn healthz() -> &'static str {
-    "ok\n"
+async fn healthz(State(shared): State<Arc<Shared>>) -> Response {
+    if shared.unhealthy {
+        (StatusCode::SERVICE_UNAVAILABLE, "unhealthy\n").into_response()
+    } else {
+        "ok\n".into_response()
+    }
 }
 
 /// `POST /smoke`: waits `smoke_latency_ms`, then passes or fails as told through `/admin`.
@@ -361,12 +432,7 @@ async fn smoke(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
         smoke.last_body = Some(String::from_utf8_lossy(kept).into_owned());
         Duration::from_millis(smoke.latency_ms)
     };
-    if !latency.is_zero() {
-        tokio::select! {
-            () = tokio::time::sleep(latency) => {}
-            () = shared.stop.cancelled() => {}
-        }
-    }
+    sleep_unless_stopped(latency, &shared.stop).await;
     let fail = shared.smoke().fail.clone();
     match fail {
         Some(reason) => (
@@ -491,36 +557,31 @@ fn parse_admin_update(body: &[u8]) -> Result<AdminUpdate, String> {
     Ok(update)
 }
 
+/// Test helpers shared with `demo_worker.rs`'s tests: a server running on a task, and an
+/// HTTP client without proxies.
 #[cfg(test)]
-mod tests {
-    use super::*;
+pub(crate) mod test_support {
+    use std::future::Future;
+    use std::net::SocketAddr;
 
-    use serin_agent::collect::{MetricNames, parse_sample};
-
-    fn args(error_rate: f64, latency_ms: u64) -> DemoAppArgs {
-        DemoAppArgs {
-            host: "127.0.0.1".into(),
-            port: 0,
-            version: "v1.2.3".into(),
-            error_rate,
-            latency_ms,
-        }
-    }
-
-    /// A running app, stopped when dropped... or explicitly, to check shutdown.
-    struct Running {
-        base: String,
+    /// A running server, stopped when dropped... or explicitly, to check shutdown.
+    pub(crate) struct Running {
+        pub(crate) base: String,
         stop: Option<tokio::sync::oneshot::Sender<()>>,
         task: tokio::task::JoinHandle<anyhow::Result<()>>,
     }
 
     impl Running {
-        async fn start(args: DemoAppArgs) -> Self {
-            let (addr, app) = bind(args).await.unwrap();
+        /// Runs `serve(shutdown)` on a task; `addr` is where it listens.
+        pub(crate) fn spawn<F, S>(addr: SocketAddr, serve: S) -> Self
+        where
+            S: FnOnce(futures::future::BoxFuture<'static, ()>) -> F,
+            F: Future<Output = anyhow::Result<()>> + Send + 'static,
+        {
             let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-            let task = tokio::spawn(app.serve(async move {
+            let task = tokio::spawn(serve(Box::pin(async move {
                 let _ = rx.await;
-            }));
+            })));
             Self {
                 base: format!("http://{addr}"),
                 stop: Some(tx),
@@ -528,7 +589,8 @@ mod tests {
             }
         }
 
-        async fn stop(mut self) -> anyhow::Result<()> {
+        /// Signals shutdown and waits for the server to finish.
+        pub(crate) async fn stop(mut self) -> anyhow::Result<()> {
             if let Some(tx) = self.stop.take() {
                 let _ = tx.send(());
             }
@@ -542,26 +604,93 @@ mod tests {
         }
     }
 
-    fn client() -> reqwest::Client {
+    pub(crate) fn client() -> reqwest::Client {
         reqwest::Client::builder().no_proxy().build().unwrap()
     }
 
-    async fn get(c: &reqwest::Client, url: &str) -> (u16, String) {
+    pub(crate) async fn get(c: &reqwest::Client, url: &str) -> (u16, String) {
         let resp = c.get(url).send().await.unwrap();
         let status = resp.status().as_u16();
         (status, resp.text().await.unwrap())
     }
 
-    async fn post_admin(c: &reqwest::Client, base: &str, body: &str) -> (u16, String) {
+    /// `POST <base>/admin` with `body` sent as `content_type`.
+    pub(crate) async fn post_admin_as(
+        c: &reqwest::Client,
+        base: &str,
+        content_type: &str,
+        body: &str,
+    ) -> (u16, String) {
         let resp = c
             .post(format!("{base}/admin"))
-            .header("content-type", "application/json")
+            .header("content-type", content_type)
             .body(body.to_owned())
             .send()
             .await
             .unwrap();
         let status = resp.status().as_u16();
         (status, resp.text().await.unwrap())
+    }
+
+    /// `POST <base>/admin` with a JSON `body`.
+    pub(crate) async fn post_admin(c: &reqwest::Client, base: &str, body: &str) -> (u16, String) {
+        post_admin_as(c, base, "application/json", body).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_support::{Running, client, get, post_admin};
+    use super::*;
+
+    use serin_agent::collect::{MetricNames, parse_sample};
+
+    fn args(error_rate: f64, latency_ms: u64) -> DemoAppArgs {
+        DemoAppArgs {
+            host: "127.0.0.1".into(),
+            port: 0,
+            version: "v1.2.3".into(),
+            error_rate,
+            latency_ms,
+            unhealthy: false,
+        }
+    }
+
+    impl Running {
+        async fn start(args: DemoAppArgs) -> Self {
+            let (addr, app) = bind(args).await.unwrap();
+            Running::spawn(addr, |shutdown| app.serve(shutdown))
+        }
+    }
+
+    #[tokio::test]
+    async fn unhealthy_answers_503_on_healthz_and_serves_the_app_as_usual() {
+        let app = Running::start(DemoAppArgs {
+            unhealthy: true,
+            ..args(0.0, 0)
+        })
+        .await;
+        let c = client();
+        assert_eq!(
+            get(&c, &format!("{}/healthz", app.base)).await,
+            (503, "unhealthy\n".to_owned())
+        );
+        assert_eq!(
+            get(&c, &format!("{}/", app.base)).await,
+            (200, "v1.2.3\n".to_owned())
+        );
+        let (status, page) = get(&c, &format!("{}/metrics", app.base)).await;
+        assert_eq!(status, 200);
+        let sample = parse_sample(&page, &MetricNames::default()).unwrap();
+        assert_eq!(sample.total_requests(), 1.0);
+        app.stop().await.unwrap();
+
+        let healthy = Running::start(args(0.0, 0)).await;
+        assert_eq!(
+            get(&c, &format!("{}/healthz", healthy.base)).await,
+            (200, "ok\n".to_owned())
+        );
+        healthy.stop().await.unwrap();
     }
 
     #[tokio::test]

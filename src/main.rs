@@ -5,6 +5,7 @@
 mod cli;
 mod demo;
 mod demo_app;
+mod demo_worker;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -48,6 +49,8 @@ enum Command {
     },
     /// Run the demo HTTP service (stable or canary instance of a fake app).
     DemoApp(demo_app::DemoAppArgs),
+    /// Run the demo queue worker (no HTTP traffic; judged on its job counters).
+    DemoWorker(demo_worker::DemoWorkerArgs),
     /// Run a full demo on loopback: a good canary promoted, a bad one rolled back.
     Demo(demo::DemoArgs),
 }
@@ -254,6 +257,13 @@ async fn run(cli: Cli) -> ExitCode {
             init_logging("info");
             let stop = shutdown_on_signals();
             demo_app::run(args, stop.cancelled_owned())
+                .await
+                .map(|()| ExitCode::SUCCESS)
+        }
+        Command::DemoWorker(args) => {
+            init_logging("info");
+            let stop = shutdown_on_signals();
+            demo_worker::run(args, stop.cancelled_owned())
                 .await
                 .map(|()| ExitCode::SUCCESS)
         }

@@ -20,6 +20,9 @@
 //! metrics_url = "http://127.0.0.1:8081/metrics"
 //! # metrics = { requests = "http_requests_total", status_label = "code",
 //! #             latency = "http_request_duration_seconds" }
+//! # A service without HTTP traffic counts its failures itself (errors: that counter's increase):
+//! # metrics = { requests = "worker_jobs_processed_total", errors = "worker_jobs_failed_total",
+//! #             latency = "worker_job_duration_seconds" }
 //!
 //! # A balancer-only agent needs no [[instances]]: the coordinator sends the servers.
 //! [nginx]                      # optional: this host's nginx carries these services
@@ -335,6 +338,22 @@ fn is_identifier(s: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
 }
 
+/// A Prometheus metric name the collector can read: `[A-Za-z_][A-Za-z0-9_]*` (names with `:`
+/// are recording rules, which the parser skips).
+fn check_metric_name(value: &str) -> Result<(), String> {
+    let mut chars = value.chars();
+    let first_ok = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
+    if first_ok && chars.all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        Ok(())
+    } else {
+        Err(format!(
+            "must be a metric name ([A-Za-z_][A-Za-z0-9_]*, e.g. \"worker_jobs_failed_total\"), got {value:?}"
+        ))
+    }
+}
+
 /// `host:port` with a non-empty host of plain characters and a port in 1..=65535.
 fn check_address(value: &str) -> Result<(), String> {
     let Some((host, port)) = value.rsplit_once(':') else {
@@ -477,6 +496,19 @@ fn validate(raw: RawConfig) -> Result<AgentConfig, ConfigError> {
         ] {
             if value.is_empty() {
                 p.add(at(&format!("metrics.{field}")), "must not be empty");
+            }
+        }
+        if let Some(errors) = &metrics.errors {
+            if let Err(reason) = check_metric_name(errors) {
+                p.add(at("metrics.errors"), reason);
+            } else if *errors == metrics.requests {
+                p.add(
+                    at("metrics.errors"),
+                    format!(
+                        "must differ from metrics.requests ({errors:?}): errors are a counter of \
+                         their own, such as \"worker_jobs_failed_total\""
+                    ),
+                );
             }
         }
         if let (Some(name), Some(service), Some(variant), Some(address), Some(metrics_url)) =
@@ -1011,7 +1043,7 @@ mod tests {
             format!("{MINIMAL}\nintervall = \"1s\""),
             format!("{MINIMAL}\n{STABLE_INSTANCE}\nweight = 5"),
             format!(
-                "{MINIMAL}\n{STABLE_INSTANCE}\nmetrics = {{ requests = \"r\", errors = \"e\" }}"
+                "{MINIMAL}\n{STABLE_INSTANCE}\nmetrics = {{ requests = \"r\", error = \"e\" }}"
             ),
             format!(
                 "{MINIMAL}\n{STABLE_INSTANCE}\n[nginx]\nconfig = \"/c\"\nsite = \"/s\"\n\
@@ -1022,6 +1054,70 @@ mod tests {
             assert!(matches!(err, ConfigError::Parse { .. }), "{err}");
             assert!(err.to_string().contains("unknown field"), "{err}");
         }
+    }
+
+    #[test]
+    fn an_errors_counter_is_read_and_defaults_to_none() {
+        let plain = AgentConfig::from_toml(&format!("{MINIMAL}\n{STABLE_INSTANCE}")).unwrap();
+        assert_eq!(plain.instances[0].metrics.errors, None);
+        let worker = format!(
+            "{MINIMAL}\n{STABLE_INSTANCE}\nmetrics = {{ requests = \"worker_jobs_processed_total\", \
+             errors = \"worker_jobs_failed_total\", latency = \"worker_job_duration_seconds\" }}"
+        );
+        let c = AgentConfig::from_toml(&worker).unwrap();
+        assert_eq!(
+            c.instances[0].metrics,
+            MetricNames {
+                requests: "worker_jobs_processed_total".into(),
+                errors: Some("worker_jobs_failed_total".into()),
+                latency: "worker_job_duration_seconds".into(),
+                ..MetricNames::default()
+            }
+        );
+    }
+
+    #[test]
+    fn a_bad_errors_counter_is_named_by_its_field() {
+        for (metrics, reason) in [
+            (
+                r#"{ errors = "http_requests_total" }"#,
+                "must differ from metrics.requests (\"http_requests_total\"): errors are a \
+                 counter of their own, such as \"worker_jobs_failed_total\"",
+            ),
+            (
+                r#"{ requests = "jobs_total", errors = "jobs_total" }"#,
+                "must differ from metrics.requests (\"jobs_total\"): errors are a counter of \
+                 their own, such as \"worker_jobs_failed_total\"",
+            ),
+            (
+                r#"{ errors = "" }"#,
+                "must be a metric name ([A-Za-z_][A-Za-z0-9_]*, e.g. \"worker_jobs_failed_total\"), got \"\"",
+            ),
+            (
+                r#"{ errors = "job:failed:rate5m" }"#,
+                "must be a metric name ([A-Za-z_][A-Za-z0-9_]*, e.g. \"worker_jobs_failed_total\"), got \"job:failed:rate5m\"",
+            ),
+            (
+                r#"{ errors = "9failed" }"#,
+                "must be a metric name ([A-Za-z_][A-Za-z0-9_]*, e.g. \"worker_jobs_failed_total\"), got \"9failed\"",
+            ),
+            (
+                r#"{ errors = "failed total" }"#,
+                "must be a metric name ([A-Za-z_][A-Za-z0-9_]*, e.g. \"worker_jobs_failed_total\"), got \"failed total\"",
+            ),
+        ] {
+            assert_single_error(
+                &format!("{MINIMAL}\n{STABLE_INSTANCE}\nmetrics = {metrics}"),
+                &format!("instances[0].metrics.errors: {reason}"),
+            );
+        }
+        // Not a string: a parse error naming the key.
+        let err = AgentConfig::from_toml(&format!(
+            "{MINIMAL}\n{STABLE_INSTANCE}\nmetrics = {{ errors = 5 }}"
+        ))
+        .unwrap_err();
+        assert!(matches!(err, ConfigError::Parse { .. }), "{err}");
+        assert!(err.to_string().contains("errors"), "{err}");
     }
 
     #[test]

@@ -31,6 +31,18 @@
 //! - the first sample, and the first after a failed scrape ([`DeltaTracker::forget`]), are
 //!   only a baseline: no window.
 //!
+//! # Errors: a status label or a counter of their own
+//!
+//! An HTTP service's errors are its requests whose status label starts with `5`. A service
+//! with no HTTP traffic (a queue worker) has no status to read; it counts its failures in a
+//! counter of their own (`worker_jobs_failed_total` beside `worker_jobs_processed_total`).
+//! When [`MetricNames::errors`] names that counter, errors are its increase (summed over its
+//! labels) instead, and the status label is not read. Its series follow the same rules as
+//! the requests series above (resets, restarts, new and returning series), so a failed-jobs
+//! series created by the canary's first failure counts that failure. A page without the
+//! errors counter has no errors yet, not "no data": client libraries often create a labelled
+//! counter's series only on its first increment.
+//!
 //! A histogram label set whose bucket layout (its `le` values) changed without a reset cannot
 //! be subtracted; the window then has no buckets at all for that interval (requests, errors and
 //! the latency sum still count), so its buckets never disagree with its requests.
@@ -69,6 +81,11 @@ pub struct MetricNames {
     /// Base name of the request-duration histogram (`<latency>_bucket`, `<latency>_sum`).
     #[serde(default = "default_latency")]
     pub latency: String,
+    /// Counter of failed requests (or jobs), for services without an HTTP status: when set,
+    /// errors are this counter's increase, summed over its series, and `status_label` is not
+    /// read. `requests` must count the failed ones too.
+    #[serde(default)]
+    pub errors: Option<String>,
 }
 
 fn default_requests() -> String {
@@ -89,6 +106,7 @@ impl Default for MetricNames {
             requests: default_requests(),
             status_label: default_status_label(),
             latency: default_latency(),
+            errors: None,
         }
     }
 }
@@ -104,6 +122,9 @@ pub struct Sample {
     pub requests: BTreeMap<String, RequestSeries>,
     /// Every series of the latency histogram, by label set without `le`.
     pub histograms: BTreeMap<String, HistogramSeries>,
+    /// Every series of the errors counter, by label set: empty unless
+    /// [`MetricNames::errors`] is set (then no `requests` series is an error).
+    pub errors: BTreeMap<String, f64>,
     /// `process_start_time_seconds`, when the page has it: a change means the app restarted.
     pub process_start: Option<f64>,
 }
@@ -113,7 +134,8 @@ pub struct Sample {
 pub struct RequestSeries {
     /// Its cumulative value.
     pub value: f64,
-    /// Whether its status label starts with `5`.
+    /// Whether its status label starts with `5` (always false when errors come from
+    /// [`MetricNames::errors`]).
     pub error: bool,
 }
 
@@ -132,13 +154,16 @@ impl Sample {
         self.requests.values().map(|s| s.value).sum()
     }
 
-    /// Sum of the `requests` series whose status label starts with `5`.
+    /// Sum of the `requests` series whose status label starts with `5`, plus every series of
+    /// the errors counter (only one of the two is ever non-empty).
     pub fn total_errors(&self) -> f64 {
-        self.requests
+        let by_status: f64 = self
+            .requests
             .values()
             .filter(|s| s.error)
             .map(|s| s.value)
-            .sum()
+            .sum();
+        by_status + self.errors.values().sum::<f64>()
     }
 
     /// `(le, cumulative count)` summed over the histogram's series, sorted by `le`.
@@ -181,6 +206,7 @@ impl Sample {
                     },
                 )])
             },
+            errors: BTreeMap::new(),
             process_start: None,
         }
     }
@@ -303,7 +329,9 @@ fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {
 /// Prometheus text format (OpenMetrics text is accepted too).
 ///
 /// Each series is kept by its label set (a series whose status label starts with `5` counts
-/// errors; a series written twice is added up), as is `process_start_time_seconds` when present.
+/// errors, or, when `names.errors` is set, every series of that counter does; a series written
+/// twice is added up), as is `process_start_time_seconds` when present. A page without the
+/// errors counter has no errors.
 /// A page without the latency histogram yields no histogram series; a page without the requests
 /// metric, a line that is not in the text format, or a NaN, infinite or negative value in a
 /// series we use is an error. Lines whose metric name contains `:` (recording-rule names,
@@ -333,16 +361,22 @@ fn parse_page(text: &str, names: &MetricNames) -> Result<Sample, ParseError> {
                 if s.metric == names.requests {
                     let value = counter(&s.metric, *v)?;
                     found_requests = true;
-                    let error = s
-                        .labels
-                        .get(&names.status_label)
-                        .is_some_and(|code| code.starts_with('5'));
+                    let error = names.errors.is_none()
+                        && s.labels
+                            .get(&names.status_label)
+                            .is_some_and(|code| code.starts_with('5'));
                     let series = sample
                         .requests
                         .entry(series_key(&s.labels, None))
                         .or_default();
                     series.value += value;
                     series.error = error;
+                } else if names.errors.as_ref() == Some(&s.metric) {
+                    let value = counter(&s.metric, *v)?;
+                    *sample
+                        .errors
+                        .entry(series_key(&s.labels, None))
+                        .or_default() += value;
                 } else if s.metric == sum_name {
                     let value = counter(&s.metric, *v)?;
                     sample
@@ -568,7 +602,9 @@ impl MetricsSource for Scraper {
 pub struct Window {
     /// Requests handled in the interval.
     pub requests: u64,
-    /// Of those, requests answered with a 5xx status.
+    /// Of those, the failed ones: requests answered with a 5xx status, or the increase of the
+    /// [`MetricNames::errors`] counter when one is configured (then at most `requests`: a
+    /// page read between the two counters' increments cannot make more failures than work).
     pub errors: u64,
     /// `(le, requests of the interval that took at most le)`, sorted by `le`. Empty when the
     /// page has no histogram, or when the bucket layout changed during this interval without a
@@ -592,6 +628,8 @@ pub struct DeltaTracker {
     process_start: Option<f64>,
     requests: HashMap<String, Seen<RequestSeries>>,
     histograms: HashMap<String, Seen<HistogramSeries>>,
+    /// Series of the errors counter ([`MetricNames::errors`]).
+    errors: HashMap<String, Seen<f64>>,
     /// Samples observed so far: the tracker's clock.
     observed: u64,
     /// A series absent for more than this many samples is forgotten.
@@ -628,6 +666,7 @@ impl DeltaTracker {
             process_start: None,
             requests: HashMap::new(),
             histograms: HashMap::new(),
+            errors: HashMap::new(),
             observed: 0,
             retention: samples,
         }
@@ -643,6 +682,7 @@ impl DeltaTracker {
             self.process_start = sample.process_start;
             self.requests = seen_at(sample.requests, now);
             self.histograms = seen_at(sample.histograms, now);
+            self.errors = seen_at(sample.errors, now);
             return None;
         }
 
@@ -656,6 +696,7 @@ impl DeltaTracker {
             );
             self.requests.clear();
             self.histograms.clear();
+            self.errors.clear();
         }
         if sample.process_start.is_some() {
             self.process_start = sample.process_start;
@@ -674,6 +715,24 @@ impl DeltaTracker {
             }
             self.requests.insert(key, Seen { last: cur, at: now });
         }
+        // The errors counter's series, by the same rules as the requests series.
+        let mut counted_errors = 0.0;
+        for (key, cur) in sample.errors {
+            counted_errors += self
+                .errors
+                .get(&key)
+                .map_or(cur, |prev| increase(prev.last, cur));
+            self.errors.insert(key, Seen { last: cur, at: now });
+        }
+        if counted_errors > requests {
+            tracing::debug!(
+                errors = counted_errors,
+                requests,
+                "the errors counter rose more than the requests counter; errors capped at requests"
+            );
+            counted_errors = requests;
+        }
+        errors += counted_errors;
 
         let mut buckets: Vec<(f64, f64)> = Vec::new();
         let mut layout_changed = false;
@@ -717,6 +776,7 @@ impl DeltaTracker {
         let retention = self.retention;
         self.requests.retain(|_, s| now - s.at <= retention);
         self.histograms.retain(|_, s| now - s.at <= retention);
+        self.errors.retain(|_, s| now - s.at <= retention);
 
         Some(Window {
             requests: count(requests),
@@ -736,9 +796,9 @@ impl DeltaTracker {
         *self = Self::with_retention(self.retention);
     }
 
-    /// How many series (requests and histogram) the tracker remembers.
+    /// How many series (requests, histogram and errors) the tracker remembers.
     pub fn remembered(&self) -> usize {
-        self.requests.len() + self.histograms.len()
+        self.requests.len() + self.histograms.len() + self.errors.len()
     }
 }
 
@@ -892,6 +952,7 @@ rpc_duration_seconds_count 2693
             requests: "reqs".into(),
             status_label: "status".into(),
             latency: "lat".into(),
+            errors: None,
         };
         let s = parse_sample(page, &names).unwrap();
         assert_eq!((s.total_requests(), s.total_errors()), (10.0, 4.0));
@@ -971,6 +1032,10 @@ rpc_duration_seconds_count 2693
         );
         let err = serde_json::from_str::<MetricNames>(r#"{"request":"x"}"#).unwrap_err();
         assert!(err.to_string().contains("unknown field `request`"), "{err}");
+        assert_eq!(MetricNames::default().errors, None);
+        let names: MetricNames =
+            serde_json::from_str(r#"{"errors":"worker_jobs_failed_total"}"#).unwrap();
+        assert_eq!(names.errors.as_deref(), Some("worker_jobs_failed_total"));
     }
 
     fn sample(requests: f64, errors: f64, buckets: &[(f64, f64)], sum: f64) -> Sample {
@@ -1258,6 +1323,170 @@ rpc_duration_seconds_count 2693
         let restarted = [(20, 12), (20, 12), (20, 12), (20, 12)];
         let w = window_of(&mut t, &workers_page(restarted, Some(2000.0))).unwrap();
         assert_eq!((w.requests, w.errors), (4 * 32, 4 * 12));
+    }
+
+    // --- errors from a counter of their own (`MetricNames::errors`) ---
+
+    fn worker_names() -> MetricNames {
+        MetricNames {
+            requests: "worker_jobs_processed_total".into(),
+            errors: Some("worker_jobs_failed_total".into()),
+            latency: "worker_job_duration_seconds".into(),
+            ..MetricNames::default()
+        }
+    }
+
+    /// A queue worker's page as prometheus-client writes it: processed and failed jobs per
+    /// queue (`None`: no failed series for that queue yet), the start time, `# EOF`.
+    fn queue_page(queues: &[(&str, u64, Option<u64>)], start: f64) -> String {
+        let mut page = String::from(
+            "# HELP worker_jobs_processed Jobs processed, failed ones included.\n\
+             # TYPE worker_jobs_processed counter\n",
+        );
+        for (queue, processed, _) in queues {
+            page += &format!("worker_jobs_processed_total{{queue=\"{queue}\"}} {processed}\n");
+        }
+        page += "# HELP worker_jobs_failed Jobs that failed.\n# TYPE worker_jobs_failed counter\n";
+        for (queue, _, failed) in queues {
+            if let Some(failed) = failed {
+                page += &format!("worker_jobs_failed_total{{queue=\"{queue}\"}} {failed}\n");
+            }
+        }
+        page += &format!(
+            "# TYPE process_start_time_seconds gauge\nprocess_start_time_seconds {start}\n# EOF\n"
+        );
+        page
+    }
+
+    fn worker_window(t: &mut DeltaTracker, page: &str) -> Option<Window> {
+        t.observe(parse_sample(page, &worker_names()).unwrap())
+    }
+
+    #[test]
+    fn an_errors_counter_is_summed_over_its_labels_and_the_status_label_is_not_read() {
+        // `code="500"` on a processed series would be an error by status; with `errors` set it
+        // is just work.
+        let page = "# TYPE worker_jobs_processed_total counter\n\
+                    worker_jobs_processed_total{queue=\"mail\",code=\"500\"} 120\n\
+                    worker_jobs_processed_total{queue=\"sms\"} 30\n\
+                    # TYPE worker_jobs_failed_total counter\n\
+                    worker_jobs_failed_total{queue=\"mail\",reason=\"timeout\"} 4\n\
+                    worker_jobs_failed_total{queue=\"mail\",reason=\"rejected\"} 2\n\
+                    worker_jobs_failed_total{queue=\"sms\",reason=\"timeout\"} 1\n\
+                    # TYPE worker_job_duration_seconds histogram\n\
+                    worker_job_duration_seconds_bucket{le=\"0.01\"} 140\n\
+                    worker_job_duration_seconds_bucket{le=\"+Inf\"} 150\n\
+                    worker_job_duration_seconds_sum 0.9\n\
+                    worker_job_duration_seconds_count 150\n";
+        let s = parse_sample(page, &worker_names()).unwrap();
+        assert_eq!((s.total_requests(), s.total_errors()), (150.0, 7.0));
+        assert!(s.requests.values().all(|r| !r.error), "{s:?}");
+        assert_eq!(s.errors.len(), 3);
+        assert_eq!(s.total_buckets(), vec![(0.01, 140.0), (INF, 150.0)]);
+        // The same page read by the status label: the `code="500"` series is the errors.
+        let by_status = MetricNames {
+            errors: None,
+            ..worker_names()
+        };
+        assert_eq!(
+            parse_sample(page, &by_status).unwrap().total_errors(),
+            120.0
+        );
+    }
+
+    #[test]
+    fn a_page_without_the_errors_counter_has_no_errors_but_one_without_requests_is_an_error() {
+        let page = queue_page(&[("mail", 40, None)], 1000.0);
+        let s = parse_sample(&page, &worker_names()).unwrap();
+        assert_eq!((s.total_requests(), s.total_errors()), (40.0, 0.0));
+        let only_failed = "worker_jobs_failed_total 3\n";
+        assert!(matches!(
+            parse_sample(only_failed, &worker_names()),
+            Err(ScrapeError::Parse {
+                source: ParseError::MissingMetric(m),
+                ..
+            }) if m == "worker_jobs_processed_total"
+        ));
+    }
+
+    #[test]
+    fn an_errors_counter_with_an_impossible_value_is_an_error_naming_it() {
+        let page = "worker_jobs_processed_total 5\nworker_jobs_failed_total -2\n";
+        let err = parse_sample(page, &worker_names()).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "metric 'worker_jobs_failed_total' has invalid value -2 (counters must be finite and >= 0)"
+        );
+    }
+
+    #[test]
+    fn errors_counter_windows_are_its_increase_and_a_first_failure_series_counts_in_full() {
+        let mut t = DeltaTracker::default();
+        let base = queue_page(&[("mail", 1000, Some(10)), ("sms", 500, None)], 1000.0);
+        assert_eq!(worker_window(&mut t, &base), None);
+        // mail: 100 more jobs, 5 more failed; sms: 50 more, and its first 2 failures create
+        // its failed series, which must count in full.
+        let next = queue_page(&[("mail", 1100, Some(15)), ("sms", 550, Some(2))], 1000.0);
+        let w = worker_window(&mut t, &next).unwrap();
+        assert_eq!((w.requests, w.errors), (150, 7));
+        // Nothing new: nothing counted.
+        let w = worker_window(&mut t, &next).unwrap();
+        assert_eq!((w.requests, w.errors), (0, 0));
+        assert_eq!(t.remembered(), 4);
+    }
+
+    #[test]
+    fn an_errors_series_that_went_down_counts_its_current_value_as_requests_do() {
+        let mut t = DeltaTracker::default();
+        let base = queue_page(&[("mail", 1000, Some(10)), ("sms", 500, Some(8))], 1000.0);
+        worker_window(&mut t, &base);
+        // The sms consumer restarted inside the app (same start time): both its counters
+        // went down and count their current values; mail counts its increase.
+        let next = queue_page(&[("mail", 1010, Some(11)), ("sms", 20, Some(3))], 1000.0);
+        let w = worker_window(&mut t, &next).unwrap();
+        assert_eq!((w.requests, w.errors), (10 + 20, 1 + 3));
+        // The whole app restarted (new start time): every series counts its current value,
+        // even a failed series that is above its old value again.
+        let restarted = queue_page(&[("mail", 40, Some(12)), ("sms", 10, None)], 2000.0);
+        let w = worker_window(&mut t, &restarted).unwrap();
+        assert_eq!((w.requests, w.errors), (50, 12));
+    }
+
+    #[test]
+    fn an_errors_series_that_disappears_counts_nothing_and_its_return_counts_its_increase() {
+        let mut t = DeltaTracker::default();
+        worker_window(&mut t, &queue_page(&[("mail", 100, Some(10))], 1000.0));
+        let gone = queue_page(&[("mail", 150, None)], 1000.0);
+        let w = worker_window(&mut t, &gone).unwrap();
+        assert_eq!((w.requests, w.errors), (50, 0));
+        let back = queue_page(&[("mail", 200, Some(13))], 1000.0);
+        let w = worker_window(&mut t, &back).unwrap();
+        assert_eq!((w.requests, w.errors), (50, 3));
+    }
+
+    #[test]
+    fn errors_never_exceed_the_requests_of_the_window() {
+        let mut t = DeltaTracker::default();
+        worker_window(&mut t, &queue_page(&[("mail", 100, Some(10))], 1000.0));
+        // Scraped between a job's failed and processed increments (or a failed counter that
+        // counts something else): 1 job, 4 failures.
+        let w = worker_window(&mut t, &queue_page(&[("mail", 101, Some(14))], 1000.0)).unwrap();
+        assert_eq!((w.requests, w.errors), (1, 1));
+        let w = worker_window(&mut t, &queue_page(&[("mail", 101, Some(20))], 1000.0)).unwrap();
+        assert_eq!((w.requests, w.errors), (0, 0));
+    }
+
+    #[test]
+    fn delta_tracker_forget_drops_the_errors_series_too() {
+        let mut t = DeltaTracker::default();
+        worker_window(&mut t, &queue_page(&[("mail", 100, Some(10))], 1000.0));
+        t.forget();
+        assert_eq!(t.remembered(), 0);
+        let page = queue_page(&[("mail", 300, Some(30))], 1000.0);
+        assert_eq!(worker_window(&mut t, &page), None);
+        let page = queue_page(&[("mail", 310, Some(31))], 1000.0);
+        let w = worker_window(&mut t, &page).unwrap();
+        assert_eq!((w.requests, w.errors), (10, 1));
     }
 
     #[test]
