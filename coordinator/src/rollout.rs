@@ -445,6 +445,10 @@ pub struct TrafficPlan {
 }
 
 /// A change to the replicated state: the payload of every Raft log entry.
+// `Start` carries the whole strategy (with its `[deploy]`, several hundred bytes): a command
+// lives only while it is proposed and applied, one at a time, so its size costs nothing
+// measurable, and boxing the strategy would change every constructor.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "command")]
 pub enum Command {

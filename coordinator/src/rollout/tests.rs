@@ -29,6 +29,7 @@ fn strategy(weights: &[u32]) -> Strategy {
         triggers: vec![],
         traffic: Traffic::default(),
         hooks: Vec::new(),
+        deploy: None,
     }
 }
 
