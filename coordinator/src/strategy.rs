@@ -1,7 +1,7 @@
 //! Rollout strategies: the TOML an operator writes, and its validated runtime form.
 //!
 //! Parsing happens in two steps, as Neon and Vector do: serde reads a raw file (unknown fields
-//! rejected), then [`Strategy::from_raw`] checks every field and returns *all* problems at once,
+//! rejected), then `Strategy::from_raw` checks every field and returns *all* problems at once,
 //! each naming its field (`stages[2].weight: must be in 1..=100, got 120`).
 
 use std::fmt;
