@@ -427,6 +427,7 @@ fn rendering_fills_every_placeholder_and_unescapes_braces() {
         "api/api-1 canary v2 10.0.0.5:8080 10.0.0.5 8080 {x}"
     );
     assert_eq!(render("é{version}ü", &values), "év2ü");
+    assert_eq!(render("echo ${{HOME}}", &values), "echo ${HOME}");
     assert_eq!(
         render("{bad}", &values),
         "{bad}",
