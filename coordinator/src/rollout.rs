@@ -1218,8 +1218,14 @@ impl Registry {
         let rollout = record.latest.as_ref().and_then(|id| self.rollouts.get(id));
         let plan = match rollout {
             Some(r) => {
-                // Settled: the stable instances run the new version and carry all of it.
-                let settled = r.state == RolloutState::Promoted && r.deploy_settled;
+                // Settled: the stable instances run the new version and carry all of it. With
+                // the hosts model every instance runs it as stable from the promotion on.
+                let hosts = r
+                    .strategy
+                    .deploy
+                    .as_ref()
+                    .is_some_and(|d| d.model == DeployModel::Hosts);
+                let settled = r.state == RolloutState::Promoted && (r.deploy_settled || hosts);
                 let weight = if settled { 0 } else { r.canary_weight() };
                 TrafficPlan {
                     service: service.to_owned(),

@@ -1056,3 +1056,24 @@ fn a_stage_still_waiting_for_its_deployment_at_its_maximum_time_pauses_naming_th
         other => panic!("{other:?}"),
     }
 }
+
+#[test]
+fn a_hosts_promotion_sends_the_traffic_to_the_instances_as_stable_at_once() {
+    let reg = promoted_with(Some("hosts"));
+    let plan = reg.traffic("api").unwrap();
+    assert_eq!(
+        (
+            plan.canary_weight,
+            plan.canary_version.as_str(),
+            plan.stable_version.as_str()
+        ),
+        (0, "", "v2"),
+        "every instance runs v2 in place, as stable: no canary side is left"
+    );
+    // Without [deploy] a promotion keeps its old traffic: 100% to the canary instances.
+    let plan = promoted_with(None).traffic("api").unwrap();
+    assert_eq!(
+        (plan.canary_weight, plan.canary_version.as_str()),
+        (100, "v2")
+    );
+}
