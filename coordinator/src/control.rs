@@ -163,6 +163,7 @@ pub async fn run_with_hooks<R: HookRunner>(
         }
         let now = now_millis();
         shared.metrics().prune(now);
+        settle_deployments(&shared, &view.registry, now).await;
         let active: Vec<Rollout> = view.registry.active().cloned().collect();
         memories.retain(|id, _| active.iter().any(|r| &r.id == id));
         shared
@@ -253,6 +254,53 @@ fn checkpoint_due(
     })
 }
 
+// ---------------------------------------------------------------------------------------------
+// DEPLOY HOOKS (for the lead to fill from the agents' reports of their managed instances).
+// Until agents report deployments, both answer "nothing to wait for": rollouts behave as before
+// and no promotion settles (its canary instances keep the traffic).
+// ---------------------------------------------------------------------------------------------
+
+/// HOOK: which managed instances of `rollout`'s service do not yet run their assignment
+/// ([`crate::deploy::assignments`]) healthy, and which failed to, one human line each:
+/// (`deploy_waiting`, `deploy_failures`) of [`Observation`]. Default: both empty.
+fn deploy_progress(
+    _shared: &Shared,
+    _registry: &crate::rollout::Registry,
+    _rollout: &Rollout,
+) -> (Vec<String>, Vec<String>) {
+    (Vec::new(), Vec::new())
+}
+
+/// HOOK: whether every stable managed instance of `service` runs its assignment (the new
+/// version, after a promotion) healthy, as the agents report it. Default: false (never
+/// settles).
+fn stable_instances_ready(
+    _shared: &Shared,
+    _registry: &crate::rollout::Registry,
+    _service: &str,
+) -> bool {
+    false
+}
+
+/// Proposes [`Command::DeploySettled`] for every service whose promotion's deployment is done
+/// ([`crate::deploy::settle_due`]).
+async fn settle_deployments(shared: &Shared, registry: &crate::rollout::Registry, now: Millis) {
+    for service in registry.services.keys() {
+        let ready = stable_instances_ready(shared, registry, service);
+        let Some(command) = crate::deploy::settle_due(registry, service, ready, now) else {
+            continue;
+        };
+        tracing::info!(%service, command = command.action(), "proposing");
+        match shared.raft.propose(command).await {
+            Ok(applied) => tracing::info!(rollout = ?applied.id, "deployment settled"),
+            Err(ProposeError::Rejected(rejection)) => {
+                tracing::debug!(%service, %rejection, "settle superseded")
+            }
+            Err(e) => tracing::warn!(%service, error = %e, "proposal failed"),
+        }
+    }
+}
+
 /// Gathers the observation of one rollout at `now`.
 fn observe(
     shared: &Shared,
@@ -313,10 +361,13 @@ fn observe(
         .get(&rollout.service)
         .map(|s| s.generation)
         .unwrap_or_default();
+    let (deploy_waiting, deploy_failures) = deploy_progress(shared, registry, rollout);
     let observation = Observation {
         stage: stage.clone(),
         triggers,
         apply_failures: shared.agents.failures(&rollout.service, generation),
+        deploy_waiting,
+        deploy_failures,
     };
     let live = LiveView {
         stage,

@@ -25,7 +25,7 @@
 //! `hook` in the replicated history, with the status code or error, the first
 //! [`HOOK_BODY_EXCERPT_CHARS`] characters of the answer, the attempts and the time taken. The
 //! command itself carries the consequence (abort, hold, traffic to the canary), applied by
-//! [`Registry::hook_ran`]: one log entry per hook run, so a follower never sees a failed hook
+//! `Registry::hook_ran`: one log entry per hook run, so a follower never sees a failed hook
 //! without its effect, and no extra command kind for "hold because of a hook".
 //!
 //! # Who calls, and leader changes

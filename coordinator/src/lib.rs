@@ -7,6 +7,8 @@
 //! - [`analysis`]: merging agent measurements and judging checks (pure).
 //! - [`rollout`]: the rollout state machine and the controller's decisions (pure, time passed in);
 //!   [`rollout::revisions`]: a service's revisions and `Undo`.
+//! - [`deploy`]: which version every managed instance must run now, and when a promotion's
+//!   deployment has settled (pure).
 //! - [`raft`]: the Raft node (raft-rs `RawNode` owned by one task) and its sled storage.
 //! - [`metrics`]: the leader's soft state of recent agent reports per service and variant.
 //! - [`agents`]: connected agents, their sessions and desired-state pushes.
@@ -22,6 +24,7 @@
 pub mod agents;
 pub mod analysis;
 pub mod control;
+pub mod deploy;
 pub mod hooks;
 pub mod inventory;
 pub mod limits;

@@ -45,6 +45,20 @@ pub const MAX_HOOK_HEADER_VALUE: usize = 1024;
 pub const HOOK_BODY_EXCERPT_CHARS: usize = 200;
 /// How much of a hook's response body is read at most, in bytes (the rest is not waited for).
 pub const HOOK_BODY_READ_BYTES: usize = 4096;
+/// Most `[deploy] env` entries.
+pub const MAX_DEPLOY_ENV: usize = 64;
+/// Longest `[deploy] env` name, in bytes.
+pub const MAX_DEPLOY_ENV_NAME: usize = 128;
+/// Longest `[deploy] env` value, in bytes.
+pub const MAX_DEPLOY_ENV_VALUE: usize = 4096;
+/// Longest `[deploy] health_path`, in bytes.
+pub const MAX_DEPLOY_HEALTH_PATH: usize = 1024;
+/// Longest `[deploy.docker] image`, in bytes (placeholders included).
+pub const MAX_DEPLOY_IMAGE: usize = 512;
+/// Most `[deploy.docker] args`.
+pub const MAX_DEPLOY_ARGS: usize = 64;
+/// Longest single `[deploy.docker] args` entry, and longest `[deploy.command]` command, in bytes.
+pub const MAX_DEPLOY_COMMAND: usize = 4096;
 /// Longest page token of `ListRollouts`, in bytes.
 pub const MAX_PAGE_TOKEN: usize = 256;
 

@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use crate::analysis::{CheckResult, Pair, StageAnalysis, StageVerdict, Verdict, judge_stage};
 use crate::hooks::{HookRun, HookState};
 use crate::limits::{KEEP_FIRST_EVENTS, KEEP_LAST_EVENTS, MAX_EVENT_REASON, cut};
-use crate::strategy::{HookOn, Severity, Strategy};
+use crate::strategy::{DeployModel, HookOn, Severity, Strategy};
 
 /// Milliseconds since the Unix epoch, as proposed by the leader.
 pub type Millis = i64;
@@ -164,6 +164,9 @@ pub enum EventKind {
     Aborted,
     /// A hook ran; the event carries its outcome ([`Event::hook`]).
     Hook,
+    /// After a promotion with the weighted `[deploy]` model, every stable instance runs the new
+    /// version: the traffic returned to them and the canary instances go.
+    Deployed,
 }
 
 /// One entry of a rollout's history.
@@ -237,6 +240,11 @@ pub struct Rollout {
     /// Which hooks are still due ([`crate::hooks`]).
     #[serde(default)]
     pub hooks: HookState,
+    /// For a promoted rollout with the weighted `[deploy]` model: every stable instance runs
+    /// the new version healthy, so the traffic is back on them and the canary instances are
+    /// removed ([`Command::DeploySettled`], [`crate::deploy`]).
+    #[serde(default)]
+    pub deploy_settled: bool,
 }
 
 /// The measurements of a stage so far, committed every few seconds so that a new leader (or a
@@ -445,6 +453,10 @@ pub struct TrafficPlan {
 }
 
 /// A change to the replicated state: the payload of every Raft log entry.
+// `Start` carries the whole strategy (with its `[deploy]`, several hundred bytes): a command
+// lives only while it is proposed and applied, one at a time, so its size costs nothing
+// measurable, and boxing the strategy would change every constructor.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "command")]
 pub enum Command {
@@ -570,6 +582,16 @@ pub enum Command {
         /// When it finished.
         at: Millis,
     },
+    /// After a promotion with the weighted `[deploy]` model, every stable instance runs the new
+    /// version healthy: the traffic returns to them and the canary instances are removed.
+    DeploySettled {
+        /// Rollout (promoted).
+        id: RolloutId,
+        /// What the leader saw, e.g. "all 3 stable instances run v2 healthy".
+        reason: String,
+        /// When.
+        at: Millis,
+    },
     /// The controller returns traffic to stable.
     RollBack {
         /// Rollout.
@@ -595,6 +617,7 @@ impl Command {
             | Command::Abort { id, .. }
             | Command::Checkpoint { id, .. }
             | Command::HookRan { id, .. }
+            | Command::DeploySettled { id, .. }
             | Command::RollBack { id, .. } => Some(id),
             Command::SetUpstreams { .. } | Command::Undo { .. } => None,
         }
@@ -611,6 +634,7 @@ impl Command {
             Command::Abort { .. } => "abort",
             Command::Checkpoint { .. } => "checkpoint",
             Command::HookRan { .. } => "record a hook run of",
+            Command::DeploySettled { .. } => "settle the deployment of",
             Command::RollBack { .. } => "roll back",
             Command::SetUpstreams { .. } => "set upstreams",
             Command::Undo { .. } => "undo",
@@ -681,6 +705,14 @@ pub enum Rejection {
         hook: String,
         /// When it runs.
         on: HookOn,
+    },
+    /// A `DeploySettled` for a rollout that has nothing to settle.
+    #[error("cannot settle the deployment of rollout '{id}': {why}")]
+    NothingToSettle {
+        /// Rollout.
+        id: RolloutId,
+        /// Why: not promoted, no weighted `[deploy]`, or already settled.
+        why: String,
     },
     /// A start for a service with no known stable version and none given.
     #[error("service '{0}' has no stable version yet: pass --stable-version")]
@@ -760,6 +792,9 @@ impl Registry {
         if let Command::HookRan { id, stage, run, at } = command {
             return self.hook_ran(id, stage, run, at, generation);
         }
+        if let Command::DeploySettled { id, reason, at } = command {
+            return self.deploy_settled(id, reason, at, generation);
+        }
         if let Command::SetUpstreams {
             service,
             members,
@@ -802,6 +837,7 @@ impl Registry {
             Command::Start { .. }
             | Command::SetUpstreams { .. }
             | Command::Undo { .. }
+            | Command::DeploySettled { .. }
             | Command::HookRan { .. } => {
                 unreachable!("handled above")
             }
@@ -1087,6 +1123,7 @@ impl Registry {
             evidence: Vec::new(),
             checkpoint: None,
             hooks: hook_state,
+            deploy_settled: false,
         };
         let mut reason = format!("rolling out {version} in {stages} stages");
         if !rollout.hooks.pre_rollout_pending.is_empty() {
@@ -1104,6 +1141,73 @@ impl Registry {
         })
     }
 
+    /// Applies [`Command::DeploySettled`]: valid only for a promoted rollout with a weighted
+    /// `[deploy]` not yet settled; moves the service's traffic back to the stable instances.
+    fn deploy_settled(
+        &mut self,
+        id: RolloutId,
+        reason: String,
+        at: Millis,
+        generation: Generation,
+    ) -> Result<Applied, Rejection> {
+        let rollout = self
+            .rollouts
+            .get_mut(&id)
+            .ok_or_else(|| Rejection::UnknownRollout(id.clone()))?;
+        let refuse = |why: String| Rejection::NothingToSettle {
+            id: id.clone(),
+            why,
+        };
+        if rollout.state != RolloutState::Promoted {
+            return Err(refuse(format!(
+                "it is {}; only a promoted rollout settles",
+                rollout.state
+            )));
+        }
+        match rollout.strategy.deploy.as_ref().map(|d| d.model) {
+            None => {
+                return Err(refuse(
+                    "its strategy has no [deploy]: serin deploys nothing for it".into(),
+                ));
+            }
+            Some(DeployModel::Hosts) => {
+                return Err(refuse(
+                    "it deploys with model \"hosts\": its instances run the new version in place"
+                        .into(),
+                ));
+            }
+            Some(DeployModel::Weighted) => {}
+        }
+        if rollout.deploy_settled {
+            return Err(refuse(
+                "it is already settled: the stable instances carry the traffic".into(),
+            ));
+        }
+        rollout.deploy_settled = true;
+        rollout.record(at, EventKind::Deployed, Actor::Controller, reason);
+        if let Some(event) = rollout.events.last_mut() {
+            // All the traffic is on the stable instances now.
+            event.canary_weight = 0;
+        }
+        let service = rollout.service.clone();
+        if let Some(record) = self.services.get_mut(&service) {
+            record.generation = generation;
+        }
+        Ok(Applied {
+            id: Some(id),
+            state: Some(RolloutState::Promoted),
+            traffic_changed: true,
+        })
+    }
+
+    /// The `[deploy]` that decides what `service`'s managed instances run: its latest
+    /// rollout's ([`crate::deploy`]); `None` when serin deploys nothing for it.
+    pub fn deploy_spec(&self, service: &str) -> Option<&crate::strategy::Deploy> {
+        let record = self.services.get(service)?;
+        let rollout = self.rollouts.get(record.latest.as_ref()?)?;
+        rollout.strategy.deploy.as_ref()
+    }
+
     /// The desired traffic of one service.
     pub fn traffic(&self, service: &str) -> Option<TrafficPlan> {
         let record = self.services.get(service)?;
@@ -1114,12 +1218,24 @@ impl Registry {
         let rollout = record.latest.as_ref().and_then(|id| self.rollouts.get(id));
         let plan = match rollout {
             Some(r) => {
-                let weight = r.canary_weight();
+                // Settled: the stable instances run the new version and carry all of it. With
+                // the hosts model every instance runs it as stable from the promotion on.
+                let hosts = r
+                    .strategy
+                    .deploy
+                    .as_ref()
+                    .is_some_and(|d| d.model == DeployModel::Hosts);
+                let settled = r.state == RolloutState::Promoted && (r.deploy_settled || hosts);
+                let weight = if settled { 0 } else { r.canary_weight() };
                 TrafficPlan {
                     service: service.to_owned(),
                     canary_weight: weight,
                     stable_version: stable,
-                    canary_version: r.version.clone(),
+                    canary_version: if settled {
+                        String::new()
+                    } else {
+                        r.version.clone()
+                    },
                     rollout: Some(r.id.clone()),
                     sticky_key: if weight > 0 && weight < 100 {
                         r.strategy.traffic.sticky_key.clone()
@@ -1195,6 +1311,12 @@ pub struct Observation {
     pub triggers: Vec<TriggerReading>,
     /// Agents that failed to apply this rollout's traffic: (agent, error).
     pub apply_failures: Vec<(String, String)>,
+    /// Managed instances that do not yet run their assignment ([`crate::deploy`]) healthy, one
+    /// line each, e.g. `api-2 on host-b: starting v2 (12s)`: the stage cannot pass meanwhile.
+    pub deploy_waiting: Vec<String>,
+    /// Managed instances whose assignment failed, one line each, e.g. `api-2 on host-b:
+    /// container not healthy after 60s: …`: the rollout rolls back.
+    pub deploy_failures: Vec<String>,
 }
 
 /// Soft controller memory per rollout: since when each warning trigger has been failing.
@@ -1231,6 +1353,12 @@ pub fn decide(
     if let Some((agent, error)) = observation.apply_failures.first() {
         return Some(roll_back(format!(
             "agent '{agent}' could not apply the traffic change {at_stage}: {error}"
+        )));
+    }
+    if let Some(failure) = observation.deploy_failures.first() {
+        return Some(roll_back(format!(
+            "could not deploy {} {at_stage}: {failure}",
+            rollout.version
         )));
     }
     let mut fired = None;
@@ -1278,8 +1406,16 @@ pub fn decide(
     if elapsed < stage.min_duration.as_millis() as Millis {
         return None;
     }
+    // A stage whose managed instances do not all run their version healthy cannot pass: its
+    // checks would judge a canary that is not (all) there yet.
+    let deploying = observation.deploy_waiting.first().map(|first| {
+        match observation.deploy_waiting.len() - 1 {
+            0 => format!("waiting for the deployment: {first}"),
+            more => format!("waiting for the deployment: {first} (and {more} more)"),
+        }
+    });
     match judge_stage(&observation.stage) {
-        StageVerdict::Pass => Some(Command::StagePassed {
+        StageVerdict::Pass if deploying.is_none() => Some(Command::StagePassed {
             id: rollout.id.clone(),
             stage: rollout.stage_index,
             analysis: observation.stage.clone(),
@@ -1288,14 +1424,18 @@ pub fn decide(
         StageVerdict::Fail(check) => {
             Some(roll_back(format!("check {} {at_stage}", check.describe())))
         }
-        StageVerdict::NotYet => match stage.max_duration {
+        StageVerdict::Pass | StageVerdict::NotYet => match stage.max_duration {
             Some(max) if elapsed >= max.as_millis() as Millis => {
-                let waiting: Vec<_> = observation
-                    .stage
-                    .checks
-                    .iter()
-                    .filter(|c| c.verdict.label() == "no_data")
-                    .map(CheckResult::describe)
+                let waiting: Vec<_> = deploying
+                    .into_iter()
+                    .chain(
+                        observation
+                            .stage
+                            .checks
+                            .iter()
+                            .filter(|c| c.verdict.label() == "no_data")
+                            .map(CheckResult::describe),
+                    )
                     .collect();
                 Some(Command::Pause {
                     id: rollout.id.clone(),

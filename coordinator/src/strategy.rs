@@ -1,7 +1,7 @@
 //! Rollout strategies: the TOML an operator writes, and its validated runtime form.
 //!
 //! Parsing happens in two steps, as Neon and Vector do: serde reads a raw file (unknown fields
-//! rejected), then [`Strategy::from_raw`] checks every field and returns *all* problems at once,
+//! rejected), then `Strategy::from_raw` checks every field and returns *all* problems at once,
 //! each naming its field (`stages[2].weight: must be in 1..=100, got 120`).
 
 use std::fmt;
@@ -14,6 +14,11 @@ use crate::limits::{
     TooLong, check_len,
 };
 
+mod deploy;
+pub use deploy::{
+    CommandDeploy, DEFAULT_COMMAND_TIMEOUT, DEFAULT_HEALTH_TIMEOUT, DEFAULT_STOP_TIMEOUT, Deploy,
+    DeployDriver, DeployModel, DockerDeploy, Placeholder, TemplateValues, check_template, render,
+};
 mod hook;
 pub use hook::{DEFAULT_HOOK_RETRIES, DEFAULT_HOOK_TIMEOUT, Hook, HookOn};
 
@@ -42,6 +47,10 @@ pub struct Strategy {
     /// HTTP webhooks around the rollout's transitions, in file order ([`crate::hooks`]).
     #[serde(default)]
     pub hooks: Vec<Hook>,
+    /// How serin runs the versions behind managed instances ([`crate::deploy`]); `None`: serin
+    /// deploys nothing and only moves traffic.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deploy: Option<Deploy>,
 }
 
 /// One step of a rollout.
@@ -249,6 +258,7 @@ struct RawStrategy {
     traffic: RawTraffic,
     #[serde(default)]
     hooks: Vec<hook::RawHook>,
+    deploy: Option<deploy::RawDeploy>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -501,6 +511,10 @@ impl Strategy {
         }
 
         let hooks = hook::validate_hooks(&raw.hooks, &mut p);
+        let deploy = raw
+            .deploy
+            .as_ref()
+            .and_then(|d| deploy::validate_deploy(d, raw.traffic.sticky_key.is_some(), &mut p));
 
         if p.0.is_empty() {
             Ok(Strategy {
@@ -513,6 +527,7 @@ impl Strategy {
                     override_cookie: raw.traffic.override_cookie,
                 },
                 hooks,
+                deploy,
             })
         } else {
             Err(StrategyError::Invalid(p.0))

@@ -124,6 +124,7 @@ mod tests {
             triggers: vec![],
             traffic: Traffic::default(),
             hooks: Vec::new(),
+            deploy: None,
         }
     }
 

@@ -128,7 +128,11 @@ impl Registry {
     /// that run it instead (`agents::desired_state`).
     pub(super) fn pinned_traffic(&self, record: &Service) -> Option<TrafficPlan> {
         let pin = self.pin(&record.name)?;
-        let on_canary = pin.mapping.canary.as_deref() == Some(pin.version.as_str())
+        // When serin deploys the versions ([`crate::deploy`]), it runs the pinned version on
+        // the stable instances and nothing on the canary ones.
+        let deployed = self.deploy_spec(&record.name).is_some();
+        let on_canary = !deployed
+            && pin.mapping.canary.as_deref() == Some(pin.version.as_str())
             && pin.mapping.stable.as_deref() != Some(pin.version.as_str());
         Some(TrafficPlan {
             service: record.name.clone(),
@@ -203,14 +207,17 @@ impl Registry {
         }
         let version = target.version.clone();
         let mapping = self.variant_versions(record);
-        let known = match &record.upstreams {
-            Some(members) => !serving(members, &version, &mapping).is_empty(),
-            // Balancers route their own [[instances]]: only the variant mapping says where.
-            None => {
-                mapping.stable.as_deref() == Some(&version)
-                    || mapping.canary == Some(version.clone())
-            }
-        };
+        // When serin deploys the versions ([`crate::deploy`]) it starts the pinned one itself.
+        let deployed = self.deploy_spec(&record.name).is_some();
+        let known = deployed
+            || match &record.upstreams {
+                Some(members) => !serving(members, &version, &mapping).is_empty(),
+                // Balancers route their own [[instances]]: only the variant mapping says where.
+                None => {
+                    mapping.stable.as_deref() == Some(&version)
+                        || mapping.canary == Some(version.clone())
+                }
+            };
         if !known {
             let running = match &record.upstreams {
                 Some(members) => versions_running(members, &mapping),

@@ -29,6 +29,7 @@ fn strategy(weights: &[u32]) -> Strategy {
         triggers: vec![],
         traffic: Traffic::default(),
         hooks: Vec::new(),
+        deploy: None,
     }
 }
 
@@ -792,4 +793,287 @@ fn an_overlong_event_reason_is_cut_and_marked() {
     let kept = &reg.rollouts[&id("r1")].events[1].reason;
     assert!(kept.len() <= MAX_EVENT_REASON, "{}", kept.len());
     assert!(kept.ends_with('…'));
+}
+
+// --- deployments: settling a weighted promotion, gating stages on the deployment -------------
+
+/// A `[deploy]` section of the given model (docker, as the example files).
+fn deploy_section(model: &str) -> crate::strategy::Deploy {
+    Strategy::from_toml(&format!(
+        "[[stages]]\nweight = 5\n[deploy]\nmodel = \"{model}\"\n\
+         [deploy.docker]\nimage = \"api:{{version}}\"\nport = 8080\n"
+    ))
+    .unwrap()
+    .deploy
+    .unwrap()
+}
+
+/// Rollout r1 of `api` (v1 → v2, stages 10 and 50) with `[deploy]` of `model` (none when
+/// `None`), promoted by an operator at generation 2.
+fn promoted_with(model: Option<&str>) -> Registry {
+    let mut s = strategy(&[10, 50]);
+    s.deploy = model.map(deploy_section);
+    let mut reg = Registry::default();
+    reg.apply(start_cmd("r1", "api", s), generation(1)).unwrap();
+    reg.apply(operator("promote", T0 + 1), generation(2))
+        .unwrap();
+    reg
+}
+
+fn settle(at: Millis) -> Command {
+    Command::DeploySettled {
+        id: id("r1"),
+        reason: "all 2 stable instances run v2 healthy".into(),
+        at,
+    }
+}
+
+#[test]
+fn a_weighted_promotion_keeps_the_traffic_on_the_canary_until_it_settles() {
+    let mut reg = promoted_with(Some("weighted"));
+    let plan = reg.traffic("api").unwrap();
+    assert_eq!(
+        (
+            plan.canary_weight,
+            plan.canary_version.as_str(),
+            plan.stable_version.as_str()
+        ),
+        (100, "v2", "v2"),
+        "promoted, not settled: the canary instances carry everything"
+    );
+    let applied = reg.apply(settle(T0 + 50), generation(3)).unwrap();
+    assert!(applied.traffic_changed);
+    assert_eq!(applied.state, Some(RolloutState::Promoted));
+    let r = &reg.rollouts[&id("r1")];
+    assert!(r.deploy_settled);
+    let event = r.events.last().unwrap();
+    assert_eq!(
+        (
+            event.kind,
+            &event.actor,
+            event.reason.as_str(),
+            event.canary_weight,
+            event.at
+        ),
+        (
+            EventKind::Deployed,
+            &Actor::Controller,
+            "all 2 stable instances run v2 healthy",
+            0,
+            T0 + 50
+        )
+    );
+    let plan = reg.traffic("api").unwrap();
+    assert_eq!(
+        (
+            plan.canary_weight,
+            plan.canary_version.as_str(),
+            plan.stable_version.as_str()
+        ),
+        (0, "", "v2"),
+        "settled: all traffic to the stable instances, which run v2"
+    );
+    assert_eq!(
+        plan.generation,
+        generation(3),
+        "the service's generation moved"
+    );
+    assert_eq!(reg.services["api"].active, None);
+    assert_eq!(reg.services["api"].revisions.len(), 2);
+}
+
+#[test]
+fn settling_is_refused_unless_promoted_weighted_and_not_yet_settled() {
+    let refusal = |reg: &mut Registry| {
+        let before = reg.clone();
+        let err = reg.apply(settle(T0 + 50), generation(7)).unwrap_err();
+        assert_eq!(*reg, before, "a refused settle changes nothing");
+        err.to_string()
+    };
+    // Every state but promoted.
+    for state in ALL_STATES
+        .into_iter()
+        .filter(|s| *s != RolloutState::Promoted)
+    {
+        let mut reg = in_state(state);
+        reg.rollouts.get_mut(&id("r1")).unwrap().strategy.deploy = Some(deploy_section("weighted"));
+        assert_eq!(
+            refusal(&mut reg),
+            format!(
+                "cannot settle the deployment of rollout 'r1': it is {state}; only a promoted rollout settles"
+            )
+        );
+    }
+    assert_eq!(
+        refusal(&mut promoted_with(None)),
+        "cannot settle the deployment of rollout 'r1': its strategy has no [deploy]: serin deploys nothing for it"
+    );
+    assert_eq!(
+        refusal(&mut promoted_with(Some("hosts"))),
+        "cannot settle the deployment of rollout 'r1': it deploys with model \"hosts\": its instances run the new version in place"
+    );
+    let mut reg = promoted_with(Some("weighted"));
+    reg.apply(settle(T0 + 50), generation(3)).unwrap();
+    let err = reg.apply(settle(T0 + 60), generation(4)).unwrap_err();
+    assert!(matches!(err, Rejection::NothingToSettle { .. }), "{err}");
+    assert!(
+        err.to_string()
+            .ends_with("it is already settled: the stable instances carry the traffic")
+    );
+    assert!(matches!(
+        Registry::default().apply(settle(T0), generation(1)),
+        Err(Rejection::UnknownRollout(_))
+    ));
+}
+
+#[test]
+fn a_rollout_stored_before_deployments_reads_as_not_settled_and_keeps_its_traffic() {
+    let reg = promoted_with(None);
+    let mut json = serde_json::to_value(&reg).unwrap();
+    json["rollouts"]["r1"]
+        .as_object_mut()
+        .unwrap()
+        .remove("deploy_settled");
+    json["rollouts"]["r1"]["strategy"]
+        .as_object_mut()
+        .unwrap()
+        .remove("deploy");
+    let back: Registry = serde_json::from_value(json).unwrap();
+    assert!(!back.rollouts[&id("r1")].deploy_settled);
+    assert_eq!(back, reg);
+    assert_eq!(back.traffic("api").unwrap().canary_weight, 100);
+}
+
+#[test]
+fn a_deploy_failure_rolls_back_naming_the_version_stage_and_first_failure() {
+    let mut reg = started(&[10, 50]);
+    reg.apply(passed(0, T0 + 10_000), generation(2)).unwrap();
+    let r = reg.rollouts[&id("r1")].clone();
+    let mut m = TriggerMemory::default();
+    let mut obs = observation(100, 0);
+    obs.deploy_failures = vec![
+        "api-2 on host-b: container not healthy after 60s: exit 1".into(),
+        "api-3 on host-c: image not found".into(),
+    ];
+    for state in [
+        RolloutState::Progressing,
+        RolloutState::Paused,
+        RolloutState::AwaitingPromotion,
+    ] {
+        let mut r = r.clone();
+        r.state = state;
+        match decide(&r, &obs, &mut m, T0 + 10_001).unwrap() {
+            Command::RollBack {
+                reason, analysis, ..
+            } => {
+                assert_eq!(
+                    reason,
+                    "could not deploy v2 at stage 2 (50%): api-2 on host-b: container not healthy after 60s: exit 1"
+                );
+                assert!(analysis.is_some(), "the measurements are kept as evidence");
+            }
+            other => panic!("{state}: {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn a_stage_does_not_pass_while_its_deployment_is_waiting() {
+    let r = rollout();
+    let mut m = TriggerMemory::default();
+    let mut obs = observation(100, 0);
+    obs.deploy_waiting = vec!["api-2 on host-b: starting v2 (12s)".into()];
+    assert_eq!(
+        decide(&r, &obs, &mut m, T0 + 3_600_000),
+        None,
+        "checks pass but an instance is not ready: no max_duration, so it waits"
+    );
+    obs.deploy_waiting.clear();
+    assert!(matches!(
+        decide(&r, &obs, &mut m, T0 + 3_600_000),
+        Some(Command::StagePassed { .. })
+    ));
+}
+
+#[test]
+fn checks_and_triggers_still_act_while_the_deployment_is_waiting() {
+    let r = rollout();
+    let mut m = TriggerMemory::default();
+    let mut failing_check = observation(100, 50);
+    failing_check.deploy_waiting = vec!["api-2 on host-b: starting v2 (12s)".into()];
+    assert!(
+        matches!(
+            decide(&r, &failing_check, &mut m, T0 + 10_000),
+            Some(Command::RollBack { reason, .. }) if reason.starts_with("check errors: fail")
+        ),
+        "a failing check still rolls back"
+    );
+    let mut fired = observation(100, 0);
+    fired.deploy_waiting = vec!["api-2 on host-b: starting v2 (1s)".into()];
+    fired.triggers = vec![trigger_reading(Severity::Critical, true, 0)];
+    assert!(
+        matches!(
+            decide(&r, &fired, &mut m, T0 + 1),
+            Some(Command::RollBack { reason, .. }) if reason.starts_with("critical trigger hard-down")
+        ),
+        "a trigger still fires, before the minimum time too"
+    );
+}
+
+#[test]
+fn a_stage_still_waiting_for_its_deployment_at_its_maximum_time_pauses_naming_the_first_instance() {
+    let mut r = rollout();
+    r.strategy.stages[0].max_duration = Some(Duration::from_secs(60));
+    let mut m = TriggerMemory::default();
+    let mut obs = observation(100, 0);
+    obs.deploy_waiting = vec![
+        "api-2 on host-b: starting v2 (59s)".into(),
+        "api-3 on host-c: pulling".into(),
+        "api-4 on host-d: starting v2 (3s)".into(),
+    ];
+    assert_eq!(decide(&r, &obs, &mut m, T0 + 59_999), None);
+    match decide(&r, &obs, &mut m, T0 + 60_000).unwrap() {
+        Command::Pause { reason, actor, .. } => {
+            assert_eq!(actor, Actor::Controller);
+            assert_eq!(
+                reason,
+                "inconclusive at stage 1 (10%) after 1m: waiting for the deployment: api-2 on host-b: starting v2 (59s) (and 2 more)"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    // Checks lacking data are named after the deployment.
+    let mut thin = observation(3, 0);
+    thin.deploy_waiting = vec!["api-2 on host-b: starting v2 (59s)".into()];
+    match decide(&r, &thin, &mut m, T0 + 60_000).unwrap() {
+        Command::Pause { reason, .. } => {
+            assert!(
+                reason.starts_with("inconclusive at stage 1 (10%) after 1m: waiting for the deployment: api-2 on host-b: starting v2 (59s); errors"),
+                "{reason}"
+            );
+            assert!(reason.contains("canary has 3 of 10"), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_hosts_promotion_sends_the_traffic_to_the_instances_as_stable_at_once() {
+    let reg = promoted_with(Some("hosts"));
+    let plan = reg.traffic("api").unwrap();
+    assert_eq!(
+        (
+            plan.canary_weight,
+            plan.canary_version.as_str(),
+            plan.stable_version.as_str()
+        ),
+        (0, "", "v2"),
+        "every instance runs v2 in place, as stable: no canary side is left"
+    );
+    // Without [deploy] a promotion keeps its old traffic: 100% to the canary instances.
+    let plan = promoted_with(None).traffic("api").unwrap();
+    assert_eq!(
+        (plan.canary_weight, plan.canary_version.as_str()),
+        (100, "v2")
+    );
 }

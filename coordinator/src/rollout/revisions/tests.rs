@@ -23,6 +23,7 @@ fn strategy() -> Strategy {
         triggers: vec![],
         traffic: Traffic::default(),
         hooks: Vec::new(),
+        deploy: None,
     }
 }
 
