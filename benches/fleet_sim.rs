@@ -165,6 +165,7 @@ fn report(i: usize, seq: u64, services: usize) -> AgentMessage {
                 errors: 0,
                 ..InstanceWindow::default()
             }],
+            workloads: Vec::new(),
         })),
     }
 }

@@ -98,6 +98,9 @@ pub struct InstanceConfig {
     /// The version it runs, if declared (`version = "v1.2.0"`): sent to the coordinator so
     /// `serin rollout undo` can route to the instances that run an earlier revision.
     pub version: Option<String>,
+    /// True when serin runs the version behind it (`managed = true`, docs/deploy.md): the
+    /// coordinator says which version and variant, the service's `[deploy]` how.
+    pub managed: bool,
 }
 
 /// Values that replace the file's, applied before validation (the binary's
@@ -215,6 +218,7 @@ struct RawInstance {
     metrics_url: Option<String>,
     metrics: Option<MetricNames>,
     version: Option<String>,
+    managed: Option<bool>,
 }
 
 impl AgentConfig {
@@ -488,6 +492,13 @@ fn validate(raw: RawConfig) -> Result<AgentConfig, ConfigError> {
                 ),
             );
         }
+        let managed = inst.managed.unwrap_or(false);
+        if managed && version.is_some() {
+            p.add(
+                at("version"),
+                "must not be set on a managed instance: serin decides the version it runs",
+            );
+        }
         let metrics = inst.metrics.unwrap_or_default();
         for (field, value) in [
             ("requests", &metrics.requests),
@@ -522,6 +533,7 @@ fn validate(raw: RawConfig) -> Result<AgentConfig, ConfigError> {
                 metrics_url,
                 metrics,
                 version,
+                managed,
             });
         }
     }
@@ -689,6 +701,7 @@ mod tests {
                 metrics_url: "http://127.0.0.1:8081/metrics".into(),
                 metrics: MetricNames::default(),
                 version: None,
+                managed: false,
             }
         );
         assert_eq!(c.instances[1].variant, Variant::Canary);
@@ -883,6 +896,22 @@ mod tests {
                 r#"instances[2].address: must be host:port, got "127.0.0.1:99999""#,
                 "instances[2].metrics_url: required",
             ]
+        );
+    }
+
+    #[test]
+    fn a_managed_instance_is_read_and_may_not_declare_a_version() {
+        let managed = format!("{MINIMAL}\n{STABLE_INSTANCE}\nmanaged = true\n");
+        assert!(AgentConfig::from_toml(&managed).unwrap().instances[0].managed);
+        assert!(
+            !AgentConfig::from_toml(&format!("{MINIMAL}\n{STABLE_INSTANCE}\n"))
+                .unwrap()
+                .instances[0]
+                .managed
+        );
+        assert_single_error(
+            &format!("{MINIMAL}\n{STABLE_INSTANCE}\nmanaged = true\nversion = \"v1\"\n"),
+            "instances[0].version: must not be set on a managed instance: serin decides the version it runs",
         );
     }
 

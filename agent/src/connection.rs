@@ -191,6 +191,9 @@ pub(crate) struct Connection {
     pub(crate) acks: mpsc::Receiver<pb::Ack>,
     /// Desired states for the applier; holds the newest received.
     pub(crate) desired: watch::Sender<Option<DesiredState>>,
+    /// The same desired states as sent, for the workload reconciler of an agent with managed
+    /// instances (`runtime::workloads`); `None` without any.
+    pub(crate) workloads: Option<watch::Sender<Option<pb::DesiredState>>>,
     pub(crate) backoff: Backoff,
     /// Failed attempts in the current streak.
     pub(crate) failures: u32,
@@ -393,6 +396,18 @@ impl Connection {
 
     /// Hands a desired state to the applier unless a newer one is already pending.
     fn on_desired(&self, desired: pb::DesiredState) {
+        if let (Some(tx), Some(generation)) = (&self.workloads, desired.generation) {
+            let generation = Generation::from(generation);
+            tx.send_if_modified(
+                |pending| match pending.as_ref().and_then(|p| p.generation) {
+                    Some(p) if Generation::from(p) > generation => false,
+                    _ => {
+                        *pending = Some(desired.clone());
+                        true
+                    }
+                },
+            );
+        }
         let Some(desired) = DesiredState::from_proto(desired) else {
             tracing::warn!("desired state without a generation; ignored");
             return;
@@ -468,6 +483,7 @@ mod tests {
             reports,
             acks,
             desired: desired_tx,
+            workloads: None,
             backoff: Backoff::default(),
             failures: 0,
             registered: false,
@@ -561,6 +577,7 @@ mod tests {
             reports,
             acks,
             desired: desired_tx,
+            workloads: None,
             backoff: Backoff::default(),
             failures: 0,
             registered: false,

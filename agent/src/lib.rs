@@ -33,6 +33,7 @@ pub mod balancer;
 pub mod collect;
 pub mod config;
 pub mod connection;
+pub mod deploy;
 pub mod error;
 pub mod haproxy;
 pub mod logs;

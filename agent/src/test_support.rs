@@ -14,6 +14,7 @@ pub fn instance(name: &str, service: &str, variant: Variant, port: u16) -> Insta
         metrics_url: format!("http://127.0.0.1:{port}/metrics"),
         metrics: Default::default(),
         version: None,
+        managed: false,
     }
 }
 

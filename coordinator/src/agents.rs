@@ -22,6 +22,9 @@ use tokio::sync::mpsc;
 
 use crate::rollout::{Generation, Millis, Registry};
 
+mod workloads;
+pub use workloads::{DeployPlans, DeployProgress, deploy_of, spec_to_wire};
+
 /// The channel to one agent's stream.
 pub type AgentSender = mpsc::Sender<Result<CoordinatorMessage, tonic::Status>>;
 
@@ -161,6 +164,8 @@ struct Entry {
     scrape_health: HashMap<String, (Option<Millis>, Option<Millis>)>,
     /// The report interval its latest report declared.
     report_interval: Option<Millis>,
+    /// What runs behind its managed instances, from its latest report.
+    workloads: Vec<v1::WorkloadStatus>,
 }
 
 impl Entry {
@@ -230,7 +235,18 @@ impl Inner {
     }
 
     /// Sends `name` its desired state if it is newer than what this session was sent.
-    fn push_to(&mut self, name: &str, registry: &Registry, now: Millis) {
+    fn push_to(&mut self, name: &str, registry: &Registry, plans: &DeployPlans, now: Millis) {
+        let Some(entry) = self.agents.get(name) else {
+            return;
+        };
+        let mut own;
+        let plans = if plans.is_empty() {
+            own = DeployPlans::default();
+            self.plan(registry, &entry.info.services(), &mut own);
+            &own
+        } else {
+            plans
+        };
         let Some(entry) = self.agents.get_mut(name) else {
             return;
         };
@@ -241,6 +257,8 @@ impl Inner {
             registry,
             &entry.info.services(),
             &entry.info.balancer_services,
+            plans,
+            name,
         );
         let generation = generation_of(&desired);
         if entry.last_sent.is_some_and(|(sent, _)| sent >= generation) {
@@ -343,12 +361,13 @@ impl AgentRegistry {
                 disconnected_at: None,
                 scrape_health: HashMap::new(),
                 report_interval: None,
+                workloads: Vec::new(),
             },
         );
         for t in &targets {
             inner.by_address.insert(t.address.clone(), name.clone());
         }
-        inner.push_to(&name, registry, now);
+        inner.push_to(&name, registry, &DeployPlans::default(), now);
         Ok(session)
     }
 
@@ -366,8 +385,16 @@ impl AgentRegistry {
     }
 
     /// Notes that a report arrived, covering `interval` milliseconds (its `interval_ms`).
-    pub fn reported(&self, name: &str, at: Millis, interval: Millis, scrapes: &[(String, bool)]) {
+    pub fn reported(
+        &self,
+        name: &str,
+        at: Millis,
+        interval: Millis,
+        scrapes: &[(String, bool)],
+        workloads: Vec<v1::WorkloadStatus>,
+    ) {
         if let Some(entry) = self.lock().agents.get_mut(name) {
+            entry.workloads = workloads;
             entry.info.last_report = Some(at);
             entry.report_interval = Some(interval);
             for (instance, ok) in scrapes {
@@ -635,6 +662,12 @@ impl AgentRegistry {
         stale
     }
 
+    /// How far `service`'s managed instances are from what serin deploys there now
+    /// (docs/deploy.md); all empty when serin deploys nothing for it.
+    pub fn deploy_progress(&self, registry: &Registry, service: &str) -> DeployProgress {
+        self.lock().deploy_progress(registry, service)
+    }
+
     /// Sends their new desired state to the agents of the services whose traffic changed since
     /// the last call, and retries sends that found a full channel. Costs O(services + agents
     /// concerned), not O(fleet).
@@ -648,8 +681,16 @@ impl AgentRegistry {
             inner.pushed.insert(service.clone(), record.generation);
             concerned.extend(inner.by_service.get(service).into_iter().flatten().cloned());
         }
+        // Placement is computed once per service here, not once per agent.
+        let mut plans = DeployPlans::default();
+        let services: BTreeSet<String> = concerned
+            .iter()
+            .filter_map(|name| inner.agents.get(name))
+            .flat_map(|e| e.info.services())
+            .collect();
+        inner.plan(registry, &services, &mut plans);
         for name in concerned {
-            inner.push_to(&name, registry, now);
+            inner.push_to(&name, registry, &plans, now);
         }
     }
 }
@@ -662,6 +703,8 @@ pub fn desired_state(
     registry: &Registry,
     services: &BTreeSet<String>,
     balanced: &[String],
+    plans: &DeployPlans,
+    agent: &str,
 ) -> DesiredState {
     let mut generation = Generation::default();
     let services = services
@@ -709,6 +752,8 @@ pub fn desired_state(
                         from_inventory,
                         override_header: String::new(),
                         override_cookie: String::new(),
+                        workloads: Vec::new(),
+                        deploy: None,
                     };
                 }
                 let upstreams = members.map(|m| {
@@ -764,12 +809,21 @@ pub fn desired_state(
                     from_inventory,
                     override_header: plan.override_header.unwrap_or_default(),
                     override_cookie: plan.override_cookie.unwrap_or_default(),
+                    workloads: Vec::new(),
+                    deploy: None,
                 }
             }
             None => ServiceTraffic {
                 service: name.clone(),
                 ..ServiceTraffic::default()
             },
+        })
+        .map(|mut traffic: ServiceTraffic| {
+            if let Some((spec, workloads)) = plans.for_agent(&traffic.service, agent) {
+                traffic.deploy = Some(spec);
+                traffic.workloads = workloads;
+            }
+            traffic
         })
         .collect();
     DesiredState {
@@ -885,19 +939,19 @@ mod tests {
         };
         // Connected, no report yet: healthy (it has just connected).
         assert_eq!(health(60_000), (true, false, None));
-        agents.reported("a", 10_000, 500, &[("c".into(), true)]);
+        agents.reported("a", 10_000, 500, &[("c".into(), true)], Vec::new());
         // Three intervals of 500 ms are under the 1.5 s floor: 1.5 s of silence is allowed.
         assert_eq!(health(11_500), (true, false, None));
         assert_eq!(health(11_501), (true, true, Some(10_000)));
         // A report ends the silence.
-        agents.reported("a", 12_000, 500, &[("c".into(), true)]);
+        agents.reported("a", 12_000, 500, &[("c".into(), true)], Vec::new());
         assert_eq!(health(12_100), (true, false, None));
         // A slow reporter (10 s interval) may be quiet for 30 s.
-        agents.reported("a", 20_000, 10_000, &[("c".into(), true)]);
+        agents.reported("a", 20_000, 10_000, &[("c".into(), true)], Vec::new());
         assert_eq!(health(50_000), (true, false, None));
         assert_eq!(health(50_001), (true, true, Some(20_000)));
         // Failing scrapes before the silence: unhealthy since the first failure.
-        agents.reported("a", 60_000, 1000, &[("c".into(), false)]);
+        agents.reported("a", 60_000, 1000, &[("c".into(), false)], Vec::new());
         assert_eq!(health(60_500), (true, false, Some(60_000)));
         assert_eq!(health(70_000), (true, true, Some(60_000)));
     }
@@ -939,7 +993,9 @@ mod tests {
         )
         .unwrap();
         let services = BTreeSet::from(["api".to_owned()]);
-        let api = desired_state(&reg, &services, &[]).services.remove(0);
+        let api = desired_state(&reg, &services, &[], &DeployPlans::default(), "")
+            .services
+            .remove(0);
         assert_eq!(
             (api.override_header.as_str(), api.override_cookie.as_str()),
             ("X-Serin-Variant", "serin_variant")
@@ -954,7 +1010,9 @@ mod tests {
             Generation { term: 1, index: 2 },
         )
         .unwrap();
-        let api = desired_state(&reg, &services, &[]).services.remove(0);
+        let api = desired_state(&reg, &services, &[], &DeployPlans::default(), "")
+            .services
+            .remove(0);
         assert_eq!(
             (api.override_header.as_str(), api.override_cookie.as_str()),
             ("", "")
@@ -1103,7 +1161,13 @@ mod tests {
     fn unknown_services_get_all_traffic_on_stable_and_coverage_tracks_sessions() {
         let agents = AgentRegistry::default();
         let (session, _rx) = connect(&agents, info("a"), &Registry::default());
-        let d = desired_state(&Registry::default(), &["api".to_owned()].into(), &[]);
+        let d = desired_state(
+            &Registry::default(),
+            &["api".to_owned()].into(),
+            &[],
+            &DeployPlans::default(),
+            "",
+        );
         assert_eq!(d.services[0].canary_weight, 0);
         assert_eq!(d.generation.unwrap().index, 0);
         assert_eq!(

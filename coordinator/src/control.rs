@@ -255,38 +255,33 @@ fn checkpoint_due(
 }
 
 // ---------------------------------------------------------------------------------------------
-// DEPLOY HOOKS (for the lead to fill from the agents' reports of their managed instances).
-// Until agents report deployments, both answer "nothing to wait for": rollouts behave as before
-// and no promotion settles (its canary instances keep the traffic).
+// Deployments (docs/deploy.md): how far the managed instances are, from the agents' reports.
 // ---------------------------------------------------------------------------------------------
 
-/// HOOK: which managed instances of `rollout`'s service do not yet run their assignment
-/// ([`crate::deploy::assignments`]) healthy, and which failed to, one human line each:
-/// (`deploy_waiting`, `deploy_failures`) of [`Observation`]. Default: both empty.
+/// Which managed instances of `rollout`'s service do not yet run their assignment
+/// ([`crate::deploy::assignments`]) healthy, and which canary instances failed to, one line
+/// each: (`deploy_waiting`, `deploy_failures`) of [`Observation`].
 fn deploy_progress(
-    _shared: &Shared,
-    _registry: &crate::rollout::Registry,
-    _rollout: &Rollout,
+    shared: &Shared,
+    registry: &crate::rollout::Registry,
+    rollout: &Rollout,
 ) -> (Vec<String>, Vec<String>) {
-    (Vec::new(), Vec::new())
-}
-
-/// HOOK: whether every stable managed instance of `service` runs its assignment (the new
-/// version, after a promotion) healthy, as the agents report it. Default: false (never
-/// settles).
-fn stable_instances_ready(
-    _shared: &Shared,
-    _registry: &crate::rollout::Registry,
-    _service: &str,
-) -> bool {
-    false
+    let progress = shared.agents.deploy_progress(registry, &rollout.service);
+    (progress.waiting, progress.failures)
 }
 
 /// Proposes [`Command::DeploySettled`] for every service whose promotion's deployment is done
 /// ([`crate::deploy::settle_due`]).
 async fn settle_deployments(shared: &Shared, registry: &crate::rollout::Registry, now: Millis) {
     for service in registry.services.keys() {
-        let ready = stable_instances_ready(shared, registry, service);
+        // Only a promotion waiting to settle costs a look at its instances.
+        if crate::deploy::settle_due(registry, service, true, now).is_none() {
+            continue;
+        }
+        let ready = shared
+            .agents
+            .deploy_progress(registry, service)
+            .stable_ready;
         let Some(command) = crate::deploy::settle_due(registry, service, ready, now) else {
             continue;
         };

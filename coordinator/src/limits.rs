@@ -118,6 +118,10 @@ pub fn cut(text: &str, limit: usize) -> String {
     out
 }
 
+/// Workload statuses read from one report (one per managed instance of the agent); more are
+/// dropped.
+pub const MAX_WORKLOADS_PER_REPORT: usize = 256;
+
 #[cfg(test)]
 mod tests {
     use super::*;

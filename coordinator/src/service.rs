@@ -890,8 +890,11 @@ fn oversized(status: &Status, agent: &str) -> Option<Status> {
 /// Folds one message of an open session into the leader's state.
 fn handle_agent_message(shared: &Shared, name: &str, message: AgentMessage) {
     match message.body {
-        Some(agent_message::Body::Report(report)) => {
+        Some(agent_message::Body::Report(mut report)) => {
             let now = now_millis();
+            // One status per managed instance; a report is bounded like every agent message.
+            let mut workloads = std::mem::take(&mut report.workloads);
+            workloads.truncate(crate::limits::MAX_WORKLOADS_PER_REPORT);
             let scrapes: Vec<(String, bool)> = report
                 .instances
                 .iter()
@@ -899,7 +902,7 @@ fn handle_agent_message(shared: &Shared, name: &str, message: AgentMessage) {
                 .collect();
             shared
                 .agents
-                .reported(name, now, report.interval_ms as Millis, &scrapes);
+                .reported(name, now, report.interval_ms as Millis, &scrapes, workloads);
             let mut metrics = shared.metrics();
             for w in report.instances {
                 let side = if w.variant == v1::Variant::Canary as i32 {

@@ -7,6 +7,7 @@
 
 pub mod overrides;
 pub mod panic;
+pub mod templates;
 pub mod weights;
 
 /// Version 1 of the wire contract.

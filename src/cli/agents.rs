@@ -147,6 +147,7 @@ mod tests {
                     variant: Variant::Stable as i32,
                     address: "127.0.0.1:8081".into(),
                     version: String::new(),
+                    managed: false,
                 },
                 Target {
                     name: "api-2".into(),
@@ -154,6 +155,7 @@ mod tests {
                     variant: Variant::Canary as i32,
                     address: "127.0.0.1:8082".into(),
                     version: "v2".into(),
+                    managed: false,
                 },
             ],
             connected,

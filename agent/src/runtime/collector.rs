@@ -16,8 +16,10 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
 use super::report::{host_metrics, instance_window};
+use super::workloads::WorkloadBoard;
 use crate::collect::{DeltaTracker, HostCollector, MetricsSource, Sample};
 use crate::config::{AgentConfig, InstanceConfig};
+use crate::traffic::Variant;
 
 /// The collector task: scrapes this agent's instances and the host every `interval`.
 pub(super) struct Collector<M> {
@@ -28,6 +30,11 @@ pub(super) struct Collector<M> {
     host: HostCollector,
     reports: mpsc::Sender<pb::Report>,
     seq: u64,
+    /// What runs behind the managed instances (`workloads`): reported, and the variant their
+    /// windows are counted for.
+    board: WorkloadBoard,
+    /// The variant each instance's last window was counted for, in `config.instances` order.
+    counted_as: Vec<Variant>,
 }
 
 impl<M: MetricsSource> Collector<M> {
@@ -37,8 +44,11 @@ impl<M: MetricsSource> Collector<M> {
         source: M,
         host: HostCollector,
         reports: mpsc::Sender<pb::Report>,
+        board: WorkloadBoard,
     ) -> Self {
         Collector {
+            counted_as: config.instances.iter().map(|i| i.variant).collect(),
+            board,
             trackers: config
                 .instances
                 .iter()
@@ -92,19 +102,32 @@ impl<M: MetricsSource> Collector<M> {
         .await;
         let host = self.host.sample();
         self.seq += 1;
+        let board = &self.board;
         let instances = self
             .config
             .instances
             .iter()
             .zip(&mut self.trackers)
+            .zip(&mut self.counted_as)
             .zip(results)
-            .filter_map(|((instance, tracker), result)| instance_window(instance, tracker, result))
+            .filter_map(|(((instance, tracker), counted_as), result)| {
+                // A managed instance counts for the variant it runs now; when that changed (a
+                // hosts-model host turned canary, or back), the counts since the last sample
+                // belong to neither side: start again from a baseline.
+                let variant = board.variant_of(&instance.name).unwrap_or(instance.variant);
+                if variant != *counted_as {
+                    tracker.forget();
+                    *counted_as = variant;
+                }
+                instance_window(instance, variant, tracker, result)
+            })
             .collect();
         pb::Report {
             seq: self.seq,
             interval_ms: u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
             host: Some(host_metrics(host)),
             instances,
+            workloads: self.board.report(Instant::now()),
         }
     }
 }
@@ -220,7 +243,7 @@ mod tests {
         };
         let (reports, rx) = mpsc::channel(1);
         let host = HostCollector::new().expect("host metrics");
-        let collector = Collector::new(Arc::new(config), source, host, reports);
+        let collector = Collector::new(Arc::new(config), source, host, reports, Default::default());
         (collector, rx)
     }
 

@@ -46,6 +46,7 @@ mod standalone;
 mod testing;
 #[cfg(test)]
 mod tests;
+mod workloads;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -96,6 +97,8 @@ struct Tasks {
     collector: Collector<Scraper>,
     applier: Applier<Balancer>,
     connection: Connection,
+    /// The workload reconciler, when the agent has managed instances.
+    workloads: Option<workloads::Workloads>,
 }
 
 async fn start(config: AgentConfig) -> Result<Tasks, AgentError> {
@@ -126,6 +129,26 @@ async fn start(config: AgentConfig) -> Result<Tasks, AgentError> {
     let (ack_tx, ack_rx) = mpsc::channel(ACK_QUEUE);
     let (desired_tx, desired_rx) = watch::channel(None);
     let (applied_tx, applied_rx) = watch::channel(applied);
+    let board = workloads::WorkloadBoard::default();
+    let managed: Vec<_> = config
+        .instances
+        .iter()
+        .filter(|i| i.managed)
+        .cloned()
+        .collect();
+    let (workloads_tx, workloads) = if managed.is_empty() {
+        (None, None)
+    } else {
+        let (tx, rx) = watch::channel(None);
+        let drivers = crate::deploy::Drivers::new(config.data_dir.join("workloads"));
+        let reconciler = workloads::Workloads {
+            instances: managed,
+            drivers: Arc::new(drivers),
+            board: board.clone(),
+            desired: rx,
+        };
+        (Some(tx), Some(reconciler))
+    };
 
     if config.does_nothing() {
         tracing::warn!(
@@ -141,7 +164,7 @@ async fn start(config: AgentConfig) -> Result<Tasks, AgentError> {
     );
 
     Ok(Tasks {
-        collector: Collector::new(Arc::clone(&config), scraper, host, report_tx),
+        collector: Collector::new(Arc::clone(&config), scraper, host, report_tx, board),
         applier: Applier::new(
             config.local_upstreams(),
             store,
@@ -158,10 +181,12 @@ async fn start(config: AgentConfig) -> Result<Tasks, AgentError> {
             reports: report_rx,
             acks: ack_rx,
             desired: desired_tx,
+            workloads: workloads_tx,
             backoff: Backoff::default(),
             failures: 0,
             registered: false,
         },
+        workloads,
     })
 }
 
@@ -216,6 +241,19 @@ impl Tasks {
             )
             .id();
         names.insert(id, "applier");
+        if let Some(workloads) = self.workloads {
+            let workloads = workloads.run(stop.clone());
+            let id = set
+                .spawn(
+                    async {
+                        workloads.await;
+                        Ok(())
+                    }
+                    .instrument(span.clone()),
+                )
+                .id();
+            names.insert(id, "workloads");
+        }
         let id = set
             .spawn(self.connection.run(stop.clone()).instrument(span))
             .id();

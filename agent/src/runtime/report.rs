@@ -38,6 +38,7 @@ pub(super) fn register(config: &AgentConfig, instance_id: String) -> pb::Registe
                 variant: proto_variant(i.variant) as i32,
                 address: i.address.clone(),
                 version: i.version.clone().unwrap_or_default(),
+                managed: i.managed,
             })
             .collect(),
         last_applied: None,
@@ -48,13 +49,14 @@ pub(super) fn register(config: &AgentConfig, instance_id: String) -> pb::Registe
 /// The instance's window for this report: `None` for a baseline sample.
 pub(super) fn instance_window(
     instance: &InstanceConfig,
+    variant: Variant,
     tracker: &mut DeltaTracker,
     result: Result<Sample, String>,
 ) -> Option<pb::InstanceWindow> {
     let mut window = pb::InstanceWindow {
         instance: instance.name.clone(),
         service: instance.service.clone(),
-        variant: proto_variant(instance.variant) as i32,
+        variant: proto_variant(variant) as i32,
         ..Default::default()
     };
     match result {
@@ -109,8 +111,11 @@ mod tests {
                 requests / 100.0,
             )
         };
-        assert_eq!(instance_window(&inst, &mut tracker, Ok(sample(10.0))), None);
-        let w = instance_window(&inst, &mut tracker, Ok(sample(25.0))).unwrap();
+        assert_eq!(
+            instance_window(&inst, inst.variant, &mut tracker, Ok(sample(10.0))),
+            None
+        );
+        let w = instance_window(&inst, inst.variant, &mut tracker, Ok(sample(25.0))).unwrap();
         assert!(w.scrape_ok);
         assert_eq!((w.requests, w.errors), (15, 0));
         assert_eq!(w.variant, pb::Variant::Stable as i32);
@@ -124,11 +129,14 @@ mod tests {
                 }
             ]
         );
-        let w = instance_window(&inst, &mut tracker, Err("boom".into())).unwrap();
+        let w = instance_window(&inst, inst.variant, &mut tracker, Err("boom".into())).unwrap();
         assert!(!w.scrape_ok);
         assert_eq!(w.scrape_error, "boom");
         assert_eq!(w.requests, 0);
         // After a failure the next success is a new baseline.
-        assert_eq!(instance_window(&inst, &mut tracker, Ok(sample(40.0))), None);
+        assert_eq!(
+            instance_window(&inst, inst.variant, &mut tracker, Ok(sample(40.0))),
+            None
+        );
     }
 }

@@ -190,6 +190,8 @@ pub(super) async fn send_desired(
                     canary_version: s.canary_version,
                     rollout_id: s.rollout_id,
                     sticky_key: s.sticky_key.unwrap_or_default(),
+                    workloads: Vec::new(),
+                    deploy: None,
                     override_header: s.override_header.unwrap_or_default(),
                     override_cookie: s.override_cookie.unwrap_or_default(),
                     servers: s

@@ -9,8 +9,7 @@
 //!
 //! What the coordinator does with it (which instance runs which version) is
 //! [`crate::deploy`]; this module only says what a valid `[deploy]` is. Templates (image, args,
-//! commands, env values) may name the placeholders of [`Placeholder`]; `{{` and `}}` are
-//! literal braces; [`render`] fills them in.
+//! commands, env values) follow [`serin_proto::templates`], the rule the agents render with.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -141,152 +140,10 @@ pub struct CommandDeploy {
     pub timeout: Duration,
 }
 
-/// A value a deploy template may name, as `{name}`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Placeholder {
-    /// The version the instance runs now.
-    Version,
-    /// The service's name.
-    Service,
-    /// The instance's name in its agent's config.
-    Instance,
-    /// `stable` or `canary`: the variant the instance runs as now.
-    Variant,
-    /// The instance's `host:port`.
-    Address,
-    /// The host part of the instance's address.
-    Host,
-    /// The port part of the instance's address.
-    Port,
-}
-
-impl Placeholder {
-    /// Every placeholder with its name.
-    pub const ALL: [(&'static str, Placeholder); 7] = [
-        ("version", Placeholder::Version),
-        ("service", Placeholder::Service),
-        ("instance", Placeholder::Instance),
-        ("variant", Placeholder::Variant),
-        ("address", Placeholder::Address),
-        ("host", Placeholder::Host),
-        ("port", Placeholder::Port),
-    ];
-
-    fn parse(name: &str) -> Option<Placeholder> {
-        Self::ALL.iter().find(|(n, _)| *n == name).map(|(_, p)| *p)
-    }
-}
-
-/// The values an agent fills a template with, one per [`Placeholder`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TemplateValues<'a> {
-    /// `{version}`.
-    pub version: &'a str,
-    /// `{service}`.
-    pub service: &'a str,
-    /// `{instance}`.
-    pub instance: &'a str,
-    /// `{variant}`.
-    pub variant: &'a str,
-    /// `{address}`.
-    pub address: &'a str,
-    /// `{host}`.
-    pub host: &'a str,
-    /// `{port}`.
-    pub port: &'a str,
-}
-
-impl TemplateValues<'_> {
-    fn get(&self, placeholder: Placeholder) -> &str {
-        match placeholder {
-            Placeholder::Version => self.version,
-            Placeholder::Service => self.service,
-            Placeholder::Instance => self.instance,
-            Placeholder::Variant => self.variant,
-            Placeholder::Address => self.address,
-            Placeholder::Host => self.host,
-            Placeholder::Port => self.port,
-        }
-    }
-}
-
-enum Segment<'a> {
-    Text(&'a str),
-    Brace(char),
-    Value(Placeholder),
-}
-
-/// Splits a template into text, literal braces and placeholders, or says what is wrong.
-fn parse_template(text: &str) -> Result<Vec<Segment<'_>>, String> {
-    let mut out = Vec::new();
-    let mut plain_from = 0;
-    let mut i = 0;
-    let bytes = text.as_bytes();
-    while i < bytes.len() {
-        let (b, next) = (bytes[i], bytes.get(i + 1).copied());
-        if b != b'{' && b != b'}' {
-            i += 1;
-            continue;
-        }
-        if plain_from < i {
-            out.push(Segment::Text(&text[plain_from..i]));
-        }
-        if next == Some(b) {
-            out.push(Segment::Brace(b as char));
-            i += 2;
-        } else if b == b'}' {
-            return Err("unmatched '}'; write '}}' for a literal brace".into());
-        } else {
-            let Some(len) = text[i + 1..]
-                .find(['{', '}'])
-                .filter(|&n| bytes[i + 1 + n] == b'}')
-            else {
-                return Err(format!(
-                    "'{{' at byte {i} is never closed; write '{{{{' for a literal brace"
-                ));
-            };
-            let name = &text[i + 1..i + 1 + len];
-            let Some(placeholder) = Placeholder::parse(name) else {
-                let known: Vec<_> = Placeholder::ALL
-                    .iter()
-                    .map(|(n, _)| format!("{{{n}}}"))
-                    .collect();
-                return Err(format!(
-                    "unknown placeholder {{{name}}}; expected one of {} (write '{{{{' and '}}}}' for literal braces)",
-                    known.join(", ")
-                ));
-            };
-            out.push(Segment::Value(placeholder));
-            i += len + 2;
-        }
-        plain_from = i;
-    }
-    if plain_from < text.len() {
-        out.push(Segment::Text(&text[plain_from..]));
-    }
-    Ok(out)
-}
-
-/// Checks that every `{name}` in `text` is a [`Placeholder`] and every brace is matched.
+/// Checks that every `{name}` in `text` is a known placeholder: the rule the agents render
+/// with ([`serin_proto::templates`]: `{{`/`}}` literal braces, `${…}` left to the shell).
 pub fn check_template(text: &str) -> Result<(), String> {
-    parse_template(text).map(|_| ())
-}
-
-/// Fills the placeholders of a template. A template [`check_template`] refuses is returned as
-/// written (validated strategies never hold one).
-pub fn render(template: &str, values: &TemplateValues<'_>) -> String {
-    let Ok(segments) = parse_template(template) else {
-        return template.to_owned();
-    };
-    let mut out = String::with_capacity(template.len());
-    for segment in segments {
-        match segment {
-            Segment::Text(t) => out.push_str(t),
-            Segment::Brace(c) => out.push(c),
-            Segment::Value(p) => out.push_str(values.get(p)),
-        }
-    }
-    out
+    serin_proto::templates::check(text)
 }
 
 // ---------------------------------------------------------------------------------------------

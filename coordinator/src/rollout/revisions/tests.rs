@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use super::super::*;
 use super::UndoRefusal;
-use crate::agents::desired_state;
+use crate::agents::{DeployPlans, desired_state};
 use crate::strategy::{Stage, Strategy, Traffic};
 
 const T0: Millis = 1_000_000;
@@ -227,7 +227,13 @@ fn any_earlier_revision_can_be_reached_when_instances_declare_their_versions() {
             );
             let pin = reg.pin("api").unwrap();
             assert_eq!(pin.version, want);
-            let desired = desired_state(&reg, &BTreeSet::from(["api".to_owned()]), &["api".into()]);
+            let desired = desired_state(
+                &reg,
+                &BTreeSet::from(["api".to_owned()]),
+                &["api".into()],
+                &DeployPlans::default(),
+                "",
+            );
             let api = &desired.services[0];
             assert_eq!(api.canary_weight, 0);
             assert!(api.rollout_id.is_empty());
@@ -262,7 +268,13 @@ fn members_without_a_declared_version_are_placed_by_the_last_rollout() {
         ],
     );
     apply(&mut reg, undo(1)).unwrap();
-    let desired = desired_state(&reg, &BTreeSet::from(["api".to_owned()]), &["api".into()]);
+    let desired = desired_state(
+        &reg,
+        &BTreeSet::from(["api".to_owned()]),
+        &["api".into()],
+        &DeployPlans::default(),
+        "",
+    );
     let addresses: Vec<&str> = desired.services[0]
         .servers
         .iter()
@@ -270,7 +282,13 @@ fn members_without_a_declared_version_are_placed_by_the_last_rollout() {
         .collect();
     assert_eq!(addresses, ["a:80", "b:80", "d:80"]);
     // An app agent (no balancer) gets only the plan.
-    let app = desired_state(&reg, &BTreeSet::from(["api".to_owned()]), &[]);
+    let app = desired_state(
+        &reg,
+        &BTreeSet::from(["api".to_owned()]),
+        &[],
+        &DeployPlans::default(),
+        "",
+    );
     assert!(app.services[0].servers.is_empty());
     assert_eq!(app.services[0].stable_version, "v1");
 }

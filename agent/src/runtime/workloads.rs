@@ -1,0 +1,453 @@
+//! The workload reconciler: makes this host's managed instances run what the coordinator
+//! assigns them (docs/deploy.md), through the deploy drivers ([`crate::deploy`]).
+//!
+//! One task per managed instance, each fed the instance's newest target through a watch
+//! channel, so that a slow deploy or a long health wait on one instance never delays another,
+//! and a newer target (a rollback) interrupts a health wait at once instead of waiting out
+//! the timeout. A deploy or remove call itself runs to its end (interrupting `docker create`
+//! or a start command halfway would leave something half made).
+//!
+//! What each instance runs is published on the [`WorkloadBoard`]: the collector reports it
+//! (`Report.workloads`, which the coordinator gates stages and settles promotions on) and
+//! labels the instance's metrics with the variant it runs now (a hosts-model canary runs in
+//! an instance declared stable).
+//!
+//! A service whose desired state has no deploy spec is never touched: serin deploys nothing
+//! there. A failure is published as `FAILED` with its reason (the coordinator rolls back on
+//! it during a rollout) and retried after [`RETRY_AFTER`], since a failing stable replacement
+//! after a promotion must not stay failed until the next decision.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use serin_proto::v1 as pb;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::InstanceConfig;
+use crate::deploy::{
+    CommandSpec, DeployError, DockerSpec, DriverSpec, Drivers, Health, Placement, WorkloadDriver,
+    WorkloadSpec, wait_healthy,
+};
+use crate::traffic::Variant;
+
+/// How long a failed deploy, remove or health wait waits before it is tried again.
+const RETRY_AFTER: Duration = Duration::from_secs(5);
+/// How often a healthy workload's health is checked again.
+const HEALTH_EVERY: Duration = Duration::from_secs(1);
+
+/// What one managed instance must run, from the newest desired state.
+#[derive(Debug, Clone)]
+struct Target {
+    /// The wire form, to tell a changed spec from an unchanged one.
+    wire: pb::DeploySpec,
+    spec: Result<Arc<WorkloadSpec>, String>,
+    /// `None`: run nothing.
+    version: Option<String>,
+    variant: Variant,
+}
+
+impl PartialEq for Target {
+    fn eq(&self, other: &Self) -> bool {
+        self.wire == other.wire && self.version == other.version && self.variant == other.variant
+    }
+}
+
+/// What runs behind each managed instance, as the collector reports it.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct WorkloadBoard {
+    inner: Arc<Mutex<HashMap<String, BoardEntry>>>,
+}
+
+#[derive(Debug, Clone)]
+struct BoardEntry {
+    service: String,
+    version: String,
+    variant: Variant,
+    state: pb::WorkloadState,
+    detail: String,
+    target_version: String,
+    since: Instant,
+}
+
+impl WorkloadBoard {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, BoardEntry>> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The variant the instance runs as now, when serin runs something there.
+    pub(crate) fn variant_of(&self, instance: &str) -> Option<Variant> {
+        self.lock()
+            .get(instance)
+            .filter(|e| !e.version.is_empty())
+            .map(|e| e.variant)
+    }
+
+    /// Every managed instance's status, for a report.
+    pub(crate) fn report(&self, now: Instant) -> Vec<pb::WorkloadStatus> {
+        let mut statuses: Vec<_> = self
+            .lock()
+            .iter()
+            .map(|(instance, e)| pb::WorkloadStatus {
+                service: e.service.clone(),
+                instance: instance.clone(),
+                version: e.version.clone(),
+                variant: proto_variant(e.variant) as i32,
+                state: e.state as i32,
+                detail: e.detail.clone(),
+                target_version: e.target_version.clone(),
+                for_ms: u64::try_from(now.duration_since(e.since).as_millis()).unwrap_or(u64::MAX),
+            })
+            .collect();
+        statuses.sort_by(|a, b| a.instance.cmp(&b.instance));
+        statuses
+    }
+
+    /// Records a state; the `since` clock restarts only when the state or target changes.
+    fn set(&self, instance: &InstanceConfig, update: Update) {
+        let mut board = self.lock();
+        let now = Instant::now();
+        let entry = board
+            .entry(instance.name.clone())
+            .or_insert_with(|| BoardEntry {
+                service: instance.service.clone(),
+                version: String::new(),
+                variant: instance.variant,
+                state: pb::WorkloadState::Absent,
+                detail: String::new(),
+                target_version: String::new(),
+                since: now,
+            });
+        if entry.state != update.state || entry.target_version != update.target_version {
+            entry.since = now;
+        }
+        if let Some((version, variant)) = update.running {
+            entry.version = version;
+            entry.variant = variant;
+        }
+        entry.state = update.state;
+        entry.detail = update.detail;
+        entry.target_version = update.target_version;
+    }
+}
+
+/// One change of an instance's board entry.
+struct Update {
+    state: pb::WorkloadState,
+    detail: String,
+    target_version: String,
+    /// What runs now, when that changed (`Some((String::new(), _))`: nothing runs).
+    running: Option<(String, Variant)>,
+}
+
+impl Update {
+    fn new(state: pb::WorkloadState, target: &Target, detail: impl Into<String>) -> Self {
+        Update {
+            state,
+            detail: detail.into(),
+            target_version: target.version.clone().unwrap_or_default(),
+            running: None,
+        }
+    }
+
+    fn running(mut self, version: String, variant: Variant) -> Self {
+        self.running = Some((version, variant));
+        self
+    }
+}
+
+fn proto_variant(v: Variant) -> pb::Variant {
+    match v {
+        Variant::Stable => pb::Variant::Stable,
+        Variant::Canary => pb::Variant::Canary,
+    }
+}
+
+/// Reads the wire deploy spec; the error names the field.
+pub(crate) fn spec_from_proto(s: &pb::DeploySpec) -> Result<WorkloadSpec, String> {
+    let driver = match &s.driver {
+        Some(pb::deploy_spec::Driver::Docker(d)) => DriverSpec::Docker(DockerSpec {
+            image: d.image.clone(),
+            port: match d.port {
+                0 => None,
+                p => Some(
+                    u16::try_from(p)
+                        .map_err(|_| format!("deploy.docker.port {p} is not a port"))?,
+                ),
+            },
+            args: d.args.clone(),
+            stop_timeout: Duration::from_millis(d.stop_timeout_ms),
+        }),
+        Some(pb::deploy_spec::Driver::Command(c)) => DriverSpec::Command(CommandSpec {
+            start: c.start.clone(),
+            stop: c.stop.clone(),
+            deploy: Some(c.deploy.clone()).filter(|d| !d.is_empty()),
+            health: Some(c.health.clone()).filter(|h| !h.is_empty()),
+            timeout: Duration::from_millis(c.timeout_ms.max(1)),
+        }),
+        None => return Err("the deploy spec names no driver (docker or command)".into()),
+    };
+    Ok(WorkloadSpec {
+        driver,
+        env: s.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        health_path: Some(s.health_path.clone()).filter(|p| !p.is_empty()),
+        health_timeout: Duration::from_millis(s.health_timeout_ms.max(1)),
+    })
+}
+
+/// The target of each of `instances` in `desired`; an instance the desired state does not
+/// mention (its service has no deploy spec, or the coordinator does not know it yet) has none.
+fn targets(
+    instances: &[InstanceConfig],
+    desired: &pb::DesiredState,
+) -> HashMap<String, Option<Target>> {
+    let mut out: HashMap<String, Option<Target>> =
+        instances.iter().map(|i| (i.name.clone(), None)).collect();
+    for service in &desired.services {
+        let Some(wire) = &service.deploy else {
+            continue;
+        };
+        let spec = spec_from_proto(wire).map(Arc::new);
+        for workload in &service.workloads {
+            let Some(instance) = instances
+                .iter()
+                .find(|i| i.name == workload.instance && i.service == service.service)
+            else {
+                continue;
+            };
+            let variant = if workload.variant == pb::Variant::Canary as i32 {
+                Variant::Canary
+            } else {
+                Variant::Stable
+            };
+            out.insert(
+                instance.name.clone(),
+                Some(Target {
+                    wire: wire.clone(),
+                    spec: spec.clone(),
+                    version: Some(workload.version.clone()).filter(|v| !v.is_empty()),
+                    variant,
+                }),
+            );
+        }
+    }
+    out
+}
+
+/// The workload reconciler task.
+pub(super) struct Workloads {
+    /// The managed instances, in config order.
+    pub(super) instances: Vec<InstanceConfig>,
+    pub(super) drivers: Arc<Drivers>,
+    pub(super) board: WorkloadBoard,
+    pub(super) desired: watch::Receiver<Option<pb::DesiredState>>,
+}
+
+impl Workloads {
+    pub(super) async fn run(mut self, shutdown: CancellationToken) {
+        let mut set = JoinSet::new();
+        let mut senders = HashMap::new();
+        for instance in &self.instances {
+            let (tx, rx) = watch::channel(None);
+            senders.insert(instance.name.clone(), tx);
+            set.spawn(run_instance(
+                instance.clone(),
+                Arc::clone(&self.drivers),
+                self.board.clone(),
+                rx,
+                shutdown.clone(),
+            ));
+        }
+        loop {
+            let desired = self.desired.borrow_and_update().clone();
+            if let Some(desired) = desired {
+                for (name, target) in targets(&self.instances, &desired) {
+                    if let Some(tx) = senders.get(&name) {
+                        tx.send_if_modified(|current| {
+                            let changed = *current != target;
+                            *current = target;
+                            changed
+                        });
+                    }
+                }
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                changed = self.desired.changed() => if changed.is_err() { break },
+            }
+        }
+        // The instance tasks finish the call they are in (a half-made container is worse
+        // than a late stop) and end.
+        while set.join_next().await.is_some() {}
+    }
+}
+
+/// Keeps one instance at its newest target until shutdown.
+async fn run_instance(
+    instance: InstanceConfig,
+    drivers: Arc<Drivers>,
+    board: WorkloadBoard,
+    mut targets: watch::Receiver<Option<Target>>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let target = targets.borrow_and_update().clone();
+        let retry = match target {
+            None => false,
+            Some(target) => {
+                reconcile(
+                    &instance,
+                    &drivers,
+                    &board,
+                    &target,
+                    &mut targets,
+                    &shutdown,
+                )
+                .await
+            }
+        };
+        let wait = async {
+            if retry {
+                tokio::time::sleep(RETRY_AFTER).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            changed = targets.changed() => if changed.is_err() { return },
+            () = wait => {}
+        }
+    }
+}
+
+/// Makes `instance` run `target`; returns whether it failed and is to be retried. Returns
+/// early when a newer target arrives during a health wait or while it watches a healthy
+/// workload.
+async fn reconcile(
+    instance: &InstanceConfig,
+    drivers: &Drivers,
+    board: &WorkloadBoard,
+    target: &Target,
+    targets: &mut watch::Receiver<Option<Target>>,
+    shutdown: &CancellationToken,
+) -> bool {
+    use pb::WorkloadState::{Absent, Failed, Healthy, Starting};
+    let spec = match &target.spec {
+        Ok(spec) => spec,
+        Err(reason) => {
+            board.set(instance, Update::new(Failed, target, reason.clone()));
+            return false;
+        }
+    };
+    let Some(version) = &target.version else {
+        board.set(instance, Update::new(Starting, target, "removing"));
+        return match drivers
+            .remove(&instance.service, &instance.name, spec)
+            .await
+        {
+            Ok(actions) => {
+                log_actions(instance, &actions);
+                board.set(
+                    instance,
+                    Update::new(Absent, target, "").running(String::new(), instance.variant),
+                );
+                false
+            }
+            Err(e) => {
+                report_failure(board, instance, target, &e);
+                true
+            }
+        };
+    };
+    let placement = Placement {
+        service: instance.service.clone(),
+        instance: instance.name.clone(),
+        address: instance.address.clone(),
+        version: version.clone(),
+        variant: target.variant,
+    };
+    board.set(
+        instance,
+        Update::new(Starting, target, format!("deploying {version}")),
+    );
+    match drivers.deploy(&placement, spec).await {
+        Ok(actions) => log_actions(instance, &actions),
+        Err(e) => {
+            report_failure(board, instance, target, &e);
+            return true;
+        }
+    }
+    board.set(
+        instance,
+        Update::new(
+            Starting,
+            target,
+            format!("waiting for {version} to be healthy"),
+        )
+        .running(version.clone(), target.variant),
+    );
+    let newer = async {
+        let _ = targets.changed().await;
+    };
+    let waited = tokio::select! {
+        () = shutdown.cancelled() => return false,
+        waited = wait_healthy(drivers, &placement, spec, newer) => waited,
+    };
+    match waited {
+        Ok(true) => {}
+        // A newer target arrived: the caller takes it.
+        Ok(false) => return false,
+        Err(e) => {
+            report_failure(board, instance, target, &e);
+            return true;
+        }
+    }
+    board.set(instance, Update::new(Healthy, target, ""));
+    tracing::info!(instance = %instance.name, %version, variant = ?target.variant, "workload healthy");
+    // Watch it until the target changes: a workload that stops being healthy is reported.
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return false,
+            _ = targets.changed() => return false,
+            () = tokio::time::sleep(HEALTH_EVERY) => {}
+        }
+        let state = match drivers.health(&placement, spec).await {
+            Health::Healthy => Update::new(Healthy, target, ""),
+            Health::Starting(detail) => Update::new(Starting, target, detail),
+            Health::Unhealthy(detail) => Update::new(Failed, target, detail),
+        };
+        board.set(instance, state);
+    }
+}
+
+fn report_failure(
+    board: &WorkloadBoard,
+    instance: &InstanceConfig,
+    target: &Target,
+    e: &DeployError,
+) {
+    let detail = crate::error::error_chain(e);
+    tracing::warn!(instance = %instance.name, error = %detail, "workload change failed");
+    board.set(
+        instance,
+        Update::new(pb::WorkloadState::Failed, target, detail),
+    );
+}
+
+fn log_actions(instance: &InstanceConfig, actions: &[crate::deploy::ActionRecord]) {
+    for a in actions {
+        tracing::info!(
+            instance = %instance.name,
+            action = a.action,
+            detail = %a.detail,
+            exit_code = ?a.exit_code,
+            ok = a.ok,
+            took = ?a.duration,
+            "workload action"
+        );
+    }
+}

@@ -1,0 +1,239 @@
+//! What serin deploys behind the agents' managed instances (docs/deploy.md): the wire form of
+//! the placement ([`crate::deploy::assignments`]) each agent is sent, and how far the fleet
+//! is from it, read from the agents' latest reports.
+//!
+//! The placement of a service is computed once per push round ([`DeployPlans`]) and then
+//! split by agent, so pushing a change to every agent of a service costs O(instances), not
+//! O(instances × agents).
+
+use std::collections::HashMap;
+
+use serin_proto::v1;
+
+use super::Inner;
+use crate::deploy::{Assignment, ManagedInstance, assignments};
+use crate::rollout::Registry;
+use crate::strategy::{Deploy, DeployDriver};
+
+/// The deployment of some services, split by agent.
+#[derive(Debug, Default)]
+pub struct DeployPlans {
+    by_service: HashMap<String, ServicePlan>,
+}
+
+#[derive(Debug)]
+struct ServicePlan {
+    spec: v1::DeploySpec,
+    by_agent: HashMap<String, Vec<v1::Workload>>,
+}
+
+impl DeployPlans {
+    /// True when it holds no service.
+    pub fn is_empty(&self) -> bool {
+        self.by_service.is_empty()
+    }
+
+    /// The deploy spec and this agent's workloads of `service`, when serin deploys it.
+    pub fn for_agent(
+        &self,
+        service: &str,
+        agent: &str,
+    ) -> Option<(v1::DeploySpec, Vec<v1::Workload>)> {
+        let plan = self.by_service.get(service)?;
+        Some((
+            plan.spec.clone(),
+            plan.by_agent.get(agent).cloned().unwrap_or_default(),
+        ))
+    }
+}
+
+/// How far a service's managed instances are from their placement.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeployProgress {
+    /// Instances that do not yet run their assignment healthy, one text each.
+    pub waiting: Vec<String>,
+    /// Canary instances whose deploy failed, one text each (a rollout rolls back on them).
+    pub failures: Vec<String>,
+    /// Every stable-side instance runs its assignment healthy.
+    pub stable_ready: bool,
+}
+
+/// The wire form of a strategy's `[deploy]`.
+pub fn spec_to_wire(deploy: &Deploy) -> v1::DeploySpec {
+    let millis = |d: std::time::Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    let driver = match &deploy.driver {
+        DeployDriver::Docker(d) => v1::deploy_spec::Driver::Docker(v1::DockerDeploy {
+            image: d.image.clone(),
+            port: u32::from(d.port.unwrap_or(0)),
+            args: d.args.clone(),
+            stop_timeout_ms: millis(d.stop_timeout),
+        }),
+        DeployDriver::Command(c) => v1::deploy_spec::Driver::Command(v1::CommandDeploy {
+            start: c.start.clone(),
+            stop: c.stop.clone(),
+            deploy: c.deploy.clone().unwrap_or_default(),
+            health: c.health.clone().unwrap_or_default(),
+            timeout_ms: millis(c.timeout),
+        }),
+    };
+    v1::DeploySpec {
+        driver: Some(driver),
+        health_path: deploy.health_path.clone().unwrap_or_default(),
+        health_timeout_ms: millis(deploy.health_timeout),
+        env: deploy
+            .env
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+    }
+}
+
+/// The `[deploy]` of the service's latest rollout, when it has one.
+pub fn deploy_of<'a>(registry: &'a Registry, service: &str) -> Option<&'a Deploy> {
+    let record = registry.services.get(service)?;
+    let latest = registry.rollouts.get(record.latest.as_ref()?)?;
+    latest.strategy.deploy.as_ref()
+}
+
+impl Inner {
+    /// Every known agent's managed instances of `service`, in agent then instance order.
+    pub(super) fn managed_instances(&self, service: &str) -> Vec<ManagedInstance> {
+        let mut out = Vec::new();
+        for name in self.by_service.get(service).into_iter().flatten() {
+            let Some(entry) = self.agents.get(name) else {
+                continue;
+            };
+            for t in entry
+                .info
+                .targets
+                .iter()
+                .filter(|t| t.service == service && t.managed)
+            {
+                out.push(ManagedInstance {
+                    agent: name.clone(),
+                    instance: t.name.clone(),
+                    canary: t.variant == v1::Variant::Canary as i32,
+                });
+            }
+        }
+        out
+    }
+
+    /// The placement of `service`'s managed instances now, when serin deploys it.
+    pub(super) fn assignments(&self, registry: &Registry, service: &str) -> Vec<Assignment> {
+        if deploy_of(registry, service).is_none() {
+            return Vec::new();
+        }
+        assignments(registry, service, &self.managed_instances(service))
+    }
+
+    /// Adds the plan of each of `services` that serin deploys.
+    pub(super) fn plan<'s>(
+        &self,
+        registry: &Registry,
+        services: impl IntoIterator<Item = &'s String>,
+        plans: &mut DeployPlans,
+    ) {
+        for service in services {
+            if plans.by_service.contains_key(service) {
+                continue;
+            }
+            let Some(deploy) = deploy_of(registry, service) else {
+                continue;
+            };
+            let mut by_agent: HashMap<String, Vec<v1::Workload>> = HashMap::new();
+            for a in self.assignments(registry, service) {
+                by_agent.entry(a.agent).or_default().push(v1::Workload {
+                    instance: a.instance,
+                    version: a.version.unwrap_or_default(),
+                    variant: if a.canary {
+                        v1::Variant::Canary as i32
+                    } else {
+                        v1::Variant::Stable as i32
+                    },
+                });
+            }
+            plans.by_service.insert(
+                service.clone(),
+                ServicePlan {
+                    spec: spec_to_wire(deploy),
+                    by_agent,
+                },
+            );
+        }
+    }
+
+    /// How far `service`'s managed instances are from their placement.
+    pub(super) fn deploy_progress(&self, registry: &Registry, service: &str) -> DeployProgress {
+        let mut progress = DeployProgress {
+            stable_ready: true,
+            ..Default::default()
+        };
+        for a in self.assignments(registry, service) {
+            let place = format!("{} on {}", a.instance, a.agent);
+            let entry = self.agents.get(&a.agent);
+            let status = entry.and_then(|e| e.workloads.iter().find(|w| w.instance == a.instance));
+            let wanted = a.version.clone().unwrap_or_default();
+            let verdict = match (entry, status) {
+                (Some(e), _) if !e.info.connected => {
+                    Err(format!("{place}: its agent is disconnected"))
+                }
+                (_, None) => Err(format!("{place}: no workload report yet")),
+                (_, Some(s)) => judge(&place, &wanted, s),
+            };
+            match verdict {
+                Ok(()) => {}
+                Err(text) => {
+                    let failed = status.is_some_and(|s| {
+                        s.state == v1::WorkloadState::Failed as i32 && s.target_version == wanted
+                    });
+                    if failed && a.canary {
+                        progress.failures.push(text);
+                    } else {
+                        if !a.canary {
+                            progress.stable_ready = false;
+                        }
+                        progress.waiting.push(text);
+                    }
+                }
+            }
+        }
+        progress
+    }
+}
+
+/// Whether the reported status `s` is the assignment `wanted` (empty: nothing runs), and if
+/// not, what it is doing instead.
+fn judge(place: &str, wanted: &str, s: &v1::WorkloadStatus) -> Result<(), String> {
+    let healthy = s.state == v1::WorkloadState::Healthy as i32;
+    if wanted.is_empty() {
+        return if s.version.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("{place}: removing {}", s.version))
+        };
+    }
+    if s.version == wanted && healthy && s.target_version == wanted {
+        return Ok(());
+    }
+    let state = match v1::WorkloadState::try_from(s.state) {
+        Ok(v1::WorkloadState::Failed) => "failed",
+        Ok(v1::WorkloadState::Healthy) => "healthy",
+        Ok(v1::WorkloadState::Starting) => "starting",
+        _ => "absent",
+    };
+    let detail = if s.detail.is_empty() {
+        String::new()
+    } else {
+        format!(": {}", s.detail)
+    };
+    Err(format!(
+        "{place}: {wanted} wanted, {state} {} for {}s{detail}",
+        if s.version.is_empty() {
+            "(nothing runs)"
+        } else {
+            &s.version
+        },
+        s.for_ms / 1000
+    ))
+}
