@@ -174,7 +174,7 @@ listen = "{listen}"
                 config.display().to_string(),
             ],
         );
-        DeployStack {
+        let stack = DeployStack {
             _agent: agent,
             _nginx: nginx,
             _coordinator: coordinator,
@@ -183,7 +183,19 @@ listen = "{listen}"
             url: format!("http://{listen}/"),
             dir,
             _tmp: tmp,
-        }
+        };
+        stack
+            .wait(
+                Duration::from_secs(30),
+                "the agent to connect",
+                async || {
+                    let out = cli_at(stack.coordinator_addr, &["agent", "list", "--json"]).await;
+                    out.status.success()
+                        && String::from_utf8_lossy(&out.stdout).contains("docker-host")
+                },
+            )
+            .await;
+        stack
     }
 
     fn diagnostics(&self) -> String {

@@ -295,8 +295,8 @@ async fn run_instance(
 ) {
     loop {
         let target = targets.borrow_and_update().clone();
-        let retry = match target {
-            None => false,
+        let next = match target {
+            None => Next::Idle,
             Some(target) => {
                 reconcile(
                     &instance,
@@ -308,6 +308,11 @@ async fn run_instance(
                 )
                 .await
             }
+        };
+        let retry = match next {
+            Next::Changed => continue,
+            Next::Idle => false,
+            Next::Retry => true,
         };
         let wait = async {
             if retry {
@@ -324,9 +329,18 @@ async fn run_instance(
     }
 }
 
-/// Makes `instance` run `target`; returns whether it failed and is to be retried. Returns
-/// early when a newer target arrives during a health wait or while it watches a healthy
-/// workload.
+/// What [`run_instance`] does after a [`reconcile`].
+enum Next {
+    /// Wait for a newer target.
+    Idle,
+    /// It failed: try again after [`RETRY_AFTER`] unless a newer target comes first.
+    Retry,
+    /// A newer target arrived (already seen): take it now.
+    Changed,
+}
+
+/// Makes `instance` run `target`. Returns early when a newer target arrives during a health
+/// wait or while it watches a healthy workload.
 async fn reconcile(
     instance: &InstanceConfig,
     drivers: &Drivers,
@@ -334,13 +348,13 @@ async fn reconcile(
     target: &Target,
     targets: &mut watch::Receiver<Option<Target>>,
     shutdown: &CancellationToken,
-) -> bool {
+) -> Next {
     use pb::WorkloadState::{Absent, Failed, Healthy, Starting};
     let spec = match &target.spec {
         Ok(spec) => spec,
         Err(reason) => {
             board.set(instance, Update::new(Failed, target, reason.clone()));
-            return false;
+            return Next::Idle;
         }
     };
     let Some(version) = &target.version else {
@@ -355,11 +369,11 @@ async fn reconcile(
                     instance,
                     Update::new(Absent, target, "").running(String::new(), instance.variant),
                 );
-                false
+                Next::Idle
             }
             Err(e) => {
                 report_failure(board, instance, target, &e);
-                true
+                Next::Retry
             }
         };
     };
@@ -378,7 +392,7 @@ async fn reconcile(
         Ok(actions) => log_actions(instance, &actions),
         Err(e) => {
             report_failure(board, instance, target, &e);
-            return true;
+            return Next::Retry;
         }
     }
     board.set(
@@ -394,16 +408,16 @@ async fn reconcile(
         let _ = targets.changed().await;
     };
     let waited = tokio::select! {
-        () = shutdown.cancelled() => return false,
+        () = shutdown.cancelled() => return Next::Idle,
         waited = wait_healthy(drivers, &placement, spec, newer) => waited,
     };
     match waited {
         Ok(true) => {}
         // A newer target arrived: the caller takes it.
-        Ok(false) => return false,
+        Ok(false) => return Next::Changed,
         Err(e) => {
             report_failure(board, instance, target, &e);
-            return true;
+            return Next::Retry;
         }
     }
     board.set(instance, Update::new(Healthy, target, ""));
@@ -411,8 +425,8 @@ async fn reconcile(
     // Watch it until the target changes: a workload that stops being healthy is reported.
     loop {
         tokio::select! {
-            () = shutdown.cancelled() => return false,
-            _ = targets.changed() => return false,
+            () = shutdown.cancelled() => return Next::Idle,
+            _ = targets.changed() => return Next::Changed,
             () = tokio::time::sleep(HEALTH_EVERY) => {}
         }
         let state = match drivers.health(&placement, spec).await {
