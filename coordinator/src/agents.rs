@@ -290,6 +290,8 @@ pub struct Coverage {
     pub stable: bool,
     /// A connected agent hosts a canary instance.
     pub canary: bool,
+    /// A connected agent hosts an instance serin deploys (`managed`).
+    pub managed: bool,
 }
 
 impl AgentRegistry {
@@ -617,6 +619,7 @@ impl AgentRegistry {
             for t in entry.info.targets.iter().filter(|t| t.service == service) {
                 c.stable |= t.variant == v1::Variant::Stable as i32;
                 c.canary |= t.variant == v1::Variant::Canary as i32;
+                c.managed |= t.managed;
             }
         }
         c

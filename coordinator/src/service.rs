@@ -394,14 +394,26 @@ impl ControlService for Api {
         self.require_leader()?;
         let coverage = self.shared.agents.coverage(&req.service);
         let mut missing = vec![];
-        if !coverage.balancer {
-            missing.push("a load balancer ([nginx] services)");
-        }
-        if !coverage.stable {
-            missing.push("a stable instance");
-        }
-        if !coverage.canary {
-            missing.push("a canary instance");
+        let hosts_model = strategy
+            .deploy
+            .as_ref()
+            .is_some_and(|d| d.model == crate::strategy::DeployModel::Hosts);
+        if hosts_model {
+            // A host share runs the canary in place: no balancer or canary slot is needed
+            // (a worker has no traffic to balance), only instances serin deploys.
+            if !coverage.managed {
+                missing.push("a managed instance (`managed = true`) for the hosts model");
+            }
+        } else {
+            if !coverage.balancer {
+                missing.push("a load balancer ([nginx] services)");
+            }
+            if !coverage.stable {
+                missing.push("a stable instance");
+            }
+            if !coverage.canary {
+                missing.push("a canary instance");
+            }
         }
         if !missing.is_empty() {
             return Err(Status::failed_precondition(format!(
