@@ -1178,7 +1178,8 @@ mod tests {
             Coverage {
                 balancer: true,
                 stable: false,
-                canary: true
+                canary: true,
+                managed: false,
             }
         );
         agents.disconnect("a", session + 1, 0); // a stale session id changes nothing
