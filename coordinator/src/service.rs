@@ -70,7 +70,33 @@ impl Api {
             .flatten();
         let mut proto = rollout_to_proto(rollout, live.as_ref());
         proto.apply = self.apply_progress(rollout);
+        proto.deploy = self.deploy_view(rollout);
         proto
+    }
+
+    /// What serin deploys for `rollout`'s service, when it is the latest rollout and has
+    /// `[deploy]`.
+    fn deploy_view(&self, rollout: &Rollout) -> Option<v1::DeployView> {
+        let deploy = rollout.strategy.deploy.as_ref()?;
+        let view = self.shared.raft.view();
+        let service = view.registry.services.get(&rollout.service)?;
+        if service.latest.as_ref() != Some(&rollout.id) {
+            return None;
+        }
+        let progress = self
+            .shared
+            .agents
+            .deploy_progress(&view.registry, &rollout.service);
+        Some(v1::DeployView {
+            model: match deploy.model {
+                crate::strategy::DeployModel::Weighted => "weighted",
+                crate::strategy::DeployModel::Hosts => "hosts",
+            }
+            .into(),
+            waiting: progress.waiting,
+            failures: progress.failures,
+            settled: rollout.deploy_settled,
+        })
     }
 
     /// Desired vs actual for `rollout`, when it is its service's latest rollout.
@@ -306,6 +332,7 @@ pub fn rollout_to_proto(rollout: &Rollout, live: Option<&LiveView>) -> v1::Rollo
         live,
         detail_json: serde_json::to_string(rollout).unwrap_or_default(),
         apply: None,
+        deploy: None,
     }
 }
 

@@ -13,9 +13,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde_json::{Value, json};
 use serin_proto::v1::control_service_client::ControlServiceClient;
 use serin_proto::v1::{
-    ApplyProgress, GetRolloutRequest, HookOutcome, ListRolloutsRequest, Rollout, RolloutEvent,
-    RolloutReply, RolloutSummary, StartRolloutRequest, SteerAction, SteerRolloutRequest,
-    TriggerOutcome, VariantStats,
+    ApplyProgress, DeployView, GetRolloutRequest, HookOutcome, ListRolloutsRequest, Rollout,
+    RolloutEvent, RolloutReply, RolloutSummary, StartRolloutRequest, SteerAction,
+    SteerRolloutRequest, TriggerOutcome, VariantStats,
 };
 use tonic::Code;
 use tonic::transport::Channel;
@@ -764,7 +764,20 @@ pub fn render_status(r: &Rollout, now_ms: i64) -> String {
     if let Some(apply) = &r.apply {
         head.row(vec!["agents".into(), apply_summary(apply)]);
     }
+    if let Some(deploy) = &r.deploy {
+        head.row(vec!["deploy".into(), deploy_summary(deploy)]);
+    }
     out.push_str(&head.render(""));
+    if let Some(deploy) = &r.deploy
+        && !(deploy.failures.is_empty() && deploy.waiting.is_empty())
+    {
+        out.push_str("\nmanaged instances not running their assignment\n");
+        let lines = (deploy.failures.iter().map(|f| ("failed ", f)))
+            .chain(deploy.waiting.iter().map(|w| ("waiting", w)));
+        for (what, line) in lines {
+            out.push_str(&format!("  {what}  {}\n", one_line(line, 110)));
+        }
+    }
     if let Some(apply) = &r.apply
         && !apply.lagging.is_empty()
     {
@@ -884,6 +897,21 @@ pub fn render_status(r: &Rollout, now_ms: i64) -> String {
 }
 
 /// `3/4 applied generation 1.7`, with a warning mark when some have not.
+fn deploy_summary(d: &DeployView) -> String {
+    let state = if !d.failures.is_empty() {
+        format!("{} failed", d.failures.len())
+    } else if !d.waiting.is_empty() {
+        format!("{} not ready", d.waiting.len())
+    } else {
+        "every managed instance runs its assignment".into()
+    };
+    format!(
+        "{} model, {state}{}",
+        d.model,
+        if d.settled { "; settled" } else { "" }
+    )
+}
+
 fn apply_summary(apply: &ApplyProgress) -> String {
     let generation = apply
         .generation
@@ -1202,6 +1230,12 @@ pub fn rollout_json(r: &Rollout) -> Value {
         "events": events,
         "live": live,
         "apply": apply,
+        "deploy": r.deploy.as_ref().map(|d| json!({
+            "model": d.model,
+            "waiting": d.waiting,
+            "failures": d.failures,
+            "settled": d.settled,
+        })),
     });
     if !r.detail_json.is_empty() {
         let detail = serde_json::from_str::<Value>(&r.detail_json)
@@ -1286,7 +1320,38 @@ mod tests {
             }),
             detail_json: String::new(),
             apply: None,
+            deploy: None,
         }
+    }
+
+    #[test]
+    fn status_shows_the_managed_instances_that_do_not_run_their_assignment_yet() {
+        let mut r = sample();
+        r.deploy = Some(DeployView {
+            model: "hosts".into(),
+            waiting: vec!["worker-h2 on h2: v2 wanted, starting v2 for 3s".into()],
+            failures: vec!["worker-h1 on h1: v2 wanted, failed v2 for 0s: not healthy".into()],
+            settled: false,
+        });
+        let text = render_status(&r, T0 + 10_000);
+        assert!(text.contains("deploy   hosts model, 1 failed"), "{text}");
+        assert!(
+            text.contains("  failed   worker-h1 on h1: v2 wanted, failed v2 for 0s: not healthy\n  waiting  worker-h2 on h2"),
+            "{text}"
+        );
+        let json = rollout_json(&r);
+        assert_eq!(
+            json["deploy"]["waiting"][0],
+            "worker-h2 on h2: v2 wanted, starting v2 for 3s"
+        );
+        r.deploy = Some(DeployView {
+            model: "weighted".into(),
+            settled: true,
+            ..Default::default()
+        });
+        assert!(render_status(&r, T0).contains(
+            "deploy   weighted model, every managed instance runs its assignment; settled"
+        ));
     }
 
     #[test]
