@@ -22,8 +22,8 @@
 //!   [`SESSION_TIMEOUT`] is dropped with all its shards (logged as `expired`).
 //! - `GET /books`: per shard its owner or `null`, the counters `identify_ok`, `rate_limited`,
 //!   `conflicts` (refused identifies), the handovers computed from the log, and the log itself:
-//!   every identify, release and expiry with its Unix time in milliseconds (the last
-//!   [`LOG_CAPACITY`] entries).
+//!   every identify, release, expiry and rate-limited identify (with the wait it was told),
+//!   each with its Unix time in milliseconds (the last [`LOG_CAPACITY`] entries).
 //! - `GET /metrics`: OpenMetrics counters `gateway_identify_ok_total`,
 //!   `gateway_rate_limited_total`, `gateway_conflicts_total` and the `gateway_shards_held`
 //!   gauge; `GET /healthz`: `200 ok`.
@@ -157,6 +157,9 @@ pub enum LogKind {
     Release,
     /// The owner's session timed out; the shard is free.
     Expired,
+    /// An identify refused with 429 (`retry_after_ms` says the wait it was told), logged so a
+    /// test can check the bot waited that long before trying the shard again.
+    RateLimited,
 }
 
 /// One identify, release or expiry.
@@ -168,6 +171,9 @@ pub struct LogEntry {
     pub shard: u32,
     pub bot: String,
     pub version: String,
+    /// For `rate_limited` entries: the wait the bot was told.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after_ms: Option<u64>,
 }
 
 /// A shard passing from one bot to another: the old owner's release (or expiry) to the new
@@ -294,9 +300,14 @@ impl Books {
             let since = now_ms.saturating_sub(last);
             if since < interval_ms {
                 self.counters.rate_limited += 1;
+                let retry_after_ms = interval_ms - since;
+                self.record(now_ms, LogKind::RateLimited, shard, &owner);
+                if let Some(entry) = self.log.back_mut() {
+                    entry.retry_after_ms = Some(retry_after_ms);
+                }
                 return Err(Refusal::RateLimited {
                     bucket,
-                    retry_after_ms: interval_ms - since,
+                    retry_after_ms,
                 });
             }
         }
@@ -413,6 +424,7 @@ impl Books {
             shard,
             bot: owner.bot.clone(),
             version: owner.version.clone(),
+            retry_after_ms: None,
         });
     }
 }
@@ -433,6 +445,7 @@ pub fn handovers<'a>(log: impl IntoIterator<Item = &'a LogEntry>) -> Vec<Handove
             LogKind::Release | LogKind::Expired => {
                 freed.insert(entry.shard, entry);
             }
+            LogKind::RateLimited => {}
             LogKind::Identify => {
                 if let Some(released) = freed.remove(&entry.shard)
                     && released.bot != entry.bot
@@ -800,6 +813,18 @@ mod tests {
             }
         );
         assert_eq!(b.counters().rate_limited, 2);
+        let refused: Vec<(LogKind, u32, Option<u64>)> = b
+            .log()
+            .filter(|e| e.kind == LogKind::RateLimited)
+            .map(|e| (e.kind, e.shard, e.retry_after_ms))
+            .collect();
+        assert_eq!(
+            refused,
+            [
+                (LogKind::RateLimited, 2, Some(3_800)),
+                (LogKind::RateLimited, 4, Some(1))
+            ]
+        );
         // A refusal does not reset the bucket's clock.
         assert_eq!(
             b.identify(2, owner("a"), T0 + 5_000).map(|i| i.bucket),
@@ -1069,7 +1094,9 @@ mod tests {
             .iter()
             .map(|e| e["kind"].as_str().unwrap())
             .collect();
-        assert_eq!(kinds, ["identify", "release"]);
+        assert_eq!(kinds, ["identify", "rate_limited", "release"]);
+        assert_eq!(books["log"][1]["shard"], 2);
+        assert_eq!(books["log"][1]["retry_after_ms"], limited["retry_after_ms"]);
         let (_, page) = get(&c, &url("/metrics")).await;
         for line in [
             "gateway_identify_ok_total 1\n",
