@@ -448,7 +448,7 @@ async fn identify(shared: &Shared, shard: u32) -> IdentifyAnswer {
     }
 }
 
-/// Releases `shard`; true when the gateway no longer has this bot holding it.
+/// Releases `shard`: `Ok` once the gateway no longer has this bot holding it.
 async fn release(shared: &Shared, shard: u32) -> Result<(), String> {
     let body = serde_json::json!({"shard": shard, "bot": shared.name});
     match shared.call("/release", body).await {
