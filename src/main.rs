@@ -5,6 +5,8 @@
 mod cli;
 mod demo;
 mod demo_app;
+mod demo_bot;
+mod demo_gateway;
 mod demo_worker;
 
 use std::net::SocketAddr;
@@ -51,6 +53,11 @@ enum Command {
     DemoApp(demo_app::DemoAppArgs),
     /// Run the demo queue worker (no HTTP traffic; judged on its job counters).
     DemoWorker(demo_worker::DemoWorkerArgs),
+    /// Run the demo sharded bot: serves the shards it is given (SHARD_IDS, then
+    /// PUT /__serin/shards), started through a demo gateway.
+    DemoBot(demo_bot::DemoBotArgs),
+    /// Run the demo gateway: Discord's session start limiter and shard books, for demo bots.
+    DemoGateway(demo_gateway::DemoGatewayArgs),
     /// Run a full demo on loopback: a good canary promoted, a bad one rolled back.
     Demo(demo::DemoArgs),
 }
@@ -264,6 +271,20 @@ async fn run(cli: Cli) -> ExitCode {
             init_logging("info");
             let stop = shutdown_on_signals();
             demo_worker::run(args, stop.cancelled_owned())
+                .await
+                .map(|()| ExitCode::SUCCESS)
+        }
+        Command::DemoBot(args) => {
+            init_logging("info");
+            let stop = shutdown_on_signals();
+            demo_bot::run(args, stop.cancelled_owned())
+                .await
+                .map(|()| ExitCode::SUCCESS)
+        }
+        Command::DemoGateway(args) => {
+            init_logging("info");
+            let stop = shutdown_on_signals();
+            demo_gateway::run(args, stop.cancelled_owned())
                 .await
                 .map(|()| ExitCode::SUCCESS)
         }
