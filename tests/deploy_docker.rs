@@ -347,8 +347,14 @@ async fn a_good_canary_container_is_promoted_and_only_the_new_version_is_left_ru
         "{status:#}\n{}",
         stack.diagnostics()
     );
+    let promoted = std::time::Instant::now();
     // The stable slot is replaced with v2, then the canary slot is removed.
     stack.wait_containers(&[("stable", "v2")]).await;
+    // Printed for docs/benchmarks.md §9, not asserted (the machine is shared).
+    eprintln!(
+        "measure: promotion seen -> stable container replaced and the canary removed: {} ms",
+        promoted.elapsed().as_millis()
+    );
     stack.wait_serving("v2").await;
     stack
         .wait(
