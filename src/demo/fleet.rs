@@ -31,14 +31,20 @@ pub const AGENT_INTERVAL: Duration = Duration::from_secs(1);
 /// The balancer host's address.
 pub const BALANCER_ADDRESS: Ipv4Addr = Ipv4Addr::new(127, 0, 1, 1);
 
-/// The demo's two services.
+/// The demo's two services behind the balancer.
 pub const SERVICES: [&str; 2] = ["web", "api"];
+
+/// The queue-worker service whose versions serin deploys itself.
+pub const WORKER_SERVICE: &str = "worker";
 
 /// What runs on a host.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Role {
     /// nginx and a balancer-only agent carrying every service.
     Balancer,
+    /// An agent whose one instance of [`WORKER_SERVICE`] is managed: serin itself starts the
+    /// `serin demo-worker` version there (hosts model, command driver; docs/deploy.md).
+    Worker,
     /// One demo app instance of `service` and an agent scraping only it.
     App {
         /// The service.
@@ -72,6 +78,11 @@ pub fn plan() -> Vec<HostPlan> {
             version,
         },
     };
+    let worker = |name, last| HostPlan {
+        name,
+        address: Ipv4Addr::new(127, 0, 1, last),
+        role: Role::Worker,
+    };
     vec![
         HostPlan {
             name: "lb",
@@ -84,6 +95,9 @@ pub fn plan() -> Vec<HostPlan> {
         app("api-1", 21, "api", Side::Stable, "v2.3.0"),
         app("api-2", 22, "api", Side::Stable, "v2.3.0"),
         app("api-3", 23, "api", Side::Canary, "v2.4.0"),
+        worker("worker-1", 31),
+        worker("worker-2", 32),
+        worker("worker-3", 33),
     ]
 }
 
@@ -160,6 +174,7 @@ pub struct Fleet {
     pub app_port: u16,
     nginx: Option<LocalNginx>,
     serin: PathBuf,
+    workers_dir: PathBuf,
 }
 
 impl Fleet {
@@ -194,7 +209,10 @@ impl Fleet {
             app_port,
             nginx: None,
             serin: serin.clone(),
+            workers_dir: dir.join("workers"),
         };
+        std::fs::create_dir_all(&fleet.workers_dir)
+            .with_context(|| format!("creating {}", fleet.workers_dir.display()))?;
         let settings = nginx.settings(
             fleet
                 .balancer_listen
@@ -221,6 +239,11 @@ impl Fleet {
                 Role::Balancer => {
                     running.listen = fleet.balancer_listen.iter().map(|(_, l)| *l).collect();
                     balancer_config(&host, coordinator, &host_dir, &settings)
+                }
+                Role::Worker => {
+                    let listen = SocketAddr::from((host.address, app_port));
+                    running.listen = vec![listen];
+                    worker_config(&host, coordinator, &host_dir, listen)
                 }
                 Role::App { version, .. } => {
                     let listen = SocketAddr::from((host.address, app_port));
@@ -340,6 +363,48 @@ impl Fleet {
         if let Some(nginx) = self.nginx.take() {
             nginx.stop().await;
         }
+        // The workers serin's command driver started are no children of the demo: their
+        // start template left a pid file each.
+        stop_workers(&self.workers_dir);
+    }
+
+    /// Where the workers' pid files and logs go (the worker strategy's templates name it).
+    pub fn workers_dir(&self) -> &Path {
+        &self.workers_dir
+    }
+
+    /// The serin binary the demo runs (the worker strategy's start template names it).
+    pub fn serin(&self) -> &Path {
+        &self.serin
+    }
+}
+
+/// Kills every worker whose pid file is in `dir` (SIGTERM, then waits up to 2 s each).
+fn stop_workers(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.extension().is_none_or(|e| e != "pid") {
+            continue;
+        }
+        let Some(pid) = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|t| t.trim().parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let alive = || Path::new(&format!("/proc/{pid}")).exists();
+        let _ = std::process::Command::new("kill")
+            .arg(pid.to_string())
+            .stderr(Stdio::null())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while alive() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = std::fs::remove_file(&path);
     }
 }
 
@@ -430,6 +495,21 @@ fn common_config(host: &HostPlan, coordinator: SocketAddr, dir: &Path) -> String
         address = host.address,
         interval = AGENT_INTERVAL.as_secs(),
         data = dir.join("agent-data").display(),
+    )
+}
+
+/// A worker host's agent: one managed instance of [`WORKER_SERVICE`], judged on the worker's
+/// own counters (it has no HTTP traffic).
+fn worker_config(
+    host: &HostPlan,
+    coordinator: SocketAddr,
+    dir: &Path,
+    listen: SocketAddr,
+) -> String {
+    format!(
+        "{}\n[[instances]]\nname = \"{name}\"\nservice = \"{WORKER_SERVICE}\"\nvariant = \"stable\"\naddress = \"{listen}\"\nmetrics_url = \"http://{listen}/metrics\"\nmanaged = true\nmetrics = {{ requests = \"worker_jobs_processed_total\", errors = \"worker_jobs_failed_total\", latency = \"worker_job_duration_seconds\" }}\n",
+        common_config(host, coordinator, dir),
+        name = host.name,
     )
 }
 

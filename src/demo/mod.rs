@@ -229,6 +229,44 @@ severity = "critical"
     s
 }
 
+/// The worker rollout's strategy: the hosts model (a third, two thirds, then all of the worker
+/// hosts run the new version in place), the worker started and stopped by command templates
+/// that run `serin` (at `serin`) with pid files and logs in `workers_dir`, and a trigger on the
+/// worker's own failure counter.
+pub fn worker_strategy(serin: &Path, workers_dir: &Path, stage_seconds: u64) -> String {
+    let (serin, dir) = (serin.display(), workers_dir.display());
+    let mut s = String::from(
+        "# Written by `serin demo`: serin deploys the worker versions itself (hosts model).\n",
+    );
+    for w in [33, 66, 100] {
+        s.push_str(&format!(
+            "\n[[stages]]\nweight = {w}\nmin_duration = \"{stage_seconds}s\"\n"
+        ));
+    }
+    s.push_str(&format!(
+        r#"
+# More than 10% failed jobs over 3 s rolls back at once.
+[[triggers]]
+name = "job-failures"
+metric = "error_rate"
+max = 0.1
+window = "3s"
+min_requests = 20
+
+[deploy]
+model = "hosts"
+health_path = "/healthz"
+health_timeout = "15s"
+
+[deploy.command]
+start = "setsid {serin} demo-worker --host {{host}} --port {{port}} --version {{version}} > {dir}/{{instance}}-{{version}}.log 2>&1 < /dev/null & echo $! > {dir}/{{instance}}.pid"
+stop = "pid=$(cat {dir}/{{instance}}.pid) && kill $pid && while kill -0 $pid 2>/dev/null; do sleep 0.05; done; rm -f {dir}/{{instance}}.pid"
+timeout = "10s"
+"#
+    ));
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -241,5 +279,23 @@ mod tests {
                 .unwrap_or_else(|e| panic!("{seconds}s: {e:?}\n{text}"));
             assert_eq!(strategy.stages.len(), 5);
         }
+    }
+
+    #[test]
+    fn the_worker_strategy_is_a_valid_hosts_rollout_with_one_then_two_then_three_of_three_hosts() {
+        let text = worker_strategy(Path::new("/usr/bin/serin"), Path::new("/tmp/w"), 5);
+        let strategy = serin_coordinator::strategy::Strategy::from_toml(&text)
+            .unwrap_or_else(|e| panic!("{e:?}\n{text}"));
+        let deploy = strategy.deploy.expect("[deploy]");
+        assert_eq!(
+            deploy.model,
+            serin_coordinator::strategy::DeployModel::Hosts
+        );
+        let hosts: Vec<usize> = strategy
+            .stages
+            .iter()
+            .map(|s| serin_coordinator::deploy::canary_hosts(3, s.weight))
+            .collect();
+        assert_eq!(hosts, [1, 2, 3]);
     }
 }

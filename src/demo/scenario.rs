@@ -26,7 +26,7 @@ use tonic::transport::Channel;
 use super::fleet::{AGENT_INTERVAL, Fleet, Role, SERVICES, version_of};
 use super::load::Load;
 use super::verify::{self, Answer, Verdict};
-use super::{DemoArgs, REMOVE_UNHEALTHY_AFTER, demo_strategy, say};
+use super::{DemoArgs, REMOVE_UNHEALTHY_AFTER, demo_strategy, say, worker_strategy};
 
 /// The stable host the demo kills.
 const DYING_HOST: &str = "api-2";
@@ -105,6 +105,10 @@ fn print_shape(fleet: &Fleet, coordinator: std::net::SocketAddr) {
                     .collect::<Vec<_>>()
                     .join(", "),
                 SERVICES.join(" and ")
+            ),
+            Role::Worker => format!(
+                "serin agent ({pids}): one managed instance of worker on :{}; serin starts the worker versions itself (commands)",
+                fleet.app_port
             ),
             Role::App {
                 service,
@@ -238,6 +242,11 @@ async fn drive(
     let answers_web = web_load.answers();
     let answers_api = api_load.answers();
     let finished_ms = now_millis();
+
+    // serin deploys the worker versions itself.
+    say("");
+    say("── rollout 3: worker v3.0.0 → v3.1.0 (hosts model: serin starts the workers itself) ─");
+    let worker = worker_rollout(args, &mut client, fleet).await?;
 
     // Verification.
     say("");
@@ -400,6 +409,39 @@ async fn drive(
             format!("{service}: {judged} requests got no answer from an app")
         });
     }
+    say(&format!(
+        "worker  {}  {}  — hosts on v3.1.0 at each stage: {}",
+        worker.rollout.id,
+        worker.rollout.state,
+        worker
+            .stages
+            .iter()
+            .map(|hosts| format!("[{}]", hosts.join(", ")))
+            .collect::<Vec<_>>()
+            .join(" → ")
+    ));
+    verdict.require(worker.rollout.state == "promoted", || {
+        format!(
+            "worker: the rollout ended {}, not promoted",
+            worker.rollout.state
+        )
+    });
+    let grows = worker
+        .stages
+        .windows(2)
+        .all(|w| w[0].iter().all(|h| w[1].contains(h)));
+    verdict.require(grows && !worker.stages.is_empty(), || {
+        format!(
+            "worker: the canary hosts did not only grow: {:?}",
+            worker.stages
+        )
+    });
+    verdict.require(worker.finally.iter().all(|(_, v)| v == "v3.1.0"), || {
+        format!(
+            "worker: not every worker host runs v3.1.0: {:?}",
+            worker.finally
+        )
+    });
     let exited = fleet.exited();
     verdict.require(exited.is_empty(), || {
         format!("processes exited on their own: {}", exited.join("; "))
@@ -418,6 +460,113 @@ async fn drive(
         ));
     }
     Ok(verdict.ok())
+}
+
+/// A stage index and the worker hosts that ran the new version at it.
+type StageHosts = (u32, Vec<String>);
+
+/// The worker rollout's outcome.
+struct WorkerRollout {
+    rollout: Rollout,
+    /// The worker hosts running the new version, sampled at each stage.
+    stages: Vec<Vec<String>>,
+    /// What each worker host answers at the end.
+    finally: Vec<(String, String)>,
+}
+
+/// What each worker host's worker answers on `/healthz` (`ok v3.1.0`): (host, version).
+async fn worker_versions(fleet: &Fleet, http: &reqwest::Client) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for host in fleet.hosts.iter().filter(|h| h.plan.role == Role::Worker) {
+        let url = format!("http://{}/healthz", host.listen[0]);
+        let version = match http.get(&url).send().await {
+            Ok(r) if r.status().is_success() => r
+                .text()
+                .await
+                .ok()
+                .and_then(|t| t.trim().strip_prefix("ok ").map(str::to_owned))
+                .unwrap_or_default(),
+            _ => "-".to_owned(),
+        };
+        out.push((host.plan.name.to_owned(), version));
+    }
+    out
+}
+
+/// Rolls the worker service from v3.0.0 to v3.1.0 with the hosts model; serin starts every
+/// worker itself. Samples which hosts run v3.1.0 once per stage.
+async fn worker_rollout(
+    args: &DemoArgs,
+    client: &mut ControlServiceClient<Channel>,
+    fleet: &Fleet,
+) -> anyhow::Result<WorkerRollout> {
+    let strategy = worker_strategy(
+        fleet.serin(),
+        fleet.workers_dir(),
+        args.stage_seconds.min(5),
+    );
+    let started = start(client, "worker", "v3.1.0", "v3.0.0", &strategy).await?;
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_millis(500))
+        .build()?;
+    let stages: Arc<Mutex<Vec<StageHosts>>> = Arc::default();
+    let rollout = watch(client, &started.id, |r: Rollout| {
+        let stages = stages.clone();
+        let http = http.clone();
+        async move {
+            let stage = r.stage_index;
+            let known = stages
+                .lock()
+                .map(|s| s.iter().any(|(k, _)| *k == stage))
+                .unwrap_or(true);
+            // Sampled once the stage's hosts run their versions, when nothing waits any more.
+            let deployed = r
+                .deploy
+                .as_ref()
+                .is_some_and(|d| d.waiting.is_empty() && d.failures.is_empty());
+            if known || !deployed || r.state != "progressing" {
+                return;
+            }
+            let on_new: Vec<String> = worker_versions(fleet, &http)
+                .await
+                .into_iter()
+                .filter(|(_, v)| v == "v3.1.0")
+                .map(|(h, _)| h)
+                .collect();
+            say(&format!(
+                "  ▸ stage {} ({}%): serin runs v3.1.0 on {}",
+                stage + 1,
+                r.canary_weight,
+                if on_new.is_empty() {
+                    "no host".into()
+                } else {
+                    on_new.join(", ")
+                }
+            ));
+            if let Ok(mut s) = stages.lock() {
+                s.push((stage, on_new));
+            }
+        }
+    })
+    .await?;
+    // Every host runs the new version once the promotion is deployed.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let finally = loop {
+        let versions = worker_versions(fleet, &http).await;
+        if versions.iter().all(|(_, v)| v == "v3.1.0") || Instant::now() > deadline {
+            break versions;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let stages = stages
+        .lock()
+        .map(|s| s.iter().map(|(_, h)| h.clone()).collect())
+        .unwrap_or_default();
+    Ok(WorkerRollout {
+        rollout,
+        stages,
+        finally,
+    })
 }
 
 /// The coordinator's per-variant totals of a rollout against the load generator's.
