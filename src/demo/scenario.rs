@@ -514,37 +514,43 @@ async fn worker_rollout(
         let stages = stages.clone();
         let http = http.clone();
         async move {
-            let stage = r.stage_index;
-            let known = stages
-                .lock()
-                .map(|s| s.iter().any(|(k, _)| *k == stage))
-                .unwrap_or(true);
-            // Sampled once the stage's hosts run their versions, when nothing waits any more.
-            let deployed = r
-                .deploy
-                .as_ref()
-                .is_some_and(|d| d.waiting.is_empty() && d.failures.is_empty());
-            if known || !deployed || r.state != "progressing" {
+            if r.state != "progressing" {
                 return;
             }
+            // Sampled at every poll; a stage keeps its last sample. Hosts only ever turn to the
+            // new version during the rollout, so the samples of later stages hold the earlier.
+            let stage = r.stage_index;
             let on_new: Vec<String> = worker_versions(fleet, &http)
                 .await
                 .into_iter()
                 .filter(|(_, v)| v == "v3.1.0")
                 .map(|(h, _)| h)
                 .collect();
-            say(&format!(
-                "  ▸ stage {} ({}%): serin runs v3.1.0 on {}",
-                stage + 1,
-                r.canary_weight,
-                if on_new.is_empty() {
-                    "no host".into()
-                } else {
-                    on_new.join(", ")
+            let Ok(mut s) = stages.lock() else {
+                return;
+            };
+            let changed = match s.iter_mut().find(|(k, _)| *k == stage) {
+                Some((_, hosts)) if *hosts == on_new => false,
+                Some((_, hosts)) => {
+                    *hosts = on_new.clone();
+                    true
                 }
-            ));
-            if let Ok(mut s) = stages.lock() {
-                s.push((stage, on_new));
+                None => {
+                    s.push((stage, on_new.clone()));
+                    true
+                }
+            };
+            if changed {
+                say(&format!(
+                    "  ▸ stage {} ({}%): serin runs v3.1.0 on {}",
+                    stage + 1,
+                    r.canary_weight,
+                    if on_new.is_empty() {
+                        "no host yet".into()
+                    } else {
+                        on_new.join(", ")
+                    }
+                ));
             }
         }
     })
