@@ -180,6 +180,21 @@ timeout = "10s"
             .flatten()
     }
 
+    /// Waits (up to 60 s) until the rollout finished; its last status.
+    async fn wait_terminal(&self, id: &str) -> Value {
+        let mut status = None;
+        self.wait(
+            Duration::from_secs(60),
+            "the rollout to finish",
+            async || {
+                status = self.status(id).await;
+                status.as_ref().is_some_and(|s| s["terminal"] == true)
+            },
+        )
+        .await;
+        status.expect("a status")
+    }
+
     /// What each host's worker answers on /healthz (`ok v2`), by host name; `None` for a host
     /// whose worker does not answer.
     async fn versions(&self) -> BTreeMap<String, Option<String>> {
@@ -252,18 +267,7 @@ async fn a_worker_without_http_traffic_is_rolled_out_host_by_host_and_the_same_h
         second.contains(&first[0]),
         "the canary host of 25% ({first:?}) left the canary at 50% ({second:?})"
     );
-    let mut status = None;
-    workers
-        .wait(
-            Duration::from_secs(60),
-            "the rollout to finish",
-            async || {
-                status = workers.status(&id).await;
-                status.as_ref().is_some_and(|s| s["terminal"] == true)
-            },
-        )
-        .await;
-    let status = status.expect("a status");
+    let status = workers.wait_terminal(&id).await;
     assert_eq!(
         status["state"],
         "promoted",
@@ -279,18 +283,7 @@ async fn a_worker_version_failing_its_jobs_is_rolled_back_on_its_own_failure_cou
     write(workers.fleet.dir(), "fail-v3", "0.5");
     let id = workers.start_rollout("v3").await;
     let canary = workers.wait_split("v3", 1, "v1").await;
-    let mut status = None;
-    workers
-        .wait(
-            Duration::from_secs(60),
-            "the rollout to finish",
-            async || {
-                status = workers.status(&id).await;
-                status.as_ref().is_some_and(|s| s["terminal"] == true)
-            },
-        )
-        .await;
-    let status = status.expect("a status");
+    let status = workers.wait_terminal(&id).await;
     assert_eq!(
         status["state"],
         "rolled_back",
