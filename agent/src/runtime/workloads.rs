@@ -100,6 +100,7 @@ impl WorkloadBoard {
                 detail: e.detail.clone(),
                 target_version: e.target_version.clone(),
                 for_ms: u64::try_from(now.duration_since(e.since).as_millis()).unwrap_or(u64::MAX),
+                shards: Vec::new(),
             })
             .collect();
         statuses.sort_by(|a, b| a.instance.cmp(&b.instance));

@@ -85,6 +85,7 @@ pub fn spec_to_wire(deploy: &Deploy) -> v1::DeploySpec {
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect(),
+        shard_count: 0,
     }
 }
 
@@ -151,6 +152,7 @@ impl Inner {
                     } else {
                         v1::Variant::Stable as i32
                     },
+                    shards: Vec::new(),
                 });
             }
             plans.by_service.insert(
