@@ -292,6 +292,10 @@ pub struct Coverage {
     pub canary: bool,
     /// A connected agent hosts an instance serin deploys (`managed`).
     pub managed: bool,
+    /// A connected agent hosts a managed instance declared stable.
+    pub managed_stable: bool,
+    /// A connected agent hosts a managed instance declared canary.
+    pub managed_canary: bool,
 }
 
 impl AgentRegistry {
@@ -620,6 +624,8 @@ impl AgentRegistry {
                 c.stable |= t.variant == v1::Variant::Stable as i32;
                 c.canary |= t.variant == v1::Variant::Canary as i32;
                 c.managed |= t.managed;
+                c.managed_stable |= t.managed && t.variant == v1::Variant::Stable as i32;
+                c.managed_canary |= t.managed && t.variant == v1::Variant::Canary as i32;
             }
         }
         c
@@ -669,6 +675,17 @@ impl AgentRegistry {
     /// (docs/deploy.md); all empty when serin deploys nothing for it.
     pub fn deploy_progress(&self, registry: &Registry, service: &str) -> DeployProgress {
         self.lock().deploy_progress(registry, service)
+    }
+
+    /// The next step of `service`'s shard handover (docs/deploy.md), from the agents' latest
+    /// reports.
+    pub fn shard_handover(
+        &self,
+        registry: &Registry,
+        service: &str,
+        now: Millis,
+    ) -> crate::deploy::Handover {
+        self.lock().shard_handover(registry, service, now)
     }
 
     /// Sends their new desired state to the agents of the services whose traffic changed since
@@ -1179,7 +1196,7 @@ mod tests {
                 balancer: true,
                 stable: false,
                 canary: true,
-                managed: false,
+                ..Coverage::default()
             }
         );
         agents.disconnect("a", session + 1, 0); // a stale session id changes nothing

@@ -164,6 +164,7 @@ pub async fn run_with_hooks<R: HookRunner>(
         let now = now_millis();
         shared.metrics().prune(now);
         settle_deployments(&shared, &view.registry, now).await;
+        grant_shards(&shared, &view.registry, now).await;
         let active: Vec<Rollout> = view.registry.active().cloned().collect();
         memories.retain(|id, _| active.iter().any(|r| &r.id == id));
         shared
@@ -290,6 +291,25 @@ async fn settle_deployments(shared: &Shared, registry: &crate::rollout::Registry
             Ok(applied) => tracing::info!(rollout = ?applied.id, "deployment settled"),
             Err(ProposeError::Rejected(rejection)) => {
                 tracing::debug!(%service, %rejection, "settle superseded")
+            }
+            Err(e) => tracing::warn!(%service, error = %e, "proposal failed"),
+        }
+    }
+}
+
+/// Proposes [`Command::ShardsGranted`] for every shards-model service whose releases the
+/// agents confirmed ([`crate::deploy::shard_handover`]).
+async fn grant_shards(shared: &Shared, registry: &crate::rollout::Registry, now: Millis) {
+    for service in registry.services.keys() {
+        let step = shared.agents.shard_handover(registry, service, now);
+        let crate::deploy::Handover::Due(command) = step else {
+            continue;
+        };
+        tracing::info!(%service, command = command.action(), "proposing");
+        match shared.raft.propose(*command).await {
+            Ok(applied) => tracing::info!(rollout = ?applied.id, "shards granted"),
+            Err(ProposeError::Rejected(rejection)) => {
+                tracing::debug!(%service, %rejection, "shard grant superseded")
             }
             Err(e) => tracing::warn!(%service, error = %e, "proposal failed"),
         }

@@ -20,11 +20,24 @@
 //!   [`canary_hosts`]`(n, weight)` run the canary, the others the stable version, so the same
 //!   instances stay canary as the weight grows. Rolled back or aborted: all run the previous
 //!   stable version; promoted: all the new version, as stable.
+//! - **shards**: the instances keep their declared variant, as with weighted; a stage's share
+//!   is a share of the shards 0..count, the first [`canary_hosts`]`(count, weight)` of an
+//!   order fixed by a stable hash of (rollout id, shard), so the canary set only grows. A
+//!   side's shards are spread over its instances by `shard % instances`. The committed
+//!   [`ShardGrants`] says which share is *granted*: a shard whose side differs between the
+//!   target share and the granted one is in neither side's set (released), until
+//!   [`shard_handover`] finds every release confirmed by the reports and proposes the grant.
+//!   A stable instance is replaced at a promotion only once the canary side was granted all
+//!   shards; a canary instance runs until no shard is granted to it.
 //! - **after an undo** (the service is pinned): every instance the pinned version as stable;
-//!   with the weighted model the canary instances run nothing.
+//!   with the weighted and shards models the canary instances run nothing (all shards on the
+//!   stable instances).
 
-use crate::rollout::{Command, Millis, Registry, Rollout, RolloutState};
-use crate::strategy::DeployModel;
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use crate::rollout::{Command, Millis, Registry, Rollout, RolloutState, ShardGrants};
+use crate::strategy::{DeployModel, ShardSpec};
 
 /// A managed instance an agent declared for a service.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -48,6 +61,18 @@ pub struct Assignment {
     pub version: Option<String>,
     /// The variant it runs as now (its metrics are counted as that variant).
     pub canary: bool,
+    /// Shards model: the shards it must serve, in shard order; empty with the other models.
+    pub shards: Vec<ShardStart>,
+}
+
+/// A shard an instance must serve, and how long after its agent first sees the grant it may
+/// start it (the pacing of the session start limit; 0 for a shard it already serves).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShardStart {
+    /// The shard.
+    pub shard: u32,
+    /// The start delay, in milliseconds.
+    pub start_after_ms: u64,
 }
 
 /// What every managed instance of `service` must run now, from the committed registry, in the
@@ -77,15 +102,23 @@ pub fn assignments(
         instance: m.instance.clone(),
         version: version.map(str::to_owned),
         canary,
+        shards: Vec::new(),
     };
     if let Some(pin) = registry.pin(service) {
-        return instances
+        let mut out: Vec<Assignment> = instances
             .iter()
             .map(|m| match model {
-                DeployModel::Weighted if m.canary => assign(m, None, true),
+                DeployModel::Weighted | DeployModel::Shards if m.canary => assign(m, None, true),
                 _ => assign(m, Some(&pin.version), false),
             })
             .collect();
+        if let Some(spec) = &deploy.shards {
+            let sets = shard_sets(rollout, spec, instances, 0, ShardGrants::default());
+            for (a, set) in out.iter_mut().zip(sets) {
+                a.shards = set;
+            }
+        }
+        return out;
     }
     // The stable version of the service: after a promotion, the new version.
     let stable = record
@@ -102,6 +135,40 @@ pub fn assignments(
                     (false, _) => assign(m, Some(stable), false),
                     (true, true) => assign(m, Some(&rollout.version), true),
                     (true, false) => assign(m, None, true),
+                })
+                .collect()
+        }
+        DeployModel::Shards => {
+            let Some(spec) = &deploy.shards else {
+                return Vec::new();
+            };
+            let grants = rollout.shards;
+            let promoting = rollout.state == RolloutState::Promoted && !rollout.deploy_settled;
+            // A stable instance is replaced at a promotion only once it serves no shard.
+            let stable_now = if promoting && grants.weight < 100 {
+                rollout.stable_version.as_str()
+            } else {
+                stable
+            };
+            let canary_runs = live || promoting || grants.weight > 0;
+            let sets = shard_sets(
+                rollout,
+                spec,
+                instances,
+                rollout.shard_target_weight(),
+                grants,
+            );
+            instances
+                .iter()
+                .zip(sets)
+                .map(|(m, set)| {
+                    let mut a = match (m.canary, canary_runs) {
+                        (false, _) => assign(m, Some(stable_now), false),
+                        (true, true) => assign(m, Some(&rollout.version), true),
+                        (true, false) => assign(m, None, true),
+                    };
+                    a.shards = set;
+                    a
                 })
                 .collect()
         }
@@ -139,6 +206,240 @@ pub fn canary_hosts(n: usize, weight: u32) -> usize {
     }
     let share = (n as u64 * u64::from(weight)).div_ceil(100);
     (share as usize).clamp(1, n)
+}
+
+/// The canary side's shards at `weight`%: the first [`canary_hosts`]`(count, weight)` of the
+/// rollout's shard order, so a larger share is a superset.
+pub fn canary_shards(rollout: &Rollout, count: u32, weight: u32) -> BTreeSet<u32> {
+    shard_order(rollout, count)
+        .into_iter()
+        .take(canary_hosts(count as usize, weight))
+        .collect()
+}
+
+/// Shards `0..count` by a stable hash of (rollout id, shard), ties by shard.
+fn shard_order(rollout: &Rollout, count: u32) -> Vec<u32> {
+    let mut order: Vec<(u64, u32)> = (0..count)
+        .map(|shard| {
+            let key = mix(fnv1a(&[
+                rollout.id.0.as_bytes(),
+                shard.to_string().as_bytes(),
+            ]));
+            (key, shard)
+        })
+        .collect();
+    order.sort_unstable();
+    order.into_iter().map(|(_, shard)| shard).collect()
+}
+
+/// Time between two paced starts in one bucket: the start interval plus a fifth, so that the
+/// skew between two agents' pushes never brings two starts closer than the limit.
+pub fn start_spacing(spec: &ShardSpec) -> Duration {
+    spec.start_interval + spec.start_interval / 5
+}
+
+/// The start delay of every shard (indexed by shard) that moves from canary share `from` to
+/// `to`: with `max_concurrency`, the n-th moving shard of a bucket (in the rollout's shard
+/// order) waits n × [`start_spacing`]; unmoved shards and unpaced services wait 0.
+fn start_delays(rollout: &Rollout, spec: &ShardSpec, from: u32, to: u32) -> Vec<u64> {
+    let mut delays = vec![0; spec.count as usize];
+    let Some(buckets) = spec.max_concurrency else {
+        return delays;
+    };
+    let before = canary_shards(rollout, spec.count, from);
+    let after = canary_shards(rollout, spec.count, to);
+    let spacing = u64::try_from(start_spacing(spec).as_millis()).unwrap_or(u64::MAX);
+    let mut rank = vec![0u64; buckets as usize];
+    for shard in shard_order(rollout, spec.count) {
+        if before.contains(&shard) != after.contains(&shard) {
+            let bucket = (shard % buckets) as usize;
+            delays[shard as usize] = rank[bucket].saturating_mul(spacing);
+            rank[bucket] += 1;
+        }
+    }
+    delays
+}
+
+/// The shards each of `instances` serves (in their order) at target share `target` with
+/// `grants` committed: a shard on the same side in both serves there, on the instance
+/// `shard % side size` of its side's instances in the given order; one whose side differs is
+/// released (in no set). Shards the last grant moved carry their paced start delay.
+fn shard_sets(
+    rollout: &Rollout,
+    spec: &ShardSpec,
+    instances: &[ManagedInstance],
+    target: u32,
+    grants: ShardGrants,
+) -> Vec<Vec<ShardStart>> {
+    let wanted = canary_shards(rollout, spec.count, target);
+    let granted = canary_shards(rollout, spec.count, grants.weight);
+    let delays = start_delays(rollout, spec, grants.previous, grants.weight);
+    let side = |canary: bool| -> Vec<usize> {
+        (0..instances.len())
+            .filter(|&i| instances[i].canary == canary)
+            .collect()
+    };
+    let (stables, canaries) = (side(false), side(true));
+    let mut sets = vec![Vec::new(); instances.len()];
+    for shard in 0..spec.count {
+        let owners = match (wanted.contains(&shard), granted.contains(&shard)) {
+            (true, true) => &canaries,
+            (false, false) => &stables,
+            _ => continue,
+        };
+        if owners.is_empty() {
+            continue;
+        }
+        let owner = owners[shard as usize % owners.len()];
+        sets[owner].push(ShardStart {
+            shard,
+            start_after_ms: delays[shard as usize],
+        });
+    }
+    sets
+}
+
+/// What one managed instance's agent last reported about it, for [`shard_handover`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct InstanceReport {
+    /// The version that runs there; empty when nothing runs.
+    pub version: String,
+    /// It runs that version healthy.
+    pub healthy: bool,
+    /// The shards it holds.
+    pub shards: Vec<u32>,
+}
+
+/// Where the shards model's handover of a service stands.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Handover {
+    /// Nothing moves: no shards model, or the target share is granted.
+    Idle,
+    /// Shards are released and not yet grantable, and why.
+    Waiting(String),
+    /// Every release is confirmed: the grant to propose.
+    Due(Box<Command>),
+}
+
+/// The next step of `service`'s shard handover, from its managed `instances` and their agents'
+/// latest `reports` (same order; `None`: no report). A grant is due when the rollout's target
+/// share differs from the granted one, the last grant's paced starts (with `max_concurrency`)
+/// are over plus one [`start_spacing`], no instance holds a shard outside its set (every release confirmed), and
+/// every instance the grant gives shards to runs its version healthy.
+pub fn shard_handover(
+    registry: &Registry,
+    service: &str,
+    instances: &[ManagedInstance],
+    reports: &[Option<InstanceReport>],
+    now: Millis,
+) -> Handover {
+    let Some(record) = registry.services.get(service) else {
+        return Handover::Idle;
+    };
+    let Some(rollout) = record
+        .latest
+        .as_ref()
+        .and_then(|id| registry.rollouts.get(id))
+    else {
+        return Handover::Idle;
+    };
+    let Some(spec) = rollout.strategy.deploy.as_ref().and_then(|d| d.shards) else {
+        return Handover::Idle;
+    };
+    let (target, grants) = (rollout.shard_target_weight(), rollout.shards);
+    if record.pinned.is_some() || target == grants.weight {
+        return Handover::Idle;
+    }
+    let spacing = Millis::try_from(start_spacing(&spec).as_millis()).unwrap_or(Millis::MAX);
+    let free_at = grants
+        .at
+        .saturating_add(Millis::try_from(grants.schedule_ms).unwrap_or(Millis::MAX))
+        .saturating_add(spacing);
+    if spec.max_concurrency.is_some() && grants.at > 0 && now < free_at {
+        return Handover::Waiting(format!(
+            "shard handover: the last grant's paced starts end in {} ms",
+            free_at - now
+        ));
+    }
+    let current = assignments(registry, service, instances);
+    let mut next_rollout = rollout.clone();
+    next_rollout.shards = ShardGrants {
+        weight: target,
+        previous: grants.weight,
+        at: now,
+        schedule_ms: 0,
+    };
+    let next = shard_sets(&next_rollout, &spec, instances, target, next_rollout.shards);
+    for (i, a) in current.iter().enumerate() {
+        let place = format!("{} on {}", a.instance, a.agent);
+        let Some(report) = reports.get(i).and_then(Option::as_ref) else {
+            return Handover::Waiting(format!(
+                "shard handover: {place} has not reported its shards"
+            ));
+        };
+        let still: Vec<u32> = report
+            .shards
+            .iter()
+            .copied()
+            .filter(|s| !a.shards.iter().any(|g| g.shard == *s))
+            .collect();
+        if !still.is_empty() {
+            return Handover::Waiting(format!(
+                "shard handover: {place} still holds {}",
+                shard_list(&still)
+            ));
+        }
+        let gains = next[i]
+            .iter()
+            .any(|g| !a.shards.iter().any(|c| c.shard == g.shard));
+        let wanted = a.version.as_deref().unwrap_or_default();
+        if gains && (report.version != wanted || !report.healthy) {
+            return Handover::Waiting(format!(
+                "shard handover: {place} must run {wanted} healthy before it gets shards"
+            ));
+        }
+    }
+    let delays = start_delays(rollout, &spec, grants.weight, target);
+    let before = canary_shards(rollout, spec.count, grants.weight);
+    let after = canary_shards(rollout, spec.count, target);
+    let moved: Vec<u32> = before.symmetric_difference(&after).copied().collect();
+    let schedule_ms = moved.iter().map(|&s| delays[s as usize]).max().unwrap_or(0);
+    let to = if target > grants.weight {
+        "canary"
+    } else {
+        "stable"
+    };
+    Handover::Due(Box::new(Command::ShardsGranted {
+        id: rollout.id.clone(),
+        weight: target,
+        schedule_ms,
+        reason: format!(
+            "{} released and granted to the {to} side (canary share {}% → {target}%{})",
+            shard_list(&moved),
+            grants.weight,
+            if schedule_ms > 0 {
+                format!(", starts paced over {:.1} s", schedule_ms as f64 / 1000.0)
+            } else {
+                String::new()
+            }
+        ),
+        at: now,
+    }))
+}
+
+/// "shard 3" or "shards 1, 4, 9", at most 16 listed.
+pub fn shard_list(shards: &[u32]) -> String {
+    const SHOWN: usize = 16;
+    let listed: Vec<String> = shards.iter().take(SHOWN).map(u32::to_string).collect();
+    let more = if shards.len() > SHOWN {
+        format!(" … ({} in all)", shards.len())
+    } else {
+        String::new()
+    };
+    match shards.len() {
+        1 => format!("shard {}", listed[0]),
+        _ => format!("shards {}{more}", listed.join(", ")),
+    }
 }
 
 /// Indices into `instances`, in the order the hosts model makes them canary: by a stable hash
@@ -206,12 +507,13 @@ pub fn settle_due(
         return None;
     }
     let rollout = registry.rollouts.get(record.latest.as_ref()?)?;
-    let weighted = rollout
-        .strategy
-        .deploy
-        .as_ref()
-        .is_some_and(|d| d.model == DeployModel::Weighted);
-    if rollout.state != RolloutState::Promoted || !weighted || rollout.deploy_settled {
+    let settles = match rollout.strategy.deploy.as_ref().map(|d| d.model) {
+        Some(DeployModel::Weighted) => true,
+        // The stable instances are replaced only once the canary side holds every shard.
+        Some(DeployModel::Shards) => rollout.shards.weight == 100,
+        _ => false,
+    };
+    if rollout.state != RolloutState::Promoted || !settles || rollout.deploy_settled {
         return None;
     }
     Some(Command::DeploySettled {
@@ -226,3 +528,6 @@ pub fn settle_due(
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod shard_tests;

@@ -167,6 +167,8 @@ pub enum EventKind {
     /// After a promotion with the weighted `[deploy]` model, every stable instance runs the new
     /// version: the traffic returned to them and the canary instances go.
     Deployed,
+    /// With the shards model: released shards were granted to their new side.
+    ShardsGranted,
 }
 
 /// One entry of a rollout's history.
@@ -245,6 +247,27 @@ pub struct Rollout {
     /// removed ([`Command::DeploySettled`], [`crate::deploy`]).
     #[serde(default)]
     pub deploy_settled: bool,
+    /// With the shards `[deploy]` model: which canary share's shards are granted to the
+    /// canary instances ([`Command::ShardsGranted`], [`crate::deploy`]).
+    #[serde(default)]
+    pub shards: ShardGrants,
+}
+
+/// The committed side of the shards model's handover (docs/deploy.md): the canary share whose
+/// shard set is *granted*. When the rollout's target share changes (a stage, a promotion, a
+/// rollback), the shards that change side are released first (they are in neither side's
+/// set), and granted to their new side by a second commit once the agents' reports confirm
+/// every release, so no shard is ever held by both sides.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardGrants {
+    /// The canary share (0..=100) whose shards the canary instances serve.
+    pub weight: u32,
+    /// The share granted before, to tell which shards the last grant moved (they are paced).
+    pub previous: u32,
+    /// When the last grant was committed.
+    pub at: Millis,
+    /// How long its paced starts take (the last shard's start delay), in milliseconds.
+    pub schedule_ms: u64,
 }
 
 /// The measurements of a stage so far, committed every few seconds so that a new leader (or a
@@ -269,6 +292,16 @@ impl Checkpoint {
 }
 
 impl Rollout {
+    /// With the shards model: the canary share whose shards the canary side should serve now
+    /// (the stage's weight while live, 100 from a promotion until it settles, else 0).
+    pub fn shard_target_weight(&self) -> u32 {
+        if self.state == RolloutState::Promoted && self.deploy_settled {
+            0
+        } else {
+            self.canary_weight()
+        }
+    }
+
     /// The share of traffic the canary should get now.
     pub fn canary_weight(&self) -> u32 {
         match self.state {
@@ -592,6 +625,21 @@ pub enum Command {
         /// When.
         at: Millis,
     },
+    /// With the shards `[deploy]` model: the agents confirmed that every shard changing side
+    /// is released, so the shards of canary share `weight` are granted to the canary side
+    /// (and the others to the stable side).
+    ShardsGranted {
+        /// Rollout (any state: a rollback's and a settled promotion's shards return too).
+        id: RolloutId,
+        /// The canary share granted; must be the rollout's target share.
+        weight: u32,
+        /// The last paced start's delay, in milliseconds.
+        schedule_ms: u64,
+        /// What moved, e.g. "shards 3, 7 to canary".
+        reason: String,
+        /// When.
+        at: Millis,
+    },
     /// The controller returns traffic to stable.
     RollBack {
         /// Rollout.
@@ -618,6 +666,7 @@ impl Command {
             | Command::Checkpoint { id, .. }
             | Command::HookRan { id, .. }
             | Command::DeploySettled { id, .. }
+            | Command::ShardsGranted { id, .. }
             | Command::RollBack { id, .. } => Some(id),
             Command::SetUpstreams { .. } | Command::Undo { .. } => None,
         }
@@ -635,6 +684,7 @@ impl Command {
             Command::Checkpoint { .. } => "checkpoint",
             Command::HookRan { .. } => "record a hook run of",
             Command::DeploySettled { .. } => "settle the deployment of",
+            Command::ShardsGranted { .. } => "grant the shards of",
             Command::RollBack { .. } => "roll back",
             Command::SetUpstreams { .. } => "set upstreams",
             Command::Undo { .. } => "undo",
@@ -705,6 +755,14 @@ pub enum Rejection {
         hook: String,
         /// When it runs.
         on: HookOn,
+    },
+    /// A `ShardsGranted` that does not match the rollout (no shards model, a stale share).
+    #[error("cannot grant shards of rollout '{id}': {why}")]
+    NoShardsToGrant {
+        /// Rollout.
+        id: RolloutId,
+        /// Why.
+        why: String,
     },
     /// A `DeploySettled` for a rollout that has nothing to settle.
     #[error("cannot settle the deployment of rollout '{id}': {why}")]
@@ -795,6 +853,16 @@ impl Registry {
         if let Command::DeploySettled { id, reason, at } = command {
             return self.deploy_settled(id, reason, at, generation);
         }
+        if let Command::ShardsGranted {
+            id,
+            weight,
+            schedule_ms,
+            reason,
+            at,
+        } = command
+        {
+            return self.shards_granted(id, weight, schedule_ms, reason, at, generation);
+        }
         if let Command::SetUpstreams {
             service,
             members,
@@ -838,6 +906,7 @@ impl Registry {
             | Command::SetUpstreams { .. }
             | Command::Undo { .. }
             | Command::DeploySettled { .. }
+            | Command::ShardsGranted { .. }
             | Command::HookRan { .. } => {
                 unreachable!("handled above")
             }
@@ -1124,6 +1193,7 @@ impl Registry {
             checkpoint: None,
             hooks: hook_state,
             deploy_settled: false,
+            shards: ShardGrants::default(),
         };
         let mut reason = format!("rolling out {version} in {stages} stages");
         if !rollout.hooks.pre_rollout_pending.is_empty() {
@@ -1176,7 +1246,7 @@ impl Registry {
                         .into(),
                 ));
             }
-            Some(DeployModel::Weighted) => {}
+            Some(DeployModel::Weighted | DeployModel::Shards) => {}
         }
         if rollout.deploy_settled {
             return Err(refuse(
@@ -1196,6 +1266,57 @@ impl Registry {
         Ok(Applied {
             id: Some(id),
             state: Some(RolloutState::Promoted),
+            traffic_changed: true,
+        })
+    }
+
+    /// Applies [`Command::ShardsGranted`]: valid for a rollout with the shards `[deploy]`
+    /// model whose target share is `weight` and differs from the granted one.
+    fn shards_granted(
+        &mut self,
+        id: RolloutId,
+        weight: u32,
+        schedule_ms: u64,
+        reason: String,
+        at: Millis,
+        generation: Generation,
+    ) -> Result<Applied, Rejection> {
+        let rollout = self
+            .rollouts
+            .get_mut(&id)
+            .ok_or_else(|| Rejection::UnknownRollout(id.clone()))?;
+        let refuse = |why: String| Rejection::NoShardsToGrant {
+            id: id.clone(),
+            why,
+        };
+        let model = rollout.strategy.deploy.as_ref().map(|d| d.model);
+        if model != Some(DeployModel::Shards) {
+            return Err(refuse("its strategy has no shards [deploy] model".into()));
+        }
+        let target = rollout.shard_target_weight();
+        if weight != target {
+            return Err(refuse(format!(
+                "its target canary share is {target}%, not {weight}% (superseded)"
+            )));
+        }
+        if rollout.shards.weight == weight {
+            return Err(refuse(format!("{weight}% is already granted")));
+        }
+        rollout.shards = ShardGrants {
+            weight,
+            previous: rollout.shards.weight,
+            at,
+            schedule_ms,
+        };
+        rollout.record(at, EventKind::ShardsGranted, Actor::Controller, reason);
+        let state = rollout.state;
+        let service = rollout.service.clone();
+        if let Some(record) = self.services.get_mut(&service) {
+            record.generation = generation;
+        }
+        Ok(Applied {
+            id: Some(id),
+            state: Some(state),
             traffic_changed: true,
         })
     }

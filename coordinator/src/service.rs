@@ -88,11 +88,7 @@ impl Api {
             .agents
             .deploy_progress(&view.registry, &rollout.service);
         Some(v1::DeployView {
-            model: match deploy.model {
-                crate::strategy::DeployModel::Weighted => "weighted",
-                crate::strategy::DeployModel::Hosts => "hosts",
-            }
-            .into(),
+            model: deploy.model.name().into(),
             waiting: progress.waiting,
             failures: progress.failures,
             settled: rollout.deploy_settled,
@@ -421,15 +417,20 @@ impl ControlService for Api {
         self.require_leader()?;
         let coverage = self.shared.agents.coverage(&req.service);
         let mut missing = vec![];
-        let hosts_model = strategy
-            .deploy
-            .as_ref()
-            .is_some_and(|d| d.model == crate::strategy::DeployModel::Hosts);
-        if hosts_model {
+        let model = strategy.deploy.as_ref().map(|d| d.model);
+        if model == Some(crate::strategy::DeployModel::Hosts) {
             // A host share runs the canary in place: no balancer or canary slot is needed
             // (a worker has no traffic to balance), only instances serin deploys.
             if !coverage.managed {
                 missing.push("a managed instance (`managed = true`) for the hosts model");
+            }
+        } else if model == Some(crate::strategy::DeployModel::Shards) {
+            // Shards move between managed bots of both variants; no balancer is involved.
+            if !coverage.managed_stable {
+                missing.push("a managed stable instance for the shards model");
+            }
+            if !coverage.managed_canary {
+                missing.push("a managed canary instance for the shards model");
             }
         } else {
             if !coverage.balancer {

@@ -17,7 +17,7 @@ use crate::limits::{
 mod deploy;
 pub use deploy::{
     CommandDeploy, DEFAULT_COMMAND_TIMEOUT, DEFAULT_HEALTH_TIMEOUT, DEFAULT_STOP_TIMEOUT, Deploy,
-    DeployDriver, DeployModel, DockerDeploy, check_template,
+    DeployDriver, DeployModel, DockerDeploy, ShardSpec, check_template,
 };
 mod hook;
 pub use hook::{DEFAULT_HOOK_RETRIES, DEFAULT_HOOK_TIMEOUT, Hook, HookOn};

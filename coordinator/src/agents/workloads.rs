@@ -11,7 +11,9 @@ use std::collections::HashMap;
 use serin_proto::v1;
 
 use super::Inner;
-use crate::deploy::{Assignment, ManagedInstance, assignments};
+use crate::deploy::{
+    Assignment, Handover, InstanceReport, ManagedInstance, assignments, shard_handover, shard_list,
+};
 use crate::rollout::Registry;
 use crate::strategy::{Deploy, DeployDriver};
 
@@ -85,7 +87,7 @@ pub fn spec_to_wire(deploy: &Deploy) -> v1::DeploySpec {
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect(),
-        shard_count: 0,
+        shard_count: deploy.shards.map_or(0, |s| s.count),
     }
 }
 
@@ -152,7 +154,14 @@ impl Inner {
                     } else {
                         v1::Variant::Stable as i32
                     },
-                    shards: Vec::new(),
+                    shards: a
+                        .shards
+                        .iter()
+                        .map(|g| v1::ShardGrant {
+                            shard: g.shard,
+                            start_after_ms: g.start_after_ms,
+                        })
+                        .collect(),
                 });
             }
             plans.by_service.insert(
@@ -165,12 +174,38 @@ impl Inner {
         }
     }
 
+    /// The next step of `service`'s shard handover ([`shard_handover`]), from the agents'
+    /// latest reports; a disconnected agent's instances count as not reported.
+    pub(super) fn shard_handover(&self, registry: &Registry, service: &str, now: i64) -> Handover {
+        if deploy_of(registry, service)
+            .and_then(|d| d.shards)
+            .is_none()
+        {
+            return Handover::Idle;
+        }
+        let instances = self.managed_instances(service);
+        let reports: Vec<Option<InstanceReport>> = instances
+            .iter()
+            .map(|m| {
+                let entry = self.agents.get(&m.agent).filter(|e| e.info.connected)?;
+                let s = entry.workloads.iter().find(|w| w.instance == m.instance)?;
+                Some(InstanceReport {
+                    version: s.version.clone(),
+                    healthy: s.state == v1::WorkloadState::Healthy as i32,
+                    shards: s.shards.clone(),
+                })
+            })
+            .collect();
+        shard_handover(registry, service, &instances, &reports, now)
+    }
+
     /// How far `service`'s managed instances are from their placement.
     pub(super) fn deploy_progress(&self, registry: &Registry, service: &str) -> DeployProgress {
         let mut progress = DeployProgress {
             stable_ready: true,
             ..Default::default()
         };
+        let sharded = deploy_of(registry, service).is_some_and(|d| d.shards.is_some());
         for a in self.assignments(registry, service) {
             let place = format!("{} on {}", a.instance, a.agent);
             let entry = self.agents.get(&a.agent);
@@ -183,6 +218,37 @@ impl Inner {
                 (_, None) => Err(format!("{place}: no workload report yet")),
                 (_, Some(s)) => judge(&place, &wanted, s),
             };
+            if sharded && verdict.is_ok() {
+                // The shards it serves are not what it should: a start still paced or under
+                // way, or a release not yet done. Not a stable-readiness matter: a promotion
+                // replaces stable instances that serve no shard.
+                let mut held: Vec<u32> = status.map(|s| s.shards.clone()).unwrap_or_default();
+                held.sort_unstable();
+                held.dedup();
+                let wanted: Vec<u32> = a.shards.iter().map(|g| g.shard).collect();
+                if held != wanted {
+                    let missing: Vec<u32> = wanted
+                        .iter()
+                        .copied()
+                        .filter(|s| !held.contains(s))
+                        .collect();
+                    let extra: Vec<u32> = held
+                        .iter()
+                        .copied()
+                        .filter(|s| !wanted.contains(s))
+                        .collect();
+                    let mut parts = Vec::new();
+                    if !missing.is_empty() {
+                        parts.push(format!("starting {}", shard_list(&missing)));
+                    }
+                    if !extra.is_empty() {
+                        parts.push(format!("releasing {}", shard_list(&extra)));
+                    }
+                    progress
+                        .waiting
+                        .push(format!("{place}: {}", parts.join(", ")));
+                }
+            }
             match verdict {
                 Ok(()) => {}
                 Err(text) => {
@@ -200,8 +266,31 @@ impl Inner {
                 }
             }
         }
+        if let Some(moving) = shards_moving(registry, service) {
+            progress.waiting.push(moving);
+        }
         progress
     }
+}
+
+/// "shard handover: shards 3, 7 moving to the canary side" while the target share of a
+/// shards-model rollout is not the granted one.
+fn shards_moving(registry: &Registry, service: &str) -> Option<String> {
+    let record = registry.services.get(service)?;
+    let rollout = registry.rollouts.get(record.latest.as_ref()?)?;
+    let spec = rollout.strategy.deploy.as_ref()?.shards?;
+    let (target, granted) = (rollout.shard_target_weight(), rollout.shards.weight);
+    if record.pinned.is_some() || target == granted {
+        return None;
+    }
+    let before = crate::deploy::canary_shards(rollout, spec.count, granted);
+    let after = crate::deploy::canary_shards(rollout, spec.count, target);
+    let moved: Vec<u32> = before.symmetric_difference(&after).copied().collect();
+    Some(format!(
+        "shard handover: {} moving to the {} side (released, granted once every release is reported)",
+        shard_list(&moved),
+        if target > granted { "canary" } else { "stable" }
+    ))
 }
 
 /// Whether the reported status `s` is the assignment `wanted` (empty: nothing runs), and if

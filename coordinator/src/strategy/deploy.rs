@@ -39,6 +39,12 @@ pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
 pub const MIN_COMMAND_TIMEOUT: Duration = Duration::from_secs(1);
 /// Longest command `timeout`.
 pub const MAX_COMMAND_TIMEOUT: Duration = Duration::from_secs(600);
+/// Most shards of a `[deploy.shards]` service (the demo bot's and Discord's practical bound).
+pub const MAX_SHARDS: u32 = 4096;
+/// Default least time between two session starts in one bucket (Discord's 5 s).
+pub const DEFAULT_SHARD_START_INTERVAL: Duration = Duration::from_secs(5);
+/// Longest `start_interval` of `[deploy.shards]`.
+pub const MAX_SHARD_START_INTERVAL: Duration = Duration::from_secs(60);
 /// Prefix of the environment names serin sets itself (`SERIN_VARIANT`, …).
 pub const RESERVED_ENV_PREFIX: &str = "SERIN_";
 
@@ -59,6 +65,23 @@ pub struct Deploy {
     /// Extra environment of every instance; values are templates.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// `[deploy.shards]`: set exactly when the model is [`DeployModel::Shards`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shards: Option<ShardSpec>,
+}
+
+/// `[deploy.shards]`: the partition of a sharded service and its session start limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardSpec {
+    /// Shards `0..count`.
+    pub count: u32,
+    /// Session start buckets (`shard % max_concurrency`), one start per bucket per
+    /// `start_interval`; `None`: starts are not paced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrency: Option<u32>,
+    /// Least time between two starts in one bucket.
+    #[serde(with = "humantime_serde")]
+    pub start_interval: Duration,
 }
 
 /// How a stage's weight becomes running versions.
@@ -70,13 +93,17 @@ pub enum DeployModel {
     Weighted,
     /// A stage's share of the managed instances runs the canary in place (at least one).
     Hosts,
+    /// A stage's share of the service's shards is served by the managed canary instances, the
+    /// rest by the stable ones; shards move with a release confirmed before the grant.
+    Shards,
 }
 
 impl DeployModel {
     /// Every model with its TOML name.
-    pub const ALL: [(&'static str, DeployModel); 2] = [
+    pub const ALL: [(&'static str, DeployModel); 3] = [
         ("weighted", DeployModel::Weighted),
         ("hosts", DeployModel::Hosts),
+        ("shards", DeployModel::Shards),
     ];
 
     /// The TOML name.
@@ -84,6 +111,7 @@ impl DeployModel {
         match self {
             DeployModel::Weighted => "weighted",
             DeployModel::Hosts => "hosts",
+            DeployModel::Shards => "shards",
         }
     }
 }
@@ -161,6 +189,15 @@ pub(super) struct RawDeploy {
     env: BTreeMap<String, String>,
     docker: Option<RawDocker>,
     command: Option<RawCommand>,
+    shards: Option<RawShards>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawShards {
+    count: Option<i64>,
+    max_concurrency: Option<i64>,
+    start_interval: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -190,21 +227,30 @@ pub(super) fn validate_deploy(raw: &RawDeploy, sticky: bool, p: &mut Problems) -
     let model = match raw.model.as_deref() {
         None | Some("weighted") => DeployModel::Weighted,
         Some("hosts") => DeployModel::Hosts,
+        Some("shards") => DeployModel::Shards,
         Some(other) => {
             p.push(
                 "deploy.model",
-                format!("must be \"weighted\" or \"hosts\", got \"{other}\""),
+                format!("must be \"weighted\", \"hosts\" or \"shards\", got \"{other}\""),
             );
             DeployModel::Weighted
         }
     };
-    if model == DeployModel::Hosts && sticky {
+    if model != DeployModel::Weighted && sticky {
         p.push(
             "deploy.model",
-            "\"hosts\" cannot have a sticky split ([traffic] sticky_key): a share of the \
-             instances runs the canary, there is no per-request split to keep sticky",
+            format!(
+                "\"{model}\" cannot have a sticky split ([traffic] sticky_key): a share of the \
+                 {} runs the canary, there is no per-request split to keep sticky",
+                if model == DeployModel::Hosts {
+                    "instances"
+                } else {
+                    "shards"
+                }
+            ),
         );
     }
+    let shards = validate_shards(raw.shards.as_ref(), model, p);
     if let Some(path) = &raw.health_path {
         if let Err(e) = check_len("deploy.health_path", path, MAX_DEPLOY_HEALTH_PATH) {
             p.0.push(too_long(e));
@@ -277,6 +323,79 @@ pub(super) fn validate_deploy(raw: &RawDeploy, sticky: bool, p: &mut Problems) -
         health_path: raw.health_path.clone(),
         health_timeout,
         env: raw.env.clone(),
+        shards,
+    })
+}
+
+/// `[deploy.shards]`: required with the shards model, refused without it.
+fn validate_shards(
+    raw: Option<&RawShards>,
+    model: DeployModel,
+    p: &mut Problems,
+) -> Option<ShardSpec> {
+    let raw = match (raw, model) {
+        (None, DeployModel::Shards) => {
+            p.push(
+                "deploy.shards",
+                "required with model \"shards\", e.g. [deploy.shards] count = 16",
+            );
+            return None;
+        }
+        (None, _) => return None,
+        (Some(_), DeployModel::Weighted | DeployModel::Hosts) => {
+            p.push(
+                "deploy.shards",
+                format!("only with model \"shards\" (the model is \"{model}\")"),
+            );
+            return None;
+        }
+        (Some(raw), DeployModel::Shards) => raw,
+    };
+    let count = match raw.count {
+        None => {
+            p.push("deploy.shards.count", "required, e.g. count = 16");
+            None
+        }
+        Some(n) if (1..=i64::from(MAX_SHARDS)).contains(&n) => Some(n as u32),
+        Some(n) => {
+            p.push(
+                "deploy.shards.count",
+                format!("must be between 1 and {MAX_SHARDS}, got {n}"),
+            );
+            None
+        }
+    };
+    let max_concurrency = match (raw.max_concurrency, count) {
+        (None, _) => None,
+        (Some(m), Some(count)) if (1..=i64::from(count)).contains(&m) => Some(m as u32),
+        (Some(m), Some(count)) => {
+            p.push(
+                "deploy.shards.max_concurrency",
+                format!("must be between 1 and the shard count {count}, got {m}"),
+            );
+            None
+        }
+        (Some(m), None) if m >= 1 => Some(m as u32),
+        (Some(m), None) => {
+            p.push(
+                "deploy.shards.max_concurrency",
+                format!("must be at least 1, got {m}"),
+            );
+            None
+        }
+    };
+    let start_interval = bounded(
+        p,
+        "deploy.shards.start_interval",
+        raw.start_interval.as_deref(),
+        DEFAULT_SHARD_START_INTERVAL,
+        Duration::ZERO,
+        MAX_SHARD_START_INTERVAL,
+    );
+    Some(ShardSpec {
+        count: count?,
+        max_concurrency,
+        start_interval,
     })
 }
 

@@ -133,8 +133,8 @@ fn a_deploy_needs_exactly_one_driver() {
 #[test]
 fn an_unknown_model_is_named() {
     assert_eq!(
-        problems(&format!("[deploy]\nmodel = \"shards\"\n{DOCKER}")),
-        ["deploy.model: must be \"weighted\" or \"hosts\", got \"shards\""]
+        problems(&format!("[deploy]\nmodel = \"blue-green\"\n{DOCKER}")),
+        ["deploy.model: must be \"weighted\", \"hosts\" or \"shards\", got \"blue-green\""]
     );
 }
 
@@ -418,4 +418,94 @@ fn the_example_deploy_strategies_are_valid() {
     let d = hosts.deploy.unwrap();
     assert_eq!(d.model, DeployModel::Hosts);
     assert!(matches!(d.driver, DeployDriver::Command(_)));
+}
+
+#[test]
+fn a_shards_deploy_reads_its_partition_and_start_limit_with_defaults() {
+    let d = parse(&format!(
+        "[deploy]\nmodel = \"shards\"\n[deploy.shards]\ncount = 16\n{COMMAND}"
+    ))
+    .unwrap()
+    .deploy
+    .unwrap();
+    assert_eq!(d.model, DeployModel::Shards);
+    assert_eq!(
+        d.shards,
+        Some(ShardSpec {
+            count: 16,
+            max_concurrency: None,
+            start_interval: DEFAULT_SHARD_START_INTERVAL,
+        })
+    );
+    let d = parse(&format!(
+        "[deploy]\nmodel = \"shards\"\n[deploy.shards]\ncount = 16\nmax_concurrency = 4\n\
+         start_interval = \"1s\"\n{DOCKER}"
+    ))
+    .unwrap()
+    .deploy
+    .unwrap();
+    assert_eq!(d.shards.unwrap().max_concurrency, Some(4));
+    assert_eq!(d.shards.unwrap().start_interval, Duration::from_secs(1));
+}
+
+#[test]
+fn a_shards_deploy_refuses_a_missing_or_misplaced_partition_and_bad_numbers() {
+    let shards = |body: &str| {
+        problems(&format!(
+            "[deploy]\nmodel = \"shards\"\n[deploy.shards]\n{body}{COMMAND}"
+        ))
+    };
+    assert_eq!(
+        problems(&format!("[deploy]\nmodel = \"shards\"\n{COMMAND}")),
+        ["deploy.shards: required with model \"shards\", e.g. [deploy.shards] count = 16"]
+    );
+    assert_eq!(
+        problems(&format!(
+            "[deploy]\nmodel = \"hosts\"\n[deploy.shards]\ncount = 4\n{COMMAND}"
+        )),
+        ["deploy.shards: only with model \"shards\" (the model is \"hosts\")"]
+    );
+    assert_eq!(
+        shards(""),
+        ["deploy.shards.count: required, e.g. count = 16"]
+    );
+    assert_eq!(
+        shards("count = 0\n"),
+        ["deploy.shards.count: must be between 1 and 4096, got 0"]
+    );
+    assert_eq!(
+        shards("count = 4097\n"),
+        ["deploy.shards.count: must be between 1 and 4096, got 4097"]
+    );
+    assert_eq!(
+        shards("count = 16\nmax_concurrency = 17\n"),
+        ["deploy.shards.max_concurrency: must be between 1 and the shard count 16, got 17"]
+    );
+    assert_eq!(
+        shards("count = 16\nmax_concurrency = 0\n"),
+        ["deploy.shards.max_concurrency: must be between 1 and the shard count 16, got 0"]
+    );
+    assert_eq!(
+        fields(
+            "[deploy]\nmodel = \"shards\"\n[deploy.shards]\ncount = 16\nstart_interval = \"2m\"\n[deploy.command]\nstart = \"s\"\nstop = \"t\"\n"
+        ),
+        ["deploy.shards.start_interval"]
+    );
+    assert_eq!(
+        fields(
+            "[deploy]\nmodel = \"shards\"\n[deploy.shards]\ncount = 16\nlimit = 1\n[deploy.command]\nstart = \"s\"\nstop = \"t\"\n"
+        ),
+        ["line 7 (in [deploy.shards])"]
+    );
+    let sticky = Strategy::from_toml(&format!(
+        "{STAGES}[traffic]\nsticky_key = \"$cookie_uid\"\n[deploy]\nmodel = \"shards\"\n\
+         [deploy.shards]\ncount = 4\n{COMMAND}"
+    ))
+    .unwrap_err();
+    assert!(
+        sticky
+            .to_string()
+            .contains("\"shards\" cannot have a sticky split"),
+        "{sticky}"
+    );
 }
