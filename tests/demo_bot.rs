@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
+use common::books::{assert_buckets_paced, assert_waits_honoured, replay_holders};
 use common::{Proc, SERIN, free_port, tail, wait_for};
 use serde_json::{Value, json};
 
@@ -67,77 +68,6 @@ fn spawn_bot(dir: &Path, name: &str, version: &str, port: u16, gateway: &str, id
     .collect();
     let shown = format!("SHARD_IDS={ids} serin demo-bot --name {name}");
     Proc::spawn_argv(name, dir, &argv, &shown, None)
-}
-
-/// Replays the log: panics if a shard was ever identified while another bot held it, or
-/// released by a bot that did not hold it; returns the final owner of each shard.
-fn replay_holders(log: &[Value]) -> BTreeMap<u64, String> {
-    let mut holder: BTreeMap<u64, String> = BTreeMap::new();
-    for e in log {
-        let shard = e["shard"].as_u64().unwrap();
-        let bot = e["bot"].as_str().unwrap().to_owned();
-        match e["kind"].as_str().unwrap() {
-            "identify" => {
-                if let Some(other) = holder.get(&shard) {
-                    panic!("shard {shard} identified by {bot} while held by {other}: {e}");
-                }
-                holder.insert(shard, bot);
-            }
-            "release" | "expired" => {
-                assert_eq!(holder.remove(&shard).as_ref(), Some(&bot), "{e}");
-            }
-            "rate_limited" => {}
-            other => panic!("unknown log kind {other}: {e}"),
-        }
-    }
-    holder
-}
-
-/// Panics if a bucket (`shard % 2`) granted two starts less than the interval apart.
-fn assert_buckets_paced(log: &[Value]) -> usize {
-    let mut last: BTreeMap<u64, u64> = BTreeMap::new();
-    let mut starts = 0;
-    for e in log.iter().filter(|e| e["kind"] == "identify") {
-        let (shard, at) = (e["shard"].as_u64().unwrap(), e["at_ms"].as_u64().unwrap());
-        if let Some(previous) = last.insert(shard % 2, at) {
-            assert!(
-                at - previous >= BUCKET_INTERVAL_MS,
-                "bucket {} started twice in {} ms: {e}",
-                shard % 2,
-                at - previous
-            );
-        }
-        starts += 1;
-    }
-    starts
-}
-
-/// Panics if a bot tried a shard again sooner than the wait a 429 told it; returns the 429s.
-fn assert_waits_honoured(log: &[Value]) -> usize {
-    let mut refused = 0;
-    for (i, e) in log.iter().enumerate() {
-        if e["kind"] != "rate_limited" {
-            continue;
-        }
-        refused += 1;
-        let earliest = e["at_ms"].as_u64().unwrap() + e["retry_after_ms"].as_u64().unwrap();
-        let next_try = log[i + 1..].iter().find(|n| {
-            n["shard"] == e["shard"]
-                && n["bot"] == e["bot"]
-                && (n["kind"] == "identify" || n["kind"] == "rate_limited")
-        });
-        if let Some(n) = next_try {
-            let at = n["at_ms"].as_u64().unwrap();
-            assert!(
-                at >= earliest,
-                "{} tried shard {} {} ms early: {e} then {n}",
-                e["bot"],
-                e["shard"],
-                earliest - at
-            );
-        }
-    }
-    refused
 }
 
 #[tokio::test]
@@ -243,7 +173,7 @@ async fn two_shards_move_from_bot_a_to_bot_b_without_overlap_and_paced_by_the_ga
             owner.as_str()
         );
     }
-    let starts = assert_buckets_paced(log);
+    let starts = assert_buckets_paced(log, 2, BUCKET_INTERVAL_MS);
     assert_eq!(starts, 10, "8 first starts and 2 handovers: {books}");
     assert_eq!(books["identify_ok"], 10);
     assert_eq!(books["conflicts"], 0, "A released before B asked: {books}");

@@ -242,16 +242,35 @@ pub fn start_spacing(spec: &ShardSpec) -> Duration {
 /// `to`: with `max_concurrency`, the n-th moving shard of a bucket (in the rollout's shard
 /// order) waits n × [`start_spacing`]; unmoved shards and unpaced services wait 0.
 fn start_delays(rollout: &Rollout, spec: &ShardSpec, from: u32, to: u32) -> Vec<u64> {
+    let before = canary_shards(rollout, spec.count, from);
+    let after = canary_shards(rollout, spec.count, to);
+    paced(rollout, spec, |shard| {
+        before.contains(&shard) != after.contains(&shard)
+    })
+}
+
+/// The start delays of the rollout's latest placement step: before its first grant, every
+/// shard (the first placement may start them all: new bots, or bots that restarted); after
+/// it, the shards the last grant moved.
+fn latest_delays(rollout: &Rollout, spec: &ShardSpec, grants: ShardGrants) -> Vec<u64> {
+    if grants.at == 0 {
+        paced(rollout, spec, |_| true)
+    } else {
+        start_delays(rollout, spec, grants.previous, grants.weight)
+    }
+}
+
+/// With `max_concurrency`, the n-th shard of a bucket that `moves` (in the rollout's shard
+/// order) waits n × [`start_spacing`]; the others, and every shard of an unpaced service, 0.
+fn paced(rollout: &Rollout, spec: &ShardSpec, moves: impl Fn(u32) -> bool) -> Vec<u64> {
     let mut delays = vec![0; spec.count as usize];
     let Some(buckets) = spec.max_concurrency else {
         return delays;
     };
-    let before = canary_shards(rollout, spec.count, from);
-    let after = canary_shards(rollout, spec.count, to);
     let spacing = u64::try_from(start_spacing(spec).as_millis()).unwrap_or(u64::MAX);
     let mut rank = vec![0u64; buckets as usize];
     for shard in shard_order(rollout, spec.count) {
-        if before.contains(&shard) != after.contains(&shard) {
+        if moves(shard) {
             let bucket = (shard % buckets) as usize;
             delays[shard as usize] = rank[bucket].saturating_mul(spacing);
             rank[bucket] += 1;
@@ -263,7 +282,8 @@ fn start_delays(rollout: &Rollout, spec: &ShardSpec, from: u32, to: u32) -> Vec<
 /// The shards each of `instances` serves (in their order) at target share `target` with
 /// `grants` committed: a shard on the same side in both serves there, on the instance
 /// `shard % side size` of its side's instances in the given order; one whose side differs is
-/// released (in no set). Shards the last grant moved carry their paced start delay.
+/// released (in no set). The shards of the latest placement step carry their paced start
+/// delay ([`latest_delays`]).
 fn shard_sets(
     rollout: &Rollout,
     spec: &ShardSpec,
@@ -273,7 +293,7 @@ fn shard_sets(
 ) -> Vec<Vec<ShardStart>> {
     let wanted = canary_shards(rollout, spec.count, target);
     let granted = canary_shards(rollout, spec.count, grants.weight);
-    let delays = start_delays(rollout, spec, grants.previous, grants.weight);
+    let delays = latest_delays(rollout, spec, grants);
     let side = |canary: bool| -> Vec<usize> {
         (0..instances.len())
             .filter(|&i| instances[i].canary == canary)
@@ -350,12 +370,19 @@ pub fn shard_handover(
     if record.pinned.is_some() || target == grants.weight {
         return Handover::Idle;
     }
+    // The last placement step's paced starts (the first placement's, before any grant) are
+    // over, plus one spacing, so a grant's first start in a bucket keeps the limit too.
     let spacing = Millis::try_from(start_spacing(&spec).as_millis()).unwrap_or(Millis::MAX);
-    let free_at = grants
-        .at
-        .saturating_add(Millis::try_from(grants.schedule_ms).unwrap_or(Millis::MAX))
+    let (since, schedule_ms) = if grants.at == 0 {
+        let first = latest_delays(rollout, &spec, grants);
+        (rollout.started_at, first.into_iter().max().unwrap_or(0))
+    } else {
+        (grants.at, grants.schedule_ms)
+    };
+    let free_at = since
+        .saturating_add(Millis::try_from(schedule_ms).unwrap_or(Millis::MAX))
         .saturating_add(spacing);
-    if spec.max_concurrency.is_some() && grants.at > 0 && now < free_at {
+    if spec.max_concurrency.is_some() && now < free_at {
         return Handover::Waiting(format!(
             "shard handover: the last grant's paced starts end in {} ms",
             free_at - now

@@ -20,6 +20,7 @@
 //! process-wide set ensures two tests running in parallel never get the same port.
 #![allow(dead_code)]
 
+pub mod books;
 pub mod netns;
 
 use std::collections::{BTreeMap, HashSet};

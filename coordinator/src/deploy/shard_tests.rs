@@ -280,6 +280,17 @@ fn paced_starts_space_the_moving_shards_of_a_bucket_and_hold_the_next_grant() {
     let mut w = World::start(sharded(16, Some(2), &[50, 100]));
     let fleet = bots(2, 2);
     let p = w.placement(&fleet);
+    // The first placement paces every start: 8 per bucket.
+    let first: Vec<u64> = p
+        .iter()
+        .flat_map(|a| a.shards.iter().map(|g| g.start_after_ms))
+        .collect();
+    assert_eq!(first.iter().max(), Some(&(7 * 1200)), "{first:?}");
+    assert!(matches!(
+        shard_handover(&w.reg, "bot", &fleet, &applied(&p), w.now),
+        Handover::Waiting(text) if text.contains("paced starts")
+    ));
+    w.now = T0 + 8 * 1200;
     let Handover::Due(grant) = shard_handover(&w.reg, "bot", &fleet, &applied(&p), w.now) else {
         panic!("grant not due");
     };
