@@ -37,6 +37,9 @@ pub const SERVICES: [&str; 2] = ["web", "api"];
 /// The queue-worker service whose versions serin deploys itself.
 pub const WORKER_SERVICE: &str = "worker";
 
+/// The sharded bot service whose gateway shards serin moves itself.
+pub const BOT_SERVICE: &str = "bot";
+
 /// What runs on a host.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Role {
@@ -45,6 +48,14 @@ pub enum Role {
     /// An agent whose one instance of [`WORKER_SERVICE`] is managed: serin itself starts the
     /// `serin demo-worker` version there (hosts model, command driver; docs/deploy.md).
     Worker,
+    /// `serin demo-gateway`, the stand-in for Discord's gateway the bots start their shards at.
+    Gateway,
+    /// An agent whose one instance of [`BOT_SERVICE`] is managed: serin starts the
+    /// `serin demo-bot` version there and grants it its shards (shards model).
+    Bot {
+        /// The variant its instance is declared as.
+        side: Side,
+    },
     /// One demo app instance of `service` and an agent scraping only it.
     App {
         /// The service.
@@ -83,6 +94,11 @@ pub fn plan() -> Vec<HostPlan> {
         address: Ipv4Addr::new(127, 0, 1, last),
         role: Role::Worker,
     };
+    let bot = |name, last, side| HostPlan {
+        name,
+        address: Ipv4Addr::new(127, 0, 1, last),
+        role: Role::Bot { side },
+    };
     vec![
         HostPlan {
             name: "lb",
@@ -98,6 +114,14 @@ pub fn plan() -> Vec<HostPlan> {
         worker("worker-1", 31),
         worker("worker-2", 32),
         worker("worker-3", 33),
+        HostPlan {
+            name: "gateway",
+            address: Ipv4Addr::new(127, 0, 1, 40),
+            role: Role::Gateway,
+        },
+        bot("bot-1", 41, Side::Stable),
+        bot("bot-2", 42, Side::Stable),
+        bot("bot-3", 43, Side::Canary),
     ]
 }
 
@@ -175,6 +199,7 @@ pub struct Fleet {
     nginx: Option<LocalNginx>,
     serin: PathBuf,
     workers_dir: PathBuf,
+    bots_dir: PathBuf,
 }
 
 impl Fleet {
@@ -210,9 +235,11 @@ impl Fleet {
             nginx: None,
             serin: serin.clone(),
             workers_dir: dir.join("workers"),
+            bots_dir: dir.join("bots"),
         };
-        std::fs::create_dir_all(&fleet.workers_dir)
-            .with_context(|| format!("creating {}", fleet.workers_dir.display()))?;
+        for d in [&fleet.workers_dir, &fleet.bots_dir] {
+            std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+        }
         let settings = nginx.settings(
             fleet
                 .balancer_listen
@@ -245,6 +272,35 @@ impl Fleet {
                     running.listen = vec![listen];
                     worker_config(&host, coordinator, &host_dir, listen)
                 }
+                Role::Gateway => {
+                    let listen = SocketAddr::from((host.address, app_port));
+                    running.listen = vec![listen];
+                    let gateway = spawn(
+                        &serin,
+                        &host_dir,
+                        "gateway",
+                        &[
+                            "demo-gateway",
+                            "--host",
+                            &host.address.to_string(),
+                            "--port",
+                            &app_port.to_string(),
+                            "--shards",
+                            &super::BOT_SHARDS.to_string(),
+                            "--max-concurrency",
+                            &super::BOT_BUCKETS.to_string(),
+                            "--bucket-interval",
+                            &format!("{}ms", super::BOT_START_INTERVAL.as_millis()),
+                        ],
+                    )?;
+                    running.procs.push(gateway);
+                    String::new()
+                }
+                Role::Bot { side } => {
+                    let listen = SocketAddr::from((host.address, app_port));
+                    running.listen = vec![listen];
+                    bot_config(&host, coordinator, &host_dir, listen, *side)
+                }
                 Role::App { version, .. } => {
                     let listen = SocketAddr::from((host.address, app_port));
                     running.listen = vec![listen];
@@ -266,6 +322,10 @@ impl Fleet {
                     app_config(&host, coordinator, &host_dir, listen)
                 }
             };
+            if host.role == Role::Gateway {
+                fleet.hosts.push(running);
+                continue;
+            }
             let file = host_dir.join("agent.toml");
             std::fs::write(&file, agent_toml)
                 .with_context(|| format!("writing {}", file.display()))?;
@@ -275,7 +335,7 @@ impl Fleet {
             fleet.hosts.push(running);
         }
         for host in &mut fleet.hosts {
-            if matches!(host.plan.role, Role::App { .. }) {
+            if matches!(host.plan.role, Role::App { .. } | Role::Gateway) {
                 wait_answering(host).await?;
             }
         }
@@ -366,6 +426,18 @@ impl Fleet {
         // The workers serin's command driver started are no children of the demo: their
         // start template left a pid file each.
         stop_workers(&self.workers_dir);
+        stop_workers(&self.bots_dir);
+    }
+
+    /// Where the bots' pid files and logs go (the bot strategy's templates name it).
+    pub fn bots_dir(&self) -> &Path {
+        &self.bots_dir
+    }
+
+    /// The demo gateway's base URL.
+    pub fn gateway_url(&self) -> anyhow::Result<String> {
+        let host = self.host("gateway")?;
+        Ok(format!("http://{}", host.listen[0]))
     }
 
     /// Where the workers' pid files and logs go (the worker strategy's templates name it).
@@ -508,6 +580,26 @@ fn worker_config(
 ) -> String {
     format!(
         "{}\n[[instances]]\nname = \"{name}\"\nservice = \"{WORKER_SERVICE}\"\nvariant = \"stable\"\naddress = \"{listen}\"\nmetrics_url = \"http://{listen}/metrics\"\nmanaged = true\nmetrics = {{ requests = \"worker_jobs_processed_total\", errors = \"worker_jobs_failed_total\", latency = \"worker_job_duration_seconds\" }}\n",
+        common_config(host, coordinator, dir),
+        name = host.name,
+    )
+}
+
+/// A bot host's agent: one managed instance of [`BOT_SERVICE`] declared `side`, judged on
+/// the bot's own event counters.
+fn bot_config(
+    host: &HostPlan,
+    coordinator: SocketAddr,
+    dir: &Path,
+    listen: SocketAddr,
+    side: Side,
+) -> String {
+    let variant = match side {
+        Side::Stable => "stable",
+        Side::Canary => "canary",
+    };
+    format!(
+        "{}\n[[instances]]\nname = \"{name}\"\nservice = \"{BOT_SERVICE}\"\nvariant = \"{variant}\"\naddress = \"{listen}\"\nmetrics_url = \"http://{listen}/metrics\"\nmanaged = true\nmetrics = {{ requests = \"bot_events_total\", errors = \"bot_events_failed_total\", latency = \"bot_event_duration_seconds\" }}\n",
         common_config(host, coordinator, dir),
         name = host.name,
     )

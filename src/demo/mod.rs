@@ -10,13 +10,17 @@
 //! 2. `api` v2.3.0 → v2.4.0: at 25 % the canary fails half its requests; serin must roll it
 //!    back by itself and the balancer must stop sending it traffic;
 //! 3. a stable `api` host dies; the coordinator must take it out of the upstream after
-//!    `remove_unhealthy_after` (3 s here) and traffic must keep flowing with no failure.
+//!    `remove_unhealthy_after` (3 s here) and traffic must keep flowing with no failure;
+//! 4. `worker` v3.0.0 → v3.1.0 with the hosts model: serin starts the workers itself;
+//! 5. `bot` v5.0.0 → v5.1.0 with the shards model ([`bots`]): serin starts the bots and moves
+//!    the demo gateway's 16 shards to the canary bot and back to the replaced stable bots.
 //!
 //! Finally ([`verify`]) the coordinator's per-variant counts are compared with what the load
 //! generator received, and the split through the balancer with each stage's weight. The exit
 //! code is 0 only when every check held. Every child process is killed on exit, on error and
 //! on Ctrl-C.
 
+mod bots;
 mod fleet;
 mod load;
 mod scenario;
@@ -267,6 +271,58 @@ timeout = "10s"
     s
 }
 
+/// Shards of the demo bot, session start buckets, and the least time between two starts in
+/// a bucket (the demo gateway's rules; Discord's interval is 5 s).
+pub const BOT_SHARDS: u32 = 16;
+/// See [`BOT_SHARDS`].
+pub const BOT_BUCKETS: u32 = 4;
+/// See [`BOT_SHARDS`].
+pub const BOT_START_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The bot rollout's strategy: the shards model (a quarter, half, then all of the
+/// [`BOT_SHARDS`] gateway shards move to the canary bot, paced by the gateway's start limit),
+/// the bots started and stopped by command templates that run `serin` with pid files and logs
+/// in `bots_dir`, and a trigger on the bot's failed events.
+pub fn bot_strategy(serin: &Path, bots_dir: &Path, gateway: &str, stage_seconds: u64) -> String {
+    let (serin, dir) = (serin.display(), bots_dir.display());
+    let mut s = String::from(
+        "# Written by `serin demo`: serin moves the bot's gateway shards itself (shards model).\n",
+    );
+    for w in [25, 50, 100] {
+        s.push_str(&format!(
+            "\n[[stages]]\nweight = {w}\nmin_duration = \"{stage_seconds}s\"\n"
+        ));
+    }
+    s.push_str(&format!(
+        r#"
+# More than 10% failed guild events over 3 s rolls back at once.
+[[triggers]]
+name = "event-failures"
+metric = "error_rate"
+max = 0.1
+window = "3s"
+min_requests = 20
+
+[deploy]
+model = "shards"
+health_path = "/healthz"
+health_timeout = "15s"
+
+[deploy.shards]
+count = {BOT_SHARDS}
+max_concurrency = {BOT_BUCKETS}
+start_interval = "{interval}ms"
+
+[deploy.command]
+start = "setsid {serin} demo-bot --host {{host}} --port {{port}} --version {{version}} --gateway {gateway} --shard-count {{shard_count}} --name {{instance}}-{{version}} > {dir}/{{instance}}-{{version}}.log 2>&1 < /dev/null & echo $! > {dir}/{{instance}}.pid"
+stop = "pid=$(cat {dir}/{{instance}}.pid) && kill $pid && while kill -0 $pid 2>/dev/null; do sleep 0.05; done; rm -f {dir}/{{instance}}.pid"
+timeout = "10s"
+"#,
+        interval = BOT_START_INTERVAL.as_millis(),
+    ));
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -297,5 +353,32 @@ mod tests {
             .map(|s| serin_coordinator::deploy::canary_hosts(3, s.weight))
             .collect();
         assert_eq!(hosts, [1, 2, 3]);
+    }
+
+    #[test]
+    fn the_bot_strategy_is_a_valid_shards_rollout_of_four_then_eight_then_sixteen_shards() {
+        let text = bot_strategy(
+            Path::new("/usr/bin/serin"),
+            Path::new("/tmp/b"),
+            "http://127.0.1.40:7400",
+            4,
+        );
+        let strategy = serin_coordinator::strategy::Strategy::from_toml(&text)
+            .unwrap_or_else(|e| panic!("{e:?}\n{text}"));
+        let deploy = strategy.deploy.expect("[deploy]");
+        assert_eq!(
+            deploy.model,
+            serin_coordinator::strategy::DeployModel::Shards
+        );
+        let shards = deploy.shards.expect("[deploy.shards]");
+        assert_eq!(shards.count, BOT_SHARDS);
+        assert_eq!(shards.max_concurrency, Some(BOT_BUCKETS));
+        assert_eq!(shards.start_interval, BOT_START_INTERVAL);
+        let canary: Vec<usize> = strategy
+            .stages
+            .iter()
+            .map(|s| serin_coordinator::deploy::canary_hosts(BOT_SHARDS as usize, s.weight))
+            .collect();
+        assert_eq!(canary, [4, 8, 16]);
     }
 }

@@ -106,6 +106,18 @@ fn print_shape(fleet: &Fleet, coordinator: std::net::SocketAddr) {
                     .join(", "),
                 SERVICES.join(" and ")
             ),
+            Role::Gateway => format!(
+                "serin demo-gateway ({pids}) on :{}: {} shards, {} start buckets, one start per bucket per {} ms",
+                fleet.app_port,
+                super::BOT_SHARDS,
+                super::BOT_BUCKETS,
+                super::BOT_START_INTERVAL.as_millis()
+            ),
+            Role::Bot { side } => format!(
+                "serin agent ({pids}): one managed {} instance of bot on :{}; serin starts the bot versions and grants their shards",
+                side_name(*side),
+                fleet.app_port
+            ),
             Role::Worker => format!(
                 "serin agent ({pids}): one managed instance of worker on :{}; serin starts the worker versions itself (commands)",
                 fleet.app_port
@@ -247,6 +259,13 @@ async fn drive(
     say("");
     say("── rollout 3: worker v3.0.0 → v3.1.0 (hosts model: serin starts the workers itself) ─");
     let worker = worker_rollout(args, &mut client, fleet).await?;
+
+    // serin moves the bot's gateway shards itself.
+    say("");
+    say(
+        "── rollout 4: bot v5.0.0 → v5.1.0 (shards model: 16 gateway shards move to the canary bot) ─",
+    );
+    let bot = super::bots::bot_rollout(args, &mut client, fleet).await?;
 
     // Verification.
     say("");
@@ -440,6 +459,43 @@ async fn drive(
         format!(
             "worker: not every worker host runs v3.1.0: {:?}",
             worker.finally
+        )
+    });
+    say(&format!(
+        "bot  {}  {}  — canary bot's shards at each stage: {}",
+        bot.rollout.id,
+        bot.rollout.state,
+        bot.stages
+            .iter()
+            .map(|(_, held)| held.len().to_string())
+            .collect::<Vec<_>>()
+            .join(" → ")
+    ));
+    if let (Some(median), Some(max)) = (bot.gaps.get(bot.gaps.len() / 2), bot.gaps.last()) {
+        say(&format!(
+            "bot  {} shard handovers (old bot's release → new bot's start): median {median} ms, max {max} ms; {} refused as still held",
+            bot.gaps.len(),
+            bot.conflicts
+        ));
+    }
+    verdict.require(bot.rollout.state == "promoted", || {
+        format!("bot: the rollout ended {}, not promoted", bot.rollout.state)
+    });
+    let bot_grows = bot.stages.windows(2).all(|w| w[1].1.is_superset(&w[0].1));
+    verdict.require(bot_grows && !bot.stages.is_empty(), || {
+        format!("bot: the canary shards did not only grow: {:?}", bot.stages)
+    });
+    verdict.require(bot.conflicts == 0, || {
+        format!(
+            "bot: {} starts were refused because another bot still held the shard",
+            bot.conflicts
+        )
+    });
+    verdict.require(bot.stable_on_new == super::BOT_SHARDS as usize, || {
+        format!(
+            "bot: {} of {} shards are on a stable bot at v5.1.0 at the end",
+            bot.stable_on_new,
+            super::BOT_SHARDS
         )
     });
     let exited = fleet.exited();
@@ -861,7 +917,7 @@ async fn host_death(
     }
 }
 
-async fn start(
+pub(super) async fn start(
     client: &mut ControlServiceClient<Channel>,
     service: &str,
     version: &str,
@@ -942,7 +998,7 @@ async fn wait_applied(
 }
 
 /// Polls a rollout every second, printing one live line, until it finishes.
-async fn watch<F, Fut>(
+pub(super) async fn watch<F, Fut>(
     client: &mut ControlServiceClient<Channel>,
     id: &str,
     mut on_update: F,
