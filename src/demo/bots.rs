@@ -23,12 +23,15 @@ pub const BOT_STABLE: &str = "v5.0.0";
 /// See [`BOT_STABLE`].
 pub const BOT_CANARY: &str = "v5.1.0";
 
+/// A stage index and the shards the canary bot held at it.
+type StageShards = (u32, BTreeSet<u32>);
+
 /// The bot rollout's outcome.
 pub struct BotRollout {
     /// The rollout as it ended.
     pub rollout: Rollout,
     /// The shards the canary bot held, sampled at each stage (the stage's last sample).
-    pub stages: Vec<(u32, BTreeSet<u32>)>,
+    pub stages: Vec<StageShards>,
     /// Shards held, at the end, by a stable bot on the new version.
     pub stable_on_new: usize,
     /// Identifies the gateway refused because another bot held the shard.
@@ -98,7 +101,7 @@ pub async fn bot_rollout(
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(2))
         .build()?;
-    let stages: Arc<Mutex<Vec<(u32, BTreeSet<u32>)>>> = Arc::default();
+    let stages: Arc<Mutex<Vec<StageShards>>> = Arc::default();
     let rollout = watch(client, &started.id, |r: Rollout| {
         let (stages, http, gateway) = (stages.clone(), http.clone(), gateway.clone());
         async move {
