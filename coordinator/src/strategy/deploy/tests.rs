@@ -418,6 +418,20 @@ fn the_example_deploy_strategies_are_valid() {
     let d = hosts.deploy.unwrap();
     assert_eq!(d.model, DeployModel::Hosts);
     assert!(matches!(d.driver, DeployDriver::Command(_)));
+    let shards = Strategy::from_toml(include_str!(
+        "../../../../deploy/strategies/discord-shards.toml"
+    ))
+    .expect("deploy/strategies/discord-shards.toml is valid");
+    let d = shards.deploy.unwrap();
+    assert_eq!(d.model, DeployModel::Shards);
+    assert_eq!(
+        d.shards,
+        Some(ShardSpec {
+            count: 64,
+            max_concurrency: Some(16),
+            start_interval: Duration::from_secs(5),
+        })
+    );
 }
 
 #[test]
