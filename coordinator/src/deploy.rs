@@ -454,6 +454,20 @@ pub fn shard_handover(
     }))
 }
 
+/// With the shards model: the shards the canary side serves now (on the canary side at both
+/// the target and the granted share) and those moving between sides; both empty otherwise.
+pub fn shard_sides(rollout: &Rollout) -> (Vec<u32>, Vec<u32>) {
+    let Some(spec) = rollout.strategy.deploy.as_ref().and_then(|d| d.shards) else {
+        return (Vec::new(), Vec::new());
+    };
+    let wanted = canary_shards(rollout, spec.count, rollout.shard_target_weight());
+    let granted = canary_shards(rollout, spec.count, rollout.shards.weight);
+    (
+        wanted.intersection(&granted).copied().collect(),
+        wanted.symmetric_difference(&granted).copied().collect(),
+    )
+}
+
 /// "shard 3" or "shards 1, 4, 9", at most 16 listed.
 pub fn shard_list(shards: &[u32]) -> String {
     const SHOWN: usize = 16;

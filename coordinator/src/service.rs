@@ -92,6 +92,9 @@ impl Api {
             waiting: progress.waiting,
             failures: progress.failures,
             settled: rollout.deploy_settled,
+            shard_count: deploy.shards.map_or(0, |s| s.count),
+            canary_shards: crate::deploy::shard_sides(rollout).0,
+            moving_shards: crate::deploy::shard_sides(rollout).1,
         })
     }
 

@@ -91,6 +91,10 @@ pub enum RolloutCommand {
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+        /// Shards model: also say which shard this Discord guild id is on ((id >> 22) % shard
+        /// count) and which side serves it; repeatable.
+        #[arg(long = "guild", value_name = "GUILD_ID")]
+        guilds: Vec<u64>,
         #[command(flatten)]
         coordinator: CoordinatorArgs,
     },
@@ -201,11 +205,13 @@ pub async fn run_rollout(cmd: RolloutCommand) -> anyhow::Result<ExitCode> {
             watch: true,
             json,
             coordinator,
+            ..
         } => watch(id, json, &coordinator).await,
         RolloutCommand::Status {
             id,
             watch: false,
             json,
+            guilds,
             coordinator,
         } => {
             let mut client = connect(&coordinator).await?;
@@ -216,10 +222,29 @@ pub async fn run_rollout(cmd: RolloutCommand) -> anyhow::Result<ExitCode> {
             let rollout = get(&mut client, &id)
                 .await
                 .map_err(|s| describe_status(&s, &coordinator, Some(&id)))?;
+            // Checked before anything is printed: a bad --guild prints only its error.
+            let guild_lines = match (&rollout.deploy, guilds.is_empty()) {
+                (_, true) => Vec::new(),
+                (None, false) => anyhow::bail!(
+                    "--guild: rollout {id} shows no deployment (serin deploys nothing for it, or it is no longer its service's latest rollout)"
+                ),
+                (Some(d), false) => guilds
+                    .iter()
+                    .map(|g| guild_line(d, *g))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(anyhow::Error::msg)?,
+            };
             if json {
-                println!("{:#}", rollout_json(&rollout));
+                let mut value = rollout_json(&rollout);
+                if !guild_lines.is_empty() {
+                    value["guilds"] = json!(guild_lines);
+                }
+                println!("{value:#}");
             } else {
                 print!("{}", render_status(&rollout, now_ms()));
+                for line in &guild_lines {
+                    println!("{line}");
+                }
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -766,6 +791,9 @@ pub fn render_status(r: &Rollout, now_ms: i64) -> String {
     }
     if let Some(deploy) = &r.deploy {
         head.row(vec!["deploy".into(), deploy_summary(deploy)]);
+        if deploy.shard_count > 0 {
+            head.row(vec!["shards".into(), shards_summary(deploy)]);
+        }
     }
     out.push_str(&head.render(""));
     if let Some(deploy) = &r.deploy
@@ -910,6 +938,58 @@ fn deploy_summary(d: &DeployView) -> String {
         d.model,
         if d.settled { "; settled" } else { "" }
     )
+}
+
+/// `4 of 16 on the canary: 1, 5, 9, 13; 2 moving: 3, 7`.
+fn shards_summary(d: &DeployView) -> String {
+    let list = |shards: &[u32]| {
+        shards
+            .iter()
+            .map(u32::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mut text = format!(
+        "{} of {} on the canary{}",
+        d.canary_shards.len(),
+        d.shard_count,
+        if d.canary_shards.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", list(&d.canary_shards))
+        }
+    );
+    if !d.moving_shards.is_empty() {
+        text.push_str(&format!(
+            "; {} moving: {}",
+            d.moving_shards.len(),
+            list(&d.moving_shards)
+        ));
+    }
+    text
+}
+
+/// Which shard a Discord guild is on and which side serves it, e.g.
+/// `guild 81384788765712384: shard 5 of 16, canary`.
+pub fn guild_line(d: &DeployView, guild: u64) -> Result<String, String> {
+    if d.shard_count == 0 {
+        return Err(format!(
+            "--guild {guild}: this rollout does not use the shards model (its model is {})",
+            d.model
+        ));
+    }
+    let shard = ((guild >> 22) % u64::from(d.shard_count)) as u32;
+    let side = if d.canary_shards.contains(&shard) {
+        "canary"
+    } else if d.moving_shards.contains(&shard) {
+        "moving between the sides (released, not yet granted)"
+    } else {
+        "stable"
+    };
+    Ok(format!(
+        "guild {guild}: shard {shard} of {}, {side}",
+        d.shard_count
+    ))
 }
 
 fn apply_summary(apply: &ApplyProgress) -> String {
@@ -1230,12 +1310,20 @@ pub fn rollout_json(r: &Rollout) -> Value {
         "events": events,
         "live": live,
         "apply": apply,
-        "deploy": r.deploy.as_ref().map(|d| json!({
-            "model": d.model,
-            "waiting": d.waiting,
-            "failures": d.failures,
-            "settled": d.settled,
-        })),
+        "deploy": r.deploy.as_ref().map(|d| {
+            let mut deploy = json!({
+                "model": d.model,
+                "waiting": d.waiting,
+                "failures": d.failures,
+                "settled": d.settled,
+            });
+            if d.shard_count > 0 {
+                deploy["shard_count"] = json!(d.shard_count);
+                deploy["canary_shards"] = json!(d.canary_shards);
+                deploy["moving_shards"] = json!(d.moving_shards);
+            }
+            deploy
+        }),
     });
     if !r.detail_json.is_empty() {
         let detail = serde_json::from_str::<Value>(&r.detail_json)
@@ -1331,7 +1419,7 @@ mod tests {
             model: "hosts".into(),
             waiting: vec!["worker-h2 on h2: v2 wanted, starting v2 for 3s".into()],
             failures: vec!["worker-h1 on h1: v2 wanted, failed v2 for 0s: not healthy".into()],
-            settled: false,
+            ..Default::default()
         });
         let text = render_status(&r, T0 + 10_000);
         assert!(text.contains("deploy   hosts model, 1 failed"), "{text}");
@@ -1352,6 +1440,51 @@ mod tests {
         assert!(render_status(&r, T0).contains(
             "deploy   weighted model, every managed instance runs its assignment; settled"
         ));
+    }
+
+    #[test]
+    fn status_shows_the_canary_shards_and_which_side_serves_a_guild() {
+        let mut r = sample();
+        r.deploy = Some(DeployView {
+            model: "shards".into(),
+            shard_count: 16,
+            canary_shards: vec![1, 5, 9],
+            moving_shards: vec![13],
+            ..Default::default()
+        });
+        let text = render_status(&r, T0);
+        assert!(
+            text.contains("shards   3 of 16 on the canary: 1, 5, 9; 1 moving: 13"),
+            "{text}"
+        );
+        let json = rollout_json(&r);
+        assert_eq!(json["deploy"]["canary_shards"], json!([1, 5, 9]));
+        assert_eq!(json["deploy"]["moving_shards"], json!([13]));
+        let d = r.deploy.clone().unwrap();
+        // (guild >> 22) % 16: shard 5 is canary, 13 moving, 2 stable.
+        assert_eq!(
+            guild_line(&d, 5 << 22).unwrap(),
+            format!("guild {}: shard 5 of 16, canary", 5u64 << 22)
+        );
+        assert!(
+            guild_line(&d, (16 + 13) << 22)
+                .unwrap()
+                .contains("shard 13 of 16, moving")
+        );
+        assert!(
+            guild_line(&d, (2 << 22) + 12345)
+                .unwrap()
+                .ends_with("shard 2 of 16, stable")
+        );
+        let hosts = DeployView {
+            model: "hosts".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            guild_line(&hosts, 1).unwrap_err(),
+            "--guild 1: this rollout does not use the shards model (its model is hosts)"
+        );
+        assert!(!render_status(&sample(), T0).contains("shards "));
     }
 
     #[test]
@@ -2210,6 +2343,7 @@ mod tests {
                 id: None,
                 watch: true,
                 json: true,
+                guilds: Vec::new(),
                 coordinator: coordinator.clone(),
             }),
         )
