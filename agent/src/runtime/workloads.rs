@@ -196,6 +196,7 @@ pub(crate) fn spec_from_proto(s: &pb::DeploySpec) -> Result<WorkloadSpec, String
         env: s.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
         health_path: Some(s.health_path.clone()).filter(|p| !p.is_empty()),
         health_timeout: Duration::from_millis(s.health_timeout_ms.max(1)),
+        shard_count: s.shard_count,
     })
 }
 
