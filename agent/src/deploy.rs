@@ -8,7 +8,8 @@
 //! touches a workload serin did not start.
 //!
 //! A workload's environment is serin's variables first (`SERIN_SERVICE`, `SERIN_INSTANCE`,
-//! `SERIN_VERSION`, `SERIN_VARIANT`, `CANARY`), then the spec's `env`.
+//! `SERIN_VERSION`, `SERIN_VARIANT`, `CANARY`, and for a sharded service `SHARD_COUNT` and an
+//! empty `SHARD_IDS`: serin grants the shards live), then the spec's `env`.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -46,6 +47,8 @@ pub struct WorkloadSpec {
     pub health_path: Option<String>,
     /// How long an instance may take to become healthy after a deploy.
     pub health_timeout: Duration,
+    /// The service's shard count (shards model); 0: not sharded.
+    pub shard_count: u32,
 }
 
 /// The driver and its settings.
@@ -103,7 +106,7 @@ pub struct Placement {
 
 impl Placement {
     /// The value of template placeholder `name` ([`serin_proto::templates`]).
-    fn value(&self, name: &str) -> String {
+    fn value(&self, spec: &WorkloadSpec, name: &str) -> String {
         let (host, port) = self
             .address
             .rsplit_once(':')
@@ -116,13 +119,19 @@ impl Placement {
             "address" => self.address.clone(),
             "host" => host.trim_matches(['[', ']']).to_owned(),
             "port" => port.to_owned(),
+            "shard_count" => spec.shard_count.to_string(),
             _ => String::new(),
         }
     }
 
-    /// Renders `template` for this placement; the error names the template.
-    fn render(&self, what: &str, template: &str) -> Result<String, DeployError> {
-        serin_proto::templates::render(template, |p| self.value(p)).map_err(|reason| {
+    /// Renders `template` for this placement under `spec`; the error names the template.
+    fn render(
+        &self,
+        spec: &WorkloadSpec,
+        what: &str,
+        template: &str,
+    ) -> Result<String, DeployError> {
+        serin_proto::templates::render(template, |p| self.value(spec, p)).map_err(|reason| {
             DeployError::Template {
                 what: what.to_owned(),
                 reason,
@@ -150,6 +159,10 @@ impl Placement {
                 .to_owned(),
             ),
         ];
+        if spec.shard_count > 0 {
+            env.push(("SHARD_COUNT".to_owned(), spec.shard_count.to_string()));
+            env.push(("SHARD_IDS".to_owned(), String::new()));
+        }
         env.extend(spec.env.iter().map(|(k, v)| (k.clone(), v.clone())));
         env
     }
@@ -508,28 +521,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn placeholders_take_the_placement_values() {
-        let p = placement();
-        assert_eq!(
-            p.render(
-                "start",
-                "run {service}/{instance} {version} {variant} on {host} port {port} ({address})"
-            )
-            .unwrap(),
-            "run api/api-1 v2 canary on 10.0.0.5 port 8080 (10.0.0.5:8080)"
-        );
-        let e = p.render("deploy.command.start", "run {nope}").unwrap_err();
-        assert!(
-            e.to_string()
-                .starts_with("deploy.command.start: unknown placeholder {nope}"),
-            "{e}"
-        );
-    }
-
-    #[test]
-    fn serin_variables_come_first_then_the_spec_env() {
-        let spec = WorkloadSpec {
+    fn spec(shard_count: u32) -> WorkloadSpec {
+        WorkloadSpec {
             driver: DriverSpec::Command(CommandSpec {
                 start: "true".into(),
                 stop: "true".into(),
@@ -540,11 +533,51 @@ mod tests {
             env: BTreeMap::from([("LOG".to_owned(), "debug".to_owned())]),
             health_path: None,
             health_timeout: Duration::from_secs(1),
-        };
-        let env = placement().env(&spec);
-        let names: Vec<_> = env.iter().map(|(k, _)| k.as_str()).collect();
+            shard_count,
+        }
+    }
+
+    #[test]
+    fn placeholders_take_the_placement_values() {
+        let p = placement();
         assert_eq!(
-            names,
+            p.render(
+                &spec(0),
+                "start",
+                "run {service}/{instance} {version} {variant} on {host} port {port} ({address})"
+            )
+            .unwrap(),
+            "run api/api-1 v2 canary on 10.0.0.5 port 8080 (10.0.0.5:8080)"
+        );
+        assert_eq!(
+            p.render(&spec(12), "start", "bot --shard-count {shard_count}")
+                .unwrap(),
+            "bot --shard-count 12"
+        );
+        assert_eq!(
+            p.render(&spec(0), "start", "bot --shard-count {shard_count}")
+                .unwrap(),
+            "bot --shard-count 0"
+        );
+        let e = p
+            .render(&spec(0), "deploy.command.start", "run {nope}")
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("deploy.command.start: unknown placeholder {nope}"),
+            "{e}"
+        );
+    }
+
+    fn names(env: &[(String, String)]) -> Vec<&str> {
+        env.iter().map(|(k, _)| k.as_str()).collect()
+    }
+
+    #[test]
+    fn serin_variables_come_first_then_the_spec_env() {
+        let env = placement().env(&spec(0));
+        assert_eq!(
+            names(&env),
             [
                 "SERIN_SERVICE",
                 "SERIN_INSTANCE",
@@ -555,6 +588,26 @@ mod tests {
             ]
         );
         assert!(env.contains(&("CANARY".into(), "1".into())));
+    }
+
+    #[test]
+    fn a_sharded_service_gets_its_shard_count_and_an_empty_initial_shard_set() {
+        let env = placement().env(&spec(8));
+        assert_eq!(
+            names(&env),
+            [
+                "SERIN_SERVICE",
+                "SERIN_INSTANCE",
+                "SERIN_VERSION",
+                "SERIN_VARIANT",
+                "CANARY",
+                "SHARD_COUNT",
+                "SHARD_IDS",
+                "LOG"
+            ]
+        );
+        assert!(env.contains(&("SHARD_COUNT".into(), "8".into())));
+        assert!(env.contains(&("SHARD_IDS".into(), String::new())));
     }
 
     #[test]

@@ -5,9 +5,17 @@
 //! `{name}` is a placeholder; `{{` and `}}` are literal braces; `${…}` is left alone, so shell
 //! variables (`${HOME}`) pass through to `sh -c` untouched.
 
-/// The placeholders a template may use.
-pub const PLACEHOLDERS: [&str; 7] = [
-    "version", "service", "instance", "variant", "address", "host", "port",
+/// The placeholders a template may use (`shard_count`: the service's shard count, 0 when it
+/// is not sharded).
+pub const PLACEHOLDERS: [&str; 8] = [
+    "version",
+    "service",
+    "instance",
+    "variant",
+    "address",
+    "host",
+    "port",
+    "shard_count",
 ];
 
 /// One piece of a template.
@@ -97,6 +105,10 @@ mod tests {
         assert_eq!(fill("{host}:{port}").unwrap(), "<host>:<port>");
         assert_eq!(fill("echo ${HOME} {{x}}").unwrap(), "echo ${HOME} {x}");
         assert_eq!(fill("awk '{{print $1}}'").unwrap(), "awk '{print $1}'");
+        assert_eq!(
+            fill("serin demo-bot --shard-count {shard_count}").unwrap(),
+            "serin demo-bot --shard-count <shard_count>"
+        );
         assert_eq!(fill("").unwrap(), "");
         assert_eq!(fill("no placeholders").unwrap(), "no placeholders");
     }
@@ -111,5 +123,7 @@ mod tests {
         let e = check("run {version").unwrap_err();
         assert!(e.contains("unclosed placeholder at byte 4"), "{e}");
         assert!(check("awk '{print $1}'").is_err());
+        let e = check("--shards {shard_cnt}").unwrap_err();
+        assert!(e.contains("{shard_count}"), "{e}");
     }
 }

@@ -242,12 +242,12 @@ impl WorkloadDriver for CommandDriver {
         spec: &WorkloadSpec,
     ) -> Result<Vec<ActionRecord>, DeployError> {
         let c = spec_of(spec);
-        let start = placement.render("deploy.command.start", &c.start)?;
-        let stop = placement.render("deploy.command.stop", &c.stop)?;
+        let start = placement.render(spec, "deploy.command.start", &c.start)?;
+        let stop = placement.render(spec, "deploy.command.stop", &c.stop)?;
         let deploy = c
             .deploy
             .as_deref()
-            .map(|d| placement.render("deploy.command.deploy", d))
+            .map(|d| placement.render(spec, "deploy.command.deploy", d))
             .transpose()?;
         let env = placement.env(spec);
         let env_text: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v}")).collect();
@@ -274,7 +274,7 @@ impl WorkloadDriver for CommandDriver {
         }
         if let Some(previous) = &previous {
             let old = placement_of(&placement.service, &placement.instance, previous);
-            let old_stop = old.render("deploy.command.stop", &c.stop)?;
+            let old_stop = old.render(spec, "deploy.command.stop", &c.stop)?;
             actions.push(run("stop", &old_stop, &old.env(spec), c.timeout).await?);
             self.save(&placement.service, &placement.instance, None)?;
         }
@@ -300,7 +300,7 @@ impl WorkloadDriver for CommandDriver {
         let Some(health) = &c.health else {
             return Health::Healthy;
         };
-        let command = match placement.render("deploy.command.health", health) {
+        let command = match placement.render(spec, "deploy.command.health", health) {
             Ok(c) => c,
             Err(e) => return Health::Unhealthy(e.to_string()),
         };
@@ -328,7 +328,7 @@ impl WorkloadDriver for CommandDriver {
         };
         let c = spec_of(spec);
         let old = placement_of(service, instance, &previous);
-        let stop = old.render("deploy.command.stop", &c.stop)?;
+        let stop = old.render(spec, "deploy.command.stop", &c.stop)?;
         let record = run("stop", &stop, &old.env(spec), c.timeout).await?;
         self.save(service, instance, None)?;
         Ok(vec![record])
@@ -370,6 +370,7 @@ mod tests {
             env: BTreeMap::from([("GREETING".to_owned(), "hi".to_owned())]),
             health_path: None,
             health_timeout: Duration::from_millis(600),
+            shard_count: 0,
         }
     }
 

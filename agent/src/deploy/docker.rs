@@ -196,12 +196,12 @@ impl WorkloadDriver for DockerDriver {
     ) -> Result<Vec<ActionRecord>, DeployError> {
         let d = spec_of(spec);
         let name = container_name(&placement.service, &placement.instance);
-        let image = placement.render("deploy.docker.image", &d.image)?;
+        let image = placement.render(spec, "deploy.docker.image", &d.image)?;
         let args = d
             .args
             .iter()
             .enumerate()
-            .map(|(i, a)| placement.render(&format!("deploy.docker.args[{i}]"), a))
+            .map(|(i, a)| placement.render(spec, &format!("deploy.docker.args[{i}]"), a))
             .collect::<Result<Vec<_>, _>>()?;
         let env: Vec<String> = placement
             .env(spec)

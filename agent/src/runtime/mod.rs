@@ -32,6 +32,8 @@
 //!   once), pure.
 //! - `report`: config and samples as proto messages (`Register`, a report's instance
 //!   windows and host metrics).
+//! - [`shards`]: the shards model's shard set of each managed instance: the due shards pushed
+//!   to the process, what it holds read back ([`shards::GrantClock`]: which are due, pure).
 //! - `standalone`: [`StandaloneApplier`], the applier task on its own (benchmarks, tools).
 //! - `testing` (tests only): the scaffolding of the end-to-end tests: a fake coordinator,
 //!   in-test HTTP endpoints, starting and stopping an agent.
@@ -41,6 +43,7 @@ mod applier;
 mod collector;
 mod pacing;
 mod report;
+pub mod shards;
 mod standalone;
 #[cfg(test)]
 mod testing;

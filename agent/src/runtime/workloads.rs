@@ -12,12 +12,17 @@
 //! labels the instance's metrics with the variant it runs now (a hosts-model canary runs in
 //! an instance declared stable).
 //!
+//! An instance of a sharded service (`DeploySpec.shard_count > 0`) also has a shard task
+//! ([`super::shards`]): the reconciler tells it the granted shards and how far the process is,
+//! and it pushes the due shards to the process and publishes what it holds on the board. A
+//! change of the grants alone never redeploys nor interrupts the health watch.
+//!
 //! A service whose desired state has no deploy spec is never touched: serin deploys nothing
 //! there. A failure is published as `FAILED` with its reason (the coordinator rolls back on
 //! it during a rollout) and retried after [`RETRY_AFTER`], since a failing stable replacement
 //! after a promotion must not stay failed until the next decision.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -27,6 +32,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::shards::{Phase, ShardTarget, sync_shards};
 use crate::config::InstanceConfig;
 use crate::deploy::{
     CommandSpec, DeployError, DockerSpec, DriverSpec, Drivers, Health, Placement, WorkloadDriver,
@@ -48,11 +54,20 @@ struct Target {
     /// `None`: run nothing.
     version: Option<String>,
     variant: Variant,
+    /// Shards model: the shards granted to the instance, with their start delays.
+    grants: BTreeMap<u32, Duration>,
+}
+
+impl Target {
+    /// Whether `other` deploys the same thing (it may grant other shards).
+    fn same_deployment(&self, other: &Self) -> bool {
+        self.wire == other.wire && self.version == other.version && self.variant == other.variant
+    }
 }
 
 impl PartialEq for Target {
     fn eq(&self, other: &Self) -> bool {
-        self.wire == other.wire && self.version == other.version && self.variant == other.variant
+        self.same_deployment(other) && self.grants == other.grants
     }
 }
 
@@ -71,6 +86,8 @@ struct BoardEntry {
     detail: String,
     target_version: String,
     since: Instant,
+    /// Shards model: the shards the instance holds, by its last answer.
+    shards: Vec<u32>,
 }
 
 impl WorkloadBoard {
@@ -100,7 +117,7 @@ impl WorkloadBoard {
                 detail: e.detail.clone(),
                 target_version: e.target_version.clone(),
                 for_ms: u64::try_from(now.duration_since(e.since).as_millis()).unwrap_or(u64::MAX),
-                shards: Vec::new(),
+                shards: e.shards.clone(),
             })
             .collect();
         statuses.sort_by(|a, b| a.instance.cmp(&b.instance));
@@ -121,17 +138,30 @@ impl WorkloadBoard {
                 detail: String::new(),
                 target_version: String::new(),
                 since: now,
+                shards: Vec::new(),
             });
         if entry.state != update.state || entry.target_version != update.target_version {
             entry.since = now;
         }
         if let Some((version, variant)) = update.running {
+            if version.is_empty() {
+                entry.shards.clear();
+            }
             entry.version = version;
             entry.variant = variant;
         }
         entry.state = update.state;
         entry.detail = update.detail;
         entry.target_version = update.target_version;
+    }
+
+    /// Records the shards the instance holds (an instance with no entry yet has no report).
+    fn set_shards(&self, instance: &str, held: &[u32]) {
+        if let Some(entry) = self.lock().get_mut(instance)
+            && entry.shards != held
+        {
+            entry.shards = held.to_vec();
+        }
     }
 }
 
@@ -196,6 +226,7 @@ pub(crate) fn spec_from_proto(s: &pb::DeploySpec) -> Result<WorkloadSpec, String
         env: s.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
         health_path: Some(s.health_path.clone()).filter(|p| !p.is_empty()),
         health_timeout: Duration::from_millis(s.health_timeout_ms.max(1)),
+        shard_count: s.shard_count,
     })
 }
 
@@ -231,6 +262,11 @@ fn targets(
                     spec: spec.clone(),
                     version: Some(workload.version.clone()).filter(|v| !v.is_empty()),
                     variant,
+                    grants: workload
+                        .shards
+                        .iter()
+                        .map(|g| (g.shard, Duration::from_millis(g.start_after_ms)))
+                        .collect(),
                 }),
             );
         }
@@ -254,13 +290,25 @@ impl Workloads {
         for instance in &self.instances {
             let (tx, rx) = watch::channel(None);
             senders.insert(instance.name.clone(), tx);
+            let (shards_tx, shards_rx) = watch::channel(ShardTarget::default());
             set.spawn(run_instance(
                 instance.clone(),
                 Arc::clone(&self.drivers),
                 self.board.clone(),
                 rx,
+                shards_tx,
                 shutdown.clone(),
             ));
+            let (board, name, address) = (
+                self.board.clone(),
+                instance.name.clone(),
+                instance.address.clone(),
+            );
+            let shutdown = shutdown.clone();
+            set.spawn(async move {
+                let publish = |held: &[u32]| board.set_shards(&name, held);
+                sync_shards(&address, shards_rx, publish, shutdown).await;
+            });
         }
         loop {
             let desired = self.desired.borrow_and_update().clone();
@@ -292,6 +340,7 @@ async fn run_instance(
     drivers: Arc<Drivers>,
     board: WorkloadBoard,
     mut targets: watch::Receiver<Option<Target>>,
+    shards: watch::Sender<ShardTarget>,
     shutdown: CancellationToken,
 ) {
     loop {
@@ -299,10 +348,12 @@ async fn run_instance(
         let next = match target {
             None => Next::Idle,
             Some(target) => {
+                grant_shards(&shards, &target);
                 reconcile(
                     &instance,
                     &drivers,
                     &board,
+                    &shards,
                     &target,
                     &mut targets,
                     &shutdown,
@@ -346,6 +397,7 @@ async fn reconcile(
     instance: &InstanceConfig,
     drivers: &Drivers,
     board: &WorkloadBoard,
+    shards: &watch::Sender<ShardTarget>,
     target: &Target,
     targets: &mut watch::Receiver<Option<Target>>,
     shutdown: &CancellationToken,
@@ -366,6 +418,7 @@ async fn reconcile(
         {
             Ok(actions) => {
                 log_actions(instance, &actions);
+                shards.send_if_modified(|s| set_phase(s, Phase::Stopped));
                 board.set(
                     instance,
                     Update::new(Absent, target, "").running(String::new(), instance.variant),
@@ -389,6 +442,7 @@ async fn reconcile(
         instance,
         Update::new(Starting, target, format!("deploying {version}")),
     );
+    shards.send_if_modified(|s| set_phase(s, Phase::Starting));
     match drivers.deploy(&placement, spec).await {
         Ok(actions) => log_actions(instance, &actions),
         Err(e) => {
@@ -422,14 +476,24 @@ async fn reconcile(
         }
     }
     board.set(instance, Update::new(Healthy, target, ""));
+    shards.send_if_modified(|s| set_phase(s, Phase::Healthy));
     tracing::info!(instance = %instance.name, %version, variant = ?target.variant, "workload healthy");
-    // Watch it until the target changes: a workload that stops being healthy is reported.
+    // Watch it until the target changes: a workload that stops being healthy is reported. New
+    // grants alone go to the shard task.
+    let mut next_health = Instant::now() + HEALTH_EVERY;
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return Next::Idle,
-            _ = targets.changed() => return Next::Changed,
-            () = tokio::time::sleep(HEALTH_EVERY) => {}
+            _ = targets.changed() => {
+                match &*targets.borrow_and_update() {
+                    Some(newer) if newer.same_deployment(target) => grant_shards(shards, newer),
+                    _ => return Next::Changed,
+                }
+                continue;
+            }
+            () = tokio::time::sleep_until(next_health) => {}
         }
+        next_health = Instant::now() + HEALTH_EVERY;
         let state = match drivers.health(&placement, spec).await {
             Health::Healthy => Update::new(Healthy, target, ""),
             Health::Starting(detail) => Update::new(Starting, target, detail),
@@ -437,6 +501,28 @@ async fn reconcile(
         };
         board.set(instance, state);
     }
+}
+
+/// Tells the shard task `target`'s version and grants (keeping the phase).
+fn grant_shards(shards: &watch::Sender<ShardTarget>, target: &Target) {
+    let shard_count = target.spec.as_ref().map_or(0, |spec| spec.shard_count);
+    let version = target.version.clone().unwrap_or_default();
+    shards.send_if_modified(|s| {
+        let changed =
+            s.shard_count != shard_count || s.version != version || s.grants != target.grants;
+        if changed {
+            s.shard_count = shard_count;
+            s.version = version;
+            s.grants.clone_from(&target.grants);
+        }
+        changed
+    });
+}
+
+fn set_phase(shards: &mut ShardTarget, phase: Phase) -> bool {
+    let changed = shards.phase != phase;
+    shards.phase = phase;
+    changed
 }
 
 fn report_failure(
