@@ -77,7 +77,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         }
     };
     say(
-        "serin demo — runs the fleet shape: one agent process per host (a balancer and six app hosts)",
+        "serin demo — runs the fleet shape: one agent process per host (a balancer, six app hosts, three worker hosts, three bot hosts and their gateway)",
     );
     say(&format!("files in {}", dir.display()));
 

@@ -184,7 +184,11 @@ async fn drive(
     say(&format!(
         "fleet ready in {:.1} s: {} agents connected; lb routes each service to its stable hosts",
         ready.elapsed().as_secs_f64(),
-        fleet.hosts.len()
+        fleet
+            .hosts
+            .iter()
+            .filter(|h| h.plan.role != Role::Gateway)
+            .count()
     ));
 
     let mut loads = Vec::new();
@@ -783,7 +787,8 @@ async fn fleet_not_ready(
         .into_inner()
         .agents;
     for host in &fleet.hosts {
-        if host.plan.role == Role::Balancer && !with_balancer {
+        // The gateway host runs no agent.
+        if (host.plan.role == Role::Balancer && !with_balancer) || host.plan.role == Role::Gateway {
             continue;
         }
         let name = host.plan.name;
