@@ -503,12 +503,16 @@ async fn reconcile(
     }
 }
 
-/// Tells the shard task `target`'s version and grants. A healthy instance becomes starting
-/// when the version changes: what runs is not the new target yet, so nothing is pushed to it.
+/// Tells the shard task `target`'s version and grants (an unreadable spec changes nothing
+/// that runs, so it keeps the shard count). A healthy instance becomes starting when the
+/// version changes: what runs is not the new target yet, so nothing is pushed to it.
 fn grant_shards(shards: &watch::Sender<ShardTarget>, target: &Target) {
-    let shard_count = target.spec.as_ref().map_or(0, |spec| spec.shard_count);
     let version = target.version.clone().unwrap_or_default();
     shards.send_if_modified(|s| {
+        let shard_count = target
+            .spec
+            .as_ref()
+            .map_or(s.shard_count, |spec| spec.shard_count);
         let changed =
             s.shard_count != shard_count || s.version != version || s.grants != target.grants;
         if s.version != version && s.phase == Phase::Healthy {
