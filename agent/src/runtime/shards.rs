@@ -319,6 +319,11 @@ pub async fn sync_shards(
 
 #[cfg(test)]
 mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
     use super::*;
 
     const MS: Duration = Duration::from_millis(1);
@@ -454,5 +459,172 @@ mod tests {
             ),
             due(&[3], Some(t0 + 10_000 * MS))
         );
+    }
+
+    /// The `PUT`s a [`FakeBot`] got: when, and the shards.
+    type Puts = Mutex<Vec<(Instant, Vec<u32>)>>;
+
+    /// A bot that answers its first `PUT` with `503`, a `PUT` of shard 3 with `400`, other
+    /// `PUT`s with `200` (holding that set at once), and `GET` with the set held. Records each
+    /// `PUT`'s shards and when it came.
+    struct FakeBot {
+        address: String,
+        puts: Arc<Puts>,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    impl Drop for FakeBot {
+        fn drop(&mut self) {
+            self.task.abort();
+        }
+    }
+
+    /// Reads one request from `socket` and answers it as [`FakeBot`] describes.
+    async fn answer(
+        socket: &mut tokio::net::TcpStream,
+        puts: &Puts,
+        held: &Mutex<Vec<u32>>,
+    ) -> Option<()> {
+        let mut request = Vec::new();
+        let mut chunk = [0u8; 1024];
+        let (head, body) = loop {
+            let n = socket.read(&mut chunk).await.ok().filter(|&n| n > 0)?;
+            request.extend_from_slice(&chunk[..n]);
+            let text = String::from_utf8_lossy(&request).into_owned();
+            if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                let length = head
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length:")
+                            .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                    })
+                    .unwrap_or(0);
+                if body.len() >= length {
+                    break (head.to_owned(), body.to_owned());
+                }
+            }
+        };
+        let (status, reply) = if head.starts_with("PUT") {
+            let shards: Vec<u32> = serde_json::from_str::<serde_json::Value>(&body).ok()?["shards"]
+                .as_array()?
+                .iter()
+                .filter_map(|s| s.as_u64().and_then(|s| u32::try_from(s).ok()))
+                .collect();
+            let first = {
+                let mut puts = puts.lock().unwrap();
+                puts.push((Instant::now(), shards.clone()));
+                puts.len() == 1
+            };
+            if first {
+                ("503 Service Unavailable", "{}".to_owned())
+            } else if shards.contains(&3) {
+                (
+                    "400 Bad Request",
+                    r#"{"error":"shard 3 is out of range"}"#.to_owned(),
+                )
+            } else {
+                *held.lock().unwrap() = shards.clone();
+                (
+                    "200 OK",
+                    serde_json::json!({"held": shards, "wanted": shards}).to_string(),
+                )
+            }
+        } else {
+            let held = held.lock().unwrap().clone();
+            (
+                "200 OK",
+                serde_json::json!({"held": held, "wanted": held}).to_string(),
+            )
+        };
+        let response = format!(
+            "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{reply}",
+            reply.len()
+        );
+        socket.write_all(response.as_bytes()).await.ok()?;
+        socket.shutdown().await.ok()
+    }
+
+    /// Starts a [`FakeBot`] on a free loopback port.
+    async fn fake_bot() -> FakeBot {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let puts = Arc::new(Mutex::new(Vec::new()));
+        let held = Arc::new(Mutex::new(Vec::new()));
+        let task = tokio::spawn({
+            let puts = Arc::clone(&puts);
+            async move {
+                while let Ok((mut socket, _)) = listener.accept().await {
+                    let (puts, held) = (Arc::clone(&puts), Arc::clone(&held));
+                    tokio::spawn(async move { answer(&mut socket, &puts, &held).await });
+                }
+            }
+        });
+        FakeBot {
+            address,
+            puts,
+            task,
+        }
+    }
+
+    fn healthy(grants: &[(u32, u64)]) -> ShardTarget {
+        ShardTarget {
+            shard_count: 4,
+            version: "v1".into(),
+            grants: self::grants(grants),
+            phase: Phase::Healthy,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_push_is_retried_after_a_second_and_a_refused_one_only_when_the_set_changes() {
+        let bot = fake_bot().await;
+        let held = Arc::new(Mutex::new(None::<Vec<u32>>));
+        let (tx, rx) = watch::channel(healthy(&[(0, 0)]));
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn({
+            let (address, held, shutdown) =
+                (bot.address.clone(), Arc::clone(&held), shutdown.clone());
+            async move {
+                let publish = |h: &[u32]| *held.lock().unwrap() = Some(h.to_vec());
+                sync_shards(&address, rx, publish, shutdown).await;
+            }
+        });
+        let puts = || bot.puts.lock().unwrap().clone();
+        let wait_held = async |want: &[u32]| {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while held.lock().unwrap().as_deref() != Some(want) {
+                assert!(
+                    Instant::now() < deadline,
+                    "never held {want:?}: {:?}",
+                    puts()
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+
+        // The 503 is retried after PUT_RETRY.
+        wait_held(&[0]).await;
+        let sent = puts();
+        assert_eq!(
+            sent.iter().map(|(_, s)| s.clone()).collect::<Vec<_>>(),
+            [vec![0], vec![0]]
+        );
+        assert!(sent[1].0 - sent[0].0 >= PUT_RETRY, "{sent:?}");
+
+        // A refused set is not pushed again while the grants stay.
+        tx.send_replace(healthy(&[(0, 0), (3, 0)]));
+        tokio::time::sleep(PUT_RETRY * 2).await;
+        let sets: Vec<_> = puts().into_iter().map(|(_, s)| s).collect();
+        assert_eq!(sets, [vec![0], vec![0], vec![0, 3]]);
+        assert_eq!(held.lock().unwrap().as_deref(), Some(&[0][..]));
+
+        // New grants: pushed.
+        tx.send_replace(healthy(&[(0, 0), (1, 0)]));
+        wait_held(&[0, 1]).await;
+        assert_eq!(puts().len(), 4);
+
+        shutdown.cancel();
+        task.await.unwrap();
     }
 }

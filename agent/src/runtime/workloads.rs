@@ -503,13 +503,21 @@ async fn reconcile(
     }
 }
 
-/// Tells the shard task `target`'s version and grants (keeping the phase).
+/// Tells the shard task `target`'s version and grants (an unreadable spec changes nothing
+/// that runs, so it keeps the shard count). A healthy instance becomes starting when the
+/// version changes: what runs is not the new target yet, so nothing is pushed to it.
 fn grant_shards(shards: &watch::Sender<ShardTarget>, target: &Target) {
-    let shard_count = target.spec.as_ref().map_or(0, |spec| spec.shard_count);
     let version = target.version.clone().unwrap_or_default();
     shards.send_if_modified(|s| {
+        let shard_count = target
+            .spec
+            .as_ref()
+            .map_or(s.shard_count, |spec| spec.shard_count);
         let changed =
             s.shard_count != shard_count || s.version != version || s.grants != target.grants;
+        if s.version != version && s.phase == Phase::Healthy {
+            s.phase = Phase::Starting;
+        }
         if changed {
             s.shard_count = shard_count;
             s.version = version;
@@ -550,5 +558,104 @@ fn log_actions(instance: &InstanceConfig, actions: &[crate::deploy::ActionRecord
             took = ?a.duration,
             "workload action"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::testing::http_server;
+    use crate::test_support::instance;
+
+    /// `bot`'s desired state: instance `bot-1` at v1 with `shards` granted (no delay), started
+    /// by a command appending its shard environment to `starts`.
+    fn desired(starts: &std::path::Path, shards: &[u32]) -> pb::DesiredState {
+        let start = format!("echo \"$SHARD_COUNT/$SHARD_IDS.\" >> {}", starts.display());
+        pb::DesiredState {
+            services: vec![pb::ServiceTraffic {
+                service: "bot".into(),
+                deploy: Some(pb::DeploySpec {
+                    driver: Some(pb::deploy_spec::Driver::Command(pb::CommandDeploy {
+                        start,
+                        stop: "true".into(),
+                        timeout_ms: 5_000,
+                        ..Default::default()
+                    })),
+                    health_timeout_ms: 5_000,
+                    shard_count: 4,
+                    ..Default::default()
+                }),
+                workloads: vec![pb::Workload {
+                    instance: "bot-1".into(),
+                    version: "v1".into(),
+                    variant: pb::Variant::Stable as i32,
+                    shards: shards
+                        .iter()
+                        .map(|&shard| pb::ShardGrant {
+                            shard,
+                            start_after_ms: 0,
+                        })
+                        .collect(),
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn new_grants_alone_neither_redeploy_nor_restart_the_healthy_clock_and_held_is_reported()
+    {
+        let dir = tempfile::tempdir().unwrap();
+        let starts = dir.path().join("starts");
+        // Every call, GET or PUT, answers that shard 2 is held.
+        let bot = http_server(|_| r#"{"held":[2],"wanted":[2]}"#.to_owned()).await;
+        let mut bot_1 = instance("bot-1", "bot", Variant::Stable, bot.addr.port());
+        bot_1.managed = true;
+        let board = WorkloadBoard::default();
+        let (desired_tx, desired_rx) = watch::channel(Some(desired(&starts, &[2])));
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(
+            Workloads {
+                instances: vec![bot_1],
+                drivers: Arc::new(Drivers::new(dir.path().join("state"))),
+                board: board.clone(),
+                desired: desired_rx,
+            }
+            .run(shutdown.clone()),
+        );
+        let status = || board.report(Instant::now()).pop();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !status()
+            .is_some_and(|s| s.state == pb::WorkloadState::Healthy as i32 && s.shards == [2])
+        {
+            assert!(
+                Instant::now() < deadline,
+                "not healthy holding [2]: {:?}",
+                status()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let healthy_for = status().unwrap().for_ms;
+
+        desired_tx.send_replace(Some(desired(&starts, &[2, 3])));
+        let wait = HEALTH_EVERY + Duration::from_millis(500);
+        tokio::time::sleep(wait).await;
+        let s = status().unwrap();
+        assert_eq!(s.state, pb::WorkloadState::Healthy as i32, "{s:?}");
+        assert!(
+            s.for_ms >= healthy_for + wait.as_millis() as u64,
+            "healthy since {healthy_for} ms before the new grants, never left: {s:?}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(&starts).unwrap(),
+            "4/.\n",
+            "one start, with SHARD_COUNT and an empty SHARD_IDS"
+        );
+
+        shutdown.cancel();
+        task.await.unwrap();
     }
 }
