@@ -260,8 +260,9 @@ timeout = "10s"
         let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
         let mut canary_seen = BTreeSet::new();
         loop {
-            let status = self.status(id).await;
+            // Books first: a rollout live after them was live when they were read.
             let books = self.books().await;
+            let status = self.status(id).await;
             let live = status.as_ref().is_some_and(|s| s["terminal"] == false);
             let canary = held_by(&books, |bot| self.is_canary_bot(bot));
             if live {
