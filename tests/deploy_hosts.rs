@@ -275,6 +275,25 @@ async fn a_worker_without_http_traffic_is_rolled_out_host_by_host_and_the_same_h
         workers.diagnostics()
     );
     workers.wait_split("v2", HOSTS, "-").await;
+    // The command driver's actions are in the rollout's events, with their exit codes.
+    let actions = deploy_actions(&status);
+    assert!(
+        actions
+            .iter()
+            .any(|r| r.starts_with("start v2 on worker-") && r.contains(" ok (exit 0")),
+        "{actions:#?}"
+    );
+}
+
+/// The reasons of a status's `deploy_action` events.
+fn deploy_actions(status: &Value) -> Vec<String> {
+    status["events"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["kind"] == "deploy_action")
+        .filter_map(|e| e["reason"].as_str().map(str::to_owned))
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -295,4 +314,19 @@ async fn a_worker_version_failing_its_jobs_is_rolled_back_on_its_own_failure_cou
     // The canary host runs v1 again; nobody ran v3 beyond that one host.
     workers.wait_split("v1", HOSTS, "-").await;
     assert!(workers.running("v3").await.is_empty(), "{canary:?}");
+    // The rollback's own actions (v3 stopped, v1 started again) reach the finished rollout's
+    // events too.
+    let restart = format!("start v1 on worker-{}", canary[0]);
+    workers
+        .wait(
+            Duration::from_secs(10),
+            &format!("a `{restart}` event"),
+            async || {
+                workers
+                    .status(&id)
+                    .await
+                    .is_some_and(|s| deploy_actions(&s).iter().any(|r| r.starts_with(&restart)))
+            },
+        )
+        .await;
 }

@@ -677,6 +677,17 @@ impl AgentRegistry {
         self.lock().deploy_progress(registry, service)
     }
 
+    /// The command recording the deploy driver actions the agents reported for `service`'s
+    /// latest rollout and its events lack, if any.
+    pub fn unrecorded_actions(
+        &self,
+        registry: &Registry,
+        service: &str,
+        now: Millis,
+    ) -> Option<crate::rollout::Command> {
+        self.lock().unrecorded_actions(registry, service, now)
+    }
+
     /// The next step of `service`'s shard handover (docs/deploy.md), from the agents' latest
     /// reports.
     pub fn shard_handover(

@@ -165,6 +165,7 @@ pub async fn run_with_hooks<R: HookRunner>(
         shared.metrics().prune(now);
         settle_deployments(&shared, &view.registry, now).await;
         grant_shards(&shared, &view.registry, now).await;
+        record_deploy_actions(&shared, &view.registry, now).await;
         let active: Vec<Rollout> = view.registry.active().cloned().collect();
         memories.retain(|id, _| active.iter().any(|r| &r.id == id));
         shared
@@ -312,6 +313,19 @@ async fn grant_shards(shared: &Shared, registry: &crate::rollout::Registry, now:
                 tracing::debug!(%service, %rejection, "shard grant superseded")
             }
             Err(e) => tracing::warn!(%service, error = %e, "proposal failed"),
+        }
+    }
+}
+
+/// Records in each deploying service's latest rollout the driver actions its agents reported
+/// and its events lack ([`Command::DeployActions`]).
+async fn record_deploy_actions(shared: &Shared, registry: &crate::rollout::Registry, now: Millis) {
+    for service in registry.services.keys() {
+        let Some(command) = shared.agents.unrecorded_actions(registry, service, now) else {
+            continue;
+        };
+        if let Err(e) = shared.raft.propose(command).await {
+            tracing::warn!(%service, error = %e, "recording deploy actions failed");
         }
     }
 }

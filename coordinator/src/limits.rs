@@ -122,9 +122,55 @@ pub fn cut(text: &str, limit: usize) -> String {
 /// dropped.
 pub const MAX_WORKLOADS_PER_REPORT: usize = 256;
 
+/// Driver actions kept of one workload status (the newest).
+pub const MAX_ACTIONS_PER_WORKLOAD: usize = 16;
+/// Longest action detail and output kept.
+pub const MAX_ACTION_TEXT: usize = 2048;
+
+/// Keeps the newest [`MAX_ACTIONS_PER_WORKLOAD`] actions, each text at most
+/// [`MAX_ACTION_TEXT`] bytes: a report's actions end up in the replicated log.
+pub fn bound_actions(actions: &mut Vec<serin_proto::v1::WorkloadAction>) {
+    if actions.len() > MAX_ACTIONS_PER_WORKLOAD {
+        actions.drain(..actions.len() - MAX_ACTIONS_PER_WORKLOAD);
+    }
+    for a in actions {
+        for text in [
+            &mut a.detail,
+            &mut a.output,
+            &mut a.action,
+            &mut a.version,
+            &mut a.rollout_id,
+        ] {
+            if text.len() > MAX_ACTION_TEXT {
+                let mut end = MAX_ACTION_TEXT;
+                while !text.is_char_boundary(end) {
+                    end -= 1;
+                }
+                text.truncate(end);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reports_actions_keep_the_newest_with_their_texts_cut_on_characters() {
+        let mut actions: Vec<serin_proto::v1::WorkloadAction> = (0..20u64)
+            .map(|seq| serin_proto::v1::WorkloadAction {
+                seq,
+                output: "é".repeat(MAX_ACTION_TEXT),
+                ..Default::default()
+            })
+            .collect();
+        bound_actions(&mut actions);
+        assert_eq!(actions.len(), MAX_ACTIONS_PER_WORKLOAD);
+        assert_eq!(actions[0].seq, 4, "the oldest go");
+        assert!(actions.iter().all(|a| a.output.len() <= MAX_ACTION_TEXT));
+        assert!(actions[0].output.chars().all(|c| c == 'é'));
+    }
 
     #[test]
     fn a_value_over_its_limit_is_refused_naming_field_limit_and_length() {

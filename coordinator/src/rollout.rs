@@ -130,6 +130,8 @@ pub enum Actor {
     Controller,
     /// A hook of the strategy, by name: a failed `pre_*` hook ([`crate::hooks`]).
     Hook(String),
+    /// An agent, by name: a deploy driver's action on its host.
+    Agent(String),
 }
 
 impl fmt::Display for Actor {
@@ -138,6 +140,7 @@ impl fmt::Display for Actor {
             Actor::Operator(name) => write!(f, "operator:{name}"),
             Actor::Controller => f.write_str("controller"),
             Actor::Hook(name) => write!(f, "hook:{name}"),
+            Actor::Agent(name) => write!(f, "agent:{name}"),
         }
     }
 }
@@ -169,6 +172,9 @@ pub enum EventKind {
     Deployed,
     /// With the shards model: released shards were granted to their new side.
     ShardsGranted,
+    /// A deploy driver's action on an agent's host (a command with its exit code and output, a
+    /// container created or removed), or its failure.
+    DeployAction,
 }
 
 /// One entry of a rollout's history.
@@ -251,6 +257,85 @@ pub struct Rollout {
     /// canary instances ([`Command::ShardsGranted`], [`crate::deploy`]).
     #[serde(default)]
     pub shards: ShardGrants,
+    /// The deploy driver actions recorded in the events ([`Command::DeployActions`]).
+    #[serde(default)]
+    pub deploy_actions: DeployActionLog,
+}
+
+/// Which driver actions a rollout's events already hold.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeployActionLog {
+    /// "agent/instance" → the highest action sequence number recorded.
+    pub seen: BTreeMap<String, u64>,
+    /// Successful actions recorded as events (at most [`MAX_ACTION_EVENTS`]; failures always
+    /// are).
+    pub recorded: u32,
+    /// Successful actions not recorded past that bound.
+    pub unrecorded: u64,
+}
+
+/// Successful driver actions a rollout's events hold at most; a large fleet's every start and
+/// stop would otherwise push the stage events out of the bounded history.
+pub const MAX_ACTION_EVENTS: u32 = 100;
+
+/// One deploy driver action an agent reported, to record in a rollout's events.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeployAction {
+    /// The agent that took it.
+    pub agent: String,
+    /// The managed instance it was for.
+    pub instance: String,
+    /// The agent's sequence number of it.
+    pub seq: u64,
+    /// `deploy`, `start`, `stop`, `health`, `create`, `remove`.
+    pub action: String,
+    /// The command line or the container name.
+    pub detail: String,
+    /// A command's exit code.
+    pub exit_code: Option<i32>,
+    /// The tail of its output, or the error.
+    pub output: String,
+    /// How long it took.
+    pub duration_ms: u64,
+    /// Whether it succeeded.
+    pub ok: bool,
+    /// The version it was for.
+    pub version: String,
+}
+
+impl DeployAction {
+    /// One line for the event: `start v2 on bot-1 ok (exit 0, 14 ms): setsid … | output tail`.
+    pub fn describe(&self) -> String {
+        let mut text = format!(
+            "{} {} on {} {}",
+            self.action,
+            if self.version.is_empty() {
+                "-"
+            } else {
+                &self.version
+            },
+            self.instance,
+            if self.ok { "ok" } else { "FAILED" }
+        );
+        let mut facts = Vec::new();
+        if let Some(code) = self.exit_code {
+            facts.push(format!("exit {code}"));
+        }
+        if self.duration_ms > 0 {
+            facts.push(format!("{} ms", self.duration_ms));
+        }
+        if !facts.is_empty() {
+            text.push_str(&format!(" ({})", facts.join(", ")));
+        }
+        if !self.detail.is_empty() && self.detail != self.instance {
+            text.push_str(&format!(": {}", self.detail));
+        }
+        let output = self.output.trim();
+        if !output.is_empty() {
+            text.push_str(&format!(" | {output}"));
+        }
+        text
+    }
 }
 
 /// The committed side of the shards model's handover (docs/deploy.md): the canary share whose
@@ -640,6 +725,16 @@ pub enum Command {
         /// When.
         at: Millis,
     },
+    /// Agents reported deploy driver actions for the rollout's instances: each is recorded
+    /// once (by agent, instance and sequence number), in any state.
+    DeployActions {
+        /// Rollout.
+        id: RolloutId,
+        /// The actions, oldest first.
+        actions: Vec<DeployAction>,
+        /// When the leader saw them.
+        at: Millis,
+    },
     /// The controller returns traffic to stable.
     RollBack {
         /// Rollout.
@@ -667,6 +762,7 @@ impl Command {
             | Command::HookRan { id, .. }
             | Command::DeploySettled { id, .. }
             | Command::ShardsGranted { id, .. }
+            | Command::DeployActions { id, .. }
             | Command::RollBack { id, .. } => Some(id),
             Command::SetUpstreams { .. } | Command::Undo { .. } => None,
         }
@@ -685,6 +781,7 @@ impl Command {
             Command::HookRan { .. } => "record a hook run of",
             Command::DeploySettled { .. } => "settle the deployment of",
             Command::ShardsGranted { .. } => "grant the shards of",
+            Command::DeployActions { .. } => "record deploy actions of",
             Command::RollBack { .. } => "roll back",
             Command::SetUpstreams { .. } => "set upstreams",
             Command::Undo { .. } => "undo",
@@ -853,6 +950,9 @@ impl Registry {
         if let Command::DeploySettled { id, reason, at } = command {
             return self.deploy_settled(id, reason, at, generation);
         }
+        if let Command::DeployActions { id, actions, at } = command {
+            return self.deploy_actions(id, actions, at);
+        }
         if let Command::ShardsGranted {
             id,
             weight,
@@ -907,6 +1007,7 @@ impl Registry {
             | Command::Undo { .. }
             | Command::DeploySettled { .. }
             | Command::ShardsGranted { .. }
+            | Command::DeployActions { .. }
             | Command::HookRan { .. } => {
                 unreachable!("handled above")
             }
@@ -1194,6 +1295,7 @@ impl Registry {
             hooks: hook_state,
             deploy_settled: false,
             shards: ShardGrants::default(),
+            deploy_actions: DeployActionLog::default(),
         };
         let mut reason = format!("rolling out {version} in {stages} stages");
         if !rollout.hooks.pre_rollout_pending.is_empty() {
@@ -1267,6 +1369,47 @@ impl Registry {
             id: Some(id),
             state: Some(RolloutState::Promoted),
             traffic_changed: true,
+        })
+    }
+
+    /// Applies [`Command::DeployActions`]: records each action not recorded yet as an event
+    /// (successful ones up to [`MAX_ACTION_EVENTS`], failures always). Changes no traffic.
+    fn deploy_actions(
+        &mut self,
+        id: RolloutId,
+        actions: Vec<DeployAction>,
+        at: Millis,
+    ) -> Result<Applied, Rejection> {
+        let rollout = self
+            .rollouts
+            .get_mut(&id)
+            .ok_or_else(|| Rejection::UnknownRollout(id.clone()))?;
+        for action in actions {
+            let key = format!("{}/{}", action.agent, action.instance);
+            let seen = rollout.deploy_actions.seen.entry(key).or_insert(0);
+            if action.seq <= *seen {
+                continue;
+            }
+            *seen = action.seq;
+            if action.ok {
+                if rollout.deploy_actions.recorded >= MAX_ACTION_EVENTS {
+                    rollout.deploy_actions.unrecorded += 1;
+                    continue;
+                }
+                rollout.deploy_actions.recorded += 1;
+            }
+            rollout.record(
+                at,
+                EventKind::DeployAction,
+                Actor::Agent(action.agent.clone()),
+                action.describe(),
+            );
+        }
+        let state = rollout.state;
+        Ok(Applied {
+            id: Some(id),
+            state: Some(state),
+            traffic_changed: false,
         })
     }
 

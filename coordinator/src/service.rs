@@ -938,6 +938,9 @@ fn handle_agent_message(shared: &Shared, name: &str, message: AgentMessage) {
             // One status per managed instance; a report is bounded like every agent message.
             let mut workloads = std::mem::take(&mut report.workloads);
             workloads.truncate(crate::limits::MAX_WORKLOADS_PER_REPORT);
+            for w in &mut workloads {
+                crate::limits::bound_actions(&mut w.actions);
+            }
             let scrapes: Vec<(String, bool)> = report
                 .instances
                 .iter()

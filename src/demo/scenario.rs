@@ -1022,10 +1022,12 @@ where
             .rollout
             .context("empty reply")?;
         for e in rollout.events.iter().skip(seen_events) {
+            // A driver action names its whole command line: its start is enough here.
+            let width = if e.kind == "deploy_action" { 150 } else { 400 };
             say(&format!(
                 "  ▸ {:<18} {}",
                 e.kind,
-                crate::cli::output::one_line(&e.reason, 400)
+                crate::cli::output::one_line(&e.reason, width)
             ));
         }
         seen_events = rollout.events.len();

@@ -22,7 +22,7 @@
 //! it during a rollout) and retried after [`RETRY_AFTER`], since a failing stable replacement
 //! after a promotion must not stay failed until the next decision.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -56,6 +56,9 @@ struct Target {
     variant: Variant,
     /// Shards model: the shards granted to the instance, with their start delays.
     grants: BTreeMap<u32, Duration>,
+    /// The rollout of the desired state this target came with (its driver actions are
+    /// recorded in that rollout's events).
+    rollout_id: String,
 }
 
 impl Target {
@@ -88,6 +91,52 @@ struct BoardEntry {
     since: Instant,
     /// Shards model: the shards the instance holds, by its last answer.
     shards: Vec<u32>,
+    /// The latest driver actions, oldest first, at most [`REPORTED_ACTIONS`].
+    actions: VecDeque<pb::WorkloadAction>,
+}
+
+/// Driver actions kept per instance for the reports (the coordinator records them once each).
+pub(crate) const REPORTED_ACTIONS: usize = 8;
+/// Longest action output reported (its tail).
+pub(crate) const REPORTED_ACTION_OUTPUT: usize = 512;
+/// Longest action detail reported (a command line, a container name).
+pub(crate) const REPORTED_ACTION_DETAIL: usize = 1024;
+
+/// The next action sequence number: strictly increasing in this process, and starting at the
+/// process's start time in microseconds, so a restarted agent's numbers are higher still.
+fn next_action_seq() -> u64 {
+    static NEXT: std::sync::LazyLock<std::sync::atomic::AtomicU64> =
+        std::sync::LazyLock::new(|| {
+            let micros = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
+            std::sync::atomic::AtomicU64::new(micros)
+        });
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
+/// The last `max` bytes of `text`, on a character boundary.
+fn tail(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let mut start = text.len() - max;
+    while !text.is_char_boundary(start) {
+        start += 1;
+    }
+    text[start..].to_owned()
+}
+
+/// The first `max` bytes of `text`, on a character boundary.
+fn head(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_owned()
 }
 
 impl WorkloadBoard {
@@ -118,6 +167,7 @@ impl WorkloadBoard {
                 target_version: e.target_version.clone(),
                 for_ms: u64::try_from(now.duration_since(e.since).as_millis()).unwrap_or(u64::MAX),
                 shards: e.shards.clone(),
+                actions: e.actions.iter().cloned().collect(),
             })
             .collect();
         statuses.sort_by(|a, b| a.instance.cmp(&b.instance));
@@ -139,6 +189,7 @@ impl WorkloadBoard {
                 target_version: String::new(),
                 since: now,
                 shards: Vec::new(),
+                actions: VecDeque::new(),
             });
         if entry.state != update.state || entry.target_version != update.target_version {
             entry.since = now;
@@ -153,6 +204,27 @@ impl WorkloadBoard {
         entry.state = update.state;
         entry.detail = update.detail;
         entry.target_version = update.target_version;
+    }
+
+    /// Records driver actions taken for `target` (the newest [`REPORTED_ACTIONS`] are kept).
+    fn record_actions(
+        &self,
+        instance: &InstanceConfig,
+        target: &Target,
+        actions: impl IntoIterator<Item = pb::WorkloadAction>,
+    ) {
+        let mut board = self.lock();
+        let Some(entry) = board.get_mut(&instance.name) else {
+            return;
+        };
+        for mut action in actions {
+            action.version = target.version.clone().unwrap_or_default();
+            action.rollout_id.clone_from(&target.rollout_id);
+            if entry.actions.len() == REPORTED_ACTIONS {
+                entry.actions.pop_front();
+            }
+            entry.actions.push_back(action);
+        }
     }
 
     /// Records the shards the instance holds (an instance with no entry yet has no report).
@@ -267,6 +339,7 @@ fn targets(
                         .iter()
                         .map(|g| (g.shard, Duration::from_millis(g.start_after_ms)))
                         .collect(),
+                    rollout_id: service.rollout_id.clone(),
                 }),
             );
         }
@@ -417,7 +490,7 @@ async fn reconcile(
             .await
         {
             Ok(actions) => {
-                log_actions(instance, &actions);
+                log_actions(board, instance, target, &actions);
                 shards.send_if_modified(|s| set_phase(s, Phase::Stopped));
                 board.set(
                     instance,
@@ -426,7 +499,7 @@ async fn reconcile(
                 Next::Idle
             }
             Err(e) => {
-                report_failure(board, instance, target, &e);
+                report_failure(board, instance, target, "remove", &e);
                 Next::Retry
             }
         };
@@ -444,9 +517,9 @@ async fn reconcile(
     );
     shards.send_if_modified(|s| set_phase(s, Phase::Starting));
     match drivers.deploy(&placement, spec).await {
-        Ok(actions) => log_actions(instance, &actions),
+        Ok(actions) => log_actions(board, instance, target, &actions),
         Err(e) => {
-            report_failure(board, instance, target, &e);
+            report_failure(board, instance, target, "deploy", &e);
             return Next::Retry;
         }
     }
@@ -471,7 +544,7 @@ async fn reconcile(
         // A newer target arrived: the caller takes it.
         Ok(false) => return Next::Changed,
         Err(e) => {
-            report_failure(board, instance, target, &e);
+            report_failure(board, instance, target, "health", &e);
             return Next::Retry;
         }
     }
@@ -533,21 +606,60 @@ fn set_phase(shards: &mut ShardTarget, phase: Phase) -> bool {
     changed
 }
 
+/// Publishes a failed `step` (`deploy`, `remove`, `health`) as FAILED and as an action.
 fn report_failure(
     board: &WorkloadBoard,
     instance: &InstanceConfig,
     target: &Target,
+    step: &'static str,
     e: &DeployError,
 ) {
     let detail = crate::error::error_chain(e);
     tracing::warn!(instance = %instance.name, error = %detail, "workload change failed");
     board.set(
         instance,
-        Update::new(pb::WorkloadState::Failed, target, detail),
+        Update::new(pb::WorkloadState::Failed, target, detail.clone()),
+    );
+    board.record_actions(
+        instance,
+        target,
+        [pb::WorkloadAction {
+            seq: next_action_seq(),
+            action: step.into(),
+            detail: instance.name.clone(),
+            exit_code: None,
+            output: tail(&detail, REPORTED_ACTION_OUTPUT),
+            duration_ms: 0,
+            ok: false,
+            version: String::new(),
+            rollout_id: String::new(),
+        }],
     );
 }
 
-fn log_actions(instance: &InstanceConfig, actions: &[crate::deploy::ActionRecord]) {
+/// The wire form of a driver's action record (output and detail cut for the report).
+fn action_to_wire(a: &crate::deploy::ActionRecord) -> pb::WorkloadAction {
+    pb::WorkloadAction {
+        seq: next_action_seq(),
+        action: a.action.into(),
+        detail: head(&a.detail, REPORTED_ACTION_DETAIL),
+        exit_code: a.exit_code,
+        output: tail(&a.output, REPORTED_ACTION_OUTPUT),
+        duration_ms: u64::try_from(a.duration.as_millis()).unwrap_or(u64::MAX),
+        ok: a.ok,
+        version: String::new(),
+        rollout_id: String::new(),
+    }
+}
+
+/// Logs the driver's actions and publishes them for the reports.
+fn log_actions(
+    board: &WorkloadBoard,
+    instance: &InstanceConfig,
+    target: &Target,
+    actions: &[crate::deploy::ActionRecord],
+) {
+    board.record_actions(instance, target, actions.iter().map(action_to_wire));
     for a in actions {
         tracing::info!(
             instance = %instance.name,
@@ -566,6 +678,54 @@ mod tests {
     use super::*;
     use crate::runtime::testing::http_server;
     use crate::test_support::instance;
+
+    #[test]
+    fn the_board_reports_the_newest_actions_with_increasing_numbers_and_their_rollout() {
+        let board = WorkloadBoard::default();
+        let bot = instance("bot-1", "bot", Variant::Stable, 1);
+        let target = Target {
+            wire: pb::DeploySpec::default(),
+            spec: Err("unused".into()),
+            version: Some("v2".into()),
+            variant: Variant::Stable,
+            grants: BTreeMap::new(),
+            rollout_id: "bot-1a2b3c".into(),
+        };
+        board.set(&bot, Update::new(pb::WorkloadState::Starting, &target, ""));
+        let record = |n: usize| crate::deploy::ActionRecord {
+            action: "start",
+            detail: format!("start {n}"),
+            exit_code: Some(0),
+            output: "x".repeat(REPORTED_ACTION_OUTPUT + n),
+            duration: Duration::from_millis(3),
+            ok: true,
+        };
+        let records: Vec<_> = (0..REPORTED_ACTIONS + 3).map(record).collect();
+        log_actions(&board, &bot, &target, &records);
+        let actions = &board.report(Instant::now())[0].actions;
+        assert_eq!(actions.len(), REPORTED_ACTIONS);
+        assert_eq!(actions[0].detail, "start 3", "the oldest go");
+        assert!(actions.windows(2).all(|w| w[0].seq < w[1].seq));
+        assert!(actions.iter().all(|a| a.rollout_id == "bot-1a2b3c"
+            && a.version == "v2"
+            && a.output.len() == REPORTED_ACTION_OUTPUT));
+        report_failure(
+            &board,
+            &bot,
+            &target,
+            "health",
+            &DeployError::ImageMissing {
+                image: "bot:v2".into(),
+            },
+        );
+        let last = board.report(Instant::now())[0]
+            .actions
+            .last()
+            .cloned()
+            .unwrap();
+        assert!(!last.ok && last.action == "health" && last.output.contains("bot:v2"));
+        assert!(last.seq > actions.last().unwrap().seq);
+    }
 
     /// `bot`'s desired state: instance `bot-1` at v1 with `shards` granted (no delay), started
     /// by a command appending its shard environment to `starts`.

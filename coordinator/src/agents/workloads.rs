@@ -60,6 +60,10 @@ pub struct DeployProgress {
     pub stable_ready: bool,
 }
 
+/// Most driver actions one [`crate::rollout::Command::DeployActions`] carries (the rest go in
+/// the next control tick's).
+pub const MAX_ACTIONS_PER_PROPOSAL: usize = 64;
+
 /// The wire form of a strategy's `[deploy]`.
 pub fn spec_to_wire(deploy: &Deploy) -> v1::DeploySpec {
     let millis = |d: std::time::Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
@@ -197,6 +201,57 @@ impl Inner {
             })
             .collect();
         shard_handover(registry, service, &instances, &reports, now)
+    }
+
+    /// The deploy driver actions the agents reported for `service`'s latest rollout that its
+    /// events do not hold yet (at most [`MAX_ACTIONS_PER_PROPOSAL`], oldest first per
+    /// instance), as the command recording them; `None` when there are none.
+    pub(super) fn unrecorded_actions(
+        &self,
+        registry: &Registry,
+        service: &str,
+        now: i64,
+    ) -> Option<crate::rollout::Command> {
+        deploy_of(registry, service)?;
+        let record = registry.services.get(service)?;
+        let rollout = registry.rollouts.get(record.latest.as_ref()?)?;
+        let mut actions = Vec::new();
+        for name in self.by_service.get(service).into_iter().flatten() {
+            let Some(entry) = self.agents.get(name) else {
+                continue;
+            };
+            for status in entry.workloads.iter().filter(|w| w.service == service) {
+                let key = format!("{name}/{}", status.instance);
+                let seen = rollout.deploy_actions.seen.get(&key).copied().unwrap_or(0);
+                actions.extend(
+                    status
+                        .actions
+                        .iter()
+                        .filter(|a| a.seq > seen && a.rollout_id == rollout.id.0)
+                        .map(|a| crate::rollout::DeployAction {
+                            agent: name.clone(),
+                            instance: status.instance.clone(),
+                            seq: a.seq,
+                            action: a.action.clone(),
+                            detail: a.detail.clone(),
+                            exit_code: a.exit_code,
+                            output: a.output.clone(),
+                            duration_ms: a.duration_ms,
+                            ok: a.ok,
+                            version: a.version.clone(),
+                        }),
+                );
+            }
+        }
+        if actions.is_empty() {
+            return None;
+        }
+        actions.truncate(MAX_ACTIONS_PER_PROPOSAL);
+        Some(crate::rollout::Command::DeployActions {
+            id: rollout.id.clone(),
+            actions,
+            at: now,
+        })
     }
 
     /// How far `service`'s managed instances are from their placement.

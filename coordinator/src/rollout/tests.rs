@@ -1077,3 +1077,141 @@ fn a_hosts_promotion_sends_the_traffic_to_the_instances_as_stable_at_once() {
         (100, "v2")
     );
 }
+
+fn action(agent: &str, instance: &str, seq: u64, ok: bool) -> DeployAction {
+    DeployAction {
+        agent: agent.into(),
+        instance: instance.into(),
+        seq,
+        action: "start".into(),
+        detail: "systemctl start api@v2".into(),
+        exit_code: Some(if ok { 0 } else { 3 }),
+        output: if ok {
+            String::new()
+        } else {
+            "unit failed\n".into()
+        },
+        duration_ms: 14,
+        ok,
+        version: "v2".into(),
+    }
+}
+
+fn action_events(reg: &Registry) -> Vec<String> {
+    reg.rollouts[&id("r1")]
+        .events
+        .iter()
+        .filter(|e| e.kind == EventKind::DeployAction)
+        .map(|e| format!("{} {}", e.actor, e.reason))
+        .collect()
+}
+
+#[test]
+fn deploy_actions_are_recorded_once_each_in_any_state_and_change_no_traffic() {
+    let mut reg = started(&[10, 50]);
+    let generation_before = reg.services["api"].generation;
+    let applied = reg
+        .apply(
+            Command::DeployActions {
+                id: id("r1"),
+                actions: vec![
+                    action("h1", "api-1", 5, true),
+                    action("h2", "api-2", 3, false),
+                ],
+                at: T0 + 1,
+            },
+            generation(2),
+        )
+        .unwrap();
+    assert!(!applied.traffic_changed);
+    assert_eq!(reg.services["api"].generation, generation_before);
+    assert_eq!(
+        action_events(&reg),
+        [
+            "agent:h1 start v2 on api-1 ok (exit 0, 14 ms): systemctl start api@v2",
+            "agent:h2 start v2 on api-2 FAILED (exit 3, 14 ms): systemctl start api@v2 | unit failed",
+        ]
+    );
+    // The same report again, and an older action: nothing new. A newer one: recorded.
+    reg.apply(
+        Command::DeployActions {
+            id: id("r1"),
+            actions: vec![
+                action("h1", "api-1", 5, true),
+                action("h1", "api-1", 4, true),
+                action("h1", "api-1", 6, true),
+            ],
+            at: T0 + 2,
+        },
+        generation(3),
+    )
+    .unwrap();
+    assert_eq!(action_events(&reg).len(), 3);
+    // A finished rollout still records (a rollback's removals come after it).
+    reg.apply(
+        Command::RollBack {
+            id: id("r1"),
+            reason: "test".into(),
+            analysis: None,
+            at: T0 + 3,
+        },
+        generation(4),
+    )
+    .unwrap();
+    reg.apply(
+        Command::DeployActions {
+            id: id("r1"),
+            actions: vec![action("h2", "api-2", 9, true)],
+            at: T0 + 4,
+        },
+        generation(5),
+    )
+    .unwrap();
+    assert_eq!(action_events(&reg).len(), 4);
+}
+
+#[test]
+fn successful_deploy_actions_are_bounded_and_failures_always_recorded() {
+    let mut reg = started(&[10, 50]);
+    let many: Vec<DeployAction> = (1..=u64::from(MAX_ACTION_EVENTS) + 20)
+        .map(|seq| action("h1", "api-1", seq, true))
+        .collect();
+    reg.apply(
+        Command::DeployActions {
+            id: id("r1"),
+            actions: many,
+            at: T0 + 1,
+        },
+        generation(2),
+    )
+    .unwrap();
+    reg.apply(
+        Command::DeployActions {
+            id: id("r1"),
+            actions: vec![action("h1", "api-1", 500, false)],
+            at: T0 + 2,
+        },
+        generation(3),
+    )
+    .unwrap();
+    let r = &reg.rollouts[&id("r1")];
+    assert_eq!(r.deploy_actions.recorded, MAX_ACTION_EVENTS);
+    assert_eq!(r.deploy_actions.unrecorded, 20);
+    assert_eq!(
+        action_events(&reg).len(),
+        MAX_ACTION_EVENTS as usize + 1,
+        "the failure past the bound is recorded"
+    );
+    assert!(action_events(&reg).last().unwrap().contains("FAILED"));
+    assert!(matches!(
+        reg.apply(
+            Command::DeployActions {
+                id: id("nope"),
+                actions: vec![],
+                at: T0,
+            },
+            generation(4),
+        ),
+        Err(Rejection::UnknownRollout(_))
+    ));
+}
