@@ -280,7 +280,7 @@ async fn a_worker_without_http_traffic_is_rolled_out_host_by_host_and_the_same_h
     assert!(
         actions
             .iter()
-            .any(|r| r.starts_with("start v2 on worker-") && r.contains(" ok (exit 0")),
+            .any(|r| r.starts_with("start on worker-") && r.contains(" for v2 ok (exit 0")),
         "{actions:#?}"
     );
 }
@@ -316,7 +316,7 @@ async fn a_worker_version_failing_its_jobs_is_rolled_back_on_its_own_failure_cou
     assert!(workers.running("v3").await.is_empty(), "{canary:?}");
     // The rollback's own actions (v3 stopped, v1 started again) reach the finished rollout's
     // events too.
-    let restart = format!("start v1 on worker-{}", canary[0]);
+    let restart = format!("start on worker-{} for v1 ok", canary[0]);
     workers
         .wait(
             Duration::from_secs(10),

@@ -304,19 +304,14 @@ pub struct DeployAction {
 }
 
 impl DeployAction {
-    /// One line for the event: `start v2 on bot-1 ok (exit 0, 14 ms): setsid … | output tail`.
+    /// One line for the event: `start on bot-1 for v2 ok (exit 0, 14 ms): setsid … | output
+    /// tail` (`for v2`: the version the instance was moving to; a `stop` stops the old one).
     pub fn describe(&self) -> String {
-        let mut text = format!(
-            "{} {} on {} {}",
-            self.action,
-            if self.version.is_empty() {
-                "-"
-            } else {
-                &self.version
-            },
-            self.instance,
-            if self.ok { "ok" } else { "FAILED" }
-        );
+        let mut text = format!("{} on {}", self.action, self.instance);
+        if !self.version.is_empty() {
+            text.push_str(&format!(" for {}", self.version));
+        }
+        text.push_str(if self.ok { " ok" } else { " FAILED" });
         let mut facts = Vec::new();
         if let Some(code) = self.exit_code {
             facts.push(format!("exit {code}"));

@@ -1128,8 +1128,8 @@ fn deploy_actions_are_recorded_once_each_in_any_state_and_change_no_traffic() {
     assert_eq!(
         action_events(&reg),
         [
-            "agent:h1 start v2 on api-1 ok (exit 0, 14 ms): systemctl start api@v2",
-            "agent:h2 start v2 on api-2 FAILED (exit 3, 14 ms): systemctl start api@v2 | unit failed",
+            "agent:h1 start on api-1 for v2 ok (exit 0, 14 ms): systemctl start api@v2",
+            "agent:h2 start on api-2 for v2 FAILED (exit 3, 14 ms): systemctl start api@v2 | unit failed",
         ]
     );
     // The same report again, and an older action: nothing new. A newer one: recorded.
