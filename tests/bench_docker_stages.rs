@@ -254,22 +254,125 @@ managed = true
             .flatten()
     }
 
-    /// Durations (ms) of the agents' logged `workload action`s named `action` (`remove`: stop
-    /// and remove a container; `create`: create and start one).
-    fn action_durations(&self, action: &str) -> Vec<f64> {
-        let needle = format!("action=\"{action}\"");
+    /// The timed lines of every agent's log: `workload action` (remove, create) and
+    /// `workload healthy`, in time order per host.
+    fn host_timelines(&self) -> Vec<Vec<LogLine>> {
         (1..=HOSTS)
-            .flat_map(|k| {
+            .map(|k| {
                 let log = std::fs::read_to_string(self.dir.join(format!("host{k}.log")))
                     .unwrap_or_default();
-                log.lines()
-                    .filter(|l| l.contains("workload action") && l.contains(&needle))
-                    .filter_map(|l| l.split("took=").nth(1)?.split_whitespace().next())
-                    .filter_map(debug_duration_ms)
-                    .collect::<Vec<_>>()
+                log.lines().filter_map(LogLine::parse).collect()
             })
             .collect()
     }
+}
+
+/// What an agent logged about its workload, and when.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum LogKind {
+    /// A container stopped and removed, in `took` ms.
+    Removed { took: f64 },
+    /// A container created and started, in `took` ms.
+    Created { took: f64 },
+    /// The workload's health probe passed.
+    Healthy,
+}
+
+/// One timed line of an agent's log.
+#[derive(Debug, Clone, Copy)]
+struct LogLine {
+    /// Wall-clock ms of the line's timestamp. The agent logs a deploy's actions (remove, then
+    /// create) together once the whole deploy call returned, so both carry its end.
+    at_ms: f64,
+    kind: LogKind,
+}
+
+impl LogLine {
+    fn parse(line: &str) -> Option<LogLine> {
+        let (stamp, rest) = line.split_once(' ')?;
+        let at = humantime::parse_rfc3339(stamp).ok()?;
+        let at_ms = at.duration_since(UNIX_EPOCH).ok()?.as_secs_f64() * 1e3;
+        let took = || {
+            rest.split("took=")
+                .nth(1)?
+                .split_whitespace()
+                .next()
+                .and_then(debug_duration_ms)
+        };
+        let kind = if rest.contains("workload healthy") {
+            LogKind::Healthy
+        } else if rest.contains("workload action") && rest.contains("action=\"remove\"") {
+            LogKind::Removed { took: took()? }
+        } else if rest.contains("workload action") && rest.contains("action=\"create\"") {
+            LogKind::Created { took: took()? }
+        } else {
+            return None;
+        };
+        Some(LogLine { at_ms, kind })
+    }
+}
+
+/// Where the time of one stage change went, in ms, from the replaced host's log.
+#[derive(Debug, Clone, Copy)]
+struct Breakdown {
+    /// From the stage's event to the agent starting to stop the old container: the commit,
+    /// the desired state's push, the reconciler waking, the container's inspection.
+    to_agent: f64,
+    /// Stopping and removing the old container.
+    stop_remove: f64,
+    /// Creating and starting the new one.
+    create_start: f64,
+    /// From started to the first passing health probe.
+    health: f64,
+    /// From healthy to the poll that saw nothing waiting: the next report, the poll.
+    report_poll: f64,
+}
+
+impl Breakdown {
+    /// What each of [`Breakdown::parts`] is, for the printed summary.
+    const LABELS: [&str; 5] = [
+        "  event -> agent stops the old container",
+        "  stop + remove (docker)",
+        "  create + start (docker)",
+        "  started -> health probe passes",
+        "  healthy -> poll sees nothing waiting",
+    ];
+
+    /// The parts in time order; they add up to the stage change's time.
+    fn parts(&self) -> [f64; 5] {
+        [
+            self.to_agent,
+            self.stop_remove,
+            self.create_start,
+            self.health,
+            self.report_poll,
+        ]
+    }
+}
+
+/// The breakdown of the stage change in `[opened_ms, done_ms]`: the one host that removed a
+/// container then, its create and its healthy line after that. The deploy call's start is its
+/// end (the lines' time) less both actions.
+fn breakdown(timelines: &[Vec<LogLine>], opened_ms: f64, done_ms: f64) -> Option<Breakdown> {
+    let within = |l: &LogLine| l.at_ms >= opened_ms && l.at_ms <= done_ms;
+    timelines.iter().find_map(|lines| {
+        let mut steps = lines.iter().filter(|l| within(l));
+        let removed = steps.find(|l| matches!(l.kind, LogKind::Removed { .. }))?;
+        let created = steps.find(|l| matches!(l.kind, LogKind::Created { .. }))?;
+        let healthy = steps.find(|l| l.kind == LogKind::Healthy)?;
+        let (LogKind::Removed { took: stop }, LogKind::Created { took: create }) =
+            (removed.kind, created.kind)
+        else {
+            return None;
+        };
+        Some(Breakdown {
+            to_agent: created.at_ms - create - stop - opened_ms,
+            stop_remove: stop,
+            create_start: create,
+            health: healthy.at_ms - created.at_ms,
+            report_poll: done_ms - healthy.at_ms,
+        })
+    })
 }
 
 /// Milliseconds of a `Duration`'s `Debug` text (`312.5ms`, `1.2s`, `950µs`).
@@ -329,16 +432,25 @@ struct RunResult {
     stage_ms: Vec<i64>,
     /// Round trip of every `serin rollout status` poll, ms.
     poll_ms: Vec<f64>,
-    /// The agents' stop + remove durations, ms.
-    remove_ms: Vec<f64>,
-    /// The agents' create + start durations, ms.
-    create_ms: Vec<f64>,
+    /// Per stage change (stage 1 on): where its time went.
+    breakdowns: Vec<Breakdown>,
+    /// Create + start of each container of the initial deployment (4 at once), ms.
+    initial_create_ms: Vec<f64>,
+    /// From the `started` event to each host's first passing health probe, ms.
+    initial_healthy_ms: Vec<f64>,
+    /// From each host's container started (its deploy call returned) to its first passing
+    /// health probe, ms.
+    initial_health_wait_ms: Vec<f64>,
+    /// From sending `serin rollout start` to its `started` event, ms.
+    start_to_event_ms: f64,
 }
 
 /// Starts the rollout and polls it until it is promoted, timing each stage's deployment.
 async fn measure(fleet: &Fleet) -> RunResult {
+    let start_sent_ms = now_ms();
     let id = fleet.start_rollout().await;
     let mut stage_ms = Vec::new();
+    let mut windows = Vec::new();
     let mut poll_ms = Vec::new();
     let mut stage = 0;
     let mut stage_since = Instant::now();
@@ -370,6 +482,7 @@ async fn measure(fleet: &Fleet) -> RunResult {
                          {status:#}"
                     );
                     stage_ms.push(answered_ms - opened);
+                    windows.push((opened as f64, answered_ms as f64));
                     let canaries = (HOSTS * WEIGHTS[stage] as usize).div_ceil(100);
                     let running = containers(&fleet.service);
                     assert_eq!(
@@ -394,11 +507,56 @@ async fn measure(fleet: &Fleet) -> RunResult {
         );
         tokio::time::sleep(POLL_EVERY.saturating_sub(sent.elapsed())).await;
     }
+    let timelines = fleet.host_timelines();
+    let breakdowns = windows[1..]
+        .iter()
+        .enumerate()
+        .map(|(k, &(opened, done))| {
+            breakdown(&timelines, opened, done).unwrap_or_else(|| {
+                panic!(
+                    "stage {}: no host logged a remove, create and healthy between its event \
+                     and its end: {timelines:?}",
+                    k + 1
+                )
+            })
+        })
+        .collect();
+    let (opened, done) = windows[0];
+    let initial_create_ms = timelines
+        .iter()
+        .flatten()
+        .filter(|l| l.at_ms >= opened && l.at_ms <= done)
+        .filter_map(|l| match l.kind {
+            LogKind::Created { took } => Some(took),
+            _ => None,
+        })
+        .collect();
+    let initial_healthy_ms = timelines
+        .iter()
+        .filter_map(|lines| {
+            lines
+                .iter()
+                .find(|l| l.kind == LogKind::Healthy && l.at_ms >= opened)
+                .map(|l| l.at_ms - opened)
+        })
+        .collect();
+    let initial_health_wait_ms = timelines
+        .iter()
+        .filter_map(|lines| {
+            let mut steps = lines.iter().filter(|l| l.at_ms >= opened);
+            let created = steps.find(|l| matches!(l.kind, LogKind::Created { .. }))?;
+            let healthy = steps.find(|l| l.kind == LogKind::Healthy)?;
+            Some(healthy.at_ms - created.at_ms)
+        })
+        .collect();
     RunResult {
+        initial_healthy_ms,
+        initial_health_wait_ms,
+        start_to_event_ms: opened - start_sent_ms as f64,
         stage_ms,
         poll_ms,
-        remove_ms: fleet.action_durations("remove"),
-        create_ms: fleet.action_durations("create"),
+        breakdowns,
+        initial_create_ms,
     }
 }
 
@@ -444,11 +602,17 @@ async fn docker_stage_change_on_four_hosts() {
         results.push(result);
     }
     let mut labels = vec![format!("start -> {HOSTS} healthy")];
-    labels.extend(WEIGHTS.windows(2).map(|w| format!("{}% -> {}%", w[0], w[1])));
+    labels.extend(
+        WEIGHTS
+            .windows(2)
+            .map(|w| format!("{}% -> {}%", w[0], w[1])),
+    );
     let mut table = format!(
         "\n{:<22}{}{:>9}{:>9}\n",
         "ms",
-        (1..=RUNS).map(|r| format!("{:>9}", format!("run {r}"))).collect::<String>(),
+        (1..=RUNS)
+            .map(|r| format!("{:>9}", format!("run {r}")))
+            .collect::<String>(),
         "median",
         "max"
     );
@@ -460,23 +624,55 @@ async fn docker_stage_change_on_four_hosts() {
         }
         table.push_str(&format!(
             "{label:<22}{}{:>9.0}{:>9.0}\n",
-            values.iter().map(|v| format!("{v:>9.0}")).collect::<String>(),
+            values
+                .iter()
+                .map(|v| format!("{v:>9.0}"))
+                .collect::<String>(),
             median(&values),
             max(&values)
         ));
     }
     let all = |pick: fn(&RunResult) -> &Vec<f64>| -> Vec<f64> {
-        results.iter().flat_map(|r| pick(r).iter().copied()).collect()
+        results
+            .iter()
+            .flat_map(|r| pick(r).iter().copied())
+            .collect()
     };
     eprintln!("{table}");
     eprintln!("{}", summary("every stage change", &changes));
+    eprintln!("where a stage change's time goes (the replaced host's log):");
+    for (k, label) in Breakdown::LABELS.iter().enumerate() {
+        let values: Vec<f64> = results
+            .iter()
+            .flat_map(|r| r.breakdowns.iter().map(|b| b.parts()[k]))
+            .collect();
+        eprintln!("{}", summary(label, &values));
+    }
     eprintln!(
         "{}",
-        summary("agent: stop + remove a container", &all(|r| &r.remove_ms))
+        summary(
+            "initial deployment: create + start, 4 containers at once",
+            &all(|r| &r.initial_create_ms)
+        )
     );
     eprintln!(
         "{}",
-        summary("agent: create + start a container", &all(|r| &r.create_ms))
+        summary(
+            "initial deployment: started event -> each host healthy",
+            &all(|r| &r.initial_healthy_ms)
+        )
+    );
+    eprintln!(
+        "{}",
+        summary(
+            "initial deployment: container started -> health probe passes",
+            &all(|r| &r.initial_health_wait_ms)
+        )
+    );
+    let sent: Vec<f64> = results.iter().map(|r| r.start_to_event_ms).collect();
+    eprintln!(
+        "{}",
+        summary("`serin rollout start` sent -> started event", &sent)
     );
     let polls = all(|r| &r.poll_ms);
     eprintln!(
