@@ -44,6 +44,11 @@ enum Command {
         #[command(subcommand)]
         command: cli::rollout::RolloutCommand,
     },
+    /// See and change the coordinator group: members, leader, each member's lag.
+    Cluster {
+        #[command(subcommand)]
+        command: cli::cluster::ClusterCommand,
+    },
     /// Work with strategy files.
     Strategy {
         #[command(subcommand)]
@@ -67,10 +72,21 @@ enum CoordinatorCommand {
     /// Run a coordinator until SIGINT/SIGTERM.
     ///
     /// Example: serin coordinator run --data-dir /var/lib/serin --listen 0.0.0.0:7000
+    ///
+    /// A group of three: on each machine, its own --node-id and --listen and the same
+    /// --peers 1=http://10.0.0.1:7000,2=http://10.0.0.2:7000,3=http://10.0.0.3:7000
     Run {
-        /// TOML config file (node_id, listen, data_dir); flags override it.
+        /// TOML config file (node_id, listen, data_dir, [peers], join); flags override it.
         #[arg(long)]
         config: Option<PathBuf>,
+        /// The members of a new group, this node included: ID=http://HOST:PORT,… (read
+        /// when the data directory is new; membership is in the log after that).
+        #[arg(long, value_delimiter = ',', value_parser = parse_peer)]
+        peers: Option<Vec<(String, String)>>,
+        /// Join a running group: start with no membership; the leader adds this node with
+        /// `serin cluster add ID ADDRESS`. --peers names at least one running member.
+        #[arg(long)]
+        join: bool,
         /// Raft node id (non-zero).
         #[arg(long)]
         node_id: Option<u64>,
@@ -157,9 +173,19 @@ fn shutdown_on_signals() -> CancellationToken {
     token
 }
 
+/// `ID=ADDRESS` of `--peers` (the address is checked with the rest of the config).
+fn parse_peer(text: &str) -> Result<(String, String), String> {
+    let (id, address) = text.split_once('=').ok_or_else(|| {
+        format!("`{text}`: expected ID=http://HOST:PORT, e.g. 1=http://10.0.0.1:7000")
+    })?;
+    Ok((id.trim().to_owned(), address.trim().to_owned()))
+}
+
 async fn run_coordinator(command: CoordinatorCommand) -> anyhow::Result<ExitCode> {
     let CoordinatorCommand::Run {
         config,
+        peers,
+        join,
         node_id,
         listen,
         data_dir,
@@ -176,6 +202,8 @@ async fn run_coordinator(command: CoordinatorCommand) -> anyhow::Result<ExitCode
     let flags = CoordinatorSettings {
         node_id,
         listen,
+        peers: peers.map(|p| p.into_iter().collect()),
+        join: join.then_some(true),
         data_dir,
         forget_agents_after: None,
         remove_unhealthy_after: None,
@@ -255,6 +283,10 @@ async fn run(cli: Cli) -> ExitCode {
         Command::Rollout { command } => {
             init_logging("warn");
             cli::rollout::run_rollout(command).await
+        }
+        Command::Cluster { command } => {
+            init_logging("warn");
+            cli::cluster::run_cluster(command).await
         }
         Command::Strategy { command } => {
             init_logging("warn");

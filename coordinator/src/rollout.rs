@@ -907,6 +907,10 @@ pub struct Registry {
     pub rollouts: BTreeMap<RolloutId, Rollout>,
     /// Every service ever rolled out.
     pub services: BTreeMap<String, Service>,
+    /// The coordinator members' gRPC addresses, by raft id: what the conf changes carried
+    /// (and the bootstrap members), so a member restored from a snapshot knows them.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub members: BTreeMap<u64, String>,
 }
 
 impl Registry {

@@ -1,7 +1,7 @@
 //! A running coordinator: the raft node, the control loop and the gRPC server, started together
 //! and stopped together.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -10,6 +10,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use serin_proto::v1::{
     agent_service_server::AgentServiceServer, control_service_server::ControlServiceServer,
+    raft_service_server::RaftServiceServer,
 };
 use tokio::sync::Notify;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -18,8 +19,9 @@ use tokio_util::sync::CancellationToken;
 use crate::agents::AgentRegistry;
 use crate::control::{self, Shared};
 use crate::metrics::MetricsStore;
-use crate::raft::node::{self, NoPeers, NodeConfig, NodeError};
+use crate::raft::node::{NodeConfig, NodeError, RaftNode, SNAPSHOT_EVERY};
 use crate::raft::storage::{self, OpenDbError};
+use crate::raft::transport::{AddressBook, MAX_RAFT_MESSAGE_BYTES, PeerTransport, RaftApi};
 use crate::service::{Api, MAX_MESSAGE_BYTES};
 use crate::strategy::MAX_TRIGGER_WINDOW;
 
@@ -33,8 +35,15 @@ pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct CoordinatorConfig {
     /// This node's raft id (non-zero).
     pub node_id: u64,
-    /// Address of the gRPC server (agents and operators).
+    /// Address of the gRPC server (agents, operators and the other members).
     pub listen: SocketAddr,
+    /// The members of a new group and their gRPC addresses, this node included; empty: a group
+    /// of one. Only read when the data directory is new (membership lives in the log after
+    /// that); the addresses also seed where to reach the members.
+    pub peers: BTreeMap<u64, String>,
+    /// Join a running group instead of forming a new one: start with no membership and wait
+    /// for the leader to add this node (`serin cluster add`).
+    pub join: bool,
     /// Where the raft log and state live.
     pub data_dir: PathBuf,
     /// How long a disconnected agent stays in `serin agent list` before it is forgotten.
@@ -56,6 +65,11 @@ pub struct CoordinatorSettings {
     pub node_id: Option<u64>,
     /// gRPC listen address; default 127.0.0.1:7000.
     pub listen: Option<SocketAddr>,
+    /// Members by id: `1 = "http://10.0.0.1:7000"` (TOML table `[peers]`) or
+    /// `--peers 1=http://10.0.0.1:7000,2=…`.
+    pub peers: Option<BTreeMap<String, String>>,
+    /// Join a running group (`--join`).
+    pub join: Option<bool>,
     /// Data directory; required.
     pub data_dir: Option<PathBuf>,
     /// How long a disconnected agent is listed before it is forgotten; default 1 hour.
@@ -77,6 +91,8 @@ impl CoordinatorSettings {
         CoordinatorSettings {
             node_id: overrides.node_id.or(self.node_id),
             listen: overrides.listen.or(self.listen),
+            peers: overrides.peers.or(self.peers),
+            join: overrides.join.or(self.join),
             data_dir: overrides.data_dir.or(self.data_dir),
             forget_agents_after: overrides.forget_agents_after.or(self.forget_agents_after),
             remove_unhealthy_after: overrides
@@ -87,7 +103,18 @@ impl CoordinatorSettings {
 
     /// Applies defaults and checks the result.
     pub fn resolve(self) -> Result<CoordinatorConfig, CoordinatorError> {
+        let mut peers = BTreeMap::new();
+        for (key, address) in self.peers.unwrap_or_default() {
+            let id: u64 = key.trim().parse().map_err(|_| {
+                CoordinatorError::Config(format!(
+                    "peers: `{key}` is not a node id (expected a number, e.g. 1 = \"http://10.0.0.1:7000\")"
+                ))
+            })?;
+            peers.insert(id, address);
+        }
         let config = CoordinatorConfig {
+            peers,
+            join: self.join.unwrap_or(false),
             node_id: self.node_id.unwrap_or(1),
             listen: self
                 .listen
@@ -116,6 +143,8 @@ impl CoordinatorConfig {
         CoordinatorConfig {
             node_id: 1,
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            peers: BTreeMap::new(),
+            join: false,
             data_dir,
             forget_agents_after: crate::agents::FORGET_DISCONNECTED_AFTER,
             remove_unhealthy_after: REMOVE_UNHEALTHY_AFTER,
@@ -129,6 +158,26 @@ impl CoordinatorConfig {
                 "node_id: must be at least 1 (raft reserves 0)".into(),
             ));
         }
+        for (id, address) in &self.peers {
+            if *id == 0 {
+                return Err(CoordinatorError::Config(
+                    "peers: node id 0 is reserved by raft; number members from 1".into(),
+                ));
+            }
+            check_peer_address(address)
+                .map_err(|e| CoordinatorError::Config(format!("peers: node {id}: {e}")))?;
+        }
+        if !self.peers.is_empty() && !self.join && !self.peers.contains_key(&self.node_id) {
+            return Err(CoordinatorError::Config(format!(
+                "peers: must include this node (node_id {}) with its own address",
+                self.node_id
+            )));
+        }
+        if self.join && !self.peers.keys().any(|id| *id != self.node_id) {
+            return Err(CoordinatorError::Config(
+                "join: name at least one running member in peers, e.g. --peers 1=http://10.0.0.1:7000".into(),
+            ));
+        }
         if self.remove_unhealthy_after < Duration::from_secs(1) {
             return Err(CoordinatorError::Config(format!(
                 "remove_unhealthy_after: must be at least 1s, got {}",
@@ -136,6 +185,47 @@ impl CoordinatorConfig {
             )));
         }
         Ok(())
+    }
+}
+
+/// Checks a member's gRPC address: `http://HOST:PORT`, nothing after the port.
+pub fn check_peer_address(address: &str) -> Result<(), String> {
+    let rest = address
+        .strip_prefix("http://")
+        .ok_or_else(|| format!("`{address}` must start with http://, e.g. http://10.0.0.1:7000"))?;
+    let (host, port) = rest
+        .rsplit_once(':')
+        .ok_or_else(|| format!("`{address}` has no port, e.g. http://10.0.0.1:7000"))?;
+    if host.is_empty() || host.contains('/') {
+        return Err(format!(
+            "`{address}` has no host, e.g. http://10.0.0.1:7000"
+        ));
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(()),
+        _ => Err(format!(
+            "`{address}`: the port must be a number from 1 to 65535, with nothing after it"
+        )),
+    }
+}
+
+impl CoordinatorConfig {
+    /// The voters of a brand-new group: the peers, this node alone, or none when joining.
+    pub fn initial_voters(&self) -> Vec<u64> {
+        match (self.join, self.peers.is_empty()) {
+            (true, _) => Vec::new(),
+            (false, true) => vec![self.node_id],
+            (false, false) => self.peers.keys().copied().collect(),
+        }
+    }
+
+    /// The address book to start from: the peers, and this node's own address (its entry in
+    /// the peers, else its listen address).
+    fn address_book(&self, bound: SocketAddr) -> AddressBook {
+        let mut book = self.peers.clone();
+        book.entry(self.node_id)
+            .or_insert_with(|| format!("http://{bound}"));
+        AddressBook::new(book)
     }
 }
 
@@ -223,16 +313,20 @@ pub async fn run(
     let node_shutdown = CancellationToken::new();
     // Reading the stored state is where damage beyond sled's own checks shows: every error
     // (and any panic of sled or raft-rs on what it read) here is about the files.
-    let (raft, node_task) = storage::contain_panic(|| {
-        node::start(
-            &db,
-            &NodeConfig::single(config.node_id),
-            NoPeers,
-            node_shutdown.clone(),
-        )
-    })
-    .map_err(|panic| corrupt(format!("reading the raft state panicked: {panic}")))?
-    .map_err(|e| corrupt(e.to_string()))?;
+    let book = config.address_book(addr);
+    let node_config = NodeConfig {
+        id: config.node_id,
+        initial_voters: config.initial_voters(),
+        snapshot_every: SNAPSHOT_EVERY,
+        book: book.clone(),
+    };
+    let (reports, reports_rx) = tokio::sync::mpsc::unbounded_channel();
+    let transport =
+        PeerTransport::new(config.node_id, book.clone(), reports, node_shutdown.clone());
+    let (node, raft) = storage::contain_panic(|| RaftNode::open(&db, &node_config, transport))
+        .map_err(|panic| corrupt(format!("reading the raft state panicked: {panic}")))?
+        .map_err(|e| corrupt(e.to_string()))?;
+    let node_task = tokio::spawn(node.with_reports(reports_rx).run(node_shutdown.clone()));
     let shared = Shared {
         raft: raft.clone(),
         metrics: Arc::new(Mutex::new(MetricsStore::new(MAX_TRIGGER_WINDOW))),
@@ -254,8 +348,9 @@ pub async fn run(
     ));
 
     let sessions = tokio_util::task::TaskTracker::new();
-    let api = Api::new(shared, shutdown.clone(), sessions.clone());
-    tracing::info!(%addr, node_id = config.node_id, data_dir = %config.data_dir.display(), "coordinator listening");
+    let raft_api = RaftApi::new(raft.clone(), book.clone());
+    let api = Api::new(shared, shutdown.clone(), sessions.clone()).with_addresses(book.clone());
+    tracing::info!(%addr, node_id = config.node_id, peers = book.all().len(), data_dir = %config.data_dir.display(), "coordinator listening");
     if let Some(ready) = ready {
         let _ = ready.send(addr);
     }
@@ -270,6 +365,11 @@ pub async fn run(
             AgentServiceServer::new(api.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES),
         )
         .add_service(ControlServiceServer::new(api).max_decoding_message_size(MAX_MESSAGE_BYTES))
+        .add_service(
+            RaftServiceServer::new(raft_api)
+                .max_decoding_message_size(MAX_RAFT_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_RAFT_MESSAGE_BYTES),
+        )
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled());
     let served = server.await;
 

@@ -26,7 +26,8 @@ use crate::limits::{
     SUMMARY_REASON_CHARS, check_len,
 };
 use crate::metrics::Side;
-use crate::raft::{ProposeError, Role};
+use crate::raft::transport::AddressBook;
+use crate::raft::{ClusterStatus, MembershipChange, ProposeError, Role};
 use crate::rollout::revisions::UndoRefusal;
 use crate::rollout::{
     Actor, Command, Cursor, Generation, Millis, Rejection, Rollout, RolloutId, TriggerReading,
@@ -42,6 +43,8 @@ pub struct Api {
     shutdown: CancellationToken,
     /// The per-session tasks, awaited at shutdown.
     sessions: TaskTracker,
+    /// The members' addresses, to point clients at the leader.
+    book: AddressBook,
 }
 
 impl Api {
@@ -52,15 +55,75 @@ impl Api {
             shared,
             shutdown,
             sessions,
+            book: AddressBook::default(),
         }
+    }
+
+    /// Points this API's "not the leader" answers at the members' addresses.
+    pub fn with_addresses(mut self, book: AddressBook) -> Api {
+        self.book = book;
+        self
     }
 
     fn require_leader(&self) -> Result<(), Status> {
         let view = self.shared.raft.view();
         match view.role {
             Role::Leader => Ok(()),
-            _ => Err(not_leader(view.leader)),
+            _ => Err(self.not_leader(view.leader)),
         }
+    }
+
+    /// For reads that must be current: only the leader answers, once a quorum confirmed it
+    /// still leads and it applied everything committed before the read (read-index), so a
+    /// deposed leader never serves its stale state as current.
+    async fn require_current(&self) -> Result<(), Status> {
+        self.require_leader()?;
+        self.shared
+            .raft
+            .read_index()
+            .await
+            .map_err(|e| self.propose_status(e))
+    }
+
+    /// UNAVAILABLE naming the leader, with its address in the `serin-leader` metadata.
+    fn not_leader(&self, leader: Option<u64>) -> Status {
+        let address = leader.and_then(|l| self.book.get(l));
+        let hint = match (leader, &address) {
+            (Some(l), Some(a)) => format!(" (leader is node {l} at {a})"),
+            (Some(l), None) => format!(" (leader is node {l})"),
+            _ => " (no leader elected yet)".to_owned(),
+        };
+        let mut status =
+            Status::unavailable(format!("this coordinator is not the leader{hint}; retry"));
+        if let (Some(l), Some(a)) = (leader, address)
+            && let (Ok(id), Ok(address)) = (l.to_string().parse(), a.parse())
+        {
+            status.metadata_mut().insert(LEADER_ID_METADATA, id);
+            status.metadata_mut().insert(LEADER_METADATA, address);
+        }
+        status
+    }
+
+    fn propose_status(&self, error: ProposeError) -> Status {
+        match error {
+            ProposeError::Rejected(r) => rejection_status(r),
+            ProposeError::NotLeader { leader } => self.not_leader(leader),
+            ProposeError::Dropped | ProposeError::Stopped | ProposeError::Unconfirmed(_) => {
+                Status::unavailable(error.to_string())
+            }
+            ProposeError::Membership(_) => Status::failed_precondition(error.to_string()),
+            ProposeError::Raft(_) => Status::internal(error.to_string()),
+        }
+    }
+
+    async fn cluster_reply(&self) -> Result<v1::ClusterStatusReply, Status> {
+        let status = self
+            .shared
+            .raft
+            .cluster_status()
+            .await
+            .map_err(|e| self.propose_status(e))?;
+        Ok(cluster_reply(&status, &self.book))
     }
 
     fn to_proto(&self, rollout: &Rollout) -> v1::Rollout {
@@ -143,18 +206,59 @@ impl Api {
             .raft
             .propose(command)
             .await
-            .map_err(propose_status)?;
+            .map_err(|e| self.propose_status(e))?;
         let view = self.shared.raft.view();
         let rollout = view.registry.rollout(&id).map_err(rejection_status)?;
         Ok(self.to_proto(rollout))
     }
 }
 
-fn not_leader(leader: Option<u64>) -> Status {
-    let hint = leader
-        .map(|l| format!(" (leader is node {l})"))
-        .unwrap_or_default();
-    Status::unavailable(format!("this coordinator is not the leader{hint}; retry"))
+/// Trailing metadata of a "not the leader" status: the leader's gRPC address.
+pub const LEADER_METADATA: &str = "serin-leader";
+/// Trailing metadata of a "not the leader" status: the leader's raft id.
+pub const LEADER_ID_METADATA: &str = "serin-leader-id";
+
+/// The wire form of a node's [`ClusterStatus`].
+fn cluster_reply(status: &ClusterStatus, book: &AddressBook) -> v1::ClusterStatusReply {
+    let last_index = status.last_index;
+    let member = |id: u64, suffrage: &str| {
+        let progress = status.progress.as_ref().and_then(|p| p.get(&id));
+        v1::ClusterMember {
+            id,
+            address: book.get(id).unwrap_or_default(),
+            suffrage: suffrage.into(),
+            is_leader: status.leader == Some(id),
+            matched_index: progress.map_or(0, |p| p.matched),
+            lag: progress.map_or(0, |p| last_index.saturating_sub(p.matched)),
+            reachable: progress.is_some_and(|p| p.recent_active),
+            progress_state: progress.map_or("", |p| p.state).into(),
+        }
+    };
+    let mut members: Vec<v1::ClusterMember> = status
+        .voters
+        .iter()
+        .map(|&id| member(id, "voter"))
+        .chain(status.learners.iter().map(|&id| member(id, "learner")))
+        .collect();
+    members.sort_by_key(|m| m.id);
+    v1::ClusterStatusReply {
+        node_id: status.id,
+        role: match status.role {
+            Role::Leader => "leader",
+            Role::Follower => "follower",
+            Role::Candidate => "candidate",
+        }
+        .into(),
+        leader_id: status.leader.unwrap_or(0),
+        leader_address: status.leader.and_then(|l| book.get(l)).unwrap_or_default(),
+        term: status.term,
+        commit_index: status.commit,
+        applied_index: status.applied,
+        last_index,
+        members,
+        pending_change: status.pending_change.clone().unwrap_or_default(),
+        progress_known: status.progress.is_some(),
+    }
 }
 
 fn rejection_status(rejection: Rejection) -> Status {
@@ -166,15 +270,6 @@ fn rejection_status(rejection: Rejection) -> Status {
             Status::invalid_argument(rejection.to_string())
         }
         _ => Status::failed_precondition(rejection.to_string()),
-    }
-}
-
-fn propose_status(error: ProposeError) -> Status {
-    match error {
-        ProposeError::Rejected(r) => rejection_status(r),
-        ProposeError::NotLeader { leader } => not_leader(leader),
-        ProposeError::Dropped | ProposeError::Stopped => Status::unavailable(error.to_string()),
-        ProposeError::Raft(_) => Status::internal(error.to_string()),
     }
 }
 
@@ -483,6 +578,7 @@ impl ControlService for Api {
         let id = request.into_inner().id;
         length("id", &id, MAX_ROLLOUT_ID)?;
         let id = RolloutId(id);
+        self.require_current().await?;
         let view = self.shared.raft.view();
         let rollout = view.registry.rollout(&id).map_err(rejection_status)?;
         Ok(Response::new(v1::RolloutReply {
@@ -513,6 +609,7 @@ impl ControlService for Api {
                     .map_err(|e| Status::invalid_argument(e.to_string()))?,
             )
         };
+        self.require_current().await?;
         let view = self.shared.raft.view();
         let page = view
             .registry
@@ -605,6 +702,8 @@ impl ControlService for Api {
         &self,
         _request: Request<v1::ListAgentsRequest>,
     ) -> Result<Response<v1::ListAgentsReply>, Status> {
+        // Agents hold sessions with the leader only: another member's list is empty.
+        self.require_current().await?;
         let agents = self
             .shared
             .agents
@@ -630,7 +729,7 @@ impl ControlService for Api {
         &self,
         _request: Request<v1::ListServicesRequest>,
     ) -> Result<Response<v1::ListServicesReply>, Status> {
-        self.require_leader()?;
+        self.require_current().await?;
         let view = self.shared.raft.view();
         let mut names = self.shared.agents.known_services();
         names.extend(view.registry.services.keys().cloned());
@@ -738,7 +837,7 @@ impl ControlService for Api {
             .raft
             .propose(command)
             .await
-            .map_err(propose_status)?;
+            .map_err(|e| self.propose_status(e))?;
         let view = self.shared.raft.view();
         let record = view
             .registry
@@ -775,6 +874,7 @@ impl ControlService for Api {
         let service = request.into_inner().service;
         length("service", &service, MAX_SERVICE)?;
         valid_name("service", &service)?;
+        self.require_current().await?;
         let view = self.shared.raft.view();
         let record = view
             .registry
@@ -789,6 +889,49 @@ impl ControlService for Api {
             pinned: record.pinned.unwrap_or(0),
             service,
         }))
+    }
+
+    async fn cluster_status(
+        &self,
+        _request: Request<v1::ClusterStatusRequest>,
+    ) -> Result<Response<v1::ClusterStatusReply>, Status> {
+        Ok(Response::new(self.cluster_reply().await?))
+    }
+
+    async fn change_membership(
+        &self,
+        request: Request<v1::ChangeMembershipRequest>,
+    ) -> Result<Response<v1::ClusterStatusReply>, Status> {
+        let change = match request.into_inner().change {
+            Some(v1::change_membership_request::Change::Add(add)) => {
+                if add.id == 0 {
+                    return Err(Status::invalid_argument(
+                        "id: must be at least 1 (raft reserves 0)",
+                    ));
+                }
+                crate::server::check_peer_address(&add.address)
+                    .map_err(|e| Status::invalid_argument(format!("address: {e}")))?;
+                MembershipChange::Add {
+                    id: add.id,
+                    address: add.address,
+                }
+            }
+            Some(v1::change_membership_request::Change::Remove(id)) => {
+                MembershipChange::Remove { id }
+            }
+            None => {
+                return Err(Status::invalid_argument(
+                    "change: say which member to add or remove",
+                ));
+            }
+        };
+        self.require_leader()?;
+        self.shared
+            .raft
+            .change_membership(change)
+            .await
+            .map_err(|e| self.propose_status(e))?;
+        Ok(Response::new(self.cluster_reply().await?))
     }
 
     async fn forget_agent(
@@ -823,7 +966,10 @@ impl AgentService for Api {
             let _ = tx
                 .send(Ok(CoordinatorMessage {
                     body: Some(v1::coordinator_message::Body::NotLeader(v1::NotLeader {
-                        leader_hint: String::new(),
+                        leader_hint: view
+                            .leader
+                            .and_then(|l| self.book.get(l))
+                            .unwrap_or_default(),
                     })),
                 }))
                 .await;

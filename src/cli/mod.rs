@@ -9,6 +9,7 @@
 //!   [`rollout::rollout_json`];
 //! - [`revisions`]: `serin rollout undo|history`, a service's revisions and going back to one;
 //! - [`agents`]: `serin agent list`, the agents a coordinator knows;
+//! - [`cluster`]: `serin cluster status|add|remove`, the coordinator group;
 //! - [`evidence`]: `serin rollout evidence`, per-stage measurements and the audit trail;
 //! - [`output`]: padded tables, UTC times and other text formatting.
 //!
@@ -17,6 +18,7 @@
 //! `anyhow` error for failures (the caller prints it and exits 1).
 
 pub mod agents;
+pub mod cluster;
 pub mod evidence;
 pub mod fleet;
 pub mod output;
@@ -26,6 +28,7 @@ pub mod strategy;
 
 use std::time::Duration;
 
+use serin_proto::v1::ClusterStatusRequest;
 use serin_proto::v1::control_service_client::ControlServiceClient;
 use tonic::transport::{Channel, Endpoint};
 
@@ -69,8 +72,65 @@ pub fn normalize_address(address: &str) -> String {
     }
 }
 
-/// Connects to the first coordinator address that answers within [`CONNECT_TIMEOUT`].
+/// How long [`connect`] waits for a group that is electing a leader.
+pub const LEADER_WAIT: Duration = Duration::from_secs(6);
+
+/// Connects to the leader of the coordinator group: the first address that answers, or the
+/// leader it names (any member answers `ClusterStatus` with the leader's address). While the
+/// group elects a leader it retries for up to [`LEADER_WAIT`], then settles for a member
+/// that answers (whose refusals then say that no leader is elected).
 pub async fn connect(args: &CoordinatorArgs) -> anyhow::Result<ControlServiceClient<Channel>> {
+    let addresses = args.addresses();
+    if addresses.is_empty() {
+        anyhow::bail!("no coordinator address given (set --coordinator or SERIN_COORDINATOR)");
+    }
+    let deadline = tokio::time::Instant::now() + LEADER_WAIT;
+    loop {
+        let mut failures = Vec::with_capacity(addresses.len());
+        let mut member = None;
+        // Connected, but the status call failed: the request itself will say why.
+        let mut unexplained = None;
+        for address in &addresses {
+            let mut client = match open_channel(address).await {
+                Ok(channel) => ControlServiceClient::new(channel),
+                Err(cause) => {
+                    failures.push((address.clone(), cause));
+                    continue;
+                }
+            };
+            let status = match client.cluster_status(ClusterStatusRequest {}).await {
+                Ok(reply) => reply.into_inner(),
+                // A coordinator without the call: a group of one.
+                Err(s) if s.code() == tonic::Code::Unimplemented => return Ok(client),
+                Err(_) => {
+                    unexplained.get_or_insert(client);
+                    continue;
+                }
+            };
+            if status.role == "leader" {
+                return Ok(client);
+            }
+            if !status.leader_address.is_empty()
+                && let Ok(channel) = open_channel(&status.leader_address).await
+            {
+                return Ok(ControlServiceClient::new(channel));
+            }
+            member.get_or_insert(client);
+        }
+        let Some(member) = member else {
+            return unexplained.ok_or_else(|| anyhow::anyhow!(unreachable_message(&failures)));
+        };
+        if tokio::time::Instant::now() >= deadline {
+            return Ok(member);
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// Connects to the first coordinator address that answers, leader or not.
+pub async fn connect_any(
+    args: &CoordinatorArgs,
+) -> anyhow::Result<(String, ControlServiceClient<Channel>)> {
     let addresses = args.addresses();
     if addresses.is_empty() {
         anyhow::bail!("no coordinator address given (set --coordinator or SERIN_COORDINATOR)");
@@ -78,11 +138,16 @@ pub async fn connect(args: &CoordinatorArgs) -> anyhow::Result<ControlServiceCli
     let mut failures = Vec::with_capacity(addresses.len());
     for address in addresses {
         match open_channel(&address).await {
-            Ok(channel) => return Ok(ControlServiceClient::new(channel)),
+            Ok(channel) => return Ok((address, ControlServiceClient::new(channel))),
             Err(cause) => failures.push((address, cause)),
         }
     }
     Err(anyhow::anyhow!(unreachable_message(&failures)))
+}
+
+/// Connects to one address.
+pub async fn connect_to(address: &str) -> Result<ControlServiceClient<Channel>, String> {
+    open_channel(address).await.map(ControlServiceClient::new)
 }
 
 async fn open_channel(address: &str) -> Result<Channel, String> {

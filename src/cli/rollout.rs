@@ -2233,6 +2233,20 @@ mod tests {
         ) -> Reply<serin_proto::v1::ListRevisionsReply> {
             Err(tonic::Status::unimplemented("not in the fake"))
         }
+
+        async fn cluster_status(
+            &self,
+            _: tonic::Request<serin_proto::v1::ClusterStatusRequest>,
+        ) -> Reply<serin_proto::v1::ClusterStatusReply> {
+            Err(tonic::Status::unimplemented("not in the fake"))
+        }
+
+        async fn change_membership(
+            &self,
+            _: tonic::Request<serin_proto::v1::ChangeMembershipRequest>,
+        ) -> Reply<serin_proto::v1::ClusterStatusReply> {
+            Err(tonic::Status::unimplemented("not in the fake"))
+        }
     }
 
     /// Serves `fake` on a free port until the returned sender is dropped or fired.

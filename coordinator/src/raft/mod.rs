@@ -2,8 +2,12 @@
 //!
 //! - [`storage`]: raft-rs `Storage` on sled, plus the applied state machine.
 //! - [`node`]: the task that owns the `RawNode`, and the handle everyone else uses.
+//! - [`transport`]: raft messages between coordinators over gRPC, and the members' addresses.
 
 pub mod node;
 pub mod storage;
+pub mod transport;
 
-pub use node::{NodeConfig, NodeView, ProposeError, RaftHandle, Role};
+pub use node::{
+    ClusterStatus, MembershipChange, NodeConfig, NodeView, ProposeError, RaftHandle, Role,
+};

@@ -35,16 +35,18 @@
 //! caller acting on [`RaftHandle::view`] right after its proposal returns (the control loop's
 //! next pass) must see its own write, or it decides the same thing again.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use raft::eraftpb::{ConfChange, ConfChangeV2, Entry, EntryType, Message};
-use raft::{RawNode, StateRole};
+use raft::eraftpb::{ConfChange, ConfChangeType, ConfChangeV2, Entry, EntryType, Message};
+use raft::{ProgressState, RawNode, SnapshotStatus, StateRole};
 use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::storage::{SledStorage, StorageError};
+use super::transport::AddressBook;
 use crate::rollout::{Applied, Command, Generation, Registry, Rejection};
 
 /// How often the node ticks; elections take 10-20 ticks, heartbeats every 3.
@@ -101,6 +103,12 @@ pub enum ProposeError {
     /// Raft refused the proposal.
     #[error("raft refused the proposal: {0}")]
     Raft(String),
+    /// A membership change that cannot be made (now): the reason names it.
+    #[error("{0}")]
+    Membership(String),
+    /// The leader could not confirm it still leads (a read-index round got no quorum in time).
+    #[error("this coordinator could not confirm it is still the leader within {0:?}; retry")]
+    Unconfirmed(Duration),
 }
 
 /// A fatal node error.
@@ -118,12 +126,95 @@ pub enum NodeError {
 }
 
 /// Sends raft messages to peers. The single-voter node has none; the multi-node transport
-/// (gRPC `RaftService`, one ordered queue per peer) implements this too.
+/// ([`super::transport::PeerTransport`], one ordered queue per peer) implements this too.
 pub trait Transport: Send + 'static {
     /// Queue messages for delivery; must not block. Unreachable peers are reported back via
     /// the returned ids.
     fn send(&mut self, messages: Vec<Message>) -> Vec<u64>;
+
+    /// Member `id` was removed: stop sending to it.
+    fn forget(&mut self, _id: u64) {}
 }
+
+/// What a transport learns about deliveries after [`Transport::send`] returned, sent back to
+/// the node (`RaftNode::with_reports`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerReport {
+    /// A send to the peer failed: raft probes it instead of streaming appends.
+    Unreachable(u64),
+    /// A snapshot reached the peer.
+    SnapshotDelivered(u64),
+    /// A snapshot did not reach the peer: raft sends another.
+    SnapshotFailed(u64),
+}
+
+/// A change of the group's members, one at a time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MembershipChange {
+    /// Add member `id` at gRPC `address`: first as a learner, promoted to voter by the leader
+    /// once it has caught up.
+    Add {
+        /// The new member's id.
+        id: u64,
+        /// Its gRPC address.
+        address: String,
+    },
+    /// Remove member `id`.
+    Remove {
+        /// The member's id.
+        id: u64,
+    },
+}
+
+impl std::fmt::Display for MembershipChange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MembershipChange::Add { id, address } => write!(f, "add node {id} at {address}"),
+            MembershipChange::Remove { id } => write!(f, "remove node {id}"),
+        }
+    }
+}
+
+/// How the group looks from one node, for `serin cluster status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterStatus {
+    /// The answering node.
+    pub id: u64,
+    /// Its role.
+    pub role: Role,
+    /// The leader, when known.
+    pub leader: Option<u64>,
+    /// Current term.
+    pub term: u64,
+    /// Commit index.
+    pub commit: u64,
+    /// Applied index.
+    pub applied: u64,
+    /// Last log index.
+    pub last_index: u64,
+    /// Voting members.
+    pub voters: Vec<u64>,
+    /// Members that replicate without voting (catching up before promotion).
+    pub learners: Vec<u64>,
+    /// Each member's replication progress; only the leader knows it.
+    pub progress: Option<BTreeMap<u64, MemberProgress>>,
+    /// A proposed membership change not yet applied.
+    pub pending_change: Option<String>,
+}
+
+/// One member's replication, as the leader tracks it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberProgress {
+    /// Highest log index known to be on the member.
+    pub matched: u64,
+    /// "replicate", "probe" or "snapshot".
+    pub state: &'static str,
+    /// Whether it answered within the last election timeout.
+    pub recent_active: bool,
+}
+
+/// How long [`RaftHandle::read_index`] waits for the quorum's confirmation.
+pub const READ_INDEX_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// A transport for a group of one.
 #[derive(Debug, Default)]
@@ -142,8 +233,21 @@ impl Transport for NoPeers {
 type Reply = oneshot::Sender<Result<Applied, ProposeError>>;
 
 enum Request {
-    Propose { command: Box<Command>, reply: Reply },
+    Propose {
+        command: Box<Command>,
+        reply: Reply,
+    },
     Step(Box<Message>),
+    ReadIndex {
+        reply: oneshot::Sender<Result<u64, ProposeError>>,
+    },
+    ChangeMembership {
+        change: MembershipChange,
+        reply: oneshot::Sender<Result<(), ProposeError>>,
+    },
+    Status {
+        reply: oneshot::Sender<ClusterStatus>,
+    },
 }
 
 /// A cheap, cloneable handle to the node task.
@@ -175,6 +279,42 @@ impl RaftHandle {
             .map_err(|_| ProposeError::Stopped)
     }
 
+    /// Confirms with a quorum that this node is still the leader, then waits until it has
+    /// applied everything committed at that moment: a read after it is current (raft's
+    /// read-index). Fails on a follower, or after [`READ_INDEX_TIMEOUT`].
+    pub async fn read_index(&self) -> Result<(), ProposeError> {
+        let (reply, rx) = oneshot::channel();
+        self.requests
+            .send(Request::ReadIndex { reply })
+            .await
+            .map_err(|_| ProposeError::Stopped)?;
+        match tokio::time::timeout(READ_INDEX_TIMEOUT, rx).await {
+            Ok(Ok(result)) => result.map(|_| ()),
+            Ok(Err(_)) => Err(ProposeError::Stopped),
+            Err(_) => Err(ProposeError::Unconfirmed(READ_INDEX_TIMEOUT)),
+        }
+    }
+
+    /// Proposes a membership change and waits until it is applied.
+    pub async fn change_membership(&self, change: MembershipChange) -> Result<(), ProposeError> {
+        let (reply, rx) = oneshot::channel();
+        self.requests
+            .send(Request::ChangeMembership { change, reply })
+            .await
+            .map_err(|_| ProposeError::Stopped)?;
+        rx.await.map_err(|_| ProposeError::Stopped)?
+    }
+
+    /// The group as this node sees it now.
+    pub async fn cluster_status(&self) -> Result<ClusterStatus, ProposeError> {
+        let (reply, rx) = oneshot::channel();
+        self.requests
+            .send(Request::Status { reply })
+            .await
+            .map_err(|_| ProposeError::Stopped)?;
+        rx.await.map_err(|_| ProposeError::Stopped)
+    }
+
     /// The latest applied view.
     pub fn view(&self) -> Arc<NodeView> {
         self.view.borrow().clone()
@@ -195,6 +335,9 @@ pub struct NodeConfig {
     pub initial_voters: Vec<u64>,
     /// Snapshot and compact the log every this many applied entries.
     pub snapshot_every: u64,
+    /// The members' gRPC addresses: seeded from the command line, kept up to date from the
+    /// committed membership. Written into the bootstrap snapshot of a brand-new group.
+    pub book: AddressBook,
 }
 
 impl NodeConfig {
@@ -204,8 +347,17 @@ impl NodeConfig {
             id,
             initial_voters: vec![id],
             snapshot_every: SNAPSHOT_EVERY,
+            book: AddressBook::default(),
         }
     }
+}
+
+/// A proposed membership change, answered when its entry applies.
+struct PendingChange {
+    index: u64,
+    term: u64,
+    description: String,
+    reply: Option<oneshot::Sender<Result<(), ProposeError>>>,
 }
 
 /// The node task's state.
@@ -222,6 +374,15 @@ pub struct RaftNode<T: Transport> {
     transport: T,
     view: watch::Sender<Arc<NodeView>>,
     requests: mpsc::Receiver<Request>,
+    reports: Option<mpsc::UnboundedReceiver<PeerReport>>,
+    book: AddressBook,
+    /// Read-index requests sent to raft, by context, with when they were asked.
+    reads_asked: HashMap<u64, (Instant, oneshot::Sender<Result<u64, ProposeError>>)>,
+    /// Confirmed reads waiting until the node has applied their index.
+    reads_confirmed: Vec<(u64, oneshot::Sender<Result<u64, ProposeError>>)>,
+    next_read: u64,
+    pending_change: Option<PendingChange>,
+    was_leader: bool,
 }
 
 impl<T: Transport> RaftNode<T> {
@@ -232,7 +393,26 @@ impl<T: Transport> RaftNode<T> {
         transport: T,
     ) -> Result<(RaftNode<T>, RaftHandle), NodeError> {
         let storage = SledStorage::open(db)?;
-        storage.initialize_if_empty(&config.initial_voters)?;
+        // A member that joins a running group starts empty: its leader sends it a snapshot
+        // (the bootstrap one at least), membership included.
+        if !config.initial_voters.is_empty() {
+            let members = config
+                .book
+                .all()
+                .into_iter()
+                .filter(|(id, _)| config.initial_voters.contains(id))
+                .collect();
+            let bootstrap = Registry {
+                members,
+                ..Registry::default()
+            };
+            let data = if bootstrap.members.is_empty() {
+                Vec::new()
+            } else {
+                serde_json::to_vec(&bootstrap).map_err(NodeError::CorruptState)?
+            };
+            storage.initialize_with(&config.initial_voters, data)?;
+        }
         let snapshot = storage.latest_snapshot()?;
         let snapshot_index = snapshot.get_metadata().index;
         let (applied, registry) = match storage.load_applied()? {
@@ -264,7 +444,7 @@ impl<T: Transport> RaftNode<T> {
         });
         let (view, view_rx) = watch::channel(view_value);
         let (tx, rx) = mpsc::channel(1024);
-        let node = RaftNode {
+        let mut node = RaftNode {
             raw,
             storage,
             registry,
@@ -276,7 +456,15 @@ impl<T: Transport> RaftNode<T> {
             transport,
             view,
             requests: rx,
+            reports: None,
+            book: config.book.clone(),
+            reads_asked: HashMap::new(),
+            reads_confirmed: Vec::new(),
+            next_read: 0,
+            pending_change: None,
+            was_leader: false,
         };
+        node.learn_addresses();
         Ok((
             node,
             RaftHandle {
@@ -284,6 +472,19 @@ impl<T: Transport> RaftNode<T> {
                 view: view_rx,
             },
         ))
+    }
+
+    /// Delivery reports from the transport (snapshots delivered or not, unreachable peers).
+    pub fn with_reports(mut self, reports: mpsc::UnboundedReceiver<PeerReport>) -> Self {
+        self.reports = Some(reports);
+        self
+    }
+
+    /// Records the committed members' addresses in the address book.
+    fn learn_addresses(&mut self) {
+        for (id, address) in &self.registry.members {
+            self.book.set(*id, address);
+        }
     }
 
     /// The node's store, e.g. to read [`SledStorage::bytes_written`] before spawning the node.
@@ -300,12 +501,22 @@ impl<T: Transport> RaftNode<T> {
             self.raw.campaign()?;
         }
         loop {
+            let report = async {
+                match self.reports.as_mut() {
+                    Some(reports) => reports.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                _ = ticker.tick() => { self.raw.tick(); }
+                _ = ticker.tick() => self.on_tick(),
                 request = self.requests.recv() => match request {
                     Some(request) => self.handle(request),
                     None => break,
+                },
+                report = report => match report {
+                    Some(report) => self.on_report(report),
+                    None => self.reports = None,
                 },
             }
             self.on_ready()?;
@@ -314,6 +525,201 @@ impl<T: Transport> RaftNode<T> {
             let _ = reply.send(Err(ProposeError::Stopped));
         }
         Ok(())
+    }
+
+    fn on_tick(&mut self) {
+        self.raw.tick();
+        // raft-rs drops read-index requests silently (e.g. before the leader committed an
+        // entry in its term); their callers have timed out by now.
+        let now = Instant::now();
+        self.reads_asked
+            .retain(|_, (asked, _)| now.duration_since(*asked) < READ_INDEX_TIMEOUT * 2);
+        self.promote_caught_up_learners();
+    }
+
+    fn on_report(&mut self, report: PeerReport) {
+        match report {
+            PeerReport::Unreachable(id) => self.raw.report_unreachable(id),
+            PeerReport::SnapshotDelivered(id) => {
+                self.raw.report_snapshot(id, SnapshotStatus::Finish)
+            }
+            PeerReport::SnapshotFailed(id) => self.raw.report_snapshot(id, SnapshotStatus::Failure),
+        }
+    }
+
+    fn is_leader(&self) -> bool {
+        self.raw.raft.state == StateRole::Leader
+    }
+
+    fn leader_id(&self) -> Option<u64> {
+        Some(self.raw.raft.leader_id).filter(|&l| l != 0)
+    }
+
+    /// On the leader: a learner whose log reached the commit index becomes a voter (members
+    /// are added as learners so that a new member catching up never counts against the
+    /// quorum).
+    fn promote_caught_up_learners(&mut self) {
+        if !self.is_leader() || self.raw.raft.has_pending_conf() || self.pending_change.is_some() {
+            return;
+        }
+        let commit = self.raw.raft.raft_log.committed;
+        let learners: Vec<u64> = self
+            .raw
+            .raft
+            .prs()
+            .conf()
+            .learners()
+            .iter()
+            .copied()
+            .collect();
+        let Some(id) = learners.into_iter().find(|id| {
+            self.raw
+                .raft
+                .prs()
+                .get(*id)
+                .is_some_and(|p| p.matched >= commit && p.recent_active)
+        }) else {
+            return;
+        };
+        let mut cc = ConfChange::default();
+        cc.set_change_type(ConfChangeType::AddNode);
+        cc.node_id = id;
+        let description = format!("promote node {id} to voter");
+        tracing::info!(node = id, "learner caught up; promoting it to voter");
+        self.propose_change(cc, Vec::new(), description, None);
+    }
+
+    fn propose_change(
+        &mut self,
+        cc: ConfChange,
+        context: Vec<u8>,
+        description: String,
+        reply: Option<oneshot::Sender<Result<(), ProposeError>>>,
+    ) {
+        let expected = self.raw.raft.raft_log.last_index() + 1;
+        let term = self.raw.raft.term;
+        match self.raw.propose_conf_change(context, cc) {
+            Ok(()) if self.raw.raft.raft_log.last_index() == expected => {
+                self.pending_change = Some(PendingChange {
+                    index: expected,
+                    term,
+                    description,
+                    reply,
+                });
+            }
+            Ok(()) => {
+                if let Some(reply) = reply {
+                    let _ = reply.send(Err(ProposeError::Dropped));
+                }
+            }
+            Err(e) => {
+                if let Some(reply) = reply {
+                    let _ = reply.send(Err(ProposeError::Raft(e.to_string())));
+                }
+            }
+        }
+    }
+
+    fn change_membership(
+        &mut self,
+        change: MembershipChange,
+        reply: oneshot::Sender<Result<(), ProposeError>>,
+    ) {
+        if !self.is_leader() {
+            let _ = reply.send(Err(ProposeError::NotLeader {
+                leader: self.leader_id(),
+            }));
+            return;
+        }
+        if let Some(pending) = &self.pending_change {
+            let _ = reply.send(Err(ProposeError::Membership(format!(
+                "another membership change is pending ({}, at index {}): retry once it is applied",
+                pending.description, pending.index
+            ))));
+            return;
+        }
+        if self.raw.raft.has_pending_conf() {
+            let _ = reply.send(Err(ProposeError::Membership(format!(
+                "another membership change is pending (at index {}): retry once it is applied",
+                self.raw.raft.pending_conf_index
+            ))));
+            return;
+        }
+        let conf = self.raw.raft.prs().conf();
+        let voters: Vec<u64> = conf.voters().ids().iter().collect();
+        let is_member = |id: u64| voters.contains(&id) || conf.learners().contains(&id);
+        let refusal = match &change {
+            MembershipChange::Add { id: 0, .. } => Some("node id 0 is reserved by raft".to_owned()),
+            MembershipChange::Add { id, .. } if is_member(*id) => {
+                Some(format!("node {id} is already a member"))
+            }
+            MembershipChange::Remove { id } if !is_member(*id) => {
+                Some(format!("node {id} is not a member"))
+            }
+            MembershipChange::Remove { id } if *id == self.raw.raft.id => Some(format!(
+                "node {id} is the leader: stop it, and remove it from the new leader once one \
+                 is elected"
+            )),
+            MembershipChange::Remove { id } if voters == [*id] => {
+                Some(format!("node {id} is the last voter"))
+            }
+            _ => None,
+        };
+        if let Some(refusal) = refusal {
+            let _ = reply.send(Err(ProposeError::Membership(refusal)));
+            return;
+        }
+        let mut cc = ConfChange::default();
+        let context = match &change {
+            MembershipChange::Add { id, address } => {
+                cc.set_change_type(ConfChangeType::AddLearnerNode);
+                cc.node_id = *id;
+                address.clone().into_bytes()
+            }
+            MembershipChange::Remove { id } => {
+                cc.set_change_type(ConfChangeType::RemoveNode);
+                cc.node_id = *id;
+                Vec::new()
+            }
+        };
+        tracing::info!(%change, "proposing a membership change");
+        self.propose_change(cc, context, change.to_string(), Some(reply));
+    }
+
+    fn cluster_status(&self) -> ClusterStatus {
+        let raft = &self.raw.raft;
+        let conf = raft.prs().conf();
+        let progress = self.is_leader().then(|| {
+            raft.prs()
+                .iter()
+                .map(|(id, p)| {
+                    let state = match p.state {
+                        ProgressState::Probe => "probe",
+                        ProgressState::Replicate => "replicate",
+                        ProgressState::Snapshot => "snapshot",
+                    };
+                    let progress = MemberProgress {
+                        matched: p.matched,
+                        state,
+                        recent_active: p.recent_active || *id == raft.id,
+                    };
+                    (*id, progress)
+                })
+                .collect()
+        });
+        ClusterStatus {
+            id: raft.id,
+            role: role_of(raft.state),
+            leader: self.leader_id(),
+            term: raft.term,
+            commit: raft.raft_log.committed,
+            applied: self.applied,
+            last_index: raft.raft_log.last_index(),
+            voters: conf.voters().ids().iter().collect(),
+            learners: conf.learners().iter().copied().collect(),
+            progress,
+            pending_change: self.pending_change.as_ref().map(|p| p.description.clone()),
+        }
     }
 
     fn handle(&mut self, request: Request) {
@@ -359,6 +765,55 @@ impl<T: Transport> RaftNode<T> {
                     tracing::debug!(error = %e, "ignored raft message");
                 }
             }
+            Request::ReadIndex { reply } => {
+                if !self.is_leader() {
+                    let _ = reply.send(Err(ProposeError::NotLeader {
+                        leader: self.leader_id(),
+                    }));
+                    return;
+                }
+                self.next_read += 1;
+                let context = self.next_read;
+                self.raw.read_index(context.to_be_bytes().to_vec());
+                self.reads_asked.insert(context, (Instant::now(), reply));
+            }
+            Request::ChangeMembership { change, reply } => self.change_membership(change, reply),
+            Request::Status { reply } => {
+                let _ = reply.send(self.cluster_status());
+            }
+        }
+    }
+
+    /// Read-index rounds that the quorum confirmed, and confirmed reads now applied.
+    fn on_read_states(&mut self, states: Vec<raft::ReadState>) {
+        for state in states {
+            let Ok(context) = <[u8; 8]>::try_from(state.request_ctx.as_slice()) else {
+                continue;
+            };
+            if let Some((_, reply)) = self.reads_asked.remove(&u64::from_be_bytes(context)) {
+                self.reads_confirmed.push((state.index, reply));
+            }
+        }
+    }
+
+    fn answer_reads(&mut self) {
+        if !self.is_leader() {
+            let leader = self.leader_id();
+            for (_, (_, reply)) in self.reads_asked.drain() {
+                let _ = reply.send(Err(ProposeError::NotLeader { leader }));
+            }
+            for (_, reply) in self.reads_confirmed.drain(..) {
+                let _ = reply.send(Err(ProposeError::NotLeader { leader }));
+            }
+            return;
+        }
+        let applied = self.applied;
+        let (done, waiting) = std::mem::take(&mut self.reads_confirmed)
+            .into_iter()
+            .partition(|(index, _)| *index <= applied);
+        self.reads_confirmed = waiting;
+        for (index, reply) in done {
+            let _ = reply.send(Ok(index));
         }
     }
 
@@ -377,6 +832,7 @@ impl<T: Transport> RaftNode<T> {
         }
         let mut ready = self.raw.ready();
         self.send(ready.take_messages());
+        let read_states = ready.take_read_states();
         if !ready.snapshot().is_empty() {
             let snapshot = ready.snapshot().clone();
             let registry = decode(snapshot.get_data())?;
@@ -386,6 +842,7 @@ impl<T: Transport> RaftNode<T> {
             self.registry = registry;
             self.applied = index;
             self.last_snapshot = index;
+            self.learn_addresses();
         }
         self.apply_entries(ready.take_committed_entries())?;
         self.storage
@@ -398,12 +855,34 @@ impl<T: Transport> RaftNode<T> {
         self.send(light.take_messages());
         self.apply_entries(light.take_committed_entries())?;
         self.raw.advance_apply();
+        self.on_read_states(read_states);
         self.maybe_snapshot()?;
         self.publish();
         for (reply, answer) in self.answers.drain(..) {
             let _ = reply.send(answer);
         }
+        self.answer_reads();
+        self.on_role_change();
         Ok(())
+    }
+
+    /// A leader that stepped down answers the membership change it proposed (it may still
+    /// commit under the next leader; the caller checks `cluster status`).
+    fn on_role_change(&mut self) {
+        let leader = self.is_leader();
+        if self.was_leader && !leader {
+            tracing::warn!(term = self.raw.raft.term, "no longer the leader");
+            if let Some(mut pending) = self.pending_change.take()
+                && let Some(reply) = pending.reply.take()
+            {
+                let _ = reply.send(Err(ProposeError::NotLeader {
+                    leader: self.leader_id(),
+                }));
+            }
+        } else if leader && !self.was_leader {
+            tracing::info!(term = self.raw.raft.term, "became the leader");
+        }
+        self.was_leader = leader;
     }
 
     fn apply_entries(&mut self, entries: Vec<Entry>) -> Result<(), NodeError> {
@@ -426,7 +905,9 @@ impl<T: Transport> RaftNode<T> {
                         .map_err(|e| NodeError::Raft(raft::Error::CodecError(e)))?;
                     let cs = self.raw.apply_conf_change(&cc)?;
                     self.storage.set_conf_state(&cs)?;
+                    self.record_member(&cc, &entry.context);
                     conf_changed = true;
+                    self.answer_change(entry.index, entry.term);
                     None
                 }
                 EntryType::EntryConfChangeV2 => {
@@ -449,12 +930,56 @@ impl<T: Transport> RaftNode<T> {
             }
         }
         self.applied = last;
-        // Everything else is replayed from the log on restart (module docs).
+        // Everything else is replayed from the log on restart (module docs). A conf change
+        // also changes what a new member must be sent: a snapshot holding the new membership
+        // (raft refuses to restore one it is not in), so one is taken at once.
         if conf_changed {
-            let bytes = serde_json::to_vec(&self.registry).map_err(NodeError::CorruptState)?;
-            self.storage.save_applied(last, &bytes)?;
+            self.take_snapshot(false)?;
         }
         Ok(())
+    }
+
+    /// Keeps the members' addresses in the registry (so snapshots carry them) and the book.
+    fn record_member(&mut self, cc: &ConfChange, context: &[u8]) {
+        let id = cc.node_id;
+        match cc.get_change_type() {
+            ConfChangeType::AddNode | ConfChangeType::AddLearnerNode => {
+                if let Ok(address) = std::str::from_utf8(context)
+                    && !address.is_empty()
+                {
+                    self.registry.members.insert(id, address.to_owned());
+                    self.book.set(id, address);
+                }
+                tracing::info!(node = id, change = ?cc.get_change_type(), "membership changed");
+            }
+            ConfChangeType::RemoveNode => {
+                self.registry.members.remove(&id);
+                self.transport.forget(id);
+                if id == self.raw.raft.id {
+                    tracing::warn!("this node was removed from the cluster; it no longer votes");
+                } else {
+                    tracing::info!(node = id, "member removed");
+                }
+            }
+        }
+    }
+
+    fn answer_change(&mut self, index: u64, term: u64) {
+        if self
+            .pending_change
+            .as_ref()
+            .is_some_and(|p| p.index == index)
+        {
+            let mut pending = self.pending_change.take().expect("checked");
+            if let Some(reply) = pending.reply.take() {
+                let answer = if pending.term == term {
+                    Ok(())
+                } else {
+                    Err(ProposeError::Dropped)
+                };
+                let _ = reply.send(answer);
+            }
+        }
     }
 
     fn apply_command(
@@ -496,22 +1021,34 @@ impl<T: Transport> RaftNode<T> {
         if self.applied < self.last_snapshot + self.snapshot_every {
             return Ok(());
         }
+        self.take_snapshot(true)
+    }
+
+    /// Snapshots the registry at the applied index (with the current membership), and
+    /// compacts the log below it when `compact`.
+    fn take_snapshot(&mut self, compact: bool) -> Result<(), NodeError> {
+        if self.storage.snapshot_metadata().index >= self.applied {
+            return Ok(());
+        }
         let data = serde_json::to_vec(&self.registry).map_err(NodeError::CorruptState)?;
         let conf_state = self.storage.conf_state();
         self.storage
             .create_snapshot(self.applied, conf_state, data)?;
-        self.storage.compact(self.applied)?;
-        self.last_snapshot = self.applied;
-        tracing::info!(index = self.applied, "snapshot taken, log compacted");
+        if compact {
+            self.storage.compact(self.applied)?;
+            self.last_snapshot = self.applied;
+            tracing::info!(index = self.applied, "snapshot taken, log compacted");
+        } else {
+            tracing::info!(
+                index = self.applied,
+                "snapshot taken for the new membership"
+            );
+        }
         Ok(())
     }
 
     fn publish(&mut self) {
-        let role = match self.raw.raft.state {
-            StateRole::Leader => Role::Leader,
-            StateRole::Candidate | StateRole::PreCandidate => Role::Candidate,
-            StateRole::Follower => Role::Follower,
-        };
+        let role = role_of(self.raw.raft.state);
         let leader = Some(self.raw.raft.leader_id).filter(|&l| l != 0);
         let term = self.raw.raft.term;
         let applied = self.applied;
@@ -536,6 +1073,14 @@ impl<T: Transport> RaftNode<T> {
             term,
             applied,
         }));
+    }
+}
+
+fn role_of(state: StateRole) -> Role {
+    match state {
+        StateRole::Leader => Role::Leader,
+        StateRole::Candidate | StateRole::PreCandidate => Role::Candidate,
+        StateRole::Follower => Role::Follower,
     }
 }
 

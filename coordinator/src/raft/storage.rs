@@ -278,6 +278,12 @@ impl SledStorage {
     /// matching hard state and conf state. No-op if anything is stored already (membership on
     /// disk wins over the caller's idea of it).
     pub fn initialize_if_empty(&self, voters: &[u64]) -> Result<(), StorageError> {
+        self.initialize_with(voters, Vec::new())
+    }
+
+    /// [`SledStorage::initialize_if_empty`] with `data` as the bootstrap snapshot's state
+    /// machine (every member of a new group must be given the same).
+    pub fn initialize_with(&self, voters: &[u64], data: Vec<u8>) -> Result<(), StorageError> {
         if voters.is_empty() {
             return Err(StorageError::NoVoters);
         }
@@ -296,6 +302,7 @@ impl SledStorage {
         meta.index = INITIAL_INDEX;
         meta.term = INITIAL_TERM;
         meta.mut_conf_state().voters = voters.to_vec();
+        snapshot.data = data.into();
         self.apply_snapshot(snapshot)
     }
 
