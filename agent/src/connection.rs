@@ -5,7 +5,8 @@
 //! 1. connect to the next coordinator address (a `NotLeader` hint goes first, then the
 //!    configured addresses in turn);
 //! 2. queue `Register` (with the last applied generation) as the first outbound message,
-//!    drop reports measured while disconnected, open the stream;
+//!    queue the reports measured while disconnected (merged into one, at most
+//!    `MAX_CARRIED_MS` of them), open the stream;
 //! 3. forward reports and acks up, and hand desired states down to the applier through a
 //!    `watch` channel, which keeps only the newest (so queued states coalesce).
 //!
@@ -22,7 +23,9 @@
 //! logged as an error and retried with backoff, so the connected agent keeps its name and the
 //! two never take turns.
 //!
-//! Reports are soft state: dropped while disconnected, never queued. Acks are kept (a few)
+//! Reports measured while no session was open are not lost: they are merged (counts add up)
+//! into the first report after `Register`, up to 30 s of them, so a leader change does not
+//! remove the requests served meanwhile from the rollout's evidence. Acks are kept (a few)
 //! and sent after the next `Register`.
 
 use std::time::Duration;
@@ -81,7 +84,17 @@ impl Backoff {
     pub fn reset(&mut self) {
         self.step = INITIAL_BACKOFF;
     }
+
+    /// Keeps the step at or below `cap` (a member answered that the group is electing:
+    /// worth asking again soon, not after the full backoff).
+    pub fn cap(&mut self, cap: Duration) {
+        self.step = self.step.min(cap);
+    }
 }
+
+/// The longest wait between attempts while members answer that no leader is elected yet
+/// (an election takes 1-2 s).
+pub const ELECTION_BACKOFF: Duration = Duration::from_millis(800);
 
 /// The coordinator addresses, tried in turn; a leader hint is tried next, once.
 #[derive(Debug, Clone)]
@@ -253,11 +266,22 @@ impl Connection {
                 );
             }
             SessionEnd::NotLeader { hint } => {
+                // A member answered: the group is alive. With a hint, the leader is known:
+                // go there at once; without one, it is electing: ask again soon.
                 self.failures += 1;
-                tracing::info!(
-                    coordinator = %address, leader_hint = %hint,
-                    "coordinator is not the leader; trying the hint"
-                );
+                if hint.is_empty() {
+                    self.backoff.cap(ELECTION_BACKOFF);
+                    tracing::info!(
+                        coordinator = %address,
+                        "coordinator is not the leader and knows none yet (electing); retrying soon"
+                    );
+                } else {
+                    self.backoff.reset();
+                    tracing::info!(
+                        coordinator = %address, leader_hint = %hint,
+                        "coordinator is not the leader; trying the leader it names"
+                    );
+                }
                 self.coordinators.prefer(&hint);
             }
             SessionEnd::DuplicateName(message) if !self.registered => {
@@ -314,8 +338,20 @@ impl Connection {
         if out_tx.try_send(self.register_message()).is_err() {
             return SessionEnd::Failed("outbound stream closed before Register".into());
         }
-        // Reports measured while disconnected are soft state: drop them.
-        while self.reports.try_recv().is_ok() {}
+        // Reports measured while disconnected go up right after Register, merged into one
+        // (the collector carries what did not fit in the queue into its next report).
+        let mut queued: Option<pb::Report> = None;
+        while let Ok(report) = self.reports.try_recv() {
+            queued = Some(match queued.take() {
+                Some(older) => crate::runtime::merge_reports(older, report),
+                None => report,
+            });
+        }
+        if let Some(report) = queued {
+            let _ = out_tx.try_send(pb::AgentMessage {
+                body: Some(pb::agent_message::Body::Report(report)),
+            });
+        }
 
         let mut client = AgentServiceClient::new(channel);
         let opened = tokio::select! {
@@ -511,18 +547,44 @@ mod tests {
         .expect("not fatal");
         assert!(conn.backoff.next_delay() <= INITIAL_BACKOFF);
 
-        // Attempts that never registered continue the streak.
-        for end in [
+        // Attempts that reached no coordinator continue the streak.
+        let mut conn = test_connection();
+        escalate(&mut conn);
+        conn.on_end(
+            "http://a:1",
             SessionEnd::Failed("connection refused".into()),
+        )
+        .expect("not fatal");
+        assert!(conn.backoff.next_delay() >= MAX_BACKOFF / 2);
+    }
+
+    #[test]
+    fn a_member_that_names_the_leader_is_followed_at_once_and_one_electing_soon() {
+        let mut conn = test_connection();
+        escalate(&mut conn);
+        conn.on_end(
+            "http://a:1",
+            SessionEnd::NotLeader {
+                hint: "http://b:2".into(),
+            },
+        )
+        .expect("not fatal");
+        assert!(conn.backoff.next_delay() <= INITIAL_BACKOFF);
+
+        let mut conn = test_connection();
+        escalate(&mut conn);
+        conn.on_end(
+            "http://a:1",
             SessionEnd::NotLeader {
                 hint: String::new(),
             },
-        ] {
-            let mut conn = test_connection();
-            escalate(&mut conn);
-            conn.on_end("http://a:1", end).expect("not fatal");
-            assert!(conn.backoff.next_delay() >= MAX_BACKOFF / 2);
-        }
+        )
+        .expect("not fatal");
+        let delay = conn.backoff.next_delay();
+        assert!(
+            delay <= ELECTION_BACKOFF && delay >= ELECTION_BACKOFF / 2,
+            "{delay:?}"
+        );
     }
 
     #[test]

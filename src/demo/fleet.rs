@@ -142,7 +142,7 @@ pub fn version_of(service: &str, side: Side) -> &'static str {
 
 /// A port in 20000..32000 (below Linux's ephemeral range, so the load's outgoing connections
 /// cannot take it meanwhile) that is free on every one of `addresses` now.
-fn port_free_on(addresses: &[Ipv4Addr], taken: &[u16]) -> anyhow::Result<u16> {
+pub(super) fn port_free_on(addresses: &[Ipv4Addr], taken: &[u16]) -> anyhow::Result<u16> {
     for _ in 0..1000 {
         let port: u16 = rand::random_range(20_000..32_000);
         if taken.contains(&port) {
@@ -204,12 +204,12 @@ pub struct Fleet {
 
 impl Fleet {
     /// Starts the balancer's nginx and every app host's processes (waiting until each app
-    /// answers), all pointed at the coordinator at `coordinator`, and writes the balancer's
+    /// answers), all pointed at the coordinator group at `coordinators`, and writes the balancer's
     /// agent config; [`Fleet::start_balancer`] starts that agent.
     pub async fn start(
         dir: &Path,
         nginx_binary: &Path,
-        coordinator: SocketAddr,
+        coordinators: &[SocketAddr],
     ) -> anyhow::Result<Fleet> {
         let serin = std::env::current_exe().context("finding the serin binary to run")?;
         let plan = plan();
@@ -265,12 +265,12 @@ impl Fleet {
             let agent_toml = match &host.role {
                 Role::Balancer => {
                     running.listen = fleet.balancer_listen.iter().map(|(_, l)| *l).collect();
-                    balancer_config(&host, coordinator, &host_dir, &settings)
+                    balancer_config(&host, coordinators, &host_dir, &settings)
                 }
                 Role::Worker => {
                     let listen = SocketAddr::from((host.address, app_port));
                     running.listen = vec![listen];
-                    worker_config(&host, coordinator, &host_dir, listen)
+                    worker_config(&host, coordinators, &host_dir, listen)
                 }
                 Role::Gateway => {
                     let listen = SocketAddr::from((host.address, app_port));
@@ -299,7 +299,7 @@ impl Fleet {
                 Role::Bot { side } => {
                     let listen = SocketAddr::from((host.address, app_port));
                     running.listen = vec![listen];
-                    bot_config(&host, coordinator, &host_dir, listen, *side)
+                    bot_config(&host, coordinators, &host_dir, listen, *side)
                 }
                 Role::App { version, .. } => {
                     let listen = SocketAddr::from((host.address, app_port));
@@ -319,7 +319,7 @@ impl Fleet {
                         ],
                     )?;
                     running.procs.push(app);
-                    app_config(&host, coordinator, &host_dir, listen)
+                    app_config(&host, coordinators, &host_dir, listen)
                 }
             };
             if host.role == Role::Gateway {
@@ -554,17 +554,22 @@ fn last_lines(path: &Path, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join(" | ")
 }
 
-fn common_config(host: &HostPlan, coordinator: SocketAddr, dir: &Path) -> String {
+fn common_config(host: &HostPlan, coordinators: &[SocketAddr], dir: &Path) -> String {
+    let coordinators: Vec<String> = coordinators
+        .iter()
+        .map(|c| format!("\"http://{c}\""))
+        .collect();
     format!(
         "# Written by `serin demo`: the agent of host {name} ({address}).\n\
          name = \"{name}\"\n\
-         coordinators = [\"http://{coordinator}\"]\n\
+         coordinators = [{coordinators}]\n\
          interval = \"{interval}s\"\n\
          data_dir = \"{data}\"\n\n\
          [labels]\n\
          host_address = \"{address}\"\n",
         name = host.name,
         address = host.address,
+        coordinators = coordinators.join(", "),
         interval = AGENT_INTERVAL.as_secs(),
         data = dir.join("agent-data").display(),
     )
@@ -574,13 +579,13 @@ fn common_config(host: &HostPlan, coordinator: SocketAddr, dir: &Path) -> String
 /// own counters (it has no HTTP traffic).
 fn worker_config(
     host: &HostPlan,
-    coordinator: SocketAddr,
+    coordinators: &[SocketAddr],
     dir: &Path,
     listen: SocketAddr,
 ) -> String {
     format!(
         "{}\n[[instances]]\nname = \"{name}\"\nservice = \"{WORKER_SERVICE}\"\nvariant = \"stable\"\naddress = \"{listen}\"\nmetrics_url = \"http://{listen}/metrics\"\nmanaged = true\nmetrics = {{ requests = \"worker_jobs_processed_total\", errors = \"worker_jobs_failed_total\", latency = \"worker_job_duration_seconds\" }}\n",
-        common_config(host, coordinator, dir),
+        common_config(host, coordinators, dir),
         name = host.name,
     )
 }
@@ -589,7 +594,7 @@ fn worker_config(
 /// the bot's own event counters.
 fn bot_config(
     host: &HostPlan,
-    coordinator: SocketAddr,
+    coordinators: &[SocketAddr],
     dir: &Path,
     listen: SocketAddr,
     side: Side,
@@ -600,13 +605,18 @@ fn bot_config(
     };
     format!(
         "{}\n[[instances]]\nname = \"{name}\"\nservice = \"{BOT_SERVICE}\"\nvariant = \"{variant}\"\naddress = \"{listen}\"\nmetrics_url = \"http://{listen}/metrics\"\nmanaged = true\nmetrics = {{ requests = \"bot_events_total\", errors = \"bot_events_failed_total\", latency = \"bot_event_duration_seconds\" }}\n",
-        common_config(host, coordinator, dir),
+        common_config(host, coordinators, dir),
         name = host.name,
     )
 }
 
 /// An app host's agent: its one instance, nothing else.
-fn app_config(host: &HostPlan, coordinator: SocketAddr, dir: &Path, listen: SocketAddr) -> String {
+fn app_config(
+    host: &HostPlan,
+    coordinators: &[SocketAddr],
+    dir: &Path,
+    listen: SocketAddr,
+) -> String {
     let Role::App { service, side, .. } = &host.role else {
         unreachable!("app_config is called for app hosts only")
     };
@@ -616,7 +626,7 @@ fn app_config(host: &HostPlan, coordinator: SocketAddr, dir: &Path, listen: Sock
     };
     format!(
         "{}\n[[instances]]\nname = \"{name}\"\nservice = \"{service}\"\nvariant = \"{variant}\"\naddress = \"{listen}\"\nmetrics_url = \"http://{listen}/metrics\"\n",
-        common_config(host, coordinator, dir),
+        common_config(host, coordinators, dir),
         name = host.name,
     )
 }
@@ -624,13 +634,13 @@ fn app_config(host: &HostPlan, coordinator: SocketAddr, dir: &Path, listen: Sock
 /// The balancer's agent: `[nginx]` carrying every service, no instances.
 fn balancer_config(
     host: &HostPlan,
-    coordinator: SocketAddr,
+    coordinators: &[SocketAddr],
     dir: &Path,
     nginx: &NginxSettings,
 ) -> String {
     let mut text = format!(
         "{}\n# No [[instances]]: the upstream servers come from the coordinator's inventory.\n[nginx]\nbinary = \"{}\"\nconfig = \"{}\"\nsite = \"{}\"\n",
-        common_config(host, coordinator, dir),
+        common_config(host, coordinators, dir),
         nginx.binary.display(),
         nginx.config.display(),
         nginx.site.display(),
@@ -691,7 +701,7 @@ mod tests {
         let listen = SocketAddr::from((host.address, 24_000));
         let text = app_config(
             host,
-            "127.0.0.1:7000".parse().expect("addr"),
+            &["127.0.0.1:7000".parse().expect("addr")],
             Path::new("/tmp/demo/web-1"),
             listen,
         );
@@ -727,7 +737,7 @@ mod tests {
         };
         let text = balancer_config(
             host,
-            "127.0.0.1:7000".parse().expect("addr"),
+            &["127.0.0.1:7000".parse().expect("addr")],
             Path::new("/tmp/demo/lb"),
             &settings,
         );

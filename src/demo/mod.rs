@@ -1,12 +1,14 @@
 //! `serin demo`: real rollouts on the fleet shape serin is for, on one machine, shown live and
 //! checked.
 //!
-//! The shape ([`fleet`]): a coordinator (in this process), a balancer host running nginx and a
+//! The shape ([`fleet`]): a coordinator group of three processes ([`cluster`]), a balancer host running nginx and a
 //! balancer-only agent, and six app hosts, each on its own loopback address with its own
 //! `serin demo-app` and its own `serin agent` process that declares and scrapes only that
 //! host's instance. The balancer's upstreams come from the coordinator's inventory, as on a
 //! real fleet. Then ([`scenario`]):
 //! 1. `web` v1.0.0 → v1.1.0, a good canary, through 1 → 5 → 25 → 50 → 100 % to promotion;
+//!    at 25 % the coordinator leader is SIGKILLed: another member is elected, the agents and
+//!    the demo follow it, the killed member is restarted, and the rollout carries on;
 //! 2. `api` v2.3.0 → v2.4.0: at 25 % the canary fails half its requests; serin must roll it
 //!    back by itself and the balancer must stop sending it traffic;
 //! 3. a stable `api` host dies; the coordinator must take it out of the upstream after
@@ -21,6 +23,7 @@
 //! on Ctrl-C.
 
 mod bots;
+mod cluster;
 mod fleet;
 mod load;
 mod scenario;

@@ -11,10 +11,10 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use super::cluster::{Coordinators, MEMBERS};
 use anyhow::{Context, bail};
 use serin_coordinator::control::now_millis;
 use serin_coordinator::metrics::Side;
-use serin_coordinator::server::CoordinatorConfig;
 use serin_proto::v1::{
     GetRolloutRequest, ListAgentsRequest, ListServicesRequest, Rollout, ServiceView,
     StartRolloutRequest, control_service_client::ControlServiceClient,
@@ -51,43 +51,52 @@ pub async fn run(
     stop: &CancellationToken,
     tasks: &mut Vec<JoinHandle<anyhow::Result<()>>>,
 ) -> anyhow::Result<bool> {
-    // The coordinator, in this process.
-    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-    let mut config = CoordinatorConfig::on_loopback(dir.join("coordinator"));
-    config.remove_unhealthy_after = REMOVE_UNHEALTHY_AFTER;
-    let token = stop.clone();
-    tasks.push(tokio::spawn(async move {
-        serin_coordinator::server::run(config, token, Some(ready_tx))
-            .await
-            .map_err(Into::into)
-    }));
-    let coordinator = ready_rx
-        .await
-        .context("the coordinator did not start (see the error above)")?;
+    // The coordinator: a group of three processes.
+    let serin = std::env::current_exe().context("finding the serin binary to run")?;
+    let started = Instant::now();
+    let mut coordinators = Coordinators::start(&serin, dir, REMOVE_UNHEALTHY_AFTER).await?;
+    let (leader, _) = coordinators
+        .wait_leader(Duration::from_secs(20), None)
+        .await?;
+    say(&format!(
+        "coordinator group of {MEMBERS} processes up; node {leader} elected leader in {:.1} s",
+        started.elapsed().as_secs_f64()
+    ));
 
-    let mut fleet = Fleet::start(dir, nginx_binary, coordinator).await?;
-    let result = drive(args, dir, coordinator, &mut fleet, stop, tasks).await;
-    let exited = fleet.exited();
-    if result.is_err() && !exited.is_empty() {
-        say(&format!("processes that exited: {}", exited.join("; ")));
-    }
-    fleet.shutdown().await;
+    let result = match Fleet::start(dir, nginx_binary, &coordinators.addresses()).await {
+        Ok(mut fleet) => {
+            let result = drive(args, dir, &mut coordinators, &mut fleet, stop, tasks).await;
+            let mut exited = fleet.exited();
+            exited.extend(coordinators.exited());
+            if result.is_err() && !exited.is_empty() {
+                say(&format!("processes that exited: {}", exited.join("; ")));
+            }
+            fleet.shutdown().await;
+            result
+        }
+        Err(e) => Err(e),
+    };
+    coordinators.shutdown().await;
     result
 }
 
-fn print_shape(fleet: &Fleet, coordinator: std::net::SocketAddr) {
+fn print_shape(fleet: &Fleet, coordinators: &[std::net::SocketAddr]) {
     say("");
     say("── the fleet: one agent process per host, each host on its own loopback address ──");
     say(&format!(
         "  {:<12} {:<17} {}",
         "HOST", "ADDRESS", "RUNS (pid)"
     ));
-    say(&format!(
-        "  {:<12} {:<17} the coordinator (in this process; raft, 1 voter; remove_unhealthy_after = {}s)",
-        "coordinator",
-        coordinator.to_string(),
-        REMOVE_UNHEALTHY_AFTER.as_secs()
-    ));
+    for (i, addr) in coordinators.iter().enumerate() {
+        say(&format!(
+            "  {:<12} {:<17} serin coordinator, raft member {} of {} (remove_unhealthy_after = {}s)",
+            format!("coordinator-{}", i + 1),
+            addr.to_string(),
+            i + 1,
+            coordinators.len(),
+            REMOVE_UNHEALTHY_AFTER.as_secs()
+        ));
+    }
     for host in &fleet.hosts {
         let pids = host
             .pids()
@@ -170,16 +179,16 @@ impl Finished {
 async fn drive(
     args: &DemoArgs,
     dir: &Path,
-    coordinator: std::net::SocketAddr,
+    coordinators: &mut Coordinators,
     fleet: &mut Fleet,
     stop: &CancellationToken,
     tasks: &mut Vec<JoinHandle<anyhow::Result<()>>>,
 ) -> anyhow::Result<bool> {
-    let mut client = ControlServiceClient::connect(format!("http://{coordinator}")).await?;
+    let mut client = coordinators.leader_client().await?;
     let ready = Instant::now();
     wait_fleet_ready(&mut client, fleet, false).await?;
     fleet.start_balancer().await?;
-    print_shape(fleet, coordinator);
+    print_shape(fleet, &coordinators.addresses());
     wait_fleet_ready(&mut client, fleet, true).await?;
     say(&format!(
         "fleet ready in {:.1} s: {} agents connected; lb routes each service to its stable hosts",
@@ -217,7 +226,8 @@ async fn drive(
     say("");
     say("── rollout 1: web v1.0.0 → v1.1.0 (healthy canary on web-3) ───────────────────────");
     let good = start(&mut client, "web", "v1.1.0", "v1.0.0", &strategy).await?;
-    let good = watch(&mut client, &good.id, |_| async {}).await?;
+    let (good, failover) =
+        watch_through_failover(&mut client, coordinators, fleet, &good.id).await?;
     let good = finish(&mut client, good).await?;
 
     // The bad canary.
@@ -287,6 +297,28 @@ async fn drive(
             bad.rollout.state
         )
     });
+    match &failover {
+        Some(f) => {
+            say(&format!(
+                "coordinator: leader coordinator-{} killed during the web rollout → coordinator-{} elected in {:.1} s, {}/{} agents back in {:.1} s; the rollout carried on",
+                f.killed,
+                f.new_leader,
+                f.to_leader.as_secs_f64(),
+                f.agents_back,
+                f.agents,
+                f.to_agents.as_secs_f64()
+            ));
+            verdict.require(f.agents_back == f.agents, || {
+                format!(
+                    "coordinator: only {}/{} agents reconnected to the new leader",
+                    f.agents_back, f.agents
+                )
+            });
+        }
+        None => verdict.require(false, || {
+            "coordinator: the web rollout finished before the leader could be killed".into()
+        }),
+    }
     say(&format!(
         "web  {}  {}  stages passed {}/{} — {}",
         good.rollout.id,
@@ -328,9 +360,19 @@ async fn drive(
         AGENT_INTERVAL.as_secs(),
         EDGE_SLACK_MS as f64 / 1000.0,
     ));
-    for (service, finished, answers) in [("web", &good, &answers_web), ("api", &bad, &answers_api)]
-    {
-        verify_counts(service, finished, answers, edge_ms, &mut verdict);
+    let lost_at_death = failover.as_ref().map(|f| {
+        let window = (f.killed_at_ms - LOST_AT_DEATH_MS, f.killed_at_ms + EDGE_SLACK_MS);
+        say(&format!(
+            "        and for web, the {:.1} s before the leader died: the reports it had not checkpointed or that were in flight to it",
+            LOST_AT_DEATH_MS as f64 / 1000.0
+        ));
+        window
+    });
+    for (service, finished, answers, lost) in [
+        ("web", &good, &answers_web, lost_at_death),
+        ("api", &bad, &answers_api, None),
+    ] {
+        verify_counts(service, finished, answers, edge_ms, lost, &mut verdict);
     }
     say(&format!(
         "split: the canary's share through the balancer at each stage vs its weight \
@@ -641,6 +683,7 @@ fn verify_counts(
     finished: &Finished,
     answers: &[Answer],
     edge_ms: i64,
+    lost: Option<(i64, i64)>,
     verdict: &mut Verdict,
 ) {
     let evidence = &finished.record.evidence;
@@ -664,6 +707,10 @@ fn verify_counts(
             (finished.rollout.started_at_ms, finished.end_ms()),
             edge_ms,
         );
+        let check = match lost {
+            Some(window) => check.allowing_loss(answers, window),
+            None => check,
+        };
         let mark = if check.holds() { "✓" } else { "✗" };
         say(&format!(
             "  {mark} {service} {:<6} coordinator {:>5}, load generator {:>5} (allowed {}..={})",
@@ -1021,17 +1068,7 @@ where
             .into_inner()
             .rollout
             .context("empty reply")?;
-        for e in rollout.events.iter().skip(seen_events) {
-            // A driver action names its whole command line: its start is enough here.
-            let width = if e.kind == "deploy_action" { 150 } else { 400 };
-            say(&format!(
-                "  ▸ {:<18} {}",
-                e.kind,
-                crate::cli::output::one_line(&e.reason, width)
-            ));
-        }
-        seen_events = rollout.events.len();
-        say(&live_line(&rollout, started.elapsed()));
+        print_progress(&rollout, &mut seen_events, started);
         if matches!(
             rollout.state.as_str(),
             "promoted" | "rolled_back" | "aborted"
@@ -1044,6 +1081,154 @@ where
         on_update(rollout).await;
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
+}
+
+/// Prints the rollout's events not yet printed, then its live line.
+fn print_progress(rollout: &Rollout, seen_events: &mut usize, started: Instant) {
+    for e in rollout.events.iter().skip(*seen_events) {
+        // A driver action names its whole command line: its start is enough here.
+        let width = if e.kind == "deploy_action" { 150 } else { 400 };
+        say(&format!(
+            "  ▸ {:<18} {}",
+            e.kind,
+            crate::cli::output::one_line(&e.reason, width)
+        ));
+    }
+    *seen_events = rollout.events.len();
+    say(&live_line(rollout, started.elapsed()));
+}
+
+/// The leader killed during the good rollout, and how long the group took to recover.
+#[derive(Debug, Clone)]
+pub(super) struct Failover {
+    /// The member killed (the leader then).
+    pub killed: u64,
+    /// When, Unix milliseconds.
+    pub killed_at_ms: i64,
+    /// The member elected after it.
+    pub new_leader: u64,
+    /// From the SIGKILL to a new leader.
+    pub to_leader: Duration,
+    /// From the SIGKILL until every agent had a session with the new leader.
+    pub to_agents: Duration,
+    /// Agents connected to the new leader (of `agents`).
+    pub agents_back: usize,
+    /// Agents of the fleet.
+    pub agents: usize,
+}
+
+/// What a leader's death may take from a rollout's counts: the reports it received since its
+/// last committed checkpoint (`CHECKPOINT_EVERY`, 1 s) and those in flight to it (one agent
+/// interval), with the report latency.
+const LOST_AT_DEATH_MS: i64 = 1000 + AGENT_INTERVAL.as_millis() as i64 + EDGE_SLACK_MS;
+
+/// The stage at which [`watch_through_failover`] kills the leader (the third: 25 %).
+const KILL_AT_STAGE: u32 = 2;
+
+/// [`watch`], and once the rollout reaches [`KILL_AT_STAGE`], SIGKILLs the coordinator
+/// leader: waits for the group to elect another, follows it, waits until every agent is
+/// connected to it, restarts the killed member, and watches the rollout carry on.
+async fn watch_through_failover(
+    client: &mut ControlServiceClient<Channel>,
+    coordinators: &mut Coordinators,
+    fleet: &Fleet,
+    id: &str,
+) -> anyhow::Result<(Rollout, Option<Failover>)> {
+    let started = Instant::now();
+    let mut seen_events = 0;
+    let mut failover = None;
+    let agents = fleet
+        .hosts
+        .iter()
+        .filter(|h| h.plan.role != Role::Gateway)
+        .count();
+    loop {
+        let rollout = client
+            .get_rollout(GetRolloutRequest { id: id.into() })
+            .await?
+            .into_inner()
+            .rollout
+            .context("empty reply")?;
+        print_progress(&rollout, &mut seen_events, started);
+        if matches!(
+            rollout.state.as_str(),
+            "promoted" | "rolled_back" | "aborted"
+        ) {
+            return Ok((rollout, failover));
+        }
+        if started.elapsed() > Duration::from_secs(300) {
+            bail!("rollout {id} did not finish within 5 minutes");
+        }
+        if failover.is_none() && rollout.stage_index >= KILL_AT_STAGE {
+            let done = kill_the_leader(client, coordinators, agents, rollout.stage_index).await?;
+            failover = Some(done);
+            continue;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+async fn kill_the_leader(
+    client: &mut ControlServiceClient<Channel>,
+    coordinators: &mut Coordinators,
+    agents: usize,
+    stage_index: u32,
+) -> anyhow::Result<Failover> {
+    let (killed, addr) = coordinators
+        .wait_leader(Duration::from_secs(10), None)
+        .await?;
+    say(&format!(
+        "  !! SIGKILL coordinator-{killed} ({addr}), the leader, at stage {}",
+        stage_index + 1
+    ));
+    let killed_at = Instant::now();
+    let killed_at_ms = now_millis();
+    coordinators.kill(killed).await?;
+    let (new_leader, new_addr) = coordinators
+        .wait_leader(Duration::from_secs(15), Some(killed))
+        .await?;
+    let to_leader = killed_at.elapsed();
+    say(&format!(
+        "  ▸ [{:.1} s] coordinator-{new_leader} ({new_addr}) elected leader; the CLI and the agents follow it",
+        to_leader.as_secs_f64()
+    ));
+    *client = crate::cli::connect_to(&format!("http://{new_addr}"))
+        .await
+        .map_err(|e| anyhow::anyhow!("connecting to the new leader at {new_addr}: {e}"))?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let agents_back = loop {
+        let connected = match client.list_agents(ListAgentsRequest {}).await {
+            Ok(reply) => reply
+                .into_inner()
+                .agents
+                .iter()
+                .filter(|a| a.connected)
+                .count(),
+            Err(_) => 0,
+        };
+        if connected >= agents || Instant::now() > deadline {
+            break connected;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let to_agents = killed_at.elapsed();
+    say(&format!(
+        "  ▸ [{:.1} s] {agents_back}/{agents} agents connected to coordinator-{new_leader}",
+        to_agents.as_secs_f64()
+    ));
+    coordinators.restart(killed)?;
+    say(&format!(
+        "  ▸ coordinator-{killed} restarted on its data directory: it rejoins as a follower and catches up"
+    ));
+    Ok(Failover {
+        killed,
+        killed_at_ms,
+        new_leader,
+        to_leader,
+        to_agents,
+        agents_back,
+        agents,
+    })
 }
 
 /// `[ 12s] stage 2/5   5% progressing | canary  12 req err 0.0% p95  6ms | stable …`

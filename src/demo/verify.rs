@@ -127,6 +127,17 @@ impl CountCheck {
     pub fn holds(&self) -> bool {
         (self.low..=self.high).contains(&self.coordinator)
     }
+
+    /// Also holds when the coordinator missed what this side answered within `lost` (Unix
+    /// ms, `[from, to)`): a leader that dies takes with it the reports it received since its
+    /// last committed checkpoint and those in flight to it (see docs/cluster.md).
+    pub fn allowing_loss(mut self, answers: &[Answer], (from, to): (i64, i64)) -> CountCheck {
+        let lost = within(answers, from, to)
+            .filter(|a| a.side == Some(self.side))
+            .count() as u64;
+        self.low = self.low.saturating_sub(lost);
+        self
+    }
 }
 
 /// Compares `coordinator` (the coordinator's total of `side` over a rollout that ran over
@@ -401,5 +412,26 @@ mod tests {
             v.failures(),
             ["web: promoted expected", "api: 3 requests failed"]
         );
+    }
+
+    #[test]
+    fn a_loss_window_lowers_the_floor_by_what_the_side_answered_in_it() {
+        let answer = |at_ms, side| Answer {
+            sent_ms: at_ms - 5,
+            at_ms,
+            side: Some(side),
+            outcome: Outcome::Ok,
+        };
+        let answers = vec![
+            answer(1_000, Side::Stable),
+            answer(2_000, Side::Stable),
+            answer(2_500, Side::Canary),
+            answer(3_000, Side::Stable),
+        ];
+        let check = count_check(&answers, Side::Stable, 2, (0, 10_000), 100);
+        assert!(!check.holds(), "{check:?}");
+        let check = check.allowing_loss(&answers, (1_500, 2_600));
+        assert_eq!(check.low, 2);
+        assert!(check.holds());
     }
 }

@@ -66,6 +66,7 @@ impl<M: MetricsSource> Collector<M> {
         let mut ticker = tokio::time::interval(self.config.interval);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut previous: Option<Instant> = None;
+        let mut carried: Option<pb::Report> = None;
         loop {
             tokio::select! {
                 biased;
@@ -81,10 +82,16 @@ impl<M: MetricsSource> Collector<M> {
                 _ = shutdown.cancelled() => return,
                 report = self.collect(elapsed) => report,
             };
+            // What could not be sent (no session) goes with the next report.
+            let report = match carried.take() {
+                Some(older) => super::report::merge_reports(older, report),
+                None => report,
+            };
             match self.reports.try_send(report) {
                 Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    tracing::trace!(seq = self.seq, "not connected; report dropped");
+                Err(mpsc::error::TrySendError::Full(report)) => {
+                    tracing::trace!(seq = self.seq, "not connected; report carried to the next");
+                    carried = Some(report);
                 }
                 Err(mpsc::error::TrySendError::Closed(_)) => return,
             }

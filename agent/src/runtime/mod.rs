@@ -69,6 +69,7 @@ use crate::nginx::NginxActuator;
 use crate::store::LocalStore;
 use applier::Applier;
 use collector::Collector;
+pub(crate) use report::merge_reports;
 use report::register;
 pub use standalone::{StandaloneAck, StandaloneApplier};
 
