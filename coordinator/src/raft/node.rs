@@ -376,8 +376,25 @@ impl<T: Transport> RaftNode<T> {
         if messages.is_empty() {
             return;
         }
-        for peer in self.transport.send(messages) {
+        // raft-rs holds a peer sent a snapshot until told how it went; a lost one would stall
+        // that follower for good. Reported done once queued: if it never arrives, the
+        // follower's rejections bring the leader back to sending another.
+        let snapshots: Vec<u64> = messages
+            .iter()
+            .filter(|m| m.get_msg_type() == raft::eraftpb::MessageType::MsgSnapshot)
+            .map(|m| m.to)
+            .collect();
+        let unreachable = self.transport.send(messages);
+        for &peer in &unreachable {
             self.raw.report_unreachable(peer);
+        }
+        for peer in snapshots {
+            let status = if unreachable.contains(&peer) {
+                raft::SnapshotStatus::Failure
+            } else {
+                raft::SnapshotStatus::Finish
+            };
+            self.raw.report_snapshot(peer, status);
         }
     }
 
