@@ -80,7 +80,17 @@ pub struct Failure {
 /// Runs one seed in a fresh directory under `root`.
 pub fn run(seed: u64, root: &Path, settings: Settings) -> Result<Report, Failure> {
     let mut sim = Sim::new(seed, root, settings);
-    match sim.run() {
+    // A panic in a node (raft-rs asserts its invariants) is a failure of the seed too.
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| sim.run()))
+        .unwrap_or_else(|panic| {
+            let text = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+                .unwrap_or_else(|| "a panic without a message".into());
+            Err(format!("panicked: {text}"))
+        });
+    match outcome {
         Ok(()) => Ok(Report {
             registry: serde_json::to_string(&*sim.nodes[0].view().registry).unwrap_or_default(),
             last_index: sim.checker.last_index(),
