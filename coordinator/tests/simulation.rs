@@ -53,7 +53,7 @@ fn every_seed_keeps_the_invariants() {
         Some(seed) => vec![seed],
         None => (0..env_u64("SERIN_SIM_SEEDS").unwrap_or(DEFAULT_SEEDS)).collect(),
     };
-    let (mut entries, mut crashes) = (0, 0);
+    let (mut entries, mut crashes, mut snapshots, mut terms) = (0, 0, 0, 0);
     for &seed in &seeds {
         let dir = scratch();
         match cluster::run(seed, dir.path(), Settings::default()) {
@@ -63,6 +63,8 @@ fn every_seed_keeps_the_invariants() {
                 }
                 entries += report.last_index;
                 crashes += report.crashes;
+                snapshots += report.snapshots_sent;
+                terms += report.term;
             }
             Err(failure) => panic!(
                 "seed {seed} failed: {}\n\nreplay it with:\n  {}\n\ntrace of seed {seed}:\n{}\n\nseed {seed} failed: {}",
@@ -74,7 +76,7 @@ fn every_seed_keeps_the_invariants() {
         }
     }
     println!(
-        "{} seeds passed: {entries} committed entries, {crashes} crashes",
+        "{} seeds passed: {entries} committed entries, {crashes} crashes, {snapshots} snapshots sent, {terms} terms",
         seeds.len()
     );
 }

@@ -66,6 +66,10 @@ pub struct Report {
     pub last_index: u64,
     /// Crashes injected.
     pub crashes: u32,
+    /// Snapshot messages sent to lagging followers.
+    pub snapshots_sent: u32,
+    /// The last term reached.
+    pub term: u64,
 }
 
 /// A broken invariant (or harness failure), with the trace up to it.
@@ -95,6 +99,8 @@ pub fn run(seed: u64, root: &Path, settings: Settings) -> Result<Report, Failure
             registry: serde_json::to_string(&*sim.nodes[0].view().registry).unwrap_or_default(),
             last_index: sim.checker.last_index(),
             crashes: sim.crashes,
+            snapshots_sent: sim.snapshots_sent,
+            term: sim.nodes[0].view().term,
             trace: sim.trace,
         }),
         Err(message) => Err(Failure {
@@ -223,6 +229,7 @@ struct Sim {
     next_rollout: u64,
     nonce: u64,
     crashes: u32,
+    snapshots_sent: u32,
 }
 
 impl Sim {
@@ -269,6 +276,7 @@ impl Sim {
             next_rollout: 1,
             nonce: 0,
             crashes: 0,
+            snapshots_sent: 0,
         };
         sim.note(format!(
             "seed {seed}: {size} coordinators, {agents} agents, snapshot every {snapshot_every} entries"
@@ -385,11 +393,7 @@ impl Sim {
     fn open(&mut self, id: u64) -> Result<(), String> {
         let timeout = self.rng.random_range(10..30);
         let slot = &mut self.nodes[id as usize - 1];
-        let db = sled::Config::new()
-            .path(&slot.dir)
-            .flush_every_ms(None)
-            .cache_capacity(4 << 20)
-            .open()
+        let db = open_store(&slot.dir)
             .map_err(|e| format!("node {id}: open sled at {}: {e}", slot.dir.display()))?;
         let config = NodeConfig {
             id,
@@ -491,6 +495,7 @@ impl Sim {
         for message in messages {
             let deliveries = self.net.deliveries(id, message.to, &mut self.rng);
             if message.get_msg_type() == raft::eraftpb::MessageType::MsgSnapshot {
+                self.snapshots_sent += 1;
                 let line = format!(
                     "node {id} sends a snapshot at index {} to node {}{}",
                     message.get_snapshot().get_metadata().index,
@@ -921,6 +926,17 @@ fn marked(nonce: u64) -> Pair {
     pair
 }
 
+/// A node's sled store without the background flusher: only the node's own flushes write to
+/// the files, so what a crash keeps does not depend on wall-clock time.
+fn open_store(dir: &Path) -> sled::Result<sled::Db> {
+    sled::Config::new()
+        .path(dir)
+        .flush_every_ms(None)
+        .cache_capacity(4 << 20)
+        .open()
+}
+
+/// Copies a store's directory as it is on disk: the crash image.
 fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
     std::fs::create_dir_all(to)?;
     let mut entries: Vec<_> = std::fs::read_dir(from)?.collect::<Result<_, _>>()?;
@@ -934,4 +950,26 @@ fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The crash model rests on this: sled keeps in its files only what was flushed, so the
+    /// copied image loses the rest (dropping the open store would flush it).
+    #[test]
+    fn a_crash_image_keeps_what_was_flushed_and_loses_the_rest() {
+        let root = tempfile::tempdir().unwrap();
+        let (live, image) = (root.path().join("live"), root.path().join("image"));
+        let db = open_store(&live).unwrap();
+        db.insert(b"flushed", b"1").unwrap();
+        db.flush().unwrap();
+        db.insert(b"unflushed", b"2").unwrap();
+        copy_dir(&live, &image).unwrap();
+        drop(db);
+        let after = open_store(&image).unwrap();
+        assert_eq!(after.get(b"flushed").unwrap().as_deref(), Some(&b"1"[..]));
+        assert_eq!(after.get(b"unflushed").unwrap(), None);
+    }
 }
