@@ -101,18 +101,41 @@ impl Checker {
             .unwrap_or(self.base)
     }
 
+    /// The index `data` was committed at, if it was seen committed.
+    pub fn index_of(&self, data: &[u8]) -> Option<u64> {
+        self.history
+            .iter()
+            .find(|(_, c)| c.data == data)
+            .map(|(&index, _)| index)
+    }
+
     /// Replays the history onto an empty registry, checking the proposals' outcomes and that
-    /// no stage passed twice; returns the registry after `last`.
+    /// no stage passed twice; returns the registry after the last committed index.
     pub fn replay(&self) -> Result<Registry, String> {
+        let (registry, results, seen) = self.replay_to(self.last_index())?;
+        self.check_outcomes(&results, &seen)?;
+        Ok(registry)
+    }
+
+    /// The registry after replaying the history up to `last`.
+    pub fn registry_at(&self, last: u64) -> Result<Registry, String> {
+        Ok(self.replay_to(last)?.0)
+    }
+
+    /// Replays up to `last`: the registry, whether each command applied, and its index.
+    #[allow(clippy::type_complexity)]
+    fn replay_to(
+        &self,
+        last: u64,
+    ) -> Result<(Registry, BTreeMap<&[u8], bool>, BTreeMap<&[u8], u64>), String> {
         let mut registry = Registry::default();
         let mut seen: BTreeMap<&[u8], u64> = BTreeMap::new();
         let mut stages_passed: BTreeSet<(RolloutId, usize)> = BTreeSet::new();
         let mut results: BTreeMap<&[u8], bool> = BTreeMap::new();
-        for expected in self.base + 1..=self.last_index() {
+        for expected in self.base + 1..=last {
             let Some(entry) = self.history.get(&expected) else {
                 return Err(format!(
-                    "no node was seen committing index {expected} (below {})",
-                    self.last_index()
+                    "no node was seen committing index {expected} (below {last})"
                 ));
             };
             if entry.data.is_empty() {
@@ -145,6 +168,14 @@ impl Checker {
             }
             results.insert(&entry.data, ok);
         }
+        Ok((registry, results, seen))
+    }
+
+    fn check_outcomes(
+        &self,
+        results: &BTreeMap<&[u8], bool>,
+        seen: &BTreeMap<&[u8], u64>,
+    ) -> Result<(), String> {
         for (data, (what, outcome)) in &self.outcomes {
             let committed = results.get(data.as_slice());
             let fine = match outcome {
@@ -165,7 +196,7 @@ impl Checker {
                 return Err(format!("{what} was answered {outcome:?} but {found}"));
             }
         }
-        Ok(registry)
+        Ok(())
     }
 }
 

@@ -416,6 +416,17 @@ impl Sim {
         slot.node = Some(node);
         slot.db = Some(db);
         slot.last_status = None;
+        if slot.incarnation > 0 {
+            // What the node restored (snapshot, saved state, replay) is the committed history.
+            let expected = self.checker.registry_at(view.applied)?;
+            if *view.registry != expected {
+                return Err(format!(
+                    "node {id} reopened at index {} with a registry other than the committed history's",
+                    view.applied
+                ));
+            }
+        }
+        let slot = &mut self.nodes[id as usize - 1];
         let line = format!(
             "node {id} up (incarnation {}): term {}, applied {}, election timeout {timeout} ticks",
             slot.incarnation, view.term, view.applied
@@ -480,7 +491,7 @@ impl Sim {
         let view = slot.view();
         slot.recorded = slot.recorded.max(view.applied);
         let messages: Vec<Message> = std::mem::take(&mut *slot.outbox.lock().expect("outbox"));
-        self.answers(id);
+        self.answers(id)?;
         if view.role == Role::Leader {
             self.checker.leader(view.term, id)?;
         }
@@ -550,7 +561,7 @@ impl Sim {
     }
 
     /// Collects the answers node `id` has sent to its proposers.
-    fn answers(&mut self, id: u64) {
+    fn answers(&mut self, id: u64) -> Result<(), String> {
         let slot = &mut self.nodes[id as usize - 1];
         let mut waiting = Vec::new();
         let mut answered = Vec::new();
@@ -570,12 +581,32 @@ impl Sim {
             answered.push((pending, outcome));
         }
         slot.pending = waiting;
+        let applied = slot.node.as_ref().map_or(0, |n| n.current_view().applied);
         for (pending, outcome) in answered {
+            if matches!(outcome, Outcome::Applied | Outcome::Rejected) {
+                // The answer comes with the view that includes the entry (module docs of node.rs).
+                match self.checker.index_of(&pending.data) {
+                    None => {
+                        return Err(format!(
+                            "{} was answered {outcome:?} before any node committed it",
+                            pending.what
+                        ));
+                    }
+                    Some(index) if index > applied => {
+                        return Err(format!(
+                            "{} was answered {outcome:?} at index {index} while node {id}'s view is at {applied}",
+                            pending.what
+                        ));
+                    }
+                    Some(_) => {}
+                }
+            }
             if outcome != Outcome::NotLeader {
                 self.note(format!("node {id} answered {outcome:?}: {}", pending.what));
             }
             self.checker.outcome(pending.data, pending.what, outcome);
         }
+        Ok(())
     }
 
     /// Every node that believes it leads pushes its applied desired state to every agent.
@@ -855,7 +886,7 @@ impl Sim {
     fn final_check(&mut self) -> Result<(), String> {
         for i in 0..self.nodes.len() {
             let id = self.nodes[i].id;
-            self.answers(id);
+            self.answers(id)?;
         }
         let replayed = self.checker.replay()?;
         let last = self.checker.last_index();
