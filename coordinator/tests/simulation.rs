@@ -4,7 +4,8 @@
 //! jumps, checking the invariants after every step and at the end.
 //!
 //! `SERIN_SIM_SEEDS=N` runs seeds 0..N (default 200); `SERIN_SIM_SEED=S` runs seed S alone
-//! and prints its trace. A failing seed replays exactly from its number.
+//! and prints its trace (`SERIN_SIM_TRACE_MESSAGES=1` adds every raft message). A failing seed
+//! replays exactly from its number.
 
 mod sim;
 
