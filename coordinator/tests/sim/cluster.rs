@@ -22,7 +22,7 @@ use serin_coordinator::raft::node::{RaftNode, Transport};
 use serin_coordinator::raft::{NodeConfig, ProposeError, Role};
 use serin_coordinator::rollout::{
     Actor, Applied, Checkpoint, Command, Generation, Millis, Registry, RolloutId, RolloutState,
-    TrafficPlan,
+    TrafficPlan, UpstreamMember,
 };
 use serin_coordinator::strategy::{Stage, Strategy, Traffic};
 use tokio::sync::oneshot;
@@ -714,8 +714,37 @@ impl Sim {
             .and_then(|s| s.active.as_ref())
             .and_then(|id| registry.rollouts.get(id));
         let Some(rollout) = active else {
-            if !self.rng.random_bool(0.4) {
-                return None;
+            match self.rng.random_range(0..100) {
+                0..40 => {}
+                // Membership and undo change a service's traffic outside its rollouts.
+                40..50 => {
+                    let count = self.rng.random_range(1..=3);
+                    let members = (1..=count)
+                        .map(|i| UpstreamMember {
+                            address: format!("10.0.0.{i}:8080"),
+                            canary: i == count && count > 1,
+                            instance: format!("{service}-{i}"),
+                            agent: format!("host-{i}"),
+                            version: None,
+                        })
+                        .collect();
+                    return Some(Command::SetUpstreams {
+                        service: service.into(),
+                        members,
+                        reason,
+                        at,
+                    });
+                }
+                50..58 => {
+                    return Some(Command::Undo {
+                        service: service.into(),
+                        to_revision: 0,
+                        actor: Actor::Operator("ops".into()),
+                        reason,
+                        at,
+                    });
+                }
+                _ => return None,
             }
             let n = self.next_rollout;
             self.next_rollout += 1;
