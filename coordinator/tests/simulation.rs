@@ -54,7 +54,7 @@ fn every_seed_keeps_the_invariants() {
         Some(seed) => vec![seed],
         None => (0..env_u64("SERIN_SIM_SEEDS").unwrap_or(DEFAULT_SEEDS)).collect(),
     };
-    let (mut entries, mut crashes, mut snapshots, mut terms) = (0, 0, 0, 0);
+    let (mut entries, mut coverage) = (0, cluster::Coverage::default());
     for &seed in &seeds {
         let dir = scratch();
         match cluster::run(seed, dir.path(), Settings::default()) {
@@ -63,9 +63,7 @@ fn every_seed_keeps_the_invariants() {
                     println!("{}", report.trace.join("\n"));
                 }
                 entries += report.last_index;
-                crashes += report.crashes;
-                snapshots += report.snapshots_sent;
-                terms += report.term;
+                coverage.add(report.coverage);
             }
             Err(failure) => panic!(
                 "seed {seed} failed: {}\n\nreplay it with:\n  {}\n\ntrace of seed {seed}:\n{}\n\nseed {seed} failed: {}",
@@ -77,9 +75,22 @@ fn every_seed_keeps_the_invariants() {
         }
     }
     println!(
-        "{} seeds passed: {entries} committed entries, {crashes} crashes, {snapshots} snapshots sent, {terms} terms",
+        "{} seeds passed: {entries} committed entries, {coverage}",
         seeds.len()
     );
+    if seeds.len() as u64 >= DEFAULT_SEEDS {
+        // The seeds must reach what they are meant to test, or passing says little.
+        let reached = [
+            ("crashes", coverage.crashes),
+            ("partitions", coverage.partitions),
+            ("clock jumps", coverage.clock_jumps),
+            ("lost snapshots", coverage.snapshots_lost),
+            ("dropped proposals", coverage.dropped),
+        ];
+        for (what, count) in reached {
+            assert!(count > 0, "{} seeds went through no {what}", seeds.len());
+        }
+    }
 }
 
 #[test]

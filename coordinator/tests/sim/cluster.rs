@@ -64,12 +64,56 @@ pub struct Report {
     pub registry: String,
     /// The last committed index.
     pub last_index: u64,
-    /// Crashes injected.
-    pub crashes: u32,
+    /// How often each fault and rare path happened.
+    pub coverage: Coverage,
+}
+
+/// Counts of the faults and rare paths a seed went through, to show the seeds reach them.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Coverage {
+    /// Nodes crashed (and restarted).
+    pub crashes: u64,
+    /// Partitions made.
+    pub partitions: u64,
+    /// Clock jumps.
+    pub clock_jumps: u64,
     /// Snapshot messages sent to lagging followers.
-    pub snapshots_sent: u32,
-    /// The last term reached.
-    pub term: u64,
+    pub snapshots_sent: u64,
+    /// Of those, lost on the way.
+    pub snapshots_lost: u64,
+    /// Proposals answered `Dropped` (overwritten by another leader's entry).
+    pub dropped: u64,
+    /// Terms reached (the last term of node 1).
+    pub terms: u64,
+}
+
+impl Coverage {
+    /// Adds another seed's counts.
+    pub fn add(&mut self, other: Coverage) {
+        self.crashes += other.crashes;
+        self.partitions += other.partitions;
+        self.clock_jumps += other.clock_jumps;
+        self.snapshots_sent += other.snapshots_sent;
+        self.snapshots_lost += other.snapshots_lost;
+        self.dropped += other.dropped;
+        self.terms += other.terms;
+    }
+}
+
+impl std::fmt::Display for Coverage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} crashes, {} partitions, {} clock jumps, {} snapshots sent ({} lost), {} proposals dropped, {} terms",
+            self.crashes,
+            self.partitions,
+            self.clock_jumps,
+            self.snapshots_sent,
+            self.snapshots_lost,
+            self.dropped,
+            self.terms
+        )
+    }
 }
 
 /// A broken invariant (or harness failure), with the trace up to it.
@@ -98,9 +142,10 @@ pub fn run(seed: u64, root: &Path, settings: Settings) -> Result<Report, Failure
         Ok(()) => Ok(Report {
             registry: serde_json::to_string(&*sim.nodes[0].view().registry).unwrap_or_default(),
             last_index: sim.checker.last_index(),
-            crashes: sim.crashes,
-            snapshots_sent: sim.snapshots_sent,
-            term: sim.nodes[0].view().term,
+            coverage: Coverage {
+                terms: sim.nodes[0].view().term,
+                ..sim.coverage
+            },
             trace: sim.trace,
         }),
         Err(message) => Err(Failure {
@@ -228,8 +273,7 @@ struct Sim {
     active: bool,
     next_rollout: u64,
     nonce: u64,
-    crashes: u32,
-    snapshots_sent: u32,
+    coverage: Coverage,
 }
 
 impl Sim {
@@ -275,8 +319,7 @@ impl Sim {
             active: true,
             next_rollout: 1,
             nonce: 0,
-            crashes: 0,
-            snapshots_sent: 0,
+            coverage: Coverage::default(),
         };
         sim.note(format!(
             "seed {seed}: {size} coordinators, {agents} agents, snapshot every {snapshot_every} entries"
@@ -438,7 +481,7 @@ impl Sim {
     /// Kills node `id`: its store keeps only what sled had written to its files (what the
     /// node flushed), as after `kill -9`.
     fn crash(&mut self, id: u64) -> Result<(), String> {
-        self.crashes += 1;
+        self.coverage.crashes += 1;
         let slot = &mut self.nodes[id as usize - 1];
         let image = self.root.join(format!("node{id}-{}", slot.incarnation + 1));
         copy_dir(&slot.dir, &image).map_err(|e| format!("node {id}: crash image: {e}"))?;
@@ -506,7 +549,8 @@ impl Sim {
         for message in messages {
             let deliveries = self.net.deliveries(id, message.to, &mut self.rng);
             if message.get_msg_type() == raft::eraftpb::MessageType::MsgSnapshot {
-                self.snapshots_sent += 1;
+                self.coverage.snapshots_sent += 1;
+                self.coverage.snapshots_lost += u64::from(deliveries.is_empty());
                 let line = format!(
                     "node {id} sends a snapshot at index {} to node {}{}",
                     message.get_snapshot().get_metadata().index,
@@ -600,6 +644,9 @@ impl Sim {
                     }
                     Some(_) => {}
                 }
+            }
+            if outcome == Outcome::Dropped {
+                self.coverage.dropped += 1;
             }
             if outcome != Outcome::NotLeader {
                 self.note(format!("node {id} answered {outcome:?}: {}", pending.what));
@@ -862,6 +909,7 @@ impl Sim {
                 let mut endpoints: Vec<Endpoint> = self.nodes.iter().map(|s| s.id).collect();
                 endpoints.extend((0..self.agents.len()).map(|a| AGENT_BASE + a as u64 + 1));
                 let what = self.net.partition(&endpoints, &mut self.rng);
+                self.coverage.partitions += 1;
                 self.note(format!("partition: {what}"));
             }
             25..40 => {
@@ -886,6 +934,7 @@ impl Sim {
                 let i = self.rng.random_range(0..self.nodes.len());
                 let jump: Millis = self.rng.random_range(-3_600_000..=3_600_000);
                 self.nodes[i].clock_offset += jump;
+                self.coverage.clock_jumps += 1;
                 let id = self.nodes[i].id;
                 self.note(format!("node {id}'s clock jumps {jump} ms"));
             }
