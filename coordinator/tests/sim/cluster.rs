@@ -383,7 +383,7 @@ impl Sim {
                 desired,
             } => {
                 if self.net.connected(from, AGENT_BASE + agent as u64 + 1) {
-                    self.receive(agent, from, *desired);
+                    self.receive(agent, from, *desired)?;
                 }
             }
             Event::PushRound => {
@@ -684,13 +684,24 @@ impl Sim {
     }
 
     /// An agent takes a desired state unless it holds a newer generation (the agent's fencing).
-    fn receive(&mut self, agent: usize, from: u64, desired: Desired) {
+    fn receive(&mut self, agent: usize, from: u64, desired: Desired) -> Result<(), String> {
         let held = &mut self.agents[agent];
+        // The coordinator sends a generation once (agents.rs): one generation, one state.
+        if let Some(h) = held.as_ref()
+            && h.generation == desired.generation
+            && h.plans != desired.plans
+        {
+            return Err(format!(
+                "agent {} got two different desired states at generation {}",
+                agent + 1,
+                desired.generation
+            ));
+        }
         if held
             .as_ref()
             .is_some_and(|h| h.generation > desired.generation)
         {
-            return;
+            return Ok(());
         }
         let changed = held
             .as_ref()
@@ -703,6 +714,7 @@ impl Sim {
                 agent + 1
             ));
         }
+        Ok(())
     }
 
     /// The workload: what a control loop (and operators) would propose, judged from the
