@@ -319,6 +319,7 @@ pub async fn run(
         initial_voters: config.initial_voters(),
         snapshot_every: SNAPSHOT_EVERY,
         book: book.clone(),
+        election_timeout_ticks: None,
     };
     let (reports, reports_rx) = tokio::sync::mpsc::unbounded_channel();
     let transport =

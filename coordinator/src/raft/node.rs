@@ -134,6 +134,12 @@ pub trait Transport: Send + 'static {
 
     /// Member `id` was removed: stop sending to it.
     fn forget(&mut self, _id: u64) {}
+
+    /// Whether the transport reports each snapshot it queued as delivered or failed
+    /// ([`PeerReport`]); when not, the node reports one as finished once it is queued.
+    fn reports_snapshots(&self) -> bool {
+        false
+    }
 }
 
 /// What a transport learns about deliveries after [`Transport::send`] returned, sent back to
@@ -338,6 +344,9 @@ pub struct NodeConfig {
     /// The members' gRPC addresses: seeded from the command line, kept up to date from the
     /// committed membership. Written into the bootstrap snapshot of a brand-new group.
     pub book: AddressBook,
+    /// The election timeout's range in ticks, `min..max` (min at least 10); `None`: raft-rs's
+    /// default of 10..20. A range of one value makes elections deterministic (simulation).
+    pub election_timeout_ticks: Option<std::ops::Range<usize>>,
 }
 
 impl NodeConfig {
@@ -348,6 +357,7 @@ impl NodeConfig {
             initial_voters: vec![id],
             snapshot_every: SNAPSHOT_EVERY,
             book: AddressBook::default(),
+            election_timeout_ticks: None,
         }
     }
 }
@@ -420,9 +430,15 @@ impl<T: Transport> RaftNode<T> {
             // A snapshot installed after the last save: it is the newer state.
             _ => (snapshot_index, decode(snapshot.get_data())?),
         };
+        let (min_election_tick, max_election_tick) = config
+            .election_timeout_ticks
+            .clone()
+            .map_or((0, 0), |r| (r.start, r.end));
         let raft_config = raft::Config {
             id: config.id,
             election_tick: 10,
+            min_election_tick,
+            max_election_tick,
             heartbeat_tick: 3,
             pre_vote: true,
             check_quorum: true,
@@ -821,8 +837,27 @@ impl<T: Transport> RaftNode<T> {
         if messages.is_empty() {
             return;
         }
-        for peer in self.transport.send(messages) {
+        // raft-rs holds a peer sent a snapshot until told how it went; a lost one would stall
+        // that follower for good. One the transport could not queue has failed; one it queued
+        // is reported by the transport when it knows, or here as done: if it never arrives,
+        // the follower's rejections bring the leader back to sending another.
+        let reported_later = self.transport.reports_snapshots();
+        let snapshots: Vec<u64> = messages
+            .iter()
+            .filter(|m| m.get_msg_type() == raft::eraftpb::MessageType::MsgSnapshot)
+            .map(|m| m.to)
+            .collect();
+        let unreachable = self.transport.send(messages);
+        for &peer in &unreachable {
             self.raw.report_unreachable(peer);
+        }
+        for peer in snapshots {
+            if unreachable.contains(&peer) {
+                self.raw
+                    .report_snapshot(peer, raft::SnapshotStatus::Failure);
+            } else if !reported_later {
+                self.raw.report_snapshot(peer, raft::SnapshotStatus::Finish);
+            }
         }
     }
 
@@ -1106,3 +1141,61 @@ pub fn start<T: Transport>(
 
 #[cfg(test)]
 mod tests;
+
+// Step-driven API: the simulation drives the node without its run loop
+impl<T: Transport> RaftNode<T> {
+    /// Advances raft's logical clock by one [`TICK`]; follow with [`RaftNode::process_ready`].
+    pub fn tick(&mut self) {
+        self.raw.tick();
+    }
+
+    /// Hands a peer's message to the node, as the run loop does for [`RaftHandle::step`].
+    pub fn step_message(&mut self, message: Message) {
+        self.handle(Request::Step(Box::new(message)));
+    }
+
+    /// Proposes `command`; the receiver gets its outcome once a later
+    /// [`RaftNode::process_ready`] applies (or drops) it, or is closed if the node is dropped.
+    pub fn propose_command(
+        &mut self,
+        command: Command,
+    ) -> oneshot::Receiver<Result<Applied, ProposeError>> {
+        let (reply, rx) = oneshot::channel();
+        self.handle(Request::Propose {
+            command: Box::new(command),
+            reply,
+        });
+        rx
+    }
+
+    /// Starts an election now (what `run` does first in a group of one).
+    pub fn campaign(&mut self) -> Result<(), NodeError> {
+        Ok(self.raw.campaign()?)
+    }
+
+    /// Handles the ready state, exactly what the run loop does after every event.
+    pub fn process_ready(&mut self) -> Result<(), NodeError> {
+        self.on_ready()
+    }
+
+    /// The view the run loop would publish (current as of the last `process_ready`).
+    pub fn current_view(&self) -> Arc<NodeView> {
+        self.view.borrow().clone()
+    }
+
+    /// The committed log entries from index `from` on that are still in the log (stored or
+    /// not yet persisted): what this node has committed, to compare with its peers.
+    pub fn committed_entries_from(&self, from: u64) -> Result<Vec<Entry>, NodeError> {
+        let log = &self.raw.raft.raft_log;
+        let from = from.max(log.first_index());
+        if from > log.committed {
+            return Ok(Vec::new());
+        }
+        Ok(log.slice(
+            from,
+            log.committed + 1,
+            None,
+            raft::GetEntriesContext::empty(false),
+        )?)
+    }
+}

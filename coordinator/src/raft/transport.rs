@@ -176,6 +176,10 @@ impl Transport for PeerTransport {
         // Dropping the queue ends the peer's task.
         self.peers.remove(&id);
     }
+
+    fn reports_snapshots(&self) -> bool {
+        true
+    }
 }
 
 /// The task sending one peer's messages.
