@@ -502,4 +502,89 @@ mod tests {
         };
         assert!(zero.resolve().unwrap_err().to_string().contains("node_id"));
     }
+
+    fn with_peers(node_id: u64, peers: &[(&str, &str)], join: bool) -> CoordinatorSettings {
+        CoordinatorSettings {
+            node_id: Some(node_id),
+            data_dir: Some("/tmp/x".into()),
+            peers: Some(
+                peers
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                    .collect(),
+            ),
+            join: Some(join),
+            ..CoordinatorSettings::default()
+        }
+    }
+
+    #[test]
+    fn peers_give_the_initial_voters_and_joining_starts_with_none() {
+        let peers = [
+            ("1", "http://a:7000"),
+            ("2", "http://b:7000"),
+            ("3", "http://c:7000"),
+        ];
+        let config = with_peers(2, &peers, false).resolve().unwrap();
+        assert_eq!(config.initial_voters(), [1, 2, 3]);
+        let config = with_peers(4, &peers, true).resolve().unwrap();
+        assert!(config.initial_voters().is_empty());
+        let alone = CoordinatorSettings {
+            node_id: Some(5),
+            data_dir: Some("/tmp/x".into()),
+            ..CoordinatorSettings::default()
+        };
+        assert_eq!(alone.resolve().unwrap().initial_voters(), [5]);
+        let file = CoordinatorSettings::from_toml(
+            "node_id = 1\ndata_dir = \"/d\"\n[peers]\n1 = \"http://a:1\"\n2 = \"http://b:2\"\n",
+        )
+        .unwrap();
+        assert_eq!(file.resolve().unwrap().peers.len(), 2);
+    }
+
+    #[test]
+    fn bad_peers_are_refused_naming_the_problem() {
+        let cases: &[(u64, &[(&str, &str)], bool, &str)] = &[
+            (
+                1,
+                &[("x", "http://a:1")],
+                false,
+                "peers: `x` is not a node id",
+            ),
+            (1, &[("0", "http://a:1")], false, "node id 0 is reserved"),
+            (
+                1,
+                &[("1", "a:1")],
+                false,
+                "peers: node 1: `a:1` must start with http://",
+            ),
+            (1, &[("1", "http://a")], false, "has no port"),
+            (
+                1,
+                &[("1", "http://a:1/x")],
+                false,
+                "the port must be a number",
+            ),
+            (1, &[("1", "http://:1")], false, "has no host"),
+            (
+                3,
+                &[("1", "http://a:1"), ("2", "http://b:1")],
+                false,
+                "must include this node (node_id 3)",
+            ),
+            (
+                3,
+                &[("3", "http://c:1")],
+                true,
+                "join: name at least one running member",
+            ),
+        ];
+        for (node_id, peers, join, needle) in cases {
+            let err = with_peers(*node_id, peers, *join)
+                .resolve()
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(needle), "{peers:?}: {err}");
+        }
+    }
 }
