@@ -134,6 +134,8 @@ pub async fn run_with_hooks<R: HookRunner>(
     let mut memories: HashMap<RolloutId, TriggerMemory> = HashMap::new();
     let mut checkpointed: HashMap<RolloutId, (Millis, Pair)> = HashMap::new();
     let mut hooks = HookTasks::new(runner, shared.raft.clone());
+    // When this node last became the leader: a rollout it took over waits for fresh reports.
+    let mut leader_since: Option<Millis> = None;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => {
@@ -148,8 +150,10 @@ pub async fn run_with_hooks<R: HookRunner>(
             memories.clear();
             checkpointed.clear();
             hooks.abort_all();
+            leader_since = None;
             continue;
         }
+        let leader_since = *leader_since.get_or_insert_with(now_millis);
         hooks.tidy(&view.registry);
         for finished in view
             .registry
@@ -176,7 +180,11 @@ pub async fn run_with_hooks<R: HookRunner>(
         checkpointed.retain(|id, _| active.iter().any(|r| &r.id == id));
         for rollout in active {
             let memory = memories.entry(rollout.id.clone()).or_default();
-            let (observation, mut live) = observe(&shared, &view.registry, &rollout, now);
+            let (mut observation, mut live) = observe(&shared, &view.registry, &rollout, now);
+            let longest = observation.triggers.iter().map(|t| t.window).max();
+            observation.takeover = longest.and_then(|window| {
+                crate::rollout::takeover_wait(leader_since, rollout.started_at, window, now)
+            });
             let decision = decide(&rollout, &observation, memory, now);
             live.triggers = observation
                 .triggers
@@ -397,6 +405,7 @@ fn observe(
         apply_failures: shared.agents.failures(&rollout.service, generation),
         deploy_waiting,
         deploy_failures,
+        takeover: None,
     };
     let live = LiveView {
         stage,

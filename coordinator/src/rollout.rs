@@ -1580,6 +1580,31 @@ pub struct Observation {
     /// Managed instances whose assignment failed, one line each, e.g. `api-2 on host-b:
     /// container not healthy after 60s: …`: the rollout rolls back.
     pub deploy_failures: Vec<String>,
+    /// Set while a leader that took over this running rollout has not yet seen its trigger
+    /// windows' worth of fresh reports ([`takeover_wait`]): the stage cannot pass meanwhile
+    /// (a critical trigger may still roll back at once).
+    pub takeover: Option<String>,
+}
+
+/// Whether a leader (leading since `leader_since`) must still wait before passing a stage of
+/// a rollout started at `rollout_started_at`: when it took over the running rollout, until its
+/// trigger windows (the longest is `longest_window`) hold only reports it received itself.
+/// The reason when it must.
+pub fn takeover_wait(
+    leader_since: Millis,
+    rollout_started_at: Millis,
+    longest_window: Duration,
+    now: Millis,
+) -> Option<String> {
+    let window = longest_window.as_millis() as Millis;
+    if leader_since <= rollout_started_at || now - leader_since >= window {
+        return None;
+    }
+    Some(format!(
+        "this leader took over {:.1}s ago; its trigger windows fill with fresh reports for {}",
+        (now - leader_since) as f64 / 1000.0,
+        humantime::format_duration(longest_window)
+    ))
 }
 
 /// Soft controller memory per rollout: since when each warning trigger has been failing.
@@ -1677,6 +1702,9 @@ pub fn decide(
             more => format!("waiting for the deployment: {first} (and {more} more)"),
         }
     });
+    if observation.takeover.is_some() {
+        return None;
+    }
     match judge_stage(&observation.stage) {
         StageVerdict::Pass if deploying.is_none() => Some(Command::StagePassed {
             id: rollout.id.clone(),

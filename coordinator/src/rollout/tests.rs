@@ -580,6 +580,41 @@ fn a_stage_waits_for_its_minimum_time() {
 }
 
 #[test]
+fn a_leader_that_took_over_passes_no_stage_until_its_trigger_windows_are_fresh() {
+    let r = rollout();
+    let mut m = TriggerMemory::default();
+    let mut obs = observation(100, 0);
+    obs.takeover = Some("took over".into());
+    assert_eq!(decide(&r, &obs, &mut m, T0 + 10_000), None);
+    // A critical trigger still rolls back at once.
+    obs.triggers = vec![trigger_reading(Severity::Critical, true, 0)];
+    assert!(matches!(
+        decide(&r, &obs, &mut m, T0 + 10_000),
+        Some(Command::RollBack { .. })
+    ));
+}
+
+#[test]
+fn takeover_waits_only_for_rollouts_running_before_the_leader_and_for_one_window() {
+    let window = Duration::from_secs(30);
+    // Leading since before the rollout started: its windows are all its own.
+    assert_eq!(takeover_wait(T0 - 1, T0, window, T0 + 1), None);
+    assert_eq!(takeover_wait(T0, T0, window, T0 + 1), None);
+    // Took over: waits one window.
+    let took_over = T0 + 60_000;
+    let reason = takeover_wait(took_over, T0, window, took_over + 5_000).unwrap();
+    assert!(
+        reason.contains("took over 5.0s ago") && reason.contains("30s"),
+        "{reason}"
+    );
+    assert!(takeover_wait(took_over, T0, window, took_over + 29_999).is_some());
+    assert_eq!(
+        takeover_wait(took_over, T0, window, took_over + 30_000),
+        None
+    );
+}
+
+#[test]
 fn a_stage_never_passes_without_data() {
     let r = rollout();
     let mut m = TriggerMemory::default();
