@@ -244,6 +244,7 @@ async fn garbage_or_silent_canary_metrics_hold_the_stage_until_fixed() {
         canary_metrics_url: Some(format!("http://{}/metrics", fake.addr)),
         // Failed scrapes are logged at debug level.
         agent_log: Some("info,serin_agent::runtime=debug".into()),
+        ..StackOptions::default()
     })
     .await;
     fake.set_real(format!("http://{}/metrics", stack.canary_addr));

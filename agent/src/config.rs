@@ -36,6 +36,12 @@
 //! # socket = "/run/haproxy/serin-admin.sock"   # admin socket, rendered into the config
 //! # master_socket = "/run/haproxy/master.sock" # haproxy -W -S <this> -f <config>
 //! # services = [{ service = "api", listen = "0.0.0.0:80" }]   # algorithm = "roundrobin"
+//!
+//! # What this agent does when no leader is reachable for a while during a canary
+//! # (docs/agent.md, `crate::lease`):
+//! [canary_lease]
+//! after = "5m"                 # default 5m, at least 1s
+//! on_expiry = "revert"         # default; or "hold"
 //! ```
 
 use std::collections::{BTreeMap, HashMap};
@@ -78,6 +84,57 @@ pub struct AgentConfig {
     pub nginx: Option<NginxSettings>,
     /// The local HAProxy, when this host balances traffic with HAProxy (never both).
     pub haproxy: Option<HaproxySettings>,
+    /// What the agent does when no leader is reachable for a while during a canary.
+    pub canary_lease: CanaryLease,
+}
+
+/// Default [`CanaryLease::after`].
+pub const DEFAULT_LEASE_AFTER: Duration = Duration::from_secs(5 * 60);
+/// Shortest allowed [`CanaryLease::after`].
+pub const MIN_LEASE_AFTER: Duration = Duration::from_secs(1);
+
+/// The `[canary_lease]` section: how long a canary may run on this host without a leader,
+/// and what happens then (see [`crate::lease`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CanaryLease {
+    /// How long without a registered leader session before the lease expires.
+    pub after: Duration,
+    /// What the agent does when it expires during a canary.
+    pub on_expiry: LeaseAction,
+}
+
+impl Default for CanaryLease {
+    fn default() -> Self {
+        CanaryLease {
+            after: DEFAULT_LEASE_AFTER,
+            on_expiry: LeaseAction::Revert,
+        }
+    }
+}
+
+/// What an expired canary lease does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseAction {
+    /// Keep the last desired state as it is.
+    Hold,
+    /// Make the stable side carry everything on this host.
+    Revert,
+}
+
+impl LeaseAction {
+    /// The word used in the config file, the logs and the coordinator's event.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LeaseAction::Hold => "hold",
+            LeaseAction::Revert => "revert",
+        }
+    }
+}
+
+impl fmt::Display for LeaseAction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// One local app instance.
@@ -206,6 +263,15 @@ struct RawConfig {
     instances: Vec<RawInstance>,
     nginx: Option<NginxSettings>,
     haproxy: Option<HaproxySettings>,
+    canary_lease: Option<RawCanaryLease>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCanaryLease {
+    #[serde(default, with = "humantime_serde::option")]
+    after: Option<Duration>,
+    on_expiry: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -398,6 +464,32 @@ fn check_http_url(value: &str, with_path: bool) -> Result<(), String> {
     Ok(())
 }
 
+/// The `[canary_lease]` section, defaults filled in; problems go to `p`.
+fn canary_lease(p: &mut Problems, raw: Option<RawCanaryLease>) -> CanaryLease {
+    let mut lease = CanaryLease::default();
+    let Some(raw) = raw else {
+        return lease;
+    };
+    if let Some(after) = raw.after {
+        if after < MIN_LEASE_AFTER {
+            p.add(
+                "canary_lease.after",
+                format!("must be at least 1s, got {after:?}"),
+            );
+        }
+        lease.after = after;
+    }
+    match raw.on_expiry.as_deref() {
+        None | Some("revert") => {}
+        Some("hold") => lease.on_expiry = LeaseAction::Hold,
+        Some(other) => p.add(
+            "canary_lease.on_expiry",
+            format!("expected \"hold\" or \"revert\", got {other:?}"),
+        ),
+    }
+    lease
+}
+
 fn validate(raw: RawConfig) -> Result<AgentConfig, ConfigError> {
     let mut p = Problems::default();
 
@@ -443,6 +535,8 @@ fn validate(raw: RawConfig) -> Result<AgentConfig, ConfigError> {
             p.add("labels", "label names must not be empty");
         }
     }
+
+    let canary_lease = canary_lease(&mut p, raw.canary_lease);
 
     let problems_before_instances = p.0.len();
     let mut instances = Vec::with_capacity(raw.instances.len());
@@ -602,6 +696,7 @@ fn validate(raw: RawConfig) -> Result<AgentConfig, ConfigError> {
             instances,
             nginx: raw.nginx,
             haproxy: raw.haproxy,
+            canary_lease,
         }),
         _ => Err(ConfigError::Invalid {
             path: None,
@@ -853,6 +948,64 @@ mod tests {
         let err = AgentConfig::from_toml(&format!("interval = \"soon\"\n{MINIMAL}")).unwrap_err();
         assert!(matches!(err, ConfigError::Parse { .. }), "{err}");
         assert!(err.to_string().contains("interval"), "{err}");
+    }
+
+    #[test]
+    fn the_canary_lease_defaults_to_revert_after_five_minutes() {
+        let c = AgentConfig::from_toml(MINIMAL).unwrap();
+        assert_eq!(
+            c.canary_lease,
+            CanaryLease {
+                after: Duration::from_secs(300),
+                on_expiry: LeaseAction::Revert,
+            }
+        );
+        let c = AgentConfig::from_toml(&format!("{MINIMAL}\n[canary_lease]\n")).unwrap();
+        assert_eq!(c.canary_lease, CanaryLease::default());
+    }
+
+    #[test]
+    fn the_canary_lease_is_read() {
+        let c = AgentConfig::from_toml(&format!(
+            "{MINIMAL}\n[canary_lease]\nafter = \"3s\"\non_expiry = \"hold\"\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            c.canary_lease,
+            CanaryLease {
+                after: Duration::from_secs(3),
+                on_expiry: LeaseAction::Hold,
+            }
+        );
+        let c = AgentConfig::from_toml(&format!(
+            "{MINIMAL}\n[canary_lease]\nafter = \"1s\"\non_expiry = \"revert\"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.canary_lease.after, Duration::from_secs(1));
+        assert_eq!(c.canary_lease.on_expiry, LeaseAction::Revert);
+    }
+
+    #[test]
+    fn bad_canary_lease_values_are_named() {
+        assert_single_error(
+            &format!("{MINIMAL}\n[canary_lease]\non_expiry = \"x\"\n"),
+            "canary_lease.on_expiry: expected \"hold\" or \"revert\", got \"x\"",
+        );
+        assert_single_error(
+            &format!("{MINIMAL}\n[canary_lease]\nafter = \"500ms\"\n"),
+            "canary_lease.after: must be at least 1s, got 500ms",
+        );
+        assert_single_error(
+            &format!("{MINIMAL}\n[canary_lease]\nafter = \"0s\"\n"),
+            "canary_lease.after: must be at least 1s, got 0ns",
+        );
+        let err = AgentConfig::from_toml(&format!("{MINIMAL}\n[canary_lease]\nafter = \"soon\"\n"))
+            .unwrap_err();
+        assert!(matches!(err, ConfigError::Parse { .. }), "{err}");
+        assert!(err.to_string().contains("after"), "{err}");
+        let err = AgentConfig::from_toml(&format!("{MINIMAL}\n[canary_lease]\nexpire = \"1m\"\n"))
+            .unwrap_err();
+        assert!(err.to_string().contains("expire"), "{err}");
     }
 
     #[test]

@@ -27,6 +27,13 @@
 //! into the first report after `Register`, up to 30 s of them, so a leader change does not
 //! remove the requests served meanwhile from the rollout's evidence. Acks are kept (a few)
 //! and sent after the next `Register`.
+//!
+//! The canary lease ([`crate::lease`]) needs to know when a leader is reachable: the
+//! connection publishes `true` on [`Connection::leader`] when a session's coordinator sent
+//! its first desired state (a leader always does at once; a follower answers `NotLeader`,
+//! which is no leader), and `false` when that session ends. An expired lease waiting to be
+//! told ([`Connection::lease_expiry`]) goes in every `Register` until a leader sends a
+//! desired state in the session it was sent in; then it is cleared.
 
 use std::time::Duration;
 
@@ -213,6 +220,10 @@ pub(crate) struct Connection {
     /// Whether a session registered since the agent started: a duplicate name refused
     /// before that is fatal, after it is retried.
     pub(crate) registered: bool,
+    /// `true` while a session with a leader is registered (see the module doc).
+    pub(crate) leader: watch::Sender<bool>,
+    /// A canary lease expiry the coordinator has not been told yet.
+    pub(crate) lease_expiry: watch::Sender<Option<pb::LeaseExpiry>>,
 }
 
 impl Connection {
@@ -222,6 +233,8 @@ impl Connection {
         loop {
             let address = self.coordinators.next_address();
             let end = self.session(&address, &shutdown).await;
+            self.leader
+                .send_if_modified(|up| std::mem::replace(up, false));
             if matches!(end, SessionEnd::Shutdown) {
                 return Ok(());
             }
@@ -315,6 +328,9 @@ impl Connection {
     fn register_message(&self) -> pb::AgentMessage {
         let mut register = self.register.clone();
         register.last_applied = (*self.applied.borrow()).map(Into::into);
+        register
+            .lease_expired
+            .clone_from(&self.lease_expiry.borrow());
         pb::AgentMessage {
             body: Some(pb::agent_message::Body::Register(register)),
         }
@@ -353,6 +369,8 @@ impl Connection {
             });
         }
 
+        // The expiry this session tells, cleared once a leader answers it.
+        let told = self.lease_expiry.borrow().clone();
         let mut client = AgentServiceClient::new(channel);
         let opened = tokio::select! {
             _ = shutdown.cancelled() => return SessionEnd::Shutdown,
@@ -385,7 +403,10 @@ impl Connection {
                 _ = shutdown.cancelled() => return SessionEnd::Shutdown,
                 message = inbound.message() => match message {
                     Ok(Some(pb::CoordinatorMessage { body: Some(body) })) => match body {
-                        pb::coordinator_message::Body::Desired(desired) => self.on_desired(desired),
+                        pb::coordinator_message::Body::Desired(desired) => {
+                            self.on_leader(told.as_ref());
+                            self.on_desired(desired);
+                        }
                         pb::coordinator_message::Body::NotLeader(n) => {
                             return SessionEnd::NotLeader { hint: n.leader_hint };
                         }
@@ -426,6 +447,32 @@ impl Connection {
                         }
                     }
                 }
+            }
+        }
+    }
+
+    /// A desired state arrived: this session's coordinator is the leader. Publishes it (once
+    /// per session) and clears the lease expiry `told` in this session's `Register`.
+    fn on_leader(&self, told: Option<&pb::LeaseExpiry>) {
+        if !self
+            .leader
+            .send_if_modified(|up| !std::mem::replace(up, true))
+        {
+            return;
+        }
+        if let Some(told) = told {
+            let cleared = self.lease_expiry.send_if_modified(|pending| {
+                let same = pending.as_ref() == Some(told);
+                if same {
+                    *pending = None;
+                }
+                same
+            });
+            if cleared {
+                tracing::info!(
+                    action = %told.action,
+                    "told the leader that the canary lease expired"
+                );
             }
         }
     }
@@ -523,6 +570,8 @@ mod tests {
             backoff: Backoff::default(),
             failures: 0,
             registered: false,
+            leader: watch::channel(false).0,
+            lease_expiry: watch::channel(None).0,
         }
     }
 
@@ -626,6 +675,45 @@ mod tests {
         assert!(conn.backoff.next_delay() >= MAX_BACKOFF / 2);
     }
 
+    fn expiry(at: u64) -> pb::LeaseExpiry {
+        pb::LeaseExpiry {
+            expired_at_ms: at,
+            after_ms: 3000,
+            action: "revert".into(),
+            ..pb::LeaseExpiry::default()
+        }
+    }
+
+    #[test]
+    fn the_first_desired_state_of_a_session_marks_the_leader_and_clears_the_expiry_it_told() {
+        let conn = test_connection();
+        let leader = conn.leader.subscribe();
+        conn.lease_expiry.send_replace(Some(expiry(1)));
+        let register = match conn.register_message().body {
+            Some(pb::agent_message::Body::Register(r)) => r,
+            other => panic!("not a Register: {other:?}"),
+        };
+        assert_eq!(register.lease_expired, Some(expiry(1)));
+        let told = conn.lease_expiry.borrow().clone();
+        conn.on_leader(told.as_ref());
+        assert!(*leader.borrow());
+        assert_eq!(*conn.lease_expiry.borrow(), None);
+    }
+
+    #[test]
+    fn an_expiry_newer_than_the_one_told_is_kept_for_the_next_register() {
+        let conn = test_connection();
+        conn.lease_expiry.send_replace(Some(expiry(2)));
+        conn.on_leader(Some(&expiry(1)));
+        assert!(*conn.leader.borrow());
+        assert_eq!(*conn.lease_expiry.borrow(), Some(expiry(2)));
+        // Nothing told: nothing cleared.
+        let conn = test_connection();
+        conn.lease_expiry.send_replace(Some(expiry(3)));
+        conn.on_leader(None);
+        assert_eq!(*conn.lease_expiry.borrow(), Some(expiry(3)));
+    }
+
     #[tokio::test]
     async fn older_desired_states_do_not_replace_newer_pending_ones() {
         let (desired_tx, desired_rx) = watch::channel(None);
@@ -643,6 +731,8 @@ mod tests {
             backoff: Backoff::default(),
             failures: 0,
             registered: false,
+            leader: watch::channel(false).0,
+            lease_expiry: watch::channel(None).0,
         };
         let state = |term, index| pb::DesiredState {
             generation: Some(pb::Generation { term, index }),

@@ -9,6 +9,8 @@
 //!   for benchmarks). The applier's generation logic and the collector's report building
 //!   are generic over the two I/O edges below.
 //! - [`connection`]: the gRPC session with the coordinator, reconnected with backoff.
+//! - [`lease`]: the canary lease, pure: when no leader was reachable for too long during a
+//!   canary, and the stable-only state a revert applies (the task is `runtime/lease.rs`).
 //! - [`store`]: the local sled store of the last applied desired state.
 //! - [`error`]: [`error::AgentError`], the agent's fatal errors.
 //! - [`traffic`]: the balancer-neutral traffic model, below `config` and every balancer:
@@ -36,6 +38,7 @@ pub mod connection;
 pub mod deploy;
 pub mod error;
 pub mod haproxy;
+pub mod lease;
 pub mod logs;
 pub mod nginx;
 pub mod runtime;

@@ -338,6 +338,76 @@ async fn record_deploy_actions(shared: &Shared, registry: &crate::rollout::Regis
     }
 }
 
+/// The events an agent's canary lease expiry becomes (`Register.lease_expired`,
+/// docs/agent.md): one [`Command::CanaryLeaseExpired`] per service it names, in the rollout
+/// the agent's desired state named when that rollout is of the service, else in the service's
+/// latest rollout; a service with neither is skipped. Pure.
+pub fn lease_expiry_commands(
+    registry: &crate::rollout::Registry,
+    agent: &str,
+    expiry: &serin_proto::v1::LeaseExpiry,
+    at: Millis,
+) -> Vec<Command> {
+    let lost_for = humantime::format_duration(Duration::from_millis(expiry.after_ms));
+    let generation = expiry.generation.map_or_else(
+        || "no generation".to_owned(),
+        |g| format!("generation {}.{}", g.term, g.index),
+    );
+    let did = match expiry.action.as_str() {
+        "revert" => "reverted to stable".to_owned(),
+        "hold" => "held the canary".to_owned(),
+        other => format!("did {other:?}"),
+    };
+    let expired_at = UNIX_EPOCH + Duration::from_millis(expiry.expired_at_ms);
+    let expired_at = humantime::format_rfc3339_seconds(expired_at);
+    let mut commands = Vec::new();
+    for s in &expiry.services {
+        let named = crate::rollout::RolloutId(s.rollout_id.clone());
+        let id = match registry.rollouts.get(&named) {
+            Some(r) if r.service == s.service => Some(named),
+            _ => registry
+                .services
+                .get(&s.service)
+                .and_then(|record| record.latest.clone()),
+        };
+        let Some(id) = id else {
+            continue;
+        };
+        commands.push(Command::CanaryLeaseExpired {
+            id,
+            agent: agent.to_owned(),
+            reason: format!(
+                "agent {agent} lost the leader for {lost_for} at {generation} and {did} \
+                 ({} at {}%); the lease expired at {expired_at}",
+                s.service, s.canary_weight
+            ),
+            at,
+        });
+    }
+    commands
+}
+
+/// Proposes the events of an agent's canary lease expiry ([`lease_expiry_commands`]), as the
+/// leader that heard its `Register`; a failure is logged (the agent tells it to the next
+/// leader only if this session ends before it got a desired state).
+pub async fn record_lease_expiry(
+    shared: Shared,
+    agent: String,
+    expiry: serin_proto::v1::LeaseExpiry,
+) {
+    let registry = std::sync::Arc::clone(&shared.raft.view().registry);
+    for command in lease_expiry_commands(&registry, &agent, &expiry, now_millis()) {
+        match shared.raft.propose(command).await {
+            Ok(applied) => {
+                tracing::warn!(%agent, rollout = ?applied.id, action = %expiry.action, "recorded an agent's canary lease expiry");
+            }
+            Err(e) => {
+                tracing::warn!(%agent, error = %e, "recording an agent's canary lease expiry failed");
+            }
+        }
+    }
+}
+
 /// Gathers the observation of one rollout at `now`.
 fn observe(
     shared: &Shared,
@@ -422,6 +492,129 @@ mod tests {
     use super::*;
     use crate::rollout::{Actor, Command, Generation, Registry};
     use crate::strategy::Strategy;
+
+    fn lease_registry() -> Registry {
+        let mut reg = Registry::default();
+        for (id, service) in [("web-1", "web"), ("web-2", "web"), ("api-1", "api")] {
+            reg.apply(
+                Command::Start {
+                    id: RolloutId(id.into()),
+                    service: service.into(),
+                    version: "v2".into(),
+                    stable_version: Some("v1".into()),
+                    strategy: Strategy::from_toml("[[stages]]\nweight = 5\n").unwrap(),
+                    actor: Actor::Controller,
+                    at: 100_000,
+                },
+                Generation::default(),
+            )
+            .ok();
+            if id == "web-1" {
+                reg.apply(
+                    Command::Abort {
+                        id: RolloutId(id.into()),
+                        actor: Actor::Controller,
+                        reason: "test".into(),
+                        analysis: None,
+                        at: 100_001,
+                    },
+                    Generation::default(),
+                )
+                .unwrap();
+            }
+        }
+        reg
+    }
+
+    fn lease_service(service: &str, rollout: &str, weight: u32) -> serin_proto::v1::LeaseService {
+        serin_proto::v1::LeaseService {
+            service: service.into(),
+            rollout_id: rollout.into(),
+            canary_weight: weight,
+        }
+    }
+
+    #[test]
+    fn a_lease_expiry_becomes_one_event_per_service_in_the_rollout_it_names_or_the_latest() {
+        let reg = lease_registry();
+        let expiry = serin_proto::v1::LeaseExpiry {
+            // 2026-12-03T12:00:03Z
+            expired_at_ms: 1_796_299_203_000,
+            after_ms: 300_000,
+            action: "revert".into(),
+            generation: Some(serin_proto::v1::Generation { term: 3, index: 42 }),
+            services: vec![
+                lease_service("web", "web-1", 10),
+                lease_service("api", "", 5),
+                lease_service("gone", "gone-1", 5),
+                // A rollout id of another service is not trusted: the service's latest.
+                lease_service("api", "web-2", 7),
+            ],
+        };
+        let commands = lease_expiry_commands(&reg, "host-1", &expiry, 200_000);
+        let got: Vec<(String, String, String, Millis)> = commands
+            .into_iter()
+            .map(|c| match c {
+                Command::CanaryLeaseExpired {
+                    id,
+                    agent,
+                    reason,
+                    at,
+                } => (id.0, agent, reason, at),
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (
+                    "web-1".to_owned(),
+                    "host-1".to_owned(),
+                    "agent host-1 lost the leader for 5m at generation 3.42 and reverted to \
+                     stable (web at 10%); the lease expired at 2026-12-03T12:00:03Z"
+                        .to_owned(),
+                    200_000
+                ),
+                (
+                    "api-1".to_owned(),
+                    "host-1".to_owned(),
+                    "agent host-1 lost the leader for 5m at generation 3.42 and reverted to \
+                     stable (api at 5%); the lease expired at 2026-12-03T12:00:03Z"
+                        .to_owned(),
+                    200_000
+                ),
+                (
+                    "api-1".to_owned(),
+                    "host-1".to_owned(),
+                    "agent host-1 lost the leader for 5m at generation 3.42 and reverted to \
+                     stable (api at 7%); the lease expired at 2026-12-03T12:00:03Z"
+                        .to_owned(),
+                    200_000
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_held_lease_expiry_says_so() {
+        let reg = lease_registry();
+        let expiry = serin_proto::v1::LeaseExpiry {
+            expired_at_ms: 0,
+            after_ms: 3_000,
+            action: "hold".into(),
+            generation: None,
+            services: vec![lease_service("api", "api-1", 5)],
+        };
+        let commands = lease_expiry_commands(&reg, "h", &expiry, 1);
+        let [Command::CanaryLeaseExpired { reason, .. }] = commands.as_slice() else {
+            panic!("one command expected: {commands:?}");
+        };
+        assert_eq!(
+            reason,
+            "agent h lost the leader for 3s at no generation and held the canary (api at 5%); \
+             the lease expired at 1970-01-01T00:00:00Z"
+        );
+    }
 
     #[test]
     fn trigger_windows_never_reach_before_the_rollout() {

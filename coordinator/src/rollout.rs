@@ -175,6 +175,10 @@ pub enum EventKind {
     /// A deploy driver's action on an agent's host (a command with its exit code and output, a
     /// container created or removed), or its failure.
     DeployAction,
+    /// An agent's canary lease expired: it reached no leader for its `canary_lease.after`
+    /// during the canary and held it or reverted its host to stable
+    /// ([`Command::CanaryLeaseExpired`]).
+    CanaryLeaseExpired,
 }
 
 /// One entry of a rollout's history.
@@ -730,6 +734,20 @@ pub enum Command {
         /// When the leader saw them.
         at: Millis,
     },
+    /// An agent told the leader that its canary lease expired while it reached no leader
+    /// (`Register.lease_expired`, docs/agent.md): recorded once as an event, in any state.
+    /// Changes no traffic.
+    CanaryLeaseExpired {
+        /// Rollout.
+        id: RolloutId,
+        /// The agent.
+        agent: String,
+        /// What it did, e.g. "agent web-1 lost the leader for 5m at generation 3.42 and
+        /// reverted to stable (web at 10%); ...".
+        reason: String,
+        /// When the leader heard it.
+        at: Millis,
+    },
     /// The controller returns traffic to stable.
     RollBack {
         /// Rollout.
@@ -758,6 +776,7 @@ impl Command {
             | Command::DeploySettled { id, .. }
             | Command::ShardsGranted { id, .. }
             | Command::DeployActions { id, .. }
+            | Command::CanaryLeaseExpired { id, .. }
             | Command::RollBack { id, .. } => Some(id),
             Command::SetUpstreams { .. } | Command::Undo { .. } => None,
         }
@@ -777,6 +796,7 @@ impl Command {
             Command::DeploySettled { .. } => "settle the deployment of",
             Command::ShardsGranted { .. } => "grant the shards of",
             Command::DeployActions { .. } => "record deploy actions of",
+            Command::CanaryLeaseExpired { .. } => "record a canary lease expiry of",
             Command::RollBack { .. } => "roll back",
             Command::SetUpstreams { .. } => "set upstreams",
             Command::Undo { .. } => "undo",
@@ -952,6 +972,15 @@ impl Registry {
         if let Command::DeployActions { id, actions, at } = command {
             return self.deploy_actions(id, actions, at);
         }
+        if let Command::CanaryLeaseExpired {
+            id,
+            agent,
+            reason,
+            at,
+        } = command
+        {
+            return self.canary_lease_expired(id, agent, reason, at);
+        }
         if let Command::ShardsGranted {
             id,
             weight,
@@ -1007,6 +1036,7 @@ impl Registry {
             | Command::DeploySettled { .. }
             | Command::ShardsGranted { .. }
             | Command::DeployActions { .. }
+            | Command::CanaryLeaseExpired { .. }
             | Command::HookRan { .. } => {
                 unreachable!("handled above")
             }
@@ -1403,6 +1433,35 @@ impl Registry {
                 Actor::Agent(action.agent.clone()),
                 action.describe(),
             );
+        }
+        let state = rollout.state;
+        Ok(Applied {
+            id: Some(id),
+            state: Some(state),
+            traffic_changed: false,
+        })
+    }
+
+    /// Applies [`Command::CanaryLeaseExpired`]: records the event unless the rollout already
+    /// holds this agent's event with the same words (an agent tells an expiry until a leader
+    /// answers, so a leader that died in between may hear it twice). Changes no traffic.
+    fn canary_lease_expired(
+        &mut self,
+        id: RolloutId,
+        agent: String,
+        reason: String,
+        at: Millis,
+    ) -> Result<Applied, Rejection> {
+        let rollout = self
+            .rollouts
+            .get_mut(&id)
+            .ok_or_else(|| Rejection::UnknownRollout(id.clone()))?;
+        let actor = Actor::Agent(agent);
+        let told = rollout.events.iter().any(|e| {
+            e.kind == EventKind::CanaryLeaseExpired && e.actor == actor && e.reason == reason
+        });
+        if !told {
+            rollout.record(at, EventKind::CanaryLeaseExpired, actor, reason);
         }
         let state = rollout.state;
         Ok(Applied {

@@ -948,6 +948,22 @@ impl ControlService for Api {
     }
 }
 
+impl Api {
+    /// A registered agent's canary lease expired while it reached no leader: records it in the
+    /// rollouts concerned, in the background ([`crate::control::record_lease_expiry`]).
+    fn record_lease_expiry(&self, agent: &str, expiry: Option<v1::LeaseExpiry>) {
+        let Some(expiry) = expiry else {
+            return;
+        };
+        tracing::warn!(agent = %agent, action = %expiry.action, "the agent's canary lease expired while it reached no leader");
+        tokio::spawn(crate::control::record_lease_expiry(
+            self.shared.clone(),
+            agent.to_owned(),
+            expiry,
+        ));
+    }
+}
+
 type SessionStream = Pin<Box<dyn Stream<Item = Result<CoordinatorMessage, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -997,6 +1013,7 @@ impl AgentService for Api {
             }
         }
         let name = register.agent.clone();
+        let lease_expired = register.lease_expired.clone();
         let (tx, rx) = mpsc::channel(64);
         let info = AgentInfo {
             name: name.clone(),
@@ -1022,6 +1039,7 @@ impl AgentService for Api {
                 Status::already_exists(e.to_string())
             })?;
         tracing::info!(agent = %name, targets, "agent connected");
+        self.record_lease_expiry(&name, lease_expired);
         let shared = self.shared.clone();
         let shutdown = self.shutdown.clone();
         // The session task ends when the agent's stream ends or at shutdown; it is tracked so

@@ -566,6 +566,9 @@ pub struct StackOptions {
     pub canary_metrics_url: Option<String>,
     /// `SERIN_LOG` of the agent (default: its own, `info`).
     pub agent_log: Option<String>,
+    /// TOML appended to the agent's config (after its `[nginx]` section), e.g. a
+    /// `[canary_lease]` section.
+    pub agent_extra: Option<String>,
 }
 
 /// A coordinator, two demo apps, nginx, an agent and load, all real processes on loopback.
@@ -656,7 +659,10 @@ site = "{site}"
 [[nginx.services]]
 service = "{SERVICE}"
 listen = "{nginx_listen}"
+
+{extra}
 "#,
+            extra = options.agent_extra.as_deref().unwrap_or_default(),
             data = path.join("agent").display(),
             binary = settings.binary.display(),
             config = settings.config.display(),

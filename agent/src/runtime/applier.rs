@@ -38,6 +38,16 @@
 //! leader cannot undo a newer decision); the same generation is acknowledged again without
 //! re-applying; a newer one is applied. A failed apply is not recorded, so the retries (and
 //! the coordinator re-sending that generation) apply it again.
+//!
+//! Canary lease reverts (`runtime::lease`, [`crate::lease`]): a stable-only state derived
+//! from the newest desired state, at its generation, arrives on its own channel. It is
+//! applied at once (it only takes traffic away), neither recorded nor acknowledged, replaces
+//! any retry, and is what a resync puts back. While it is live, the coordinator's state of
+//! its generation is applied again instead of re-acknowledged, so a reconnected agent never
+//! stays reverted while the coordinator counts the canary as live. A revert older than the
+//! applied generation is ignored, like any stale state. It lives in memory only: an agent
+//! restarted while reverted re-acknowledges the stored generation without re-applying it
+//! (see docs/agent.md, "Canary lease").
 
 use std::time::Duration;
 
@@ -62,7 +72,16 @@ enum Decision {
     Apply,
 }
 
-fn decide(applied: Option<Generation>, incoming: Generation) -> Decision {
+/// `reverted`: the generation a canary lease revert was derived from, while that revert is
+/// live: the coordinator's state of that generation (or a newer one) is applied again.
+fn decide(
+    applied: Option<Generation>,
+    reverted: Option<Generation>,
+    incoming: Generation,
+) -> Decision {
+    if reverted.is_some_and(|r| incoming >= r) {
+        return Decision::Apply;
+    }
     match applied {
         Some(a) if incoming < a => Decision::Stale,
         Some(a) if incoming == a => Decision::Reack,
@@ -92,6 +111,11 @@ pub(super) struct Applier<A> {
     /// When the last change of live traffic (an apply or resync that was not `Unchanged`)
     /// finished: the start of the actuator's `min_change_interval`.
     last_change: Option<Instant>,
+    /// Stable-only states from the canary lease (`runtime::lease`), when it may revert.
+    reverts: Option<watch::Receiver<Option<DesiredState>>>,
+    /// The generation of the lease revert that is live, until a coordinator state replaces
+    /// it.
+    reverted: Option<Generation>,
 }
 
 /// Delays between the attempts to apply a desired state that failed: `initial`, doubling up
@@ -153,7 +177,18 @@ impl<A: TrafficActuator> Applier<A> {
             retry: None,
             last_applied: None,
             last_change: None,
+            reverts: None,
+            reverted: None,
         }
+    }
+
+    /// Also applies the canary lease's stable-only states received on `reverts`.
+    pub(super) fn with_lease_reverts(
+        mut self,
+        reverts: watch::Receiver<Option<DesiredState>>,
+    ) -> Self {
+        self.reverts = Some(reverts);
+        self
     }
 
     pub(super) async fn run(mut self, shutdown: CancellationToken) {
@@ -177,6 +212,18 @@ impl<A: TrafficActuator> Applier<A> {
                     if retry_at.is_some() => true,
                 _ = resync.tick(), if may_resync => {
                     self.resync().await;
+                    continue;
+                }
+                Ok(()) = async {
+                    match &mut self.reverts {
+                        Some(reverts) => reverts.changed().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    let revert = self.reverts.as_mut().and_then(|r| r.borrow_and_update().clone());
+                    if let Some(revert) = revert {
+                        self.revert(revert).await;
+                    }
                     continue;
                 }
             };
@@ -223,7 +270,7 @@ impl<A: TrafficActuator> Applier<A> {
     fn held_until(&self, desired: &DesiredState, now: Instant) -> Option<Instant> {
         let actuator = self.actuator.as_ref()?;
         let at = hold_until(actuator.min_change_interval(), self.last_change, now)?;
-        if decide(self.applied, desired.generation) != Decision::Apply {
+        if decide(self.applied, self.reverted, desired.generation) != Decision::Apply {
             return None;
         }
         let live = self.last_applied.as_ref()?;
@@ -279,7 +326,7 @@ impl<A: TrafficActuator> Applier<A> {
     /// applying it failed.
     async fn handle(&mut self, desired: &DesiredState) -> bool {
         let generation = desired.generation;
-        match decide(self.applied, generation) {
+        match decide(self.applied, self.reverted, generation) {
             Decision::Stale => {
                 tracing::info!(
                     %generation,
@@ -300,6 +347,45 @@ impl<A: TrafficActuator> Applier<A> {
                 self.applied != Some(generation)
             }
         }
+    }
+
+    /// Applies a canary lease revert (see `runtime::lease`): the stable-only state derived
+    /// from the newest desired state, at its generation. It is neither recorded in the store
+    /// nor acknowledged (the coordinator did not ask for it); it becomes what a resync puts
+    /// back, replaces any retry or held state, and makes the coordinator's state of its
+    /// generation apply again when a leader sends it. Older than what is applied: ignored.
+    async fn revert(&mut self, revert: DesiredState) {
+        let generation = revert.generation;
+        if self.applied.is_some_and(|a| generation < a) {
+            tracing::info!(%generation, applied = ?self.applied, "ignoring a lease revert older than the applied generation");
+            return;
+        }
+        self.retry = None;
+        if let Some(actuator) = &mut self.actuator {
+            let carried = actuator.services();
+            match Upstreams::for_desired(&revert, &self.local_upstreams, &carried) {
+                Ok(upstreams) => match actuator.apply(&revert, &upstreams).await {
+                    Ok(outcome) => {
+                        if matches!(outcome, ActuatorOutcome::Changed { .. }) {
+                            self.last_change = Some(Instant::now());
+                        }
+                    }
+                    Err(ActuatorFailure { error, .. }) => {
+                        tracing::error!(%generation, %error, "could not revert this host's traffic to stable");
+                        return;
+                    }
+                },
+                Err(refusals) => {
+                    for r in &refusals {
+                        tracing::error!(%generation, error = %r.error, "could not revert this host's traffic to stable");
+                    }
+                    return;
+                }
+            }
+        }
+        tracing::info!(%generation, "this host's traffic is stable-only until a leader sends a desired state");
+        self.reverted = Some(generation);
+        self.last_applied = Some(revert);
     }
 
     /// Re-applies the last applied state (see the module doc); logs what it changed.
@@ -395,6 +481,7 @@ impl<A: TrafficActuator> Applier<A> {
         }
 
         self.applied = Some(generation);
+        self.reverted = None;
         self.last_applied = Some(desired.clone());
         self.applied_tx.send_replace(Some(generation));
         tracing::info!(
@@ -436,25 +523,25 @@ mod tests {
 
     #[test]
     fn decide_ignores_older_reacks_equal_applies_newer() {
-        assert_eq!(decide(None, generation(1, 1)), Decision::Apply);
+        assert_eq!(decide(None, None, generation(1, 1)), Decision::Apply);
         assert_eq!(
-            decide(Some(generation(2, 5)), generation(1, 9)),
+            decide(Some(generation(2, 5)), None, generation(1, 9)),
             Decision::Stale
         );
         assert_eq!(
-            decide(Some(generation(2, 5)), generation(2, 4)),
+            decide(Some(generation(2, 5)), None, generation(2, 4)),
             Decision::Stale
         );
         assert_eq!(
-            decide(Some(generation(2, 5)), generation(2, 5)),
+            decide(Some(generation(2, 5)), None, generation(2, 5)),
             Decision::Reack
         );
         assert_eq!(
-            decide(Some(generation(2, 5)), generation(2, 6)),
+            decide(Some(generation(2, 5)), None, generation(2, 6)),
             Decision::Apply
         );
         assert_eq!(
-            decide(Some(generation(2, 5)), generation(3, 0)),
+            decide(Some(generation(2, 5)), None, generation(3, 0)),
             Decision::Apply
         );
     }
@@ -808,6 +895,84 @@ mod tests {
         assert_eq!(h.ack(), (generation(1, 1), vec![]));
         assert_eq!(h.calls(), [generation(1, 1)]);
         assert_eq!(h.stored(), Some(generation(1, 1)));
+    }
+
+    #[test]
+    fn after_a_lease_revert_its_generation_and_newer_ones_apply_again() {
+        let g = generation(2, 5);
+        assert_eq!(decide(Some(g), Some(g), g), Decision::Apply);
+        assert_eq!(decide(Some(g), Some(g), generation(2, 6)), Decision::Apply);
+        assert_eq!(decide(Some(g), Some(g), generation(2, 4)), Decision::Stale);
+        // A revert of a state received but not applied yet (applied 2.4).
+        assert_eq!(decide(Some(generation(2, 4)), Some(g), g), Decision::Apply);
+        assert_eq!(
+            decide(Some(generation(2, 4)), Some(g), generation(2, 4)),
+            Decision::Reack
+        );
+    }
+
+    #[tokio::test]
+    async fn a_lease_revert_is_applied_unacked_unrecorded_and_the_same_generation_applies_again() {
+        let mut h = ApplierHarness::new(Some(FakeActuator::new(&["web"])));
+        h.applier.handle(&desired_state(1, 4, &[("web", 10)])).await;
+        assert_eq!(h.ack(), (generation(1, 4), vec![]));
+
+        let stable_only = crate::lease::stable_only_traffic(&desired_state(1, 4, &[("web", 10)]));
+        h.applier.revert(stable_only.clone()).await;
+        h.no_ack();
+        assert_eq!(h.calls(), [generation(1, 4), generation(1, 4)]);
+        let live = h.fake().calls.last().cloned().expect("applied");
+        assert_eq!(live.services[0].canary_weight, 0);
+        assert_eq!(h.stored(), Some(generation(1, 4)));
+        assert_eq!(h.applied(), Some(generation(1, 4)));
+        // A resync keeps the revert, not the canary.
+        h.fake().drift();
+        h.applier.resync().await;
+        assert_eq!(
+            h.fake().calls.last().map(|d| d.services[0].canary_weight),
+            Some(0)
+        );
+
+        // The leader is back and sends the same generation: applied again, acked.
+        h.applier.handle(&desired_state(1, 4, &[("web", 10)])).await;
+        assert_eq!(h.ack(), (generation(1, 4), vec![]));
+        assert_eq!(
+            h.fake().calls.last().map(|d| d.services[0].canary_weight),
+            Some(10)
+        );
+        assert_eq!(h.calls().len(), 4);
+        // Then it is only re-acked, as before the revert.
+        h.applier.handle(&desired_state(1, 4, &[("web", 10)])).await;
+        assert_eq!(h.ack(), (generation(1, 4), vec![]));
+        assert_eq!(h.calls().len(), 4);
+    }
+
+    #[tokio::test]
+    async fn a_lease_revert_older_than_the_applied_generation_is_ignored() {
+        let mut h = ApplierHarness::new(Some(FakeActuator::new(&["web"])));
+        h.applier.handle(&desired_state(1, 4, &[("web", 10)])).await;
+        assert_eq!(h.ack(), (generation(1, 4), vec![]));
+        h.applier.revert(desired_state(1, 3, &[("web", 0)])).await;
+        h.no_ack();
+        assert_eq!(h.calls(), [generation(1, 4)]);
+        // Not reverted: the same generation is only re-acked.
+        h.applier.handle(&desired_state(1, 4, &[("web", 10)])).await;
+        assert_eq!(h.ack(), (generation(1, 4), vec![]));
+        assert_eq!(h.calls(), [generation(1, 4)]);
+    }
+
+    #[tokio::test]
+    async fn a_failed_lease_revert_leaves_the_coordinators_state_applied() {
+        let mut h = ApplierHarness::new(Some(FakeActuator::new(&["web"])));
+        h.applier.handle(&desired_state(1, 4, &[("web", 10)])).await;
+        assert_eq!(h.ack(), (generation(1, 4), vec![]));
+        h.fake().fail_with = Some("nginx -t failed".into());
+        h.applier.revert(desired_state(1, 4, &[("web", 0)])).await;
+        h.no_ack();
+        h.fake().fail_with = None;
+        h.applier.handle(&desired_state(1, 4, &[("web", 10)])).await;
+        assert_eq!(h.ack(), (generation(1, 4), vec![]));
+        assert_eq!(h.calls(), [generation(1, 4), generation(1, 4)]);
     }
 
     #[tokio::test]

@@ -7,7 +7,8 @@
 //! [`Balancer`] chosen by the config: [`NginxActuator`] when it has `[nginx]`,
 //! [`HaproxyActuator`] when it has `[haproxy]`; none otherwise). The unit tests beside each task run its logic against in-memory fakes.
 //!
-//! Three tasks, each owning its state and stopped by one cancellation token:
+//! Four tasks (five with managed instances), each owning its state and stopped by one
+//! cancellation token:
 //! - **collector** (`collector`): every `interval` scrapes every instance and the host and
 //!   sends a `Report`, connected or not.
 //! - **connection** ([`crate::connection`]): the gRPC session, reconnected with backoff.
@@ -15,6 +16,10 @@
 //!   states serially, newest first, records each success in the store *before*
 //!   acknowledging it, and retries a failed apply with backoff until it succeeds or a newer
 //!   desired state arrives.
+//! - **lease** (`lease`): the canary lease: when no leader was reachable for
+//!   `canary_lease.after` during a canary, holds or reverts this host to stable
+//!   ([`crate::lease`]).
+//! - **workloads** (`workloads`, with managed instances): runs what the coordinator assigns.
 //!
 //! An apply in progress is allowed to finish at shutdown (the actuator restores the
 //! previous nginx site file on failure, and interrupting it halfway would leave a written
@@ -34,6 +39,8 @@
 //!   windows and host metrics).
 //! - [`shards`]: the shards model's shard set of each managed instance: the due shards pushed
 //!   to the process, what it holds read back ([`shards::GrantClock`]: which are due, pure).
+//! - `lease`: the canary lease task, wired to the connection's leader signal, the applier's
+//!   revert channel and the workload reconciler's assignments.
 //! - `standalone`: [`StandaloneApplier`], the applier task on its own (benchmarks, tools).
 //! - `testing` (tests only): the scaffolding of the end-to-end tests: a fake coordinator,
 //!   in-test HTTP endpoints, starting and stopping an agent.
@@ -41,6 +48,7 @@
 
 mod applier;
 mod collector;
+mod lease;
 mod pacing;
 mod report;
 pub mod shards;
@@ -103,6 +111,7 @@ struct Tasks {
     connection: Connection,
     /// The workload reconciler, when the agent has managed instances.
     workloads: Option<workloads::Workloads>,
+    lease: lease::Lease,
 }
 
 async fn start(config: AgentConfig) -> Result<Tasks, AgentError> {
@@ -146,13 +155,20 @@ async fn start(config: AgentConfig) -> Result<Tasks, AgentError> {
         let (tx, rx) = watch::channel(None);
         let drivers = crate::deploy::Drivers::new(config.data_dir.join("workloads"));
         let reconciler = workloads::Workloads {
-            instances: managed,
+            instances: managed.clone(),
             drivers: Arc::new(drivers),
             board: board.clone(),
             desired: rx,
         };
         (Some(tx), Some(reconciler))
     };
+    let (lease, lease_links) = lease::lease(
+        config.canary_lease,
+        managed,
+        desired_tx.subscribe(),
+        last_applied,
+        workloads_tx.clone(),
+    );
 
     if config.does_nothing() {
         tracing::warn!(
@@ -177,7 +193,8 @@ async fn start(config: AgentConfig) -> Result<Tasks, AgentError> {
             desired_rx,
             applied_tx,
             ack_tx,
-        ),
+        )
+        .with_lease_reverts(lease_links.reverts),
         connection: Connection {
             coordinators: Coordinators::new(config.coordinators.clone()),
             register: register(&config, instance_id),
@@ -189,8 +206,11 @@ async fn start(config: AgentConfig) -> Result<Tasks, AgentError> {
             backoff: Backoff::default(),
             failures: 0,
             registered: false,
+            leader: lease_links.leader,
+            lease_expiry: lease_links.expiry,
         },
         workloads,
+        lease,
     })
 }
 
@@ -245,6 +265,17 @@ impl Tasks {
             )
             .id();
         names.insert(id, "applier");
+        let lease = self.lease.run(stop.clone());
+        let id = set
+            .spawn(
+                async {
+                    lease.await;
+                    Ok(())
+                }
+                .instrument(span.clone()),
+            )
+            .id();
+        names.insert(id, "lease");
         if let Some(workloads) = self.workloads {
             let workloads = workloads.run(stop.clone());
             let id = set

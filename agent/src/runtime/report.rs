@@ -19,7 +19,8 @@ fn proto_variant(v: Variant) -> pb::Variant {
     }
 }
 
-/// The `Register` message, without `last_applied` (filled in per session).
+/// The `Register` message, without `last_applied` and `lease_expired` (filled in per
+/// session).
 pub(super) fn register(config: &AgentConfig, instance_id: String) -> pb::Register {
     pb::Register {
         agent: config.name.clone(),
@@ -43,6 +44,7 @@ pub(super) fn register(config: &AgentConfig, instance_id: String) -> pb::Registe
             .collect(),
         last_applied: None,
         balancer_services: config.balancer_services(),
+        lease_expired: None,
     }
 }
 

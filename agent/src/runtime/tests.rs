@@ -282,6 +282,66 @@ async fn an_agent_refused_as_a_duplicate_name_after_it_was_connected_keeps_retry
     server.stop().await;
 }
 
+/// The lease expires while no coordinator answers during a canary: the next `Register`
+/// tells it (revert, the generation, the canary's service and rollout) until a leader sent a
+/// desired state in that session; the one after carries none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_canary_lease_is_told_in_the_next_register_until_a_leader_answers() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let coordinator = listener.local_addr().expect("addr");
+    let data = tempfile::tempdir().expect("tempdir");
+    let config = AgentConfig::from_toml(&format!(
+        "name = \"host-1\"\ncoordinators = [\"http://{coordinator}\"]\ndata_dir = \"{}\"\n\
+         [canary_lease]\nafter = \"1s\"\n",
+        data.path().display()
+    ))
+    .expect("valid config");
+    let mut server = TestServer::start(listener).await;
+    let (shutdown, agent) = run_agent(config).await;
+    let down = server.session().await;
+    let first = expect_register(server.message("Register").await);
+    assert_eq!(first.lease_expired, None);
+    send_desired(&down, 3, 42, vec![traffic("web", 10, None)]).await;
+    let ack = server.ack().await;
+    assert_eq!(ack.generation, Some(pb::Generation { term: 3, index: 42 }));
+    drop(down);
+    server.stop().await;
+
+    // Down for longer than the lease (1 s): the agent's reconnect attempts fail meanwhile.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let listener = TcpListener::bind(coordinator).await.expect("rebind");
+    let mut server = TestServer::start(listener).await;
+    let down = server.session().await;
+    let second = expect_register(server.message("Register").await);
+    let expiry = second.lease_expired.expect("the expiry is told");
+    assert_eq!(expiry.action, "revert");
+    assert_eq!(expiry.after_ms, 1000);
+    assert_eq!(
+        expiry.generation,
+        Some(pb::Generation { term: 3, index: 42 })
+    );
+    assert_eq!(
+        expiry.services,
+        [pb::LeaseService {
+            service: "web".into(),
+            rollout_id: "r1".into(),
+            canary_weight: 10,
+        }]
+    );
+    assert!(expiry.expired_at_ms > 0);
+    // The leader answers; the same generation is applied again and acknowledged.
+    send_desired(&down, 3, 42, vec![traffic("web", 10, None)]).await;
+    let ack = server.ack().await;
+    assert_eq!(ack.generation, Some(pb::Generation { term: 3, index: 42 }));
+    drop(down);
+    let _down = server.session().await;
+    let third = expect_register(server.message("Register").await);
+    assert_eq!(third.lease_expired, None, "told once a leader answered");
+    drop(_down);
+    stop_agent(shutdown, agent).await;
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn unusable_nginx_fails_at_once_naming_the_problem() {
     let data = tempfile::tempdir().expect("tempdir");

@@ -1250,3 +1250,86 @@ fn successful_deploy_actions_are_bounded_and_failures_always_recorded() {
         Err(Rejection::UnknownRollout(_))
     ));
 }
+
+fn lease_events(reg: &Registry) -> Vec<String> {
+    reg.rollouts[&id("r1")]
+        .events
+        .iter()
+        .filter(|e| e.kind == EventKind::CanaryLeaseExpired)
+        .map(|e| format!("{} {}", e.actor, e.reason))
+        .collect()
+}
+
+fn lease_expired(agent: &str, reason: &str, at: Millis) -> Command {
+    Command::CanaryLeaseExpired {
+        id: id("r1"),
+        agent: agent.into(),
+        reason: reason.into(),
+        at,
+    }
+}
+
+#[test]
+fn a_canary_lease_expiry_is_recorded_once_per_agent_and_words_in_any_state_and_changes_no_traffic()
+{
+    let mut reg = started(&[10, 50]);
+    let generation_before = reg.services["api"].generation;
+    let weight_before = reg.rollouts[&id("r1")].canary_weight();
+    let applied = reg
+        .apply(
+            lease_expired("h1", "lost the leader", T0 + 1),
+            generation(2),
+        )
+        .unwrap();
+    assert!(!applied.traffic_changed);
+    assert_eq!(applied.state, Some(RolloutState::Progressing));
+    assert_eq!(reg.services["api"].generation, generation_before);
+    assert_eq!(reg.rollouts[&id("r1")].canary_weight(), weight_before);
+    assert_eq!(lease_events(&reg), ["agent:h1 lost the leader"]);
+    // Told twice (a leader died before the agent heard back): one event.
+    reg.apply(
+        lease_expired("h1", "lost the leader", T0 + 2),
+        generation(3),
+    )
+    .unwrap();
+    assert_eq!(lease_events(&reg).len(), 1);
+    // Another agent, or another expiry: recorded.
+    reg.apply(
+        lease_expired("h2", "lost the leader", T0 + 3),
+        generation(4),
+    )
+    .unwrap();
+    reg.apply(lease_expired("h1", "lost it again", T0 + 4), generation(5))
+        .unwrap();
+    assert_eq!(lease_events(&reg).len(), 3);
+    // A finished rollout still records it (the agent may come back after the rollback).
+    reg.apply(
+        Command::RollBack {
+            id: id("r1"),
+            reason: "test".into(),
+            analysis: None,
+            at: T0 + 5,
+        },
+        generation(6),
+    )
+    .unwrap();
+    reg.apply(
+        lease_expired("h3", "lost the leader", T0 + 6),
+        generation(7),
+    )
+    .unwrap();
+    assert_eq!(lease_events(&reg).len(), 4);
+    // An unknown rollout is refused.
+    let err = reg
+        .apply(
+            Command::CanaryLeaseExpired {
+                id: id("nope"),
+                agent: "h1".into(),
+                reason: "x".into(),
+                at: T0,
+            },
+            generation(8),
+        )
+        .unwrap_err();
+    assert_eq!(err, Rejection::UnknownRollout(id("nope")));
+}
