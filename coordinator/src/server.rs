@@ -544,7 +544,9 @@ mod tests {
 
     #[test]
     fn bad_peers_are_refused_naming_the_problem() {
-        let cases: &[(u64, &[(&str, &str)], bool, &str)] = &[
+        /// (node_id, peers, join, what the error says)
+        type Case<'a> = (u64, &'a [(&'a str, &'a str)], bool, &'a str);
+        let cases: &[Case] = &[
             (
                 1,
                 &[("x", "http://a:1")],
