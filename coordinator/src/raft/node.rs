@@ -106,6 +106,13 @@ pub enum ProposeError {
     /// A membership change that cannot be made (now): the reason names it.
     #[error("{0}")]
     Membership(String),
+    /// This node stopped leading after the entry was appended and before it committed: it may
+    /// still commit under the next leader, or be replaced.
+    #[error(
+        "this coordinator stopped being the leader before the command committed; it may still \
+         commit under the next leader: check before retrying"
+    )]
+    Undecided,
     /// The leader could not confirm it still leads (a read-index round got no quorum in time).
     #[error("this coordinator could not confirm it is still the leader within {0:?}; retry")]
     Unconfirmed(Duration),
@@ -895,12 +902,17 @@ impl<T: Transport> RaftNode<T> {
         Ok(())
     }
 
-    /// A leader that stepped down answers the membership change it proposed (it may still
-    /// commit under the next leader; the caller checks `cluster status`).
+    /// A leader that stepped down answers the proposals and the membership change it had not
+    /// committed (they may still commit under the next leader; callers check). Without this,
+    /// a leader cut off from the majority kept its callers waiting until they timed out (20 s
+    /// for the CLI): their entries' fate is only learnt once the partition heals.
     fn on_role_change(&mut self) {
         let leader = self.is_leader();
         if self.was_leader && !leader {
             tracing::warn!(term = self.raw.raft.term, "no longer the leader");
+            for (_, (_, reply)) in self.pending.drain() {
+                let _ = reply.send(Err(ProposeError::Undecided));
+            }
             if let Some(mut pending) = self.pending_change.take()
                 && let Some(reply) = pending.reply.take()
             {
