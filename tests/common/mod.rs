@@ -21,6 +21,7 @@
 #![allow(dead_code)]
 
 pub mod books;
+pub mod group;
 pub mod netns;
 
 use std::collections::{BTreeMap, HashSet};
@@ -310,9 +311,15 @@ impl Drop for Proc {
 /// Runs `serin ARGS` against the coordinator at `coordinator` (`SERIN_COORDINATOR`), with a
 /// 30 s limit.
 pub async fn cli_at(coordinator: SocketAddr, args: &[&str]) -> Output {
+    cli_with(&format!("http://{coordinator}"), args).await
+}
+
+/// Runs `serin ARGS` with `SERIN_COORDINATOR` set to `coordinators` (one address, or a group's
+/// addresses comma-separated), with a 30 s limit.
+pub async fn cli_with(coordinators: &str, args: &[&str]) -> Output {
     let child = Command::new(SERIN)
         .args(args)
-        .env("SERIN_COORDINATOR", format!("http://{coordinator}"))
+        .env("SERIN_COORDINATOR", coordinators)
         .env("NO_COLOR", "1")
         .env("USER", "e2e")
         .env_remove("SERIN_LOG")
@@ -571,16 +578,36 @@ pub struct StackOptions {
     pub agent_extra: Option<String>,
 }
 
+/// What coordinates a [`Stack`] ([`Stack::start_on`]); the agent and the CLI are given every
+/// address.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Coordinators {
+    /// One coordinator, [`Stack::coordinator`].
+    #[default]
+    One,
+    /// A raft group of this many members on loopback ([`Stack::group`]).
+    Group(usize),
+    /// A raft group of this many members, each in its own network namespace (needs root), so
+    /// one can be cut off ([`group::Group::start_netns`]).
+    GroupInNetns(usize),
+}
+
 /// A coordinator, two demo apps, nginx, an agent and load, all real processes on loopback.
 ///
-/// Fields drop in declaration order: load, agent, nginx, apps, coordinator, then the directory.
+/// Fields drop in declaration order: load, agent, nginx, apps, coordinator (or group), then the
+/// directory.
 pub struct Stack {
     pub load: Load,
     pub agent: Proc,
     pub nginx: Option<LocalNginx>,
     pub stable_app: Proc,
     pub canary_app: Proc,
-    pub coordinator: Proc,
+    /// The single coordinator (`None` with a group, or while killed).
+    pub coordinator: Option<Proc>,
+    /// The coordinator group, when [`StackOptions::coordinators`] is more than 1.
+    pub group: Option<group::Group>,
+    /// What `SERIN_COORDINATOR` is set to for the CLI: one address or the group's.
+    pub coordinators: String,
     /// `http://` base of the service through nginx.
     pub url: String,
     pub nginx_listen: SocketAddr,
@@ -602,6 +629,11 @@ impl Stack {
     /// Starts everything and returns once nginx serves the stable app on [`Stack::url`] and
     /// the load runs.
     pub async fn start_with(options: StackOptions) -> Stack {
+        Stack::start_on(Coordinators::One, options).await
+    }
+
+    /// Like [`Stack::start_with`], coordinated by `coordinators`.
+    pub async fn start_on(coordinators: Coordinators, options: StackOptions) -> Stack {
         let nginx_binary = find_nginx().expect(
             "nginx is not installed: these tests need Debian's nginx (apt-get install -y nginx-light)",
         );
@@ -611,12 +643,36 @@ impl Stack {
             .expect("creating a temporary directory");
         let path = dir.path().to_owned();
         let coordinator_port = free_port();
-        let coordinator_addr: SocketAddr = ([127, 0, 0, 1], coordinator_port).into();
+        let mut coordinator_addr: SocketAddr = ([127, 0, 0, 1], coordinator_port).into();
         let stable_addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
         let canary_addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
         let nginx_listen: SocketAddr = ([127, 0, 0, 1], free_port()).into();
 
-        let coordinator = spawn_coordinator(&path, coordinator_port, &path.join("coordinator"));
+        let (coordinator, group) = match coordinators {
+            Coordinators::One => (
+                Some(spawn_coordinator(
+                    &path,
+                    coordinator_port,
+                    &path.join("coordinator"),
+                )),
+                None,
+            ),
+            Coordinators::GroupInNetns(n) => (None, Some(group::Group::start_netns(&path, n))),
+            Coordinators::Group(n) => (None, Some(group::Group::start_local(&path, n))),
+        };
+        if let Some(g) = &group {
+            // A group stack has no single coordinator; its first member stands in.
+            coordinator_addr = g.members[0].addr;
+        }
+        let coordinators = match &group {
+            Some(g) => g.addresses(),
+            None => format!("http://{coordinator_addr}"),
+        };
+        let agent_coordinators = coordinators
+            .split(',')
+            .map(|a| format!("\"{a}\""))
+            .collect::<Vec<_>>()
+            .join(", ");
         let stable_app = spawn_app("stable", &path, stable_addr.port(), STABLE);
         let canary_app = spawn_app("canary", &path, canary_addr.port(), CANARY);
         let nginx = LocalNginx::start(&path.join("nginx"), &nginx_binary)
@@ -632,7 +688,7 @@ impl Stack {
         let agent_toml = format!(
             r#"# Written by serin's end-to-end tests.
 name = "e2e-host"
-coordinators = ["http://{coordinator_addr}"]
+coordinators = [{agent_coordinators}]
 interval = "500ms"
 data_dir = "{data}"
 
@@ -696,6 +752,8 @@ listen = "{nginx_listen}"
             stable_app,
             canary_app,
             coordinator,
+            group,
+            coordinators,
             url: url.clone(),
             nginx_listen,
             coordinator_addr,
@@ -734,7 +792,7 @@ listen = "{nginx_listen}"
 
     /// `serin ARGS` against this stack's coordinator.
     pub async fn cli(&self, args: &[&str]) -> Output {
-        cli_at(self.coordinator_addr, args).await
+        cli_with(&self.coordinators, args).await
     }
 
     /// `serin ARGS`, which must succeed; returns its stdout.
@@ -936,20 +994,57 @@ listen = "{nginx_listen}"
 
     /// SIGKILLs the coordinator.
     pub async fn kill_coordinator(&mut self) {
-        self.coordinator.kill().await;
+        self.coordinator
+            .as_mut()
+            .expect("kill_coordinator: this stack runs a group; see Stack::group")
+            .kill()
+            .await;
     }
 
     /// Starts the coordinator again on the same port and data directory.
     pub fn restart_coordinator(&mut self) {
         assert!(
-            !self.coordinator.alive(),
+            !self
+                .coordinator
+                .as_mut()
+                .expect("restart_coordinator: this stack runs a group; see Stack::group")
+                .alive(),
             "restart_coordinator: the coordinator still runs"
         );
-        self.coordinator = spawn_coordinator(
+        self.coordinator = Some(spawn_coordinator(
             &self.path,
             self.coordinator_addr.port(),
             &self.path.join("coordinator"),
-        );
+        ));
+    }
+
+    /// The group (panics for a one-coordinator stack).
+    pub fn group(&self) -> &group::Group {
+        self.group
+            .as_ref()
+            .expect("this stack has a single coordinator")
+    }
+
+    /// The group, mutably (panics for a one-coordinator stack).
+    pub fn group_mut(&mut self) -> &mut group::Group {
+        self.group
+            .as_mut()
+            .expect("this stack has a single coordinator")
+    }
+
+    /// The group's leader, waited for (at most 30 s).
+    pub async fn leader(&self) -> u64 {
+        self.group()
+            .wait_leader(None, Duration::from_secs(30))
+            .await
+            .0
+    }
+
+    /// SIGKILLs the group's leader; returns its id.
+    pub async fn kill_leader(&mut self) -> u64 {
+        let leader = self.leader().await;
+        self.group_mut().kill(leader).await;
+        leader
     }
 
     /// True while the agent process runs.
@@ -968,12 +1063,18 @@ listen = "{nginx_listen}"
             }
             let _ = writeln!(out, "=== last rollout status\n{s:#}");
         }
+        if let Some(g) = &self.group {
+            out.push_str(&g.diagnostics());
+        }
         for p in [
-            &self.coordinator,
-            &self.agent,
-            &self.stable_app,
-            &self.canary_app,
-        ] {
+            self.coordinator.as_ref(),
+            Some(&self.agent),
+            Some(&self.stable_app),
+            Some(&self.canary_app),
+        ]
+        .into_iter()
+        .flatten()
+        {
             let _ = writeln!(
                 out,
                 "=== {} ({})\n{}",

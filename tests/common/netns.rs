@@ -526,6 +526,21 @@ impl Host {
         self.procs.last_mut().expect("just pushed")
     }
 
+    /// Like [`Host::spawn`], but the caller owns the process (a coordinator member that a
+    /// test kills and restarts): `serin ARGS` in the namespace, output to `<host dir>/<name>.log`.
+    pub fn spawn_serin_owned(&self, name: &str, args: &[String]) -> Proc {
+        let mut argv = vec![
+            self.ip.display().to_string(),
+            "netns".into(),
+            "exec".into(),
+            self.netns.clone(),
+            SERIN.to_owned(),
+        ];
+        argv.extend_from_slice(args);
+        let shown = format!("[{}] serin {}", self.name, args.join(" "));
+        Proc::spawn_argv(name, &self.dir, &argv, &shown, None)
+    }
+
     /// Spawns `serin ARGS` in the host's namespace; see [`Host::spawn`].
     pub fn serin(&mut self, name: &str, args: &[String]) -> &mut Proc {
         self.spawn(name, SERIN, args)

@@ -106,6 +106,13 @@ pub enum ProposeError {
     /// A membership change that cannot be made (now): the reason names it.
     #[error("{0}")]
     Membership(String),
+    /// This node stopped leading after the entry was appended and before it committed: it may
+    /// still commit under the next leader, or be replaced.
+    #[error(
+        "this coordinator stopped being the leader before the command committed; it may still \
+         commit under the next leader: check before retrying"
+    )]
+    Undecided,
     /// The leader could not confirm it still leads (a read-index round got no quorum in time).
     #[error("this coordinator could not confirm it is still the leader within {0:?}; retry")]
     Unconfirmed(Duration),
@@ -388,6 +395,9 @@ pub struct RaftNode<T: Transport> {
     book: AddressBook,
     /// Read-index requests sent to raft, by context, with when they were asked.
     reads_asked: HashMap<u64, (Instant, oneshot::Sender<Result<u64, ProposeError>>)>,
+    /// Contexts of reads in `reads_asked` not handed to raft yet: a leader that has not
+    /// committed an entry in its term would drop them silently (see [`RaftNode::send_held_reads`]).
+    reads_held: Vec<u64>,
     /// Confirmed reads waiting until the node has applied their index.
     reads_confirmed: Vec<(u64, oneshot::Sender<Result<u64, ProposeError>>)>,
     next_read: u64,
@@ -475,6 +485,7 @@ impl<T: Transport> RaftNode<T> {
             reports: None,
             book: config.book.clone(),
             reads_asked: HashMap::new(),
+            reads_held: Vec::new(),
             reads_confirmed: Vec::new(),
             next_read: 0,
             pending_change: None,
@@ -535,6 +546,7 @@ impl<T: Transport> RaftNode<T> {
                     None => self.reports = None,
                 },
             }
+            self.send_held_reads();
             self.on_ready()?;
         }
         for (_, (_, reply)) in self.pending.drain() {
@@ -550,6 +562,9 @@ impl<T: Transport> RaftNode<T> {
         let now = Instant::now();
         self.reads_asked
             .retain(|_, (asked, _)| now.duration_since(*asked) < READ_INDEX_TIMEOUT * 2);
+        let asked = &self.reads_asked;
+        self.reads_held
+            .retain(|context| asked.contains_key(context));
         self.promote_caught_up_learners();
     }
 
@@ -790,12 +805,32 @@ impl<T: Transport> RaftNode<T> {
                 }
                 self.next_read += 1;
                 let context = self.next_read;
-                self.raw.read_index(context.to_be_bytes().to_vec());
                 self.reads_asked.insert(context, (Instant::now(), reply));
+                self.reads_held.push(context);
+                self.send_held_reads();
             }
             Request::ChangeMembership { change, reply } => self.change_membership(change, reply),
             Request::Status { reply } => {
                 let _ = reply.send(self.cluster_status());
+            }
+        }
+    }
+
+    /// Hands held reads to raft once this leader has committed an entry in its term. raft-rs
+    /// drops a read-index request silently before that (the first ~heartbeat of a new term), so
+    /// a read asked of a fresh leader used to wait out [`READ_INDEX_TIMEOUT`] (3 s) and fail;
+    /// held here it is answered as soon as the term's first entry commits. Reads whose callers
+    /// gave up are dropped from `reads_asked` by [`RaftNode::on_tick`] and skipped here.
+    fn send_held_reads(&mut self) {
+        if self.reads_held.is_empty()
+            || !self.is_leader()
+            || !self.raw.raft.commit_to_current_term()
+        {
+            return;
+        }
+        for context in std::mem::take(&mut self.reads_held) {
+            if self.reads_asked.contains_key(&context) {
+                self.raw.read_index(context.to_be_bytes().to_vec());
             }
         }
     }
@@ -815,6 +850,7 @@ impl<T: Transport> RaftNode<T> {
     fn answer_reads(&mut self) {
         if !self.is_leader() {
             let leader = self.leader_id();
+            self.reads_held.clear();
             for (_, (_, reply)) in self.reads_asked.drain() {
                 let _ = reply.send(Err(ProposeError::NotLeader { leader }));
             }
@@ -901,12 +937,17 @@ impl<T: Transport> RaftNode<T> {
         Ok(())
     }
 
-    /// A leader that stepped down answers the membership change it proposed (it may still
-    /// commit under the next leader; the caller checks `cluster status`).
+    /// A leader that stepped down answers the proposals and the membership change it had not
+    /// committed (they may still commit under the next leader; callers check). Without this,
+    /// a leader cut off from the majority kept its callers waiting until they timed out (20 s
+    /// for the CLI): their entries' fate is only learnt once the partition heals.
     fn on_role_change(&mut self) {
         let leader = self.is_leader();
         if self.was_leader && !leader {
             tracing::warn!(term = self.raw.raft.term, "no longer the leader");
+            for (_, (_, reply)) in self.pending.drain() {
+                let _ = reply.send(Err(ProposeError::Undecided));
+            }
             if let Some(mut pending) = self.pending_change.take()
                 && let Some(reply) = pending.reply.take()
             {
