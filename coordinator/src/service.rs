@@ -108,10 +108,11 @@ impl Api {
         match error {
             ProposeError::Rejected(r) => rejection_status(r),
             ProposeError::NotLeader { leader } => self.not_leader(leader),
-            ProposeError::Dropped
-            | ProposeError::Stopped
-            | ProposeError::Undecided
-            | ProposeError::Unconfirmed(_) => Status::unavailable(error.to_string()),
+            // Not retried by clients: it may still commit under the next leader.
+            ProposeError::Undecided => Status::aborted(error.to_string()),
+            ProposeError::Dropped | ProposeError::Stopped | ProposeError::Unconfirmed(_) => {
+                Status::unavailable(error.to_string())
+            }
             ProposeError::Membership(_) => Status::failed_precondition(error.to_string()),
             ProposeError::Raft(_) => Status::internal(error.to_string()),
         }

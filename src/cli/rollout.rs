@@ -584,7 +584,8 @@ fn lost_cause(status: &tonic::Status) -> String {
 /// Sends a change (start or steer) to the leader. Followers answer `Unavailable` ("not the
 /// leader"), so when several addresses are given each is tried in turn until one accepts; the
 /// first answer that is not `Unavailable` is final. A request whose answer is lost is never
-/// sent again (it may have been applied): its outcome is [`Sent::Unknown`].
+/// sent again (it may have been applied): its outcome is [`Sent::Unknown`], as is an ABORTED
+/// answer (a leader that stepped down before the change committed: the next may commit it).
 pub(super) async fn on_leader<T, F, Fut>(
     coordinator: &CoordinatorArgs,
     id: Option<&str>,
@@ -596,7 +597,9 @@ where
 {
     let unavailable = match call(connect(coordinator).await?).await {
         Ok(reply) => return Ok(Sent::Answered(Box::new(reply.into_inner()))),
-        Err(s) if outcome_unknown(&s) => return Ok(Sent::Unknown(lost_cause(&s))),
+        Err(s) if outcome_unknown(&s) || s.code() == Code::Aborted => {
+            return Ok(Sent::Unknown(lost_cause(&s)));
+        }
         Err(s) if s.code() == Code::Unavailable => s,
         Err(s) => return Err(describe_status(&s, coordinator, id)),
     };
@@ -611,7 +614,9 @@ where
             };
             match call(client).await {
                 Ok(reply) => return Ok(Sent::Answered(Box::new(reply.into_inner()))),
-                Err(s) if outcome_unknown(&s) => return Ok(Sent::Unknown(lost_cause(&s))),
+                Err(s) if outcome_unknown(&s) || s.code() == Code::Aborted => {
+                    return Ok(Sent::Unknown(lost_cause(&s)));
+                }
                 Err(s) if s.code() == Code::Unavailable => continue,
                 Err(s) => return Err(describe_status(&s, &one, id)),
             }

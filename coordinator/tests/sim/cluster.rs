@@ -625,7 +625,8 @@ impl Sim {
                     ProposeError::Stopped
                     | ProposeError::Raft(_)
                     | ProposeError::Membership(_)
-                    | ProposeError::Unconfirmed(_),
+                    | ProposeError::Unconfirmed(_)
+                    | ProposeError::Undecided,
                 )) => Outcome::Unknown,
             };
             answered.push((pending, outcome));
