@@ -85,7 +85,7 @@ fn every_seed_keeps_the_invariants() {
             ("partitions", coverage.partitions),
             ("clock jumps", coverage.clock_jumps),
             ("lost snapshots", coverage.snapshots_lost),
-            ("dropped proposals", coverage.dropped),
+            ("dropped or undecided proposals", coverage.dropped),
         ];
         for (what, count) in reached {
             assert!(count > 0, "{} seeds went through no {what}", seeds.len());

@@ -4,7 +4,8 @@
 //! operator's own sections go in further `-f` files):
 //!
 //! - `global`: the admin socket the agent drives (`stats socket <socket> level admin`).
-//! - `defaults`: HTTP mode, timeouts.
+//! - `defaults`: HTTP mode, timeouts, `option idle-close-on-response` (reloads keep idle
+//!   client connections until their next answer).
 //! - per service `svc` (identifier `serin_<svc>`, the name mapped to `[A-Za-z0-9_]`):
 //!   `frontend serin_<svc>` binding the service's listen address, `default_backend
 //!   serin_<svc>`; `backend serin_<svc>` with the service's balancing algorithm and its
@@ -167,6 +168,11 @@ pub fn render_config(socket: &Path, services: &[RenderedService]) -> Result<Stri
     out.push_str("    timeout client 60s\n");
     out.push_str("    timeout server 60s\n");
     out.push_str("    timeout http-keep-alive 60s\n");
+    // On a reload the old process keeps its idle client connections and closes each after
+    // answering its next request, instead of closing them at once: a keep-alive client that
+    // sent a request as the connection closed saw a transport error (tests/fleet_haproxy.rs,
+    // 1 in ~1500 requests under a parallel test run).
+    out.push_str("    option idle-close-on-response\n");
     for s in services {
         let name = backend_name(&s.service);
         let _ = write!(

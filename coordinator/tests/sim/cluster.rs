@@ -81,7 +81,8 @@ pub struct Coverage {
     pub snapshots_sent: u64,
     /// Of those, lost on the way.
     pub snapshots_lost: u64,
-    /// Proposals answered `Dropped` (overwritten by another leader's entry).
+    /// Proposals answered `Dropped` (overwritten by another leader's entry) or `Undecided`
+    /// (their leader stepped down before they committed).
     pub dropped: u64,
     /// Terms reached (the last term of node 1).
     pub terms: u64,
@@ -104,7 +105,7 @@ impl std::fmt::Display for Coverage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} crashes, {} partitions, {} clock jumps, {} snapshots sent ({} lost), {} proposals dropped, {} terms",
+            "{} crashes, {} partitions, {} clock jumps, {} snapshots sent ({} lost), {} proposals dropped or undecided, {} terms",
             self.crashes,
             self.partitions,
             self.clock_jumps,
@@ -610,6 +611,8 @@ impl Sim {
         let slot = &mut self.nodes[id as usize - 1];
         let mut waiting = Vec::new();
         let mut answered = Vec::new();
+        // Proposals whose leader stepped down before they committed.
+        let mut undecided = 0;
         for mut pending in slot.pending.drain(..) {
             let outcome = match pending.reply.try_recv() {
                 Err(oneshot::error::TryRecvError::Empty) => {
@@ -621,18 +624,22 @@ impl Sim {
                 Ok(Err(ProposeError::Rejected(_))) => Outcome::Rejected,
                 Ok(Err(ProposeError::Dropped)) => Outcome::Dropped,
                 Ok(Err(ProposeError::NotLeader { .. })) => Outcome::NotLeader,
+                Ok(Err(ProposeError::Undecided)) => {
+                    undecided += 1;
+                    Outcome::Unknown
+                }
                 Ok(Err(
                     ProposeError::Stopped
                     | ProposeError::Raft(_)
                     | ProposeError::Membership(_)
-                    | ProposeError::Unconfirmed(_)
-                    | ProposeError::Undecided,
+                    | ProposeError::Unconfirmed(_),
                 )) => Outcome::Unknown,
             };
             answered.push((pending, outcome));
         }
         slot.pending = waiting;
         let applied = slot.node.as_ref().map_or(0, |n| n.current_view().applied);
+        self.coverage.dropped += undecided;
         for (pending, outcome) in answered {
             if matches!(outcome, Outcome::Applied | Outcome::Rejected) {
                 // The answer comes with the view that includes the entry (module docs of node.rs).
