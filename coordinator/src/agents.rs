@@ -705,7 +705,7 @@ impl AgentRegistry {
     pub fn push_desired(&self, registry: &Registry, now: Millis) {
         let mut inner = self.lock();
         let mut concerned: BTreeSet<String> = std::mem::take(&mut inner.retry);
-        for (service, record) in &registry.services {
+        for (service, record) in registry.services.iter() {
             if inner.pushed.get(service) == Some(&record.generation) {
                 continue;
             }

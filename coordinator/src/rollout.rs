@@ -924,9 +924,9 @@ pub struct Applied {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Registry {
     /// Every rollout ever started.
-    pub rollouts: BTreeMap<RolloutId, Rollout>,
+    pub rollouts: Table<RolloutId, Rollout>,
     /// Every service ever rolled out.
-    pub services: BTreeMap<String, Service>,
+    pub services: Table<String, Service>,
     /// The coordinator members' gRPC addresses, by raft id: what the conf changes carried
     /// (and the bootstrap members), so a member restored from a snapshot knows them.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -1203,8 +1203,7 @@ impl Registry {
         members.dedup();
         let record = self
             .services
-            .entry(service.clone())
-            .or_insert_with(|| Service {
+            .get_or_insert_with(service.clone(), || Service {
                 name: service.clone(),
                 revisions: Vec::new(),
                 active: None,
@@ -1273,8 +1272,7 @@ impl Registry {
         }
         let record = self
             .services
-            .entry(service.clone())
-            .or_insert_with(|| Service {
+            .get_or_insert_with(service.clone(), || Service {
                 name: service.clone(),
                 revisions: vec![Revision {
                     number: 1,
@@ -1805,6 +1803,8 @@ pub fn decide(
 
 mod listing;
 pub use listing::{BadToken, Cursor, Page};
+pub mod table;
+pub use table::Table;
 pub mod revisions;
 
 #[cfg(test)]
