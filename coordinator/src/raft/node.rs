@@ -16,8 +16,12 @@
 //! # What is durable
 //!
 //! The state machine on disk is the latest snapshot plus the committed log after it, as raft
-//! intends: the registry is written whole only with a snapshot (taken here, or installed from
-//! a leader), so what an entry costs on disk is the entry, whatever the size of the history.
+//! intends: the registry is written only with a snapshot (taken here, or installed from a
+//! leader), as one record per rollout and per service ([`super::records`]), and a snapshot
+//! taken here writes only the records changed since the previous one. What an entry costs on
+//! disk is the entry, and a snapshot what changed, whatever the size of the history. (In
+//! memory the registry's maps are persistent, so the copy published to readers after every
+//! batch is O(1) too: [`crate::rollout::Table`].)
 //! On open the node restores the snapshot (or a newer saved applied state, see
 //! [`SledStorage::save_applied`]) and gives its index to raft-rs as `applied`; raft-rs then
 //! hands back the committed entries after it in the first ready, and they are applied again,
@@ -45,7 +49,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::storage::{SledStorage, StorageError};
+use super::records::{self, RecordError};
+use super::storage::{SledStorage, StorageError, encode_records};
 use super::transport::AddressBook;
 use crate::rollout::{Applied, Command, Generation, Registry, Rejection};
 
@@ -127,9 +132,12 @@ pub enum NodeError {
     /// raft-rs reported an error.
     #[error("raft: {0}")]
     Raft(#[from] raft::Error),
-    /// The stored state machine could not be decoded.
+    /// The state machine could not be encoded (a bug) or decoded.
     #[error("stored state machine is unreadable: {0}")]
     CorruptState(serde_json::Error),
+    /// A snapshot's records do not make a registry.
+    #[error("stored state machine is unreadable: {0}")]
+    Records(#[from] RecordError),
 }
 
 /// Sends raft messages to peers. The single-voter node has none; the multi-node transport
@@ -382,6 +390,9 @@ pub struct RaftNode<T: Transport> {
     raw: RawNode<SledStorage>,
     storage: SledStorage,
     registry: Registry,
+    /// The registry as the latest snapshot's records hold it (empty when that snapshot is a
+    /// blob of an earlier version): what the next snapshot writes is the difference.
+    persisted: Registry,
     applied: u64,
     last_snapshot: u64,
     snapshot_every: u64,
@@ -426,19 +437,26 @@ impl<T: Transport> RaftNode<T> {
                 members,
                 ..Registry::default()
             };
-            let data = if bootstrap.members.is_empty() {
-                Vec::new()
-            } else {
-                serde_json::to_vec(&bootstrap).map_err(NodeError::CorruptState)?
-            };
+            let records = records::all(&bootstrap).map_err(NodeError::CorruptState)?;
+            let data = encode_records(records.iter().map(|(k, v)| (&k[..], &v[..])));
             storage.initialize_with(&config.initial_voters, data)?;
         }
-        let snapshot = storage.latest_snapshot()?;
-        let snapshot_index = snapshot.get_metadata().index;
+        let snapshot_index = storage.snapshot_metadata().index;
+        // The records on disk are what the next snapshot's delta is taken against; a blob of
+        // an earlier version leaves none, so that snapshot writes every record.
+        let (snapshot_registry, persisted) = match storage.state_blob()? {
+            Some(blob) => (records::decode_blob(&blob)?, Registry::default()),
+            None => {
+                let registry = records::registry(storage.state_records()?)?;
+                (registry.clone(), registry)
+            }
+        };
         let (applied, registry) = match storage.load_applied()? {
-            Some((applied, bytes)) if applied >= snapshot_index => (applied, decode(&bytes)?),
+            Some((applied, bytes)) if applied >= snapshot_index => {
+                (applied, records::decode_blob(&bytes)?)
+            }
             // A snapshot installed after the last save: it is the newer state.
-            _ => (snapshot_index, decode(snapshot.get_data())?),
+            _ => (snapshot_index, snapshot_registry),
         };
         let (min_election_tick, max_election_tick) = config
             .election_timeout_ticks
@@ -474,6 +492,7 @@ impl<T: Transport> RaftNode<T> {
             raw,
             storage,
             registry,
+            persisted,
             applied,
             last_snapshot: applied,
             snapshot_every: config.snapshot_every.max(1),
@@ -906,10 +925,15 @@ impl<T: Transport> RaftNode<T> {
         let read_states = ready.take_read_states();
         if !ready.snapshot().is_empty() {
             let snapshot = ready.snapshot().clone();
-            let registry = decode(snapshot.get_data())?;
+            let (registry, were_records) = records::decode_snapshot(snapshot.get_data())?;
             let index = snapshot.get_metadata().index;
             // The stored snapshot is the durable state machine from here on.
             self.storage.apply_snapshot(snapshot)?;
+            self.persisted = if were_records {
+                registry.clone()
+            } else {
+                Registry::default()
+            };
             self.registry = registry;
             self.applied = index;
             self.last_snapshot = index;
@@ -1106,10 +1130,12 @@ impl<T: Transport> RaftNode<T> {
         if self.storage.snapshot_metadata().index >= self.applied {
             return Ok(());
         }
-        let data = serde_json::to_vec(&self.registry).map_err(NodeError::CorruptState)?;
+        let delta =
+            records::delta(&self.registry, &self.persisted).map_err(NodeError::CorruptState)?;
         let conf_state = self.storage.conf_state();
         self.storage
-            .create_snapshot(self.applied, conf_state, data)?;
+            .create_snapshot_of_records(self.applied, conf_state, &delta)?;
+        self.persisted = self.registry.clone();
         if compact {
             self.storage.compact(self.applied)?;
             self.last_snapshot = self.applied;
@@ -1158,14 +1184,6 @@ fn role_of(state: StateRole) -> Role {
         StateRole::Candidate | StateRole::PreCandidate => Role::Candidate,
         StateRole::Follower => Role::Follower,
     }
-}
-
-/// Decodes a stored registry; empty bytes (the bootstrap snapshot) are the empty registry.
-fn decode(bytes: &[u8]) -> Result<Registry, NodeError> {
-    if bytes.is_empty() {
-        return Ok(Registry::default());
-    }
-    serde_json::from_slice(bytes).map_err(NodeError::CorruptState)
 }
 
 /// Opens the node and spawns its task; returns the handle and the task's join handle.

@@ -11,12 +11,20 @@
 //! | `m/hard_state`                          | `eraftpb::HardState`                           |
 //! | `m/conf_state`                          | `eraftpb::ConfState` (current membership)      |
 //! | `m/snapshot_meta`                       | `eraftpb::SnapshotMetadata` (latest snapshot)  |
-//! | `d/snapshot_data`                       | the latest snapshot's state machine bytes (1)  |
+//! | `a/` ++ record key                      | one record of the latest snapshot's state (1)  |
+//! | `d/snapshot_data`                       | the latest snapshot's state as one blob (1)    |
 //! | `m/applied`                             | applied index (8 bytes, big-endian) ++ state   |
 //!
-//! (1) Apart from the log's tail and the hard state, which every append updates: sled
-//! rewrites a whole leaf when it consolidates, and this value is the whole registry. Stores
-//! written before kept it at `m/snapshot_data`; it is read from there until the next snapshot.
+//! (1) A snapshot's state machine is stored one of two ways. As **records** (what the node
+//! writes, [`SledStorage::create_snapshot_of_records`]): the state machine's own keys and
+//! values under `a/`, of which a snapshot writes only those that changed since the previous
+//! one ([`StateDelta`]), so a snapshot costs what changed, not the whole history. Or as one
+//! opaque **blob** ([`SledStorage::create_snapshot`]; stores written by earlier versions).
+//! Exactly one of the two is current: writing either removes the other. A snapshot sent to a
+//! follower carries the blob, or the records encoded with [`encode_records`]; installing one
+//! stores it back the same way. Both sort before the log's tail and the hard state, which
+//! every append updates: sled rewrites a whole leaf when it consolidates. Stores written
+//! before kept the blob at `m/snapshot_data`; it is read from there until the next snapshot.
 //!
 //! Raft messages are encoded with raft-rs's own codec (protobuf 2). Big-endian indexes make
 //! sled's key order the log order, so the first and last index are the first and last keys under
@@ -88,6 +96,70 @@ const KEY_SNAPSHOT_DATA: &[u8] = b"d/snapshot_data";
 /// is absent, removed by the next snapshot.
 const KEY_SNAPSHOT_DATA_OLD: &[u8] = b"m/snapshot_data";
 const KEY_APPLIED: &[u8] = b"m/applied";
+/// Prefix of the snapshot's state records; sorts before every other key.
+const STATE_PREFIX: &[u8] = b"a/";
+/// How [`encode_records`] starts: snapshot data that does not is a blob.
+const RECORDS_MAGIC: &[u8] = b"serin-records-1\n";
+
+/// A state record: (key, value).
+pub type Record = (Vec<u8>, Vec<u8>);
+
+/// Changes to the state machine's records since the previous snapshot.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StateDelta {
+    /// Records new or changed: (key, value).
+    pub put: Vec<Record>,
+    /// Keys of records that are gone.
+    pub removed: Vec<Vec<u8>>,
+}
+
+/// A snapshot's state as it is sent: [`RECORDS_MAGIC`], then per record its key and value,
+/// each preceded by its length (4 bytes, big-endian).
+pub fn encode_records<'a>(records: impl IntoIterator<Item = (&'a [u8], &'a [u8])>) -> Vec<u8> {
+    let mut out = RECORDS_MAGIC.to_vec();
+    for (key, value) in records {
+        for part in [key, value] {
+            let len = u32::try_from(part.len()).expect("a record is smaller than 4 GiB");
+            out.extend_from_slice(&len.to_be_bytes());
+            out.extend_from_slice(part);
+        }
+    }
+    out
+}
+
+/// The records in snapshot data made by [`encode_records`], or `None` when the data is a blob
+/// (anything else). Truncated or malformed records are [`StorageError::Corrupt`].
+pub fn decode_records(data: &[u8]) -> Result<Option<Vec<Record>>, StorageError> {
+    let Some(mut rest) = data.strip_prefix(RECORDS_MAGIC) else {
+        return Ok(None);
+    };
+    let mut records = Vec::new();
+    let take = |rest: &mut &[u8]| -> Result<Vec<u8>, StorageError> {
+        let Some((len, tail)) = rest.split_first_chunk::<4>() else {
+            return Err(corrupt("snapshot records", "truncated length"));
+        };
+        let len = u32::from_be_bytes(*len) as usize;
+        if tail.len() < len {
+            return Err(corrupt(
+                "snapshot records",
+                format!("a {len}-byte part with {} bytes left", tail.len()),
+            ));
+        }
+        let (part, tail) = tail.split_at(len);
+        *rest = tail;
+        Ok(part.to_vec())
+    };
+    while !rest.is_empty() {
+        let key = take(&mut rest)?;
+        let value = take(&mut rest)?;
+        records.push((key, value));
+    }
+    Ok(Some(records))
+}
+
+fn state_key(key: &[u8]) -> Vec<u8> {
+    [STATE_PREFIX, key].concat()
+}
 
 /// Errors from [`SledStorage`]. Inside raft-rs they surface as
 /// `raft::Error::Store(raft::StorageError::Other(..))`.
@@ -410,7 +482,7 @@ impl SledStorage {
     }
 
     /// Install a snapshot received from a leader: clear the log and the saved applied state,
-    /// write the snapshot metadata and data, the hard state (term raised to the snapshot's,
+    /// write the snapshot metadata and data (records or blob, as it came: see the module docs), the hard state (term raised to the snapshot's,
     /// commit set to its index) and the snapshot's conf state in one batch, then flush.
     ///
     /// Fails with [`StorageError::SnapshotOutOfDate`] when the snapshot is older than the first
@@ -437,8 +509,7 @@ impl SledStorage {
                 }
             }
             batch.insert(KEY_SNAPSHOT_META, encode(&meta, "snapshot metadata")?);
-            batch.insert(KEY_SNAPSHOT_DATA, snapshot.data.to_vec());
-            batch.remove(KEY_SNAPSHOT_DATA_OLD);
+            self.replace_state(&mut batch, &snapshot.data)?;
             batch.insert(KEY_HARD_STATE, encode(&hs, "hard state")?);
             batch.insert(KEY_CONF_STATE, encode(&conf_state, "conf state")?);
             // The snapshot replaces the state machine: a state saved on the discarded log
@@ -465,6 +536,101 @@ impl SledStorage {
         conf_state: ConfState,
         data: Vec<u8>,
     ) -> Result<(), StorageError> {
+        self.record_snapshot(index, conf_state, |storage, batch| {
+            storage.remove_records(batch)?;
+            batch.insert(KEY_SNAPSHOT_DATA, data);
+            batch.remove(KEY_SNAPSHOT_DATA_OLD);
+            Ok(())
+        })
+    }
+
+    /// [`SledStorage::create_snapshot`] with the state as records: `delta` is what changed
+    /// since the previous snapshot's records (all of them if that one was a blob: the blob is
+    /// removed). What it writes is the delta, whatever the size of the whole state.
+    pub fn create_snapshot_of_records(
+        &self,
+        index: u64,
+        conf_state: ConfState,
+        delta: &StateDelta,
+    ) -> Result<(), StorageError> {
+        self.record_snapshot(index, conf_state, |_, batch| {
+            for (key, value) in &delta.put {
+                batch.insert(&state_key(key), value.clone());
+            }
+            for key in &delta.removed {
+                batch.remove(&state_key(key));
+            }
+            batch.remove(KEY_SNAPSHOT_DATA);
+            batch.remove(KEY_SNAPSHOT_DATA_OLD);
+            Ok(())
+        })
+    }
+
+    /// The latest snapshot's state records (empty when it is a blob), in key order.
+    pub fn state_records(&self) -> Result<Vec<Record>, StorageError> {
+        let _cache = self.lock();
+        self.read_records()
+    }
+
+    /// The latest snapshot's blob, if its state is one (see the module docs).
+    pub fn state_blob(&self) -> Result<Option<Vec<u8>>, StorageError> {
+        let _cache = self.lock();
+        self.read_blob()
+    }
+
+    fn read_records(&self) -> Result<Vec<Record>, StorageError> {
+        let mut records = Vec::new();
+        for item in self.inner.tree.scan_prefix(STATE_PREFIX) {
+            let (key, value) = item?;
+            records.push((key[STATE_PREFIX.len()..].to_vec(), value.to_vec()));
+        }
+        Ok(records)
+    }
+
+    fn read_blob(&self) -> Result<Option<Vec<u8>>, StorageError> {
+        Ok(match self.inner.tree.get(KEY_SNAPSHOT_DATA)? {
+            Some(data) => Some(data.to_vec()),
+            None => self
+                .inner
+                .tree
+                .get(KEY_SNAPSHOT_DATA_OLD)?
+                .map(|d| d.to_vec()),
+        })
+    }
+
+    /// Adds the removal of every state record to `batch`.
+    fn remove_records(&self, batch: &mut Batch) -> Result<(), StorageError> {
+        for item in self.inner.tree.scan_prefix(STATE_PREFIX) {
+            let (key, _) = item?;
+            batch.remove(&key);
+        }
+        Ok(())
+    }
+
+    /// Adds to `batch` what replaces the stored state with snapshot `data`: its records, or
+    /// the blob it is.
+    fn replace_state(&self, batch: &mut Batch, data: &[u8]) -> Result<(), StorageError> {
+        self.remove_records(batch)?;
+        match decode_records(data)? {
+            Some(records) => {
+                for (key, value) in records {
+                    batch.insert(&state_key(&key), value);
+                }
+                batch.remove(KEY_SNAPSHOT_DATA);
+            }
+            None => batch.insert(KEY_SNAPSHOT_DATA, data.to_vec()),
+        }
+        batch.remove(KEY_SNAPSHOT_DATA_OLD);
+        Ok(())
+    }
+
+    /// Records a snapshot at `index`; `write_state` adds its state to the batch.
+    fn record_snapshot(
+        &self,
+        index: u64,
+        conf_state: ConfState,
+        write_state: impl FnOnce(&Self, &mut Batch) -> Result<(), StorageError>,
+    ) -> Result<(), StorageError> {
         {
             let mut cache = self.lock();
             if index < cache.snapshot.index {
@@ -489,8 +655,7 @@ impl SledStorage {
 
             let mut batch = Batch::default();
             batch.insert(KEY_SNAPSHOT_META, encode(&meta, "snapshot metadata")?);
-            batch.insert(KEY_SNAPSHOT_DATA, data);
-            batch.remove(KEY_SNAPSHOT_DATA_OLD);
+            write_state(self, &mut batch)?;
             // A saved applied state this snapshot covers is never restored again.
             if self
                 .load_applied()?
@@ -640,14 +805,19 @@ impl SledStorage {
         Ok(())
     }
 
+    /// The latest snapshot with its data: the blob, or the records encoded (which reads the
+    /// whole state: done when a follower needs it, never per entry).
     fn read_snapshot(&self, cache: &Cache) -> Result<Snapshot, StorageError> {
-        let data = match self.inner.tree.get(KEY_SNAPSHOT_DATA)? {
-            Some(data) => Some(data),
-            None => self.inner.tree.get(KEY_SNAPSHOT_DATA_OLD)?,
+        let data = match self.read_blob()? {
+            Some(blob) => blob,
+            None => {
+                let records = self.read_records()?;
+                encode_records(records.iter().map(|(k, v)| (&k[..], &v[..])))
+            }
         };
         let mut snapshot = Snapshot::default();
         snapshot.set_metadata(cache.snapshot.clone());
-        snapshot.data = data.map(|d| d.to_vec()).unwrap_or_default().into();
+        snapshot.data = data.into();
         Ok(snapshot)
     }
 
@@ -906,7 +1076,9 @@ mod tests {
     use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
     use raft::{Error as RaftError, GetEntriesContext, Storage, StorageError as RaftStorageError};
 
-    use super::{SledStorage, StorageError, TREE_NAME, entry_key};
+    use super::{
+        SledStorage, StateDelta, StorageError, TREE_NAME, decode_records, encode_records, entry_key,
+    };
 
     fn new_entry(index: u64, term: u64) -> Entry {
         Entry {
@@ -1391,6 +1563,123 @@ mod tests {
             .create_snapshot(4, conf_state(vec![1]), b"snap@4".to_vec())
             .unwrap();
         assert_eq!(storage.load_applied().unwrap(), None);
+    }
+
+    fn records(pairs: &[(&str, &str)]) -> Vec<(Vec<u8>, Vec<u8>)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
+            .collect()
+    }
+
+    fn delta(put: &[(&str, &str)], removed: &[&str]) -> StateDelta {
+        StateDelta {
+            put: records(put),
+            removed: removed.iter().map(|k| k.as_bytes().to_vec()).collect(),
+        }
+    }
+
+    fn snapshot_records(storage: &SledStorage) -> Option<Vec<(Vec<u8>, Vec<u8>)>> {
+        decode_records(&storage.latest_snapshot().unwrap().data).unwrap()
+    }
+
+    #[test]
+    fn a_records_snapshot_writes_its_delta_and_sends_every_record() {
+        let storage = store_with(&[new_entry(3, 3), new_entry(4, 4), new_entry(5, 5)]);
+        let cs = conf_state(vec![1]);
+        storage
+            .create_snapshot_of_records(3, cs.clone(), &delta(&[("a", "1"), ("b", "2")], &[]))
+            .unwrap();
+        let before = storage.bytes_written();
+        storage
+            .create_snapshot_of_records(4, cs.clone(), &delta(&[("c", "3")], &["a"]))
+            .unwrap();
+        let written = storage.bytes_written() - before;
+        let expected = records(&[("b", "2"), ("c", "3")]);
+        assert_eq!(storage.state_records().unwrap(), expected);
+        assert_eq!(snapshot_records(&storage), Some(expected));
+        assert_eq!(storage.snapshot_metadata().index, 4);
+        // The delta, the metadata and the removed keys; never the records left alone.
+        assert!(
+            written < 120,
+            "{written} bytes written for a one-record delta"
+        );
+        assert_eq!(storage.state_blob().unwrap(), None);
+    }
+
+    #[test]
+    fn records_and_a_blob_replace_each_other() {
+        let storage = store_with(&[new_entry(3, 3), new_entry(4, 4), new_entry(5, 5)]);
+        let cs = conf_state(vec![1]);
+        storage
+            .create_snapshot_of_records(3, cs.clone(), &delta(&[("a", "1")], &[]))
+            .unwrap();
+        storage
+            .create_snapshot(4, cs.clone(), b"blob@4".to_vec())
+            .unwrap();
+        assert_eq!(storage.state_records().unwrap(), vec![]);
+        assert_eq!(&storage.latest_snapshot().unwrap().data[..], b"blob@4");
+        storage
+            .create_snapshot_of_records(5, cs, &delta(&[("b", "2")], &[]))
+            .unwrap();
+        assert_eq!(storage.state_blob().unwrap(), None);
+        assert_eq!(snapshot_records(&storage), Some(records(&[("b", "2")])));
+    }
+
+    #[test]
+    fn an_installed_snapshot_is_stored_as_it_came_records_or_blob() {
+        let storage = store_with(&[new_entry(3, 3), new_entry(4, 4)]);
+        storage
+            .create_snapshot_of_records(3, conf_state(vec![1]), &delta(&[("old", "x")], &[]))
+            .unwrap();
+        let sent = records(&[("k1", "v1"), ("k2", "")]);
+        let mut snap = new_snapshot(6, 6, vec![1]);
+        snap.data = encode_records(sent.iter().map(|(k, v)| (&k[..], &v[..]))).into();
+        storage.apply_snapshot(snap).unwrap();
+        assert_eq!(
+            storage.state_records().unwrap(),
+            sent,
+            "the old records are gone"
+        );
+        assert_eq!(storage.state_blob().unwrap(), None);
+
+        let mut blob = new_snapshot(7, 7, vec![1]);
+        blob.data = b"{}".to_vec().into();
+        storage.apply_snapshot(blob).unwrap();
+        assert_eq!(storage.state_records().unwrap(), vec![]);
+        assert_eq!(storage.state_blob().unwrap(), Some(b"{}".to_vec()));
+    }
+
+    #[test]
+    fn records_survive_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = open_db(dir.path());
+            let storage = SledStorage::open(&db).unwrap();
+            storage.initialize_if_empty(&[1]).unwrap();
+            storage
+                .persist_ready(&[new_entry(2, 1)], None, true)
+                .unwrap();
+            storage
+                .create_snapshot_of_records(2, conf_state(vec![1]), &delta(&[("r/x", "1")], &[]))
+                .unwrap();
+        }
+        let storage = SledStorage::open(&open_db(dir.path())).unwrap();
+        assert_eq!(storage.state_records().unwrap(), records(&[("r/x", "1")]));
+        assert_eq!(storage.snapshot_metadata().index, 2);
+    }
+
+    #[test]
+    fn encoded_records_round_trip_and_framing_errors_are_corrupt() {
+        let sent = records(&[("a", "1"), ("", ""), ("key", "a longer value")]);
+        let data = encode_records(sent.iter().map(|(k, v)| (&k[..], &v[..])));
+        assert_eq!(decode_records(&data).unwrap(), Some(sent));
+        assert_eq!(decode_records(b"{\"rollouts\":{}}").unwrap(), None);
+        assert_eq!(decode_records(b"").unwrap(), None);
+        for cut in [1, 3, 5] {
+            let err = decode_records(&data[..data.len() - cut]).unwrap_err();
+            assert!(matches!(err, StorageError::Corrupt { .. }), "{err}");
+        }
     }
 
     /// A state saved at 5 on top of a log the snapshot at 4 just replaced would be restored at

@@ -363,6 +363,61 @@ async fn bytes_written_per_entry_do_not_depend_on_the_registry_size() {
     );
 }
 
+/// A snapshot writes the records that changed since the previous one: with a hundred
+/// finished rollouts in the history, the entries and snapshots of a live rollout cost what
+/// they cost with none. A restart rebuilds the same registry from those records.
+#[tokio::test]
+async fn bytes_written_per_snapshot_do_not_depend_on_the_history() {
+    async fn per_entry(finished: usize) -> (u64, usize) {
+        let dir = tempfile::tempdir().unwrap();
+        let config = NodeConfig {
+            snapshot_every: 5,
+            ..NodeConfig::single(1)
+        };
+        let node = Running::open(dir.path(), &config).await;
+        for i in 0..finished {
+            let id = format!("old-{i}");
+            node.handle.propose(start(&id, "api")).await.unwrap();
+            node.handle.propose(abort(&id)).await.unwrap();
+        }
+        node.handle.propose(start("live", "api")).await.unwrap();
+        let registry = serde_json::to_vec(&*node.handle.view().registry)
+            .unwrap()
+            .len();
+        let written = node.storage.bytes_written();
+        let applied = node.handle.view().applied;
+        let snapshot_before = node.storage.snapshot_metadata().index;
+        node.pause_resume("live", 10).await;
+        let entries = node.handle.view().applied - applied;
+        assert_eq!(entries, 20);
+        assert!(
+            node.storage.snapshot_metadata().index >= snapshot_before + 15,
+            "snapshots were taken while measuring"
+        );
+        let per_entry = (node.storage.bytes_written() - written) / entries;
+        let before = node.handle.view();
+        node.stop().await;
+
+        let node = Running::open(dir.path(), &config).await;
+        assert_eq!(*node.handle.view().registry, *before.registry);
+        node.stop().await;
+        (per_entry, registry)
+    }
+    let (small, small_registry) = per_entry(0).await;
+    let (large, large_registry) = per_entry(100).await;
+    assert!(
+        large_registry > 50 * small_registry,
+        "registries of {small_registry} and {large_registry} bytes are not far enough apart"
+    );
+    // The service record (its revisions) grows with the history a little; a snapshot of
+    // the whole registry would add tens of kilobytes per entry.
+    assert!(
+        large <= small + small / 4,
+        "{small} bytes written per entry (snapshots included) with a {small_registry}-byte \
+         registry, {large} with a {large_registry}-byte one"
+    );
+}
+
 /// Stores written before the registry stopped being saved at every entry hold it, with its
 /// index, newer than the snapshot: it is restored as it is, and the log after it replayed once.
 #[tokio::test]
