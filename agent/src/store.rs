@@ -21,6 +21,8 @@ pub const STORE_DIR: &str = "agent.sled";
 
 const LAST_APPLIED_KEY: &[u8] = b"last_applied";
 const INSTANCE_ID_KEY: &[u8] = b"instance_id";
+/// The generation a live canary lease revert was derived from (JSON), while it is live.
+const LEASE_REVERTED_KEY: &[u8] = b"lease_reverted";
 const RECORD_FORMAT: u32 = 1;
 /// How long [`LocalStore::open`] waits for a lock that a just-dropped handle in this process
 /// may still hold.
@@ -383,11 +385,52 @@ impl LocalStore {
             key: "last_applied",
             reason: format!("cannot encode: {e}"),
         })?;
+        // A coordinator state applied ends any lease revert, in the same atomic batch.
+        let mut batch = sled::Batch::default();
+        batch.insert(LAST_APPLIED_KEY, bytes);
+        batch.remove(LEASE_REVERTED_KEY);
         self.db
-            .insert(LAST_APPLIED_KEY, bytes)
+            .apply_batch(batch)
             .map_err(|source| self.io("write", source))?;
         self.db.flush().map_err(|source| self.io("flush", source))?;
         Ok(())
+    }
+
+    /// Records that this host was reverted by its canary lease, from the state of
+    /// `generation`, and flushes it: an agent restarted while reverted then applies the
+    /// coordinator's state of that generation again instead of only acknowledging it
+    /// (docs/agent.md, "Canary lease"). [`record_applied`](Self::record_applied) clears it.
+    /// Blocking.
+    pub fn record_lease_reverted(&self, generation: Generation) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(&generation).map_err(|e| StoreError::Corrupt {
+            path: self.path.clone(),
+            key: "lease_reverted",
+            reason: format!("cannot encode: {e}"),
+        })?;
+        self.db
+            .insert(LEASE_REVERTED_KEY, bytes)
+            .map_err(|source| self.io("write", source))?;
+        self.db.flush().map_err(|source| self.io("flush", source))?;
+        Ok(())
+    }
+
+    /// The generation of the live lease revert recorded by
+    /// [`record_lease_reverted`](Self::record_lease_reverted), if any.
+    pub fn lease_reverted(&self) -> Result<Option<Generation>, StoreError> {
+        let Some(bytes) = self
+            .db
+            .get(LEASE_REVERTED_KEY)
+            .map_err(|source| self.io("read", source))?
+        else {
+            return Ok(None);
+        };
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| StoreError::Corrupt {
+                path: self.path.clone(),
+                key: "lease_reverted",
+                reason: e.to_string(),
+            })
     }
 
     fn io(&self, action: &'static str, source: sled::Error) -> StoreError {

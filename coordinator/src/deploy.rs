@@ -232,11 +232,17 @@ fn shard_order(rollout: &Rollout, count: u32) -> Vec<u32> {
     order.into_iter().map(|(_, shard)| shard).collect()
 }
 
-/// Time between two paced starts in one bucket: the start interval plus a fifth, so that the
-/// skew between two agents' pushes never brings two starts closer than the limit.
+/// Time between two paced starts in one bucket: the start interval plus a fifth of it (at
+/// least [`MIN_START_MARGIN`]), so that the skew between two agents' pushes never brings two
+/// starts closer than the limit.
 pub fn start_spacing(spec: &ShardSpec) -> Duration {
-    spec.start_interval + spec.start_interval / 5
+    spec.start_interval + (spec.start_interval / 5).max(MIN_START_MARGIN)
 }
+
+/// The least margin [`start_spacing`] adds: the skew between two agents' pushes on a loaded
+/// leader reached 103 ms (tests/deploy_shards.rs under the parallel CI run, a 500 ms interval
+/// with the former 100 ms margin).
+pub const MIN_START_MARGIN: Duration = Duration::from_millis(200);
 
 /// The start delay of every shard (indexed by shard) that moves from canary share `from` to
 /// `to`: with `max_concurrency`, the n-th moving shard of a bucket (in the rollout's shard

@@ -45,9 +45,9 @@
 //! any retry, and is what a resync puts back. While it is live, the coordinator's state of
 //! its generation is applied again instead of re-acknowledged, so a reconnected agent never
 //! stays reverted while the coordinator counts the canary as live. A revert older than the
-//! applied generation is ignored, like any stale state. It lives in memory only: an agent
-//! restarted while reverted re-acknowledges the stored generation without re-applying it
-//! (see docs/agent.md, "Canary lease").
+//! applied generation is ignored, like any stale state. The store records that a revert is
+//! live (its generation; cleared with the next applied state), so an agent restarted while
+//! reverted also applies that generation again (see docs/agent.md, "Canary lease").
 
 use std::time::Duration;
 
@@ -188,6 +188,19 @@ impl<A: TrafficActuator> Applier<A> {
         reverts: watch::Receiver<Option<DesiredState>>,
     ) -> Self {
         self.reverts = Some(reverts);
+        // A revert live when this agent stopped is live again: the nginx file on disk is the
+        // stable-only one, so the coordinator's state of that generation must apply again.
+        match self.store.lease_reverted() {
+            Ok(reverted) => {
+                if let Some(generation) = reverted {
+                    tracing::info!(%generation, "this host was reverted to stable by its canary lease before the restart; the leader's state of that generation will be applied again");
+                }
+                self.reverted = reverted;
+            }
+            Err(error) => {
+                tracing::warn!(error = %error_chain(&error), "could not read whether a canary lease revert is live; assuming none");
+            }
+        }
         self
     }
 
@@ -384,6 +397,14 @@ impl<A: TrafficActuator> Applier<A> {
             }
         }
         tracing::info!(%generation, "this host's traffic is stable-only until a leader sends a desired state");
+        let store = self.store.clone();
+        let recorded = tokio::task::spawn_blocking(move || store.record_lease_reverted(generation))
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| error_chain(&e)));
+        if let Err(error) = recorded {
+            tracing::warn!(%generation, %error, "could not record the lease revert in the local store: a restart before a leader answers would keep this host stable-only until the next generation");
+        }
         self.reverted = Some(generation);
         self.last_applied = Some(revert);
     }
@@ -945,6 +966,63 @@ mod tests {
         h.applier.handle(&desired_state(1, 4, &[("web", 10)])).await;
         assert_eq!(h.ack(), (generation(1, 4), vec![]));
         assert_eq!(h.calls().len(), 4);
+    }
+
+    /// An agent restarted while reverted: nginx holds the stable-only file, so the leader's
+    /// state of the reverted generation must be applied again, not only acknowledged.
+    #[tokio::test]
+    async fn a_lease_revert_outlives_a_restart_and_the_same_generation_applies_again() {
+        let mut h = ApplierHarness::new(Some(FakeActuator::new(&["web"])));
+        let canary = desired_state(1, 4, &[("web", 10)]);
+        h.applier.handle(&canary).await;
+        assert_eq!(h.ack(), (generation(1, 4), vec![]));
+        h.applier
+            .revert(crate::lease::stable_only_traffic(&canary))
+            .await;
+        assert_eq!(h.store.lease_reverted().unwrap(), Some(generation(1, 4)));
+
+        let (_desired, desired_rx) = watch::channel(None);
+        let (applied_tx, _applied) = watch::channel(None);
+        let (ack_tx, mut acks) = mpsc::channel(ACK_QUEUE);
+        let (_reverts, reverts_rx) = watch::channel(None);
+        let mut restarted = Applier::new(
+            Upstreams::default(),
+            h.store.clone(),
+            Some(FakeActuator::new(&["web"])),
+            h.stored(),
+            desired_rx,
+            applied_tx,
+            ack_tx,
+        )
+        .with_lease_reverts(reverts_rx);
+        restarted.handle(&canary).await;
+        let fake = restarted.actuator.as_ref().expect("a fake actuator");
+        assert_eq!(fake.calls.len(), 1, "applied again after the restart");
+        assert_eq!(fake.calls[0].services[0].canary_weight, 10);
+        assert_eq!(acks.try_recv().unwrap().failures, vec![]);
+        assert_eq!(
+            h.store.lease_reverted().unwrap(),
+            None,
+            "cleared once applied"
+        );
+
+        // A restart after that only re-acknowledges the generation, as before any revert.
+        let (_desired, desired_rx) = watch::channel(None);
+        let (applied_tx, _applied) = watch::channel(None);
+        let (ack_tx, _acks) = mpsc::channel(ACK_QUEUE);
+        let (_reverts, reverts_rx) = watch::channel(None);
+        let mut again = Applier::new(
+            Upstreams::default(),
+            h.store.clone(),
+            Some(FakeActuator::new(&["web"])),
+            h.stored(),
+            desired_rx,
+            applied_tx,
+            ack_tx,
+        )
+        .with_lease_reverts(reverts_rx);
+        again.handle(&canary).await;
+        assert!(again.actuator.as_ref().unwrap().calls.is_empty());
     }
 
     #[tokio::test]

@@ -48,9 +48,13 @@ pub const RETRY_PAUSE: Duration = Duration::from_millis(100);
 pub const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connect timeout for a peer.
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
-/// The largest raft batch a coordinator accepts or sends: a snapshot is the whole registry,
-/// bounded by the limits of `crate::limits` far below this.
+/// The largest raft batch a coordinator accepts or sends. The biggest message is a snapshot:
+/// every record of the registry, each bounded by the limits of `crate::limits` (a finished
+/// rollout is about 1 KiB, docs/benchmarks.md §14), so this holds some 200,000 rollouts.
 pub const MAX_RAFT_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
+/// A batch stops growing at this many bytes, so a batch stays within the message limit even
+/// when it holds a snapshot and full appends.
+const MAX_BATCH_BYTES: usize = MAX_RAFT_MESSAGE_BYTES / 4;
 
 /// Where each member's gRPC server is, shared by the transport, the API (to point clients at
 /// the leader) and the raft service (which learns senders' addresses).
@@ -210,15 +214,29 @@ impl PeerSender {
             }
         };
         let mut failing = false;
+        // A message taken from the queue that did not fit the previous batch.
+        let mut carried: Option<Message> = None;
         loop {
-            let first = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                m = queue.recv() => match m { Some(m) => m, None => return },
+            let first = match carried.take() {
+                Some(m) => m,
+                None => tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    m = queue.recv() => match m { Some(m) => m, None => return },
+                },
             };
+            let mut bytes = first.compute_size() as usize;
             let mut batch = vec![first];
-            while batch.len() < MAX_BATCH {
+            while batch.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
                 match queue.try_recv() {
-                    Ok(m) => batch.push(m),
+                    Ok(m) => {
+                        let size = m.compute_size() as usize;
+                        if bytes + size > MAX_BATCH_BYTES {
+                            carried = Some(m);
+                            break;
+                        }
+                        bytes += size;
+                        batch.push(m);
+                    }
                     Err(_) => break,
                 }
             }
@@ -245,7 +263,8 @@ impl PeerSender {
                         tracing::debug!(peer = self.to, %error, "raft peer still unreachable");
                     }
                     let mut dropped_snapshots = snapshots;
-                    while let Ok(m) = queue.try_recv() {
+                    let rest = carried.take().into_iter();
+                    for m in rest.chain(std::iter::from_fn(|| queue.try_recv().ok())) {
                         dropped_snapshots +=
                             usize::from(m.get_msg_type() == MessageType::MsgSnapshot);
                     }
@@ -269,6 +288,16 @@ impl PeerSender {
     ) -> Result<(), String> {
         let mut messages = Vec::with_capacity(batch.len());
         for m in batch {
+            let size = m.compute_size() as usize;
+            if size > MAX_RAFT_MESSAGE_BYTES {
+                return Err(format!(
+                    "a raft {:?} of {} MiB is over the {} MiB message limit: this member cannot \
+                     be sent it (docs/cluster.md, \"Peer transport\")",
+                    m.get_msg_type(),
+                    size >> 20,
+                    MAX_RAFT_MESSAGE_BYTES >> 20
+                ));
+            }
             messages.push(
                 m.write_to_bytes()
                     .map_err(|e| format!("encoding a raft message: {e}"))?,
