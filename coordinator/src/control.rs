@@ -1,8 +1,11 @@
 //! The leader's control loop: for every live rollout, gather what agents measured, run the
 //! analysis and the controller's [`decide`], and propose the resulting command through Raft.
 //!
-//! It wakes every [`EVALUATE_EVERY`] and whenever a report arrives, so a critical trigger acts on
-//! the report that shows it rather than on the next timer tick. Followers run nothing here.
+//! It runs on a timer ([`EVALUATE_EVERY`]), never once per report: reports are folded into
+//! per-second totals on arrival ([`MetricsStore`]) and a tick reads those, so its cost does not
+//! grow with the fleet. A canary report carrying errors wakes it early, at most every
+//! [`EARLY_WAKE_GAP`], so a hard-down canary is acted on within milliseconds of the report that
+//! shows it. Followers run nothing here.
 //!
 //! Between [`decide`] and the log sit the rollout's hooks ([`crate::hooks::gate`]): a stage pass
 //! with `pre_advance` hooks, and a rollout whose `pre_rollout` hooks are pending, become hook
@@ -22,7 +25,7 @@ use crate::analysis::{Pair, StageAnalysis, analyse_stage, evaluate_check};
 use crate::hooks::{
     HookPayload, HookRun, HookRunner, HookTasks, HttpHookRunner, Step, gate, post_due,
 };
-use crate::metrics::{MetricsStore, Side, StageKey};
+use crate::metrics::{MetricsStore, SECOND, Side, StageKey};
 use crate::raft::{ProposeError, RaftHandle, Role};
 use crate::rollout::{
     Checkpoint, Command, Millis, Observation, Rollout, RolloutId, TriggerMemory, TriggerReading,
@@ -31,6 +34,8 @@ use crate::rollout::{
 
 /// The control loop's timer.
 pub const EVALUATE_EVERY: Duration = Duration::from_millis(250);
+/// The least time between two evaluations when reports wake the loop early.
+pub const EARLY_WAKE_GAP: Duration = Duration::from_millis(50);
 /// How often, at most, the leader commits a checkpoint of each live stage's analysis (only when
 /// its totals changed): a restarted leader loses at most this much of a stage's data. Cost
 /// measured in docs/benchmarks.md.
@@ -136,15 +141,27 @@ pub async fn run_with_hooks<R: HookRunner>(
     let mut hooks = HookTasks::new(runner, shared.raft.clone());
     // When this node last became the leader: a rollout it took over waits for fresh reports.
     let mut leader_since: Option<Millis> = None;
+    let mut last_evaluation = tokio::time::Instant::now();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => {
                 hooks.shutdown().await;
                 return;
             }
-            _ = tokio::time::sleep(EVALUATE_EVERY) => {}
-            _ = shared.wake.notified() => {}
+            _ = tokio::time::sleep_until(last_evaluation + EVALUATE_EVERY) => {}
+            _ = shared.wake.notified() => {
+                // Early, but not more often than the gap: a hard-down canary on many hosts
+                // sends many such reports a second.
+                tokio::select! {
+                    _ = shutdown.cancelled() => {
+                        hooks.shutdown().await;
+                        return;
+                    }
+                    _ = tokio::time::sleep_until(last_evaluation + EARLY_WAKE_GAP) => {}
+                }
+            }
         }
+        last_evaluation = tokio::time::Instant::now();
         let view = shared.raft.view();
         if view.role != Role::Leader {
             memories.clear();
@@ -166,11 +183,11 @@ pub async fn run_with_hooks<R: HookRunner>(
             }
         }
         let now = now_millis();
-        shared.metrics().prune(now);
         settle_deployments(&shared, &view.registry, now).await;
         grant_shards(&shared, &view.registry, now).await;
         record_deploy_actions(&shared, &view.registry, now).await;
         let active: Vec<Rollout> = view.registry.active().cloned().collect();
+        shared.metrics().prune(now, retention(&active));
         memories.retain(|id, _| active.iter().any(|r| &r.id == id));
         shared
             .live
@@ -228,6 +245,15 @@ pub async fn run_with_hooks<R: HookRunner>(
             }
         }
     }
+}
+
+/// How much history the metrics store must keep for `active` rollouts: their longest trigger
+/// window, and at least the rate figure's span.
+pub fn retention(active: &[Rollout]) -> Duration {
+    active
+        .iter()
+        .flat_map(|r| r.strategy.triggers.iter().map(|t| t.window))
+        .fold(RATE_WINDOW + Duration::from_secs(1), Duration::max)
 }
 
 /// Where a trigger's sliding window starts: `window` before `now`, but never before the rollout
@@ -434,7 +460,13 @@ fn observe(
             .iter()
             .map(|t| metrics.since(&rollout.service, trigger_since(rollout, t.window, now)))
             .collect();
-        let recent = metrics.since(&rollout.service, now - RATE_WINDOW.as_millis() as Millis);
+        // The last complete seconds, so the rate divides by the span it covers.
+        let this_second = now.div_euclid(SECOND) * SECOND;
+        let recent = metrics.span(
+            &rollout.service,
+            this_second - RATE_WINDOW.as_millis() as Millis,
+            this_second,
+        );
         let since = now - SCRAPE_ERROR_WINDOW.as_millis() as Millis;
         let errors = (
             metrics
@@ -774,6 +806,16 @@ mod tests {
             .await
             .expect("the loop checkpoints the stage")
             .unwrap();
+            // The loop logs the commit once its proposal is answered, just after the view.
+            let committed = || {
+                String::from_utf8_lossy(&logs.0.lock().unwrap()).contains("checkpoint committed")
+            };
+            for _ in 0..100 {
+                if committed() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
             tasks.cancel();
             node_shutdown.cancel();
         };

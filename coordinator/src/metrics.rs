@@ -1,22 +1,29 @@
 //! The leader's soft state of agent measurements, per service and variant.
 //!
 //! Reports arrive every interval from every agent. They are not replicated (too many, and fresh
-//! ones arrive every second): the leader keeps a short history for trigger windows and a running
-//! total for the current stage. Time is passed in, so this is tested without a clock.
+//! ones arrive every second). Each report is folded once, on arrival, into per-second totals of
+//! its service and variant, and into the running total of the service's current stage; nothing
+//! per report is kept. Reading a window merges its seconds, so a control-loop tick costs
+//! O(windows × seconds) whatever the number of agents and reports. Seconds are kept as long as
+//! the longest window in use ([`MetricsStore::prune`]). Time is passed in, so this is tested
+//! without a clock.
 //!
 //! A stage's total holds the reports received from its start on, and a report belongs to one
-//! stage only. The control loop wakes on each report, so a stage often ends (its evidence is the
-//! total read at that instant) in the very millisecond a report arrived; the next stage starts
-//! at that millisecond. Time alone cannot tell whether such a report was already in the ended
-//! stage's total, so every record gets a sequence number and a new stage starts after the last
-//! record the previous stage's total was read with (found by `serin demo`, which compares the
-//! coordinator's counts with its load generator's: each boundary counted one report twice).
+//! stage only. A stage ends when the control loop reads its total as evidence; the next stage
+//! starts at that instant, possibly the very millisecond a report arrived, and time alone cannot
+//! tell whether such a report was already in the ended stage's total (found by `serin demo`,
+//! which compares the coordinator's counts with its load generator's: each boundary counted one
+//! report twice). So the store also keeps what arrived since the stage total was last read
+//! (`unread`, per second), and a new stage starts from that.
 
 use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
 use crate::analysis::{Pair, Window};
 use crate::rollout::{Millis, RolloutId};
+
+/// The span of one aggregate, in milliseconds.
+pub const SECOND: Millis = 1_000;
 
 /// Which side of a rollout a measurement belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -38,26 +45,78 @@ pub struct StageKey {
     pub started_at: Millis,
 }
 
-/// One instance's window as received.
-#[derive(Debug)]
-struct Record {
-    /// Position among the service's records, from 0.
-    seq: u64,
-    /// When it was received.
-    at: Millis,
-    side: Side,
-    window: Window,
+/// Everything received in one second.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Second {
+    /// Its start, a multiple of [`SECOND`].
+    pub start: Millis,
+    /// When its first and last reports were received: a window starting inside this second
+    /// still reads it whole when every report came at or after the window's start.
+    pub received: (Millis, Millis),
+    /// Stable and canary totals.
+    pub data: Pair,
+}
+
+impl Second {
+    fn new(start: Millis, at: Millis) -> Second {
+        Second {
+            start,
+            received: (at, at),
+            data: Pair::default(),
+        }
+    }
+
+    /// Whether every report of this second was received at or after `since`.
+    pub fn all_since(&self, since: Millis) -> bool {
+        self.start >= since || self.received.0 >= since
+    }
+}
+
+/// Adds `window` of `side` into the second holding `at` (created if needed; a clock that went
+/// back finds or inserts its second in order).
+fn fold(seconds: &mut VecDeque<Second>, side: Side, window: &Window, at: Millis) {
+    let start = at.div_euclid(SECOND) * SECOND;
+    let index = match seconds.back() {
+        Some(last) if last.start == start => seconds.len() - 1,
+        Some(last) if last.start > start => {
+            let i = seconds.partition_point(|s| s.start < start);
+            if seconds.get(i).is_none_or(|s| s.start != start) {
+                seconds.insert(i, Second::new(start, at));
+            }
+            i
+        }
+        _ => {
+            seconds.push_back(Second::new(start, at));
+            seconds.len() - 1
+        }
+    };
+    let second = &mut seconds[index];
+    second.received = (second.received.0.min(at), second.received.1.max(at));
+    side_of(&mut second.data, side).merge(window);
+}
+
+fn side_of(pair: &mut Pair, side: Side) -> &mut Window {
+    match side {
+        Side::Stable => &mut pair.stable,
+        Side::Canary => &mut pair.canary,
+    }
+}
+
+/// Drops the seconds that ended at or before `horizon`.
+fn drop_before(seconds: &mut VecDeque<Second>, horizon: Millis) {
+    while seconds.front().is_some_and(|s| s.start + SECOND <= horizon) {
+        seconds.pop_front();
+    }
 }
 
 #[derive(Debug, Default)]
 struct ServiceMetrics {
-    recent: VecDeque<Record>,
-    /// The `seq` of the next record.
-    next_seq: u64,
+    /// Per-second totals, oldest first.
+    seconds: VecDeque<Second>,
+    /// What arrived since the stage total was last read, per second.
+    unread: VecDeque<Second>,
     stage: Option<StageKey>,
     stage_data: Pair,
-    /// Records before this `seq` were in the stage total when it was last read.
-    read_upto: u64,
     scrape_errors: HashMap<Side, (Millis, String)>,
 }
 
@@ -69,7 +128,8 @@ pub struct MetricsStore {
 }
 
 impl MetricsStore {
-    /// A store keeping `retain` of history per service (at least the longest trigger window).
+    /// A store keeping `retain` of history per service until [`MetricsStore::prune`] says
+    /// otherwise.
     pub fn new(retain: Duration) -> MetricsStore {
         MetricsStore {
             services: HashMap::new(),
@@ -77,25 +137,19 @@ impl MetricsStore {
         }
     }
 
-    /// Records one instance's window received at `at`.
+    /// Folds one instance's window received at `at` into its service's seconds and stage total.
     pub fn record(&mut self, service: &str, side: Side, window: Window, at: Millis) {
-        let entry = self.services.entry(service.to_owned()).or_default();
-        let target = match side {
-            Side::Stable => &mut entry.stage_data.stable,
-            Side::Canary => &mut entry.stage_data.canary,
+        let entry = match self.services.get_mut(service) {
+            Some(entry) => entry,
+            None => self.services.entry(service.to_owned()).or_default(),
         };
-        target.merge(&window);
-        entry.recent.push_back(Record {
-            seq: entry.next_seq,
-            at,
-            side,
-            window,
-        });
-        entry.next_seq += 1;
+        side_of(&mut entry.stage_data, side).merge(&window);
+        fold(&mut entry.seconds, side, &window, at);
+        fold(&mut entry.unread, side, &window, at);
+        // Bounded even while no control loop prunes (a node that is not leading).
         let horizon = at - self.retain.as_millis() as Millis;
-        while entry.recent.front().is_some_and(|r| r.at < horizon) {
-            entry.recent.pop_front();
-        }
+        drop_before(&mut entry.seconds, horizon);
+        drop_before(&mut entry.unread, horizon);
     }
 
     /// Records that an instance's metrics could not be read at `at` (the interval also counts
@@ -117,55 +171,77 @@ impl MetricsStore {
 
     /// Everything measured for `service` since the stage identified by `key` started. When the
     /// key changes the total starts over, from `checkpoint` when one is given (a leader resuming
-    /// a stage another leader, or an earlier run of this one, was observing), with the records
-    /// received since the stage started that the previous total was not read with (see the
-    /// module docs).
+    /// a stage another leader, or an earlier run of this one, was observing), with what arrived
+    /// in the seconds since the stage started that the previous total was not read with (see
+    /// the module docs).
     pub fn stage(&mut self, service: &str, key: &StageKey, checkpoint: Option<&Pair>) -> Pair {
         let entry = self.services.entry(service.to_owned()).or_default();
         if entry.stage.as_ref() != Some(key) {
-            // Keep what arrived since the stage started and was not read as the previous
-            // stage's; drop the rest.
             let mut data = checkpoint.cloned().unwrap_or_default();
-            for r in &entry.recent {
-                if r.at >= key.started_at && r.seq >= entry.read_upto {
-                    match r.side {
-                        Side::Stable => data.stable.merge(&r.window),
-                        Side::Canary => data.canary.merge(&r.window),
-                    }
-                }
+            for s in entry
+                .unread
+                .iter()
+                .filter(|s| s.received.1 >= key.started_at)
+            {
+                data.stable.merge(&s.data.stable);
+                data.canary.merge(&s.data.canary);
             }
             entry.stage = Some(key.clone());
             entry.stage_data = data;
         }
-        entry.read_upto = entry.next_seq;
+        entry.unread.clear();
         entry.stage_data.clone()
     }
 
-    /// Everything measured for `service` at or after `since`.
+    /// Everything measured for `service` in the seconds whose reports were all received at or
+    /// after `since` (the current, partial second included). A second that mixes reports from
+    /// before and after `since` is left out: a rollout's trigger window never reads what came
+    /// before the rollout started.
     pub fn since(&self, service: &str, since: Millis) -> Pair {
         let mut data = Pair::default();
-        if let Some(entry) = self.services.get(service) {
-            for r in entry.recent.iter().rev() {
-                if r.at < since {
-                    break;
-                }
-                match r.side {
-                    Side::Stable => data.stable.merge(&r.window),
-                    Side::Canary => data.canary.merge(&r.window),
-                }
-            }
+        let seconds = self.seconds(service, since.div_euclid(SECOND) * SECOND);
+        for s in seconds.filter(|s| s.all_since(since)) {
+            data.stable.merge(&s.data.stable);
+            data.canary.merge(&s.data.canary);
         }
         data
     }
 
-    /// Drops history older than the retention before `now`.
-    pub fn prune(&mut self, now: Millis) {
-        let horizon = now - self.retain.as_millis() as Millis;
-        for entry in self.services.values_mut() {
-            while entry.recent.front().is_some_and(|r| r.at < horizon) {
-                entry.recent.pop_front();
+    /// Everything measured for `service` in the seconds that start in `from..until`.
+    pub fn span(&self, service: &str, from: Millis, until: Millis) -> Pair {
+        let mut data = Pair::default();
+        for s in self.seconds(service, from) {
+            if s.start >= until {
+                break;
             }
+            data.stable.merge(&s.data.stable);
+            data.canary.merge(&s.data.canary);
         }
+        data
+    }
+
+    /// The per-second totals of `service` from the second starting at or after `since`, oldest
+    /// first.
+    pub fn seconds(&self, service: &str, since: Millis) -> impl Iterator<Item = &Second> {
+        let seconds = self.services.get(service).map(|e| &e.seconds);
+        let first = seconds.map_or(0, |s| s.partition_point(|s| s.start < since));
+        seconds.into_iter().flat_map(move |s| s.range(first..))
+    }
+
+    /// Keeps `retain` of history from now on (the longest window in use) and drops what is
+    /// older than that before `now`.
+    pub fn prune(&mut self, now: Millis, retain: Duration) {
+        self.retain = retain;
+        let horizon = now - retain.as_millis() as Millis;
+        for entry in self.services.values_mut() {
+            drop_before(&mut entry.seconds, horizon);
+            drop_before(&mut entry.unread, horizon);
+        }
+    }
+
+    /// How much history is kept.
+    pub fn retention(&self) -> Duration {
+        self.retain
     }
 }
 
@@ -259,7 +335,7 @@ mod tests {
         assert_eq!(m.since("api", 0).canary.requests, 11);
         assert_eq!(m.since("api", 15_000).canary.requests, 5);
         assert_eq!(m.since("api", 15_000).canary.errors, 3); // t = 15, 17, 19
-        m.prune(100_000);
+        m.prune(100_000, Duration::from_secs(10));
         assert_eq!(m.since("api", 0).canary.requests, 0);
         m.record_scrape_error("api", Side::Canary, "c1: timeout".into(), 5_000);
         assert_eq!(
@@ -269,5 +345,89 @@ mod tests {
         assert_eq!(m.scrape_error("api", Side::Canary, 6_000), None);
         assert_eq!(m.scrape_error("api", Side::Stable, 0), None);
         assert_eq!(m.since("nope", 0), Pair::default());
+    }
+
+    #[test]
+    fn reports_of_one_second_share_one_aggregate_whatever_their_number() {
+        let mut m = MetricsStore::new(Duration::from_secs(60));
+        for agent in 0..1_000u64 {
+            m.record(
+                "api",
+                Side::Stable,
+                w(10, agent % 2),
+                5_000 + (agent % 1_000) as Millis,
+            );
+        }
+        m.record("api", Side::Canary, w(3, 1), 6_000);
+        let seconds: Vec<_> = m.seconds("api", 0).collect();
+        assert_eq!(seconds.len(), 2);
+        assert_eq!(seconds[0].start, 5_000);
+        assert_eq!(
+            (
+                seconds[0].data.stable.requests,
+                seconds[0].data.stable.errors
+            ),
+            (10_000, 500)
+        );
+        assert_eq!(seconds[1].data.canary.requests, 3);
+        assert_eq!(m.services["api"].unread.len(), 2);
+    }
+
+    #[test]
+    fn a_clock_that_goes_back_folds_into_the_right_second() {
+        let mut m = MetricsStore::new(Duration::from_secs(60));
+        m.record("api", Side::Canary, w(1, 0), 3_000);
+        m.record("api", Side::Canary, w(2, 0), 5_500);
+        m.record("api", Side::Canary, w(4, 0), 3_999);
+        m.record("api", Side::Canary, w(8, 0), 4_100);
+        let seconds: Vec<_> = m
+            .seconds("api", 0)
+            .map(|s| (s.start, s.data.canary.requests))
+            .collect();
+        assert_eq!(seconds, [(3_000, 5), (4_000, 8), (5_000, 2)]);
+    }
+
+    #[test]
+    fn spans_read_whole_seconds_and_exclude_the_one_in_progress_when_asked() {
+        let mut m = MetricsStore::new(Duration::from_secs(60));
+        for t in 0..10 {
+            m.record("api", Side::Stable, w(10, 0), t * 1_000 + 500);
+        }
+        // At 9.7 s, the last five complete seconds are 4..9.
+        assert_eq!(m.span("api", 4_000, 9_000).stable.requests, 50);
+        // A window starting inside a second leaves that second out when it holds reports from
+        // before the window's start, and reads it whole when not.
+        assert_eq!(m.since("api", 4_600).stable.requests, 50);
+        assert_eq!(m.since("api", 4_300).stable.requests, 60);
+        assert_eq!(m.since("api", 4_000).stable.requests, 60);
+    }
+
+    #[test]
+    fn history_is_kept_as_long_as_the_longest_window_in_use() {
+        let mut m = MetricsStore::new(Duration::from_secs(600));
+        for t in 0..100 {
+            m.record("api", Side::Stable, w(1, 0), t * 1_000);
+        }
+        assert_eq!(m.seconds("api", 0).count(), 100);
+        m.prune(99_500, Duration::from_secs(30));
+        assert_eq!(m.retention(), Duration::from_secs(30));
+        assert_eq!(m.seconds("api", 0).next().map(|s| s.start), Some(69_000));
+        // Recording keeps the bound too, between prunes.
+        for t in 100..200 {
+            m.record("api", Side::Stable, w(1, 0), t * 1_000);
+        }
+        assert_eq!(m.seconds("api", 0).count(), 31);
+        // What no stage read is bounded the same way.
+        assert_eq!(m.services["api"].unread.len(), 31);
+    }
+
+    #[test]
+    fn a_stage_started_later_than_unread_reports_leaves_out_their_earlier_seconds() {
+        let mut m = MetricsStore::new(Duration::from_secs(60));
+        m.stage("api", &key(0, 0), None);
+        m.record("api", Side::Canary, w(5, 0), 1_200);
+        m.record("api", Side::Canary, w(7, 0), 3_200);
+        // An operator resumed at 2.5 s: the second 1..2 ended before, 3..4 is in.
+        assert_eq!(m.stage("api", &key(0, 2_500), None).canary.requests, 7);
     }
 }

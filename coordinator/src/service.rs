@@ -1116,6 +1116,7 @@ fn handle_agent_message(shared: &Shared, name: &str, message: AgentMessage) {
                 .agents
                 .reported(name, now, report.interval_ms as Millis, &scrapes, workloads);
             let mut metrics = shared.metrics();
+            let mut breach = false;
             for w in report.instances {
                 let side = if w.variant == v1::Variant::Canary as i32 {
                     Side::Canary
@@ -1137,10 +1138,14 @@ fn handle_agent_message(shared: &Shared, name: &str, message: AgentMessage) {
                     );
                     Window::missing()
                 };
+                breach |= side == Side::Canary && (window.errors > 0 || window.missing > 0);
                 metrics.record(&w.service, side, window, now);
             }
             drop(metrics);
-            shared.wake.notify_one();
+            if breach {
+                // A canary in trouble is judged now rather than at the next tick.
+                shared.wake.notify_one();
+            }
         }
         Some(agent_message::Body::Ack(ack)) => {
             let generation = ack.generation.map(Generation::from).unwrap_or_default();
