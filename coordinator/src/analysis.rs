@@ -127,11 +127,16 @@ impl Window {
         Some(lower_bound)
     }
 
-    /// The value of `metric` (error rate as a fraction, latencies in milliseconds).
+    /// The value of `metric` (error rate as a fraction, latencies in milliseconds); `None` for
+    /// the canary's share, which needs both variants ([`Pair::canary_share`]).
     pub fn metric(&self, metric: Metric) -> Option<f64> {
-        match metric.quantile() {
-            None => self.error_rate(),
-            Some(q) => self.quantile(q).map(|s| s * 1000.0),
+        match metric {
+            Metric::CanaryShare => None,
+            Metric::ErrorRate => self.error_rate(),
+            _ => metric
+                .quantile()
+                .and_then(|q| self.quantile(q))
+                .map(|s| s * 1000.0),
         }
     }
 
@@ -139,7 +144,7 @@ impl Window {
     /// for latency.
     pub fn support(&self, metric: Metric) -> u64 {
         match metric {
-            Metric::ErrorRate => self.requests,
+            Metric::ErrorRate | Metric::CanaryShare => self.requests,
             _ => self.observed(),
         }
     }
@@ -198,6 +203,20 @@ pub struct Pair {
     /// The canary variant.
     pub canary: Window,
 }
+
+impl Pair {
+    /// The canary's share of all requests, 0..=1, and the number of requests it is read from;
+    /// `None` with no requests.
+    pub fn canary_share(&self) -> Option<(f64, u64)> {
+        let total = self.stable.requests + self.canary.requests;
+        (total > 0).then(|| (self.canary.requests as f64 / total as f64, total))
+    }
+}
+
+/// How many standard errors beyond the tolerated band a canary's share must lie before a
+/// `canary_share` check fails (about 3e-5 one-sided: rare by chance even when checked every
+/// tick of a long stage).
+pub const SHARE_FAIL_Z: f64 = 4.0;
 
 /// The answer of one check.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -259,6 +278,18 @@ impl CheckResult {
     pub fn describe(&self) -> String {
         let unit = self.metric.unit();
         match &self.verdict {
+            Verdict::Pass { value, threshold } if self.metric == Metric::CanaryShare => format!(
+                "{}: pass (canary_share {} within the tolerated {} edge)",
+                self.name,
+                percent(*value),
+                percent(*threshold)
+            ),
+            Verdict::Fail { value, threshold } if self.metric == Metric::CanaryShare => format!(
+                "{}: fail (canary_share {} beyond the tolerated {} edge of the stage's weight)",
+                self.name,
+                percent(*value),
+                percent(*threshold)
+            ),
             Verdict::Pass { value, threshold } => format!(
                 "{}: pass ({} {}{unit} <= {}{unit})",
                 self.name,
@@ -283,9 +314,10 @@ fn round(v: f64) -> f64 {
     (v * 10_000.0).round() / 10_000.0
 }
 
-/// Evaluates one check over stable and canary windows.
-pub fn evaluate_check(check: &Check, data: &Pair) -> CheckResult {
-    let verdict = verdict(check, data);
+/// Evaluates one check over stable and canary windows measured while the canary had
+/// `canary_weight`% of traffic.
+pub fn evaluate_check(check: &Check, data: &Pair, canary_weight: u32) -> CheckResult {
+    let verdict = verdict(check, data, canary_weight);
     CheckResult {
         name: check.name.clone(),
         metric: check.metric,
@@ -293,7 +325,68 @@ pub fn evaluate_check(check: &Check, data: &Pair) -> CheckResult {
     }
 }
 
-fn verdict(check: &Check, data: &Pair) -> Verdict {
+/// A `canary_share` check: pass inside the band `weight × (1 ± tolerance)`, fail when the share
+/// lies outside it by [`SHARE_FAIL_Z`] standard errors, no data in between (not yet clear).
+fn share_verdict(check: &Check, data: &Pair, canary_weight: u32, tolerance: f64) -> Verdict {
+    let Some((share, total)) = data
+        .canary_share()
+        .filter(|(_, n)| *n >= check.min_requests)
+    else {
+        let total = data.stable.requests + data.canary.requests;
+        return Verdict::NoData {
+            reason: format!(
+                "the variants served {total} of {} requests needed",
+                check.min_requests
+            ),
+        };
+    };
+    let weight = f64::from(canary_weight) / 100.0;
+    let (low, high) = (
+        weight * (1.0 - tolerance),
+        (weight * (1.0 + tolerance)).min(1.0),
+    );
+    if (low..=high).contains(&share) {
+        // Passing reports the edge it was nearest to.
+        let threshold = if share < weight { low } else { high };
+        return Verdict::Pass {
+            value: share,
+            threshold,
+        };
+    }
+    let edge = if share < low { low } else { high };
+    // Standard error at the edge; an edge at 0 or 1 has none, so any share beyond it is clear.
+    let se = (edge * (1.0 - edge) / total as f64).sqrt();
+    let z = if se > 0.0 {
+        (share - edge).abs() / se
+    } else {
+        f64::INFINITY
+    };
+    if z >= SHARE_FAIL_Z {
+        Verdict::Fail {
+            value: share,
+            threshold: edge,
+        }
+    } else {
+        Verdict::NoData {
+            reason: format!(
+                "canary share {} is outside {}..{} of {total} requests but not yet clearly (z {:.1} of {SHARE_FAIL_Z})",
+                percent(share),
+                percent(low),
+                percent(high),
+                z
+            ),
+        }
+    }
+}
+
+fn percent(v: f64) -> String {
+    format!("{}%", round(v * 100.0))
+}
+
+fn verdict(check: &Check, data: &Pair, canary_weight: u32) -> Verdict {
+    if let Rule::NearWeight { tolerance } = check.rule {
+        return share_verdict(check, data, canary_weight, tolerance);
+    }
     let canary_support = data.canary.support(check.metric);
     if canary_support < check.min_requests {
         return Verdict::NoData {
@@ -310,6 +403,7 @@ fn verdict(check: &Check, data: &Pair) -> Verdict {
     };
     let threshold = match check.rule {
         Rule::Max { limit } => limit,
+        Rule::NearWeight { .. } => unreachable!("judged by share_verdict above"),
         Rule::RatioToStable { ratio, slack } => {
             let stable_support = data.stable.support(check.metric);
             if stable_support < check.min_requests {
@@ -368,7 +462,7 @@ pub fn analyse_stage(checks: &[Check], data: Pair, canary_weight: u32) -> StageA
                     reason: "no stable traffic to compare with at 100%".into(),
                 },
             },
-            _ => evaluate_check(c, &data),
+            _ => evaluate_check(c, &data, canary_weight),
         })
         .collect();
     StageAnalysis { data, checks }
@@ -501,13 +595,13 @@ mod tests {
             canary: window(200, 2, [0; 5]),
             ..Pair::default()
         };
-        assert_eq!(evaluate_check(&c, &ok).verdict.label(), "pass");
+        assert_eq!(evaluate_check(&c, &ok, 10).verdict.label(), "pass");
         let bad = Pair {
             canary: window(200, 20, [0; 5]),
             ..Pair::default()
         };
         assert_eq!(
-            evaluate_check(&c, &bad).verdict,
+            evaluate_check(&c, &bad, 10).verdict,
             Verdict::Fail {
                 value: 0.1,
                 threshold: 0.05
@@ -523,7 +617,7 @@ mod tests {
             canary: window(99, 99, [0; 5]),
             ..Pair::default()
         };
-        let r = evaluate_check(&c, &few);
+        let r = evaluate_check(&c, &few, 10);
         assert_eq!(r.verdict.label(), "no_data");
         assert!(
             r.describe().contains("canary has 99 of 100"),
@@ -534,7 +628,7 @@ mod tests {
             canary: Window::missing(),
             ..Pair::default()
         };
-        assert_eq!(evaluate_check(&c, &missing).verdict.label(), "no_data");
+        assert_eq!(evaluate_check(&c, &missing, 10).verdict.label(), "no_data");
     }
 
     #[test]
@@ -551,10 +645,10 @@ mod tests {
             canary: window(100, ce, [0; 5]),
             stable: window(1000, se, [0; 5]),
         };
-        assert_eq!(evaluate_check(&c, &data(3, 20)).verdict.label(), "pass"); // 3% vs 2%*1.5
-        assert_eq!(evaluate_check(&c, &data(4, 20)).verdict.label(), "fail"); // 4% > 3%
+        assert_eq!(evaluate_check(&c, &data(3, 20), 10).verdict.label(), "pass"); // 3% vs 2%*1.5
+        assert_eq!(evaluate_check(&c, &data(4, 20), 10).verdict.label(), "fail"); // 4% > 3%
         // Stable at zero errors: any canary error fails without slack...
-        assert_eq!(evaluate_check(&c, &data(1, 0)).verdict.label(), "fail");
+        assert_eq!(evaluate_check(&c, &data(1, 0), 10).verdict.label(), "fail");
         // ...and passes with an absolute allowance.
         let slack = check(
             Metric::ErrorRate,
@@ -564,13 +658,19 @@ mod tests {
             },
             50,
         );
-        assert_eq!(evaluate_check(&slack, &data(1, 0)).verdict.label(), "pass");
+        assert_eq!(
+            evaluate_check(&slack, &data(1, 0), 10).verdict.label(),
+            "pass"
+        );
         // Stable without data: cannot compare.
         let no_stable = Pair {
             canary: window(100, 0, [0; 5]),
             stable: window(10, 0, [0; 5]),
         };
-        assert_eq!(evaluate_check(&c, &no_stable).verdict.label(), "no_data");
+        assert_eq!(
+            evaluate_check(&c, &no_stable, 10).verdict.label(),
+            "no_data"
+        );
     }
 
     #[test]
@@ -580,18 +680,18 @@ mod tests {
             canary: window(100, 0, [50, 100, 100, 100, 100]),
             ..Pair::default()
         };
-        assert_eq!(evaluate_check(&c, &fast).verdict.label(), "pass");
+        assert_eq!(evaluate_check(&c, &fast, 10).verdict.label(), "pass");
         let slow = Pair {
             canary: window(100, 0, [10, 20, 30, 100, 100]),
             ..Pair::default()
         };
-        assert_eq!(evaluate_check(&c, &slow).verdict.label(), "fail");
+        assert_eq!(evaluate_check(&c, &slow, 10).verdict.label(), "fail");
         // Requests counted but no histogram: no data, not a pass.
         let no_hist = Pair {
             canary: Window::from_counts(100, 0, &[], 0.0),
             ..Pair::default()
         };
-        assert_eq!(evaluate_check(&c, &no_hist).verdict.label(), "no_data");
+        assert_eq!(evaluate_check(&c, &no_hist, 10).verdict.label(), "no_data");
     }
 
     #[test]
@@ -669,6 +769,74 @@ mod tests {
         assert_eq!(
             judge_stage(&analyse_stage(&checks[..1], Pair::default(), 100)),
             StageVerdict::Pass
+        );
+    }
+
+    fn share_check(tolerance: f64, min_requests: u64) -> Check {
+        check(
+            Metric::CanaryShare,
+            Rule::NearWeight { tolerance },
+            min_requests,
+        )
+    }
+
+    fn split(stable: u64, canary: u64) -> Pair {
+        Pair {
+            stable: window(stable, 0, [stable; 5]),
+            canary: window(canary, 0, [canary; 5]),
+        }
+    }
+
+    #[test]
+    fn a_canary_share_near_its_weight_passes_and_one_far_from_it_fails_only_when_clear() {
+        let c = share_check(0.5, 50);
+        let judge = |data: Pair, weight| evaluate_check(&c, &data, weight).verdict;
+        // 5% stage, band 2.5%..7.5%.
+        assert!(
+            matches!(judge(split(950, 50), 5), Verdict::Pass { value, .. } if (value - 0.05).abs() < 1e-12)
+        );
+        assert_eq!(judge(split(930, 70), 5).label(), "pass");
+        // A crashed canary serves nothing: clearly below the band.
+        match judge(split(1_000, 0), 5) {
+            Verdict::Fail { value, threshold } => {
+                assert_eq!(value, 0.0);
+                assert!((threshold - 0.025).abs() < 1e-12);
+            }
+            other => panic!("expected a failure, got {other:?}"),
+        }
+        // Routing sends 20% to a 5% canary.
+        assert!(
+            matches!(judge(split(800, 200), 5), Verdict::Fail { threshold, .. } if (threshold - 0.075).abs() < 1e-12)
+        );
+        // Outside the band on little traffic: not yet clear, so neither pass nor fail.
+        let unclear = judge(split(98, 2), 5);
+        assert_eq!(unclear.label(), "no_data", "{unclear:?}");
+        assert!(
+            format!("{unclear:?}").contains("not yet clearly"),
+            "{unclear:?}"
+        );
+        // Below the needed requests.
+        assert_eq!(judge(split(30, 1), 5).label(), "no_data");
+        assert_eq!(judge(Pair::default(), 5).label(), "no_data");
+        // 100%: stable serves nothing and the canary everything.
+        assert_eq!(judge(split(0, 500), 100).label(), "pass");
+        // A 100% canary still sent only half: clearly below 50%..100%? No: 50% is the edge.
+        assert_eq!(judge(split(500, 500), 100).label(), "pass");
+        assert_eq!(judge(split(600, 400), 100).label(), "fail");
+    }
+
+    #[test]
+    fn a_canary_share_verdict_reads_as_a_sentence() {
+        let c = share_check(0.5, 10);
+        let result = evaluate_check(&c, &split(1_000, 0), 5);
+        assert_eq!(
+            result.describe(),
+            "c: fail (canary_share 0% beyond the tolerated 2.5% edge of the stage's weight)"
+        );
+        let result = evaluate_check(&c, &split(950, 50), 5);
+        assert_eq!(
+            result.describe(),
+            "c: pass (canary_share 5% within the tolerated 7.5% edge)"
         );
     }
 }

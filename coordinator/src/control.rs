@@ -489,7 +489,7 @@ fn observe(
         .iter()
         .zip(&windows)
         .map(|(t, data)| TriggerReading {
-            result: evaluate_check(&t.check, data),
+            result: evaluate_check(&t.check, data, rollout.strategy.weight(rollout.stage_index)),
             severity: t.severity,
             grace: t.grace,
             window: t.window,

@@ -30,6 +30,8 @@ pub const DEFAULT_MIN_REQUESTS: u64 = 50;
 pub const DEFAULT_TRIGGER_WINDOW: Duration = Duration::from_secs(10);
 /// Default number of requests a trigger window needs before the trigger may fire.
 pub const DEFAULT_TRIGGER_MIN_REQUESTS: u64 = 20;
+/// Default relative tolerance of a `canary_share` check.
+pub const DEFAULT_SHARE_TOLERANCE: f64 = 0.5;
 /// Longest trigger window accepted (the coordinator keeps this much recent data per service).
 pub const MAX_TRIGGER_WINDOW: Duration = Duration::from_secs(600);
 
@@ -98,16 +100,20 @@ pub enum Metric {
     LatencyP95,
     /// 99th percentile latency (ms).
     LatencyP99,
+    /// The canary's share of all requests, 0..=1, judged against the stage's weight (a
+    /// sample-ratio check: a crashing canary or broken routing serves far from its weight).
+    CanaryShare,
 }
 
 impl Metric {
     /// All metrics with their TOML names.
-    pub const ALL: [(&'static str, Metric); 5] = [
+    pub const ALL: [(&'static str, Metric); 6] = [
         ("error_rate", Metric::ErrorRate),
         ("latency_p50", Metric::LatencyP50),
         ("latency_p90", Metric::LatencyP90),
         ("latency_p95", Metric::LatencyP95),
         ("latency_p99", Metric::LatencyP99),
+        ("canary_share", Metric::CanaryShare),
     ];
 
     fn parse(name: &str) -> Option<Metric> {
@@ -126,7 +132,7 @@ impl Metric {
     /// The latency quantile this metric asks for, if it is a latency metric.
     pub fn quantile(self) -> Option<f64> {
         match self {
-            Metric::ErrorRate => None,
+            Metric::ErrorRate | Metric::CanaryShare => None,
             Metric::LatencyP50 => Some(0.50),
             Metric::LatencyP90 => Some(0.90),
             Metric::LatencyP95 => Some(0.95),
@@ -137,7 +143,7 @@ impl Metric {
     /// Unit for display.
     pub fn unit(self) -> &'static str {
         match self {
-            Metric::ErrorRate => "",
+            Metric::ErrorRate | Metric::CanaryShare => "",
             _ => "ms",
         }
     }
@@ -164,6 +170,12 @@ pub enum Rule {
         ratio: f64,
         /// Absolute allowance for services whose stable value is near zero.
         slack: f64,
+    },
+    /// The canary's share of requests must lie within `tolerance` (relative) of the stage's
+    /// weight; it fails only when the distance beyond that is statistically clear.
+    NearWeight {
+        /// Tolerated relative distance: 0.5 accepts 2.5%..7.5% at a 5% stage.
+        tolerance: f64,
     },
 }
 
@@ -287,6 +299,7 @@ struct RawCheck {
     max: Option<f64>,
     max_ratio: Option<f64>,
     slack: Option<f64>,
+    tolerance: Option<f64>,
     min_requests: Option<i64>,
 }
 
@@ -411,7 +424,9 @@ impl Strategy {
                 max: c.max,
                 max_ratio: c.max_ratio,
                 slack: c.slack,
+                tolerance: c.tolerance,
                 min_requests: c.min_requests,
+                in_trigger: false,
             };
             if let Some(check) = spec.validate(&field, DEFAULT_MIN_REQUESTS, &mut p) {
                 if !names.insert(check.name.clone()) {
@@ -433,7 +448,9 @@ impl Strategy {
                 max: t.max,
                 max_ratio: t.max_ratio,
                 slack: t.slack,
+                tolerance: None,
                 min_requests: t.min_requests,
+                in_trigger: true,
             };
             let check = spec.validate(&field, DEFAULT_TRIGGER_MIN_REQUESTS, &mut p);
             let window = p
@@ -565,10 +582,40 @@ struct RuleFields<'a> {
     max: Option<f64>,
     max_ratio: Option<f64>,
     slack: Option<f64>,
+    tolerance: Option<f64>,
     min_requests: Option<i64>,
+    /// Triggers watch a sliding window, which may span stages of different weights.
+    in_trigger: bool,
 }
 
 impl RuleFields<'_> {
+    /// The rule of a `canary_share` check: a tolerance around the stage's weight.
+    fn near_weight(&self, field: &str, p: &mut Problems) -> Option<Rule> {
+        if self.in_trigger {
+            p.push(
+                format!("{field}.metric"),
+                "canary_share is judged over a whole stage (a trigger's window can span stages of different weights); put it in [[checks]]",
+            );
+            return None;
+        }
+        if self.max.is_some() || self.max_ratio.is_some() || self.slack.is_some() {
+            p.push(
+                field,
+                "canary_share is compared with the stage's weight: set `tolerance` (e.g. 0.5), not `max`, `max_ratio` or `slack`",
+            );
+        }
+        let tolerance = self.tolerance.unwrap_or(DEFAULT_SHARE_TOLERANCE);
+        if !tolerance.is_finite() || tolerance <= 0.0 || tolerance > 1.0 {
+            p.push(
+                format!("{field}.tolerance"),
+                format!(
+                    "must be a number in (0, 1] (relative to the weight: 0.5 = half of it either way), got {tolerance}"
+                ),
+            );
+        }
+        Some(Rule::NearWeight { tolerance })
+    }
+
     fn validate(&self, field: &str, default_min: u64, p: &mut Problems) -> Option<Check> {
         let before = p.0.len();
         let metric = Metric::parse(self.metric);
@@ -583,7 +630,14 @@ impl RuleFields<'_> {
                 ),
             );
         }
+        if metric != Some(Metric::CanaryShare) && self.tolerance.is_some() {
+            p.push(
+                format!("{field}.tolerance"),
+                "tolerance only applies to metric \"canary_share\"",
+            );
+        }
         let rule = match (self.max, self.max_ratio) {
+            _ if metric == Some(Metric::CanaryShare) => self.near_weight(field, p),
             (Some(_), Some(_)) => {
                 p.push(
                     field,
@@ -1044,5 +1098,46 @@ sticky_key = "cookie uid"
         let json = serde_json::to_string(&s).unwrap();
         let back: Strategy = serde_json::from_str(&json).unwrap();
         assert_eq!(s, back);
+    }
+
+    #[test]
+    fn a_canary_share_check_takes_a_tolerance_around_the_stage_weight() {
+        let s = Strategy::from_toml(
+            "[[stages]]\nweight = 5\n[[checks]]\nmetric = \"canary_share\"\n\
+             [[checks]]\nname = \"split-tight\"\nmetric = \"canary_share\"\ntolerance = 0.2\n",
+        )
+        .unwrap();
+        assert_eq!(
+            s.checks[0].rule,
+            Rule::NearWeight {
+                tolerance: DEFAULT_SHARE_TOLERANCE
+            }
+        );
+        assert_eq!(s.checks[0].name, "canary_share");
+        assert_eq!(s.checks[1].rule, Rule::NearWeight { tolerance: 0.2 });
+    }
+
+    #[test]
+    fn a_canary_share_check_refuses_other_rules_triggers_and_bad_tolerances() {
+        let stage = "[[stages]]\nweight = 5\n";
+        let p = problems(&format!(
+            "{stage}[[checks]]\nmetric = \"canary_share\"\nmax = 0.1\n"
+        ));
+        assert!(p[0].contains("set `tolerance`"), "{p:?}");
+        let p = problems(&format!(
+            "{stage}[[checks]]\nmetric = \"canary_share\"\ntolerance = 0\n"
+        ));
+        assert!(p[0].starts_with("checks[0].tolerance"), "{p:?}");
+        let p = problems(&format!(
+            "{stage}[[checks]]\nmetric = \"error_rate\"\nmax = 0.1\ntolerance = 0.5\n"
+        ));
+        assert!(
+            p[0].contains("only applies to metric \"canary_share\""),
+            "{p:?}"
+        );
+        let p = problems(&format!(
+            "{stage}[[triggers]]\nmetric = \"canary_share\"\nwindow = \"10s\"\n"
+        ));
+        assert!(p[0].contains("put it in [[checks]]"), "{p:?}");
     }
 }
