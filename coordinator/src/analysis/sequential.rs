@@ -1128,7 +1128,9 @@ mod tests {
         assert_eq!(ceiling.score(), before);
         assert_eq!(ceiling.ticks(), (10_001, 1));
         // With no stable traffic (a 100% stage) the canary alone counts, and 10,000 healthy
-        // ticks before do not slow the detection of a crash.
+        // ticks before do not slow the detection of a crash: two ticks, as from the start.
+        ceiling.observe(Counts::new(0, 0), Counts::new(100, 50));
+        assert!(!ceiling.fired(), "{}", ceiling.report());
         ceiling.observe(Counts::new(0, 0), Counts::new(100, 50));
         assert!(ceiling.fired(), "{}", ceiling.report());
     }
