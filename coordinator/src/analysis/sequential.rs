@@ -1,6 +1,6 @@
 //! Anytime-valid sequential scores: the canary judged every tick, with an error guarantee that
-//! holds however often the scores are looked at (docs: /work/shared/notes/analysis.md, and
-//! docs/benchmarks.md §15 for what they measured). Pure: no I/O, no clock; the caller folds
+//! holds however often the scores are looked at (the design is the project's analysis note;
+//! docs/benchmarks.md §15 has what they measured). Pure: no I/O, no clock; the caller folds
 //! each newly completed second (or tick) into the tests and asks for a decision.
 //!
 //! - [`RatioTest`]: canary error (or slow-request) rate against the stable variant's, from the
@@ -34,13 +34,16 @@
 //! the ratio part (canary/stable ratio ≥ `r_m = bound / p̂`) and a one-sample part on the canary
 //! alone (canary rate ≥ `bound`). The second lets a service that never errs pass once the
 //! canary has served enough error-free requests (at the defaults between 4 / bound and
-//! 5.6 / bound: 4,000-5,600 requests for a bound of 0.1%), and never with fewer. The one-sample part trusts `p̂`; a stable whose real
-//! rate is below its estimate makes it a little lenient (the note's design fixes `p̂` too).
-//! With no canary requests nothing passes.
+//! 5.6 / bound: 4,000-5,600 requests for a bound of 0.1%), and never with fewer. The
+//! one-sample part trusts `p̂`; a stable whose real rate is below its estimate makes it a little
+//! lenient (the note's design fixes `p̂` too). With no canary requests nothing passes.
 //!
 //! Known limits: the fail score needs the stable variant in the same tick, so at a 100% stage
-//! only the [`CeilingTest`] watches errors; evidence gathered while the canary was fine is
-//! negative and carried, so a fault that appears only later takes longer to detect.
+//! only the [`CeilingTest`] watches errors, and it cannot tell the canary's fault from a
+//! shared outage there: set its ceiling well above the stable's usual rate (§15 measured
+//! 1.00% false rollbacks with 5% over a 1%-error service with bursts, 0.04% with
+//! max(5%, 10 × p̂)). Evidence gathered while the canary was fine is negative and carried, so a
+//! fault that appears only later takes longer to detect (§15: 10-26 s after its onset).
 
 use std::fmt;
 
