@@ -19,7 +19,12 @@
 //! rate to 10 × rate + 1% for a tick, the host drawn among the canary's and the stable's hosts
 //! (the canary has ⌈10 × share⌉ of 10, so at 1-5% one hiccup on its host hits all its traffic);
 //! scrape gaps lose a variant's tick (1% each, counted by no method). Every method reads the
-//! same runs (common random numbers).
+//! same runs (common random numbers). Latency runs (two environments of their own) add
+//! log-normal latency (σ 0.5 in ln seconds, shared drift, 1.3x in bursts, half of a
+//! hiccupping host's requests past p99) counted against the stable's p90 and p99 as bucket
+//! bounds; faults: the canary's tail above p90 stretched so its p99 is 1.5x (p90 unchanged),
+//! or every request 10% slower. There serin is a `LatencyTest` on both bounds and the
+//! baselines judge the share of requests past the p99 bound (a p99 threshold).
 //!
 //! Methods, all deciding on the same fixed stage schedule (stages are not cut short, so the
 //! exposure before a decision is comparable):
@@ -48,7 +53,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::{Binomial, Distribution, Poisson, StandardNormal};
 use serin_coordinator::analysis::sequential::{
-    CeilingConfig, CeilingTest, Counts, RatioTest, SequentialConfig, SequentialDecision,
+    CeilingConfig, CeilingTest, Counts, LatencyTest, RatioTest, SequentialConfig,
+    SequentialDecision,
 };
 
 const SHARES: [f64; 5] = [0.01, 0.05, 0.25, 0.5, 1.0];
@@ -81,6 +87,12 @@ enum Fault {
     HardDown,
     /// Canary error rate = ratio × stable's from the stage with this index on (0-based).
     RatioFromStage(f64, usize),
+    /// Latency only, canary no different (the latency A/A runs).
+    LatencySame,
+    /// Canary latency above stable's p90 stretched so that its p99 is 1.5 × stable's.
+    LatencyTail,
+    /// Every canary request 10% slower.
+    LatencyWhole,
 }
 
 impl Fault {
@@ -92,7 +104,17 @@ impl Fault {
             Fault::RatioFromStage(r, stage) => {
                 format!("{r}x from {}%", SHARES[*stage] * 100.0)
             }
+            Fault::LatencySame => "latency A/A".into(),
+            Fault::LatencyTail => "p99 +50%".into(),
+            Fault::LatencyWhole => "all +10%".into(),
         }
+    }
+
+    fn is_latency(&self) -> bool {
+        matches!(
+            self,
+            Fault::LatencySame | Fault::LatencyTail | Fault::LatencyWhole
+        )
     }
 
     fn canary_rate(&self, stable_rate: f64, stage: usize) -> f64 {
@@ -102,6 +124,7 @@ impl Fault {
             Fault::HardDown => 0.5_f64.max(stable_rate),
             Fault::RatioFromStage(r, from) if stage >= from => (r * stable_rate).min(1.0),
             Fault::RatioFromStage(..) => stable_rate,
+            Fault::LatencySame | Fault::LatencyTail | Fault::LatencyWhole => stable_rate,
         }
     }
 }
@@ -111,14 +134,83 @@ impl Fault {
 struct Tick {
     stable: Counts,
     canary: Counts,
-    /// Expected errors the canary caused beyond the stable's rate (requests × rate difference).
+    /// Expected errors the canary caused beyond the stable's rate (requests × rate difference);
+    /// in latency runs, expected requests beyond the p99 bound.
     excess: f64,
+    /// Latency runs only: requests slower than the stable's p90 and p99 bounds.
+    stable_slow: [Counts; 2],
+    canary_slow: [Counts; 2],
 }
 
 /// One rollout's traffic.
 struct Run {
     baseline: Counts,
+    /// Latency runs only: the baseline's requests slower than the two bounds.
+    baseline_slow: [Counts; 2],
     ticks: Vec<Tick>,
+}
+
+/// Latency is log-normal with this σ (of ln seconds); the bounds are the stable's p90 and p99.
+const LATENCY_SIGMA: f64 = 0.5;
+const Z90: f64 = 1.281_551_6;
+const Z99: f64 = 2.326_347_9;
+
+/// P(Z > z) for a standard normal Z (Abramowitz-Stegun 7.1.26, error below 1e-7).
+fn normal_survival(z: f64) -> f64 {
+    let x = z.abs() / std::f64::consts::SQRT_2;
+    let t = 1.0 / (1.0 + 0.327_591_1 * x);
+    let poly = t
+        * (0.254_829_592
+            + t * (-0.284_496_736
+                + t * (1.421_413_741 + t * (-1.453_152_027 + t * 1.061_405_429))));
+    let erfc = poly * (-x * x).exp();
+    if z >= 0.0 {
+        erfc / 2.0
+    } else {
+        1.0 - erfc / 2.0
+    }
+}
+
+/// Shares of requests slower than the p90 and p99 bounds when ln latency is shifted by
+/// `shift` σ, for the stable or a canary with `fault`.
+fn slow_shares(fault: Fault, shift: f64, canary: bool) -> [f64; 2] {
+    let gap = Z99 - Z90;
+    let whole = if canary && fault == Fault::LatencyWhole {
+        1.1f64.ln() / LATENCY_SIGMA
+    } else {
+        0.0
+    };
+    let p90 = normal_survival(Z90 - shift - whole);
+    let p99 = if canary && fault == Fault::LatencyTail {
+        // Above the p90 bound, ln latency is stretched by k so that the p99 bound maps to 1.5×.
+        let stretch = (1.5f64.ln() + LATENCY_SIGMA * gap) / (LATENCY_SIGMA * gap);
+        normal_survival(Z90 + gap / stretch - shift)
+    } else {
+        normal_survival(Z99 - shift - whole)
+    };
+    [p90, p99.min(p90)]
+}
+
+/// Requests slower than the two bounds, one host of `hosts` hiccupping when given.
+fn slow_counts(
+    rng: &mut StdRng,
+    requests: u64,
+    shares: [f64; 2],
+    hiccup_hosts: Option<usize>,
+) -> [Counts; 2] {
+    let on_host = match hiccup_hosts {
+        Some(hosts) if hosts > 0 => binomial(rng, requests, 1.0 / hosts as f64),
+        _ => 0,
+    };
+    let rest = requests - on_host;
+    let slow90_rest = binomial(rng, rest, shares[0]);
+    let slow99_rest = binomial(rng, slow90_rest, shares[1] / shares[0].max(1e-12));
+    let slow90_host = binomial(rng, on_host, shares[0].max(0.6));
+    let slow99_host = binomial(rng, slow90_host, 0.5);
+    [
+        Counts::new(requests, slow90_rest + slow90_host),
+        Counts::new(requests, slow99_rest + slow99_host),
+    ]
 }
 
 fn binomial(rng: &mut StdRng, n: u64, p: f64) -> u64 {
@@ -192,19 +284,63 @@ fn simulate(env: Env, fault: Fault, seed: u64) -> Run {
         let canary_errors = errors(&mut rng, canary_requests, canary_rate, canary_hiccup);
         let mut stable = Counts::new(stable_requests, stable_errors);
         let mut canary = Counts::new(canary_requests, canary_errors);
-        if rng.random::<f64>() < 0.01 {
-            stable = Counts::default();
+        let stable_gap = rng.random::<f64>() < 0.01;
+        let canary_gap = rng.random::<f64>() < 0.01;
+        let mut excess = canary_requests as f64 * (canary_rate - stable_rate);
+        let (mut stable_slow, mut canary_slow) = ([Counts::default(); 2], [Counts::default(); 2]);
+        if fault.is_latency() {
+            // Shared latency drift (ln scale, σ/5 of the error drift) and 1.3x in bursts.
+            let burst_shift = if bursting { 1.3f64.ln() } else { 0.0 };
+            let shift = (0.1 * drift + burst_shift) / LATENCY_SIGMA;
+            let stable_shares = slow_shares(fault, shift, false);
+            let canary_shares = slow_shares(fault, shift, true);
+            let hiccup_hosts = |h: Option<(usize, f64)>| h.map(|(hosts, _)| hosts);
+            stable_slow = slow_counts(
+                &mut rng,
+                stable_requests,
+                stable_shares,
+                hiccup_hosts(stable_hiccup),
+            );
+            canary_slow = slow_counts(
+                &mut rng,
+                canary_requests,
+                canary_shares,
+                hiccup_hosts(canary_hiccup),
+            );
+            excess = canary_requests as f64 * (canary_shares[1] - stable_shares[1]);
         }
-        if rng.random::<f64>() < 0.01 {
+        if stable_gap {
+            stable = Counts::default();
+            stable_slow = [Counts::default(); 2];
+        }
+        if canary_gap {
             canary = Counts::default();
+            canary_slow = [Counts::default(); 2];
         }
         ticks.push(Tick {
             stable,
             canary,
-            excess: canary_requests as f64 * (canary_rate - stable_rate),
+            excess,
+            stable_slow,
+            canary_slow,
         });
     }
-    Run { baseline, ticks }
+    let baseline_slow = if fault.is_latency() {
+        let shares = slow_shares(Fault::LatencySame, 0.0, false);
+        let slow90 = binomial(&mut rng, baseline_requests, shares[0]);
+        let slow99 = binomial(&mut rng, slow90, shares[1] / shares[0]);
+        [
+            Counts::new(baseline_requests, slow90),
+            Counts::new(baseline_requests, slow99),
+        ]
+    } else {
+        [Counts::default(); 2]
+    };
+    Run {
+        baseline,
+        baseline_slow,
+        ticks,
+    }
 }
 
 fn add(a: Counts, b: Counts) -> Counts {
@@ -243,6 +379,56 @@ fn serin(run: &Run, ceiling: CeilingConfig) -> (Option<usize>, usize, bool) {
         }
     }
     (None, passed + usize::from(stage_passed), false)
+}
+
+/// serin on a latency run: a `LatencyTest` at the stable's p90 and p99 bounds (latency only;
+/// the error tests would see identical variants). Returns the rollback tick and the stages
+/// passed.
+fn serin_latency(run: &Run) -> (Option<usize>, usize) {
+    let mut latency =
+        LatencyTest::new(SequentialConfig::default(), vec![0.09, 0.15]).expect("valid bounds");
+    let mut stable_seen = run.baseline_slow;
+    let mut passed = 0;
+    let mut stage_passed = false;
+    for (t, tick) in run.ticks.iter().enumerate() {
+        if t % STAGE_TICKS == 0 {
+            passed += usize::from(stage_passed);
+            stage_passed = false;
+            let rates = stable_seen.map(|c| c.rate().unwrap_or(0.0));
+            latency.start_stage_with_rates(&rates);
+        }
+        latency.observe_counts(&[
+            (tick.stable_slow[0], tick.canary_slow[0]),
+            (tick.stable_slow[1], tick.canary_slow[1]),
+        ]);
+        for (seen, slow) in stable_seen.iter_mut().zip(tick.stable_slow) {
+            *seen = add(*seen, slow);
+        }
+        match latency.decision() {
+            SequentialDecision::Fail => return (Some(t + 1), passed),
+            SequentialDecision::Pass => stage_passed = true,
+            SequentialDecision::Continue => {}
+        }
+    }
+    (None, passed + usize::from(stage_passed))
+}
+
+/// The p99 view of a latency run for the baselines: "errors" are requests slower than the
+/// stable's p99 bound (a p99 threshold is a threshold on that share).
+fn p99_view(run: &Run) -> Run {
+    Run {
+        baseline: run.baseline_slow[1],
+        baseline_slow: run.baseline_slow,
+        ticks: run
+            .ticks
+            .iter()
+            .map(|t| Tick {
+                stable: t.stable_slow[1],
+                canary: t.canary_slow[1],
+                ..*t
+            })
+            .collect(),
+    }
 }
 
 /// A baseline's checks on a run: (tick of the check, statistic); a check fails when the
@@ -463,7 +649,23 @@ fn run_scenario(
             fault,
             seed_of(base_seed, env_index, fault_index, run_index),
         );
-        for (variant, &(cap, multiple)) in SERIN_CEILINGS.iter().enumerate() {
+        if fault.is_latency() {
+            let started = Instant::now();
+            let (rollback_at, stages_passed) = serin_latency(&run);
+            let elapsed = started.elapsed().as_nanos();
+            let promoted = rollback_at.is_none() && stages_passed == SHARES.len();
+            for variant in 0..SERIN_VARIANTS {
+                scenario.nanos[variant] += elapsed;
+                scenario.ticks[variant] += rollback_at.unwrap_or(TICKS) as u64;
+                let result = outcome(&run, rollback_at, promoted, stages_passed);
+                scenario.outcomes[variant].push(result);
+            }
+        }
+        for (variant, &(cap, multiple)) in SERIN_CEILINGS
+            .iter()
+            .enumerate()
+            .filter(|_| !fault.is_latency())
+        {
             let baseline_rate = run.baseline.rate().unwrap_or(0.0);
             let config = CeilingConfig {
                 evidence_cap: cap,
@@ -487,9 +689,11 @@ fn run_scenario(
             &|r: &Run| kayenta_checks(r, 10),
         ];
         let mut checks: [Checks; 4] = Default::default();
+        let view = fault.is_latency().then(|| p99_view(&run));
+        let judged = view.as_ref().unwrap_or(&run);
         for (m, check_fn) in check_fns.iter().enumerate() {
             let started = Instant::now();
-            checks[m] = check_fn(&run);
+            checks[m] = check_fn(judged);
             let rollback_at = decide(&checks[m], thresholds[m], FAILURES[m]);
             scenario.nanos[m + SERIN_VARIANTS] += started.elapsed().as_nanos();
             scenario.ticks[m + SERIN_VARIANTS] += TICKS as u64;
@@ -572,6 +776,8 @@ fn seconds(value: f64) -> String {
 /// One environment's results: the tuned thresholds and every scenario.
 struct EnvResult {
     env: Env,
+    /// Latency scenarios (serin's variants differ only in the ceiling: one row).
+    latency: bool,
     matched: [f64; 4],
     aa_default_rollbacks: [usize; 4],
     scenarios: Vec<Scenario>,
@@ -586,10 +792,16 @@ fn evaluate_env(
     base_seed: u64,
     target: f64,
 ) -> EnvResult {
+    let latency = faults.iter().any(Fault::is_latency);
+    let aa_fault = if latency {
+        Fault::LatencySame
+    } else {
+        Fault::None
+    };
     let (mut aa, aa_checks) = run_scenario(
         env,
         env_index,
-        Fault::None,
+        aa_fault,
         0,
         aa_runs,
         base_seed,
@@ -628,6 +840,7 @@ fn evaluate_env(
     }
     EnvResult {
         env,
+        latency,
         matched,
         aa_default_rollbacks,
         scenarios,
@@ -636,16 +849,34 @@ fn evaluate_env(
 
 fn print_env(result: &EnvResult) {
     let env = result.env;
-    println!("\n### {}\n", env.label());
+    if result.latency {
+        println!(
+            "\n### {}: latency (bounds at stable's p90, p99)\n",
+            env.label()
+        );
+    } else {
+        println!("\n### {}\n", env.label());
+    }
+    // serin's variants differ only in the ceiling, which latency runs do not use.
+    let shown = |m: usize| !result.latency || m == 0 || m >= SERIN_VARIANTS;
     let aa = &result.scenarios[0];
     println!(
         "| method | false rollbacks (A/A) | Wilson 95% | threshold | at the default threshold |"
     );
     println!("|---|---|---|---|---|");
-    for (m, name) in METHODS.iter().enumerate() {
+    for (m, name) in METHODS.iter().enumerate().filter(|(m, _)| shown(*m)) {
         let s = summarize(&aa.outcomes[m]);
         let (lo, hi) = wilson(s.rolled_back, s.runs);
-        let (threshold, default) = if m < SERIN_VARIANTS {
+        let (threshold, default) = if result.latency && m == 0 {
+            (
+                "α 0.01, LatencyTest at p90 and p99 (not tuned)".to_string(),
+                format!(
+                    "promoted in 5×60 s: {}, stages passed {:.2}/5",
+                    percent(s.promoted, s.runs),
+                    s.stages_passed
+                ),
+            )
+        } else if m < SERIN_VARIANTS {
             let by_ceiling = aa.outcomes[m].iter().filter(|o| o.by_ceiling).count();
             let at_full = aa.outcomes[m].iter().filter(|o| o.at_full_stage).count();
             (
@@ -677,12 +908,17 @@ fn print_env(result: &EnvResult) {
             hi * 100.0
         );
     }
+    let excess = if result.latency {
+        "excess requests over the p99 bound (median)"
+    } else {
+        "excess errors (median)"
+    };
     println!(
-        "\n| fault | method | detected | time to detect s (median / p90 / p99) | canary requests before decision (median) | excess errors (median) | missed | promoted |"
+        "\n| fault | method | detected | time to detect s (median / p90 / p99) | canary requests before decision (median) | {excess} | missed | promoted |"
     );
     println!("|---|---|---|---|---|---|---|---|");
     for scenario in &result.scenarios[1..] {
-        for (m, name) in METHODS.iter().enumerate() {
+        for (m, name) in METHODS.iter().enumerate().filter(|(m, _)| shown(*m)) {
             let s = summarize(&scenario.outcomes[m]);
             println!(
                 "| {} | {name} | {} | {} / {} / {} | {:.0} | {:.1} | {} | {} |",
@@ -777,12 +1013,37 @@ fn bench_decision_quality() {
             }
         }
     }
+    let mut latency_nanos = (0u128, 0u64);
+    for (i, rps) in [10_000.0, 1_000.0].into_iter().enumerate() {
+        let env = Env {
+            rps,
+            stable_rate: 0.001,
+        };
+        let result = evaluate_env(
+            env,
+            envs.len() + i,
+            &[Fault::LatencyTail, Fault::LatencyWhole],
+            aa_runs,
+            fault_runs,
+            base_seed,
+            TARGET_FALSE_ROLLBACKS,
+        );
+        print_env(&result);
+        for scenario in &result.scenarios {
+            latency_nanos.0 += scenario.nanos[0];
+            latency_nanos.1 += scenario.ticks[0];
+        }
+    }
     println!("\n| method | cost per tick (ns, decision only, traffic generation excluded) |");
     println!("|---|---|");
     for name in METHODS {
         let (total, ticks) = nanos[name];
         println!("| {name} | {:.0} |", total as f64 / ticks.max(1) as f64);
     }
+    println!(
+        "| serin latency (2 bounds) | {:.0} |",
+        latency_nanos.0 as f64 / latency_nanos.1.max(1) as f64
+    );
     println!("\nwall time {:.1} s", started.elapsed().as_secs_f64());
 }
 
@@ -825,6 +1086,34 @@ fn smoke_sequential_scores_beat_the_threshold_rule_and_stay_quiet_on_aa() {
     assert!(
         serin.detect[0] * 5.0 <= flagger.detect[0],
         "5x: serin median {} s, flagger-style median {} s",
+        serin.detect[0],
+        flagger.detect[0]
+    );
+}
+
+#[test]
+fn smoke_a_tail_only_latency_regression_is_caught_through_the_buckets() {
+    let env = Env {
+        rps: 10_000.0,
+        stable_rate: 0.001,
+    };
+    let result = evaluate_env(env, 9, &[Fault::LatencyTail], 300, 60, 7, 0.01);
+    print_env(&result);
+    let aa = summarize(&result.scenarios[0].outcomes[0]);
+    assert!(
+        aa.rolled_back <= 9,
+        "serin rolled back {} A/A runs",
+        aa.rolled_back
+    );
+    let serin = summarize(&result.scenarios[1].outcomes[0]);
+    let flagger = summarize(&result.scenarios[1].outcomes[SERIN_VARIANTS]);
+    assert_eq!(
+        serin.rolled_back, serin.runs,
+        "every p99 +50% canary is rolled back"
+    );
+    assert!(
+        serin.detect[0] < flagger.detect[0],
+        "p99 +50%: serin median {} s, flagger-style median {} s",
         serin.detect[0],
         flagger.detect[0]
     );

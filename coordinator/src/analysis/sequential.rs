@@ -711,6 +711,14 @@ impl LatencyTest {
         }
     }
 
+    /// Starts a stage with each bound's p̂ given, in the order of the bounds (a missing one
+    /// counts as 0).
+    pub fn start_stage_with_rates(&mut self, slow_rates: &[f64]) {
+        for (i, test) in self.tests.iter_mut().enumerate() {
+            test.start_stage(slow_rates.get(i).copied().unwrap_or(0.0));
+        }
+    }
+
     /// Folds one tick of both variants' windows in; a bound missing from a window's layout
     /// adds nothing for that bound.
     pub fn observe(&mut self, stable: &Window, canary: &Window) {
@@ -1214,6 +1222,20 @@ mod tests {
         let tail = &latency.tests()[1];
         assert!(tail.fail_score() > latency.tests()[0].fail_score());
         assert!(latency.pass_score() <= latency.tests()[0].pass_score());
+    }
+
+    #[test]
+    fn a_stage_started_from_rates_matches_one_started_from_a_window() {
+        let config = SequentialConfig::default();
+        let mut from_window = LatencyTest::new(config, vec![0.1, 0.5]).expect("valid");
+        let mut from_rates = from_window.clone();
+        from_window.start_stage(&histogram(1000, 900, 990));
+        from_rates.start_stage_with_rates(&[0.1, 0.01]);
+        let margins = |t: &LatencyTest| -> Vec<Option<StageMargin>> {
+            t.tests().iter().map(RatioTest::stage_margin).collect()
+        };
+        assert_eq!(margins(&from_window), margins(&from_rates));
+        assert!(margins(&from_rates).iter().all(Option::is_some));
     }
 
     #[test]
