@@ -289,7 +289,7 @@ fn simulate(env: Env, fault: Fault, seed: u64) -> Run {
         let mut excess = canary_requests as f64 * (canary_rate - stable_rate);
         let (mut stable_slow, mut canary_slow) = ([Counts::default(); 2], [Counts::default(); 2]);
         if fault.is_latency() {
-            // Shared latency drift (ln scale, σ/5 of the error drift) and 1.3x in bursts.
+            // Shared latency drift (ln scale, a third of the error drift's σ) and 1.3x in bursts.
             let burst_shift = if bursting { 1.3f64.ln() } else { 0.0 };
             let shift = (0.1 * drift + burst_shift) / LATENCY_SIGMA;
             let stable_shares = slow_shares(fault, shift, false);
