@@ -33,8 +33,9 @@
 //! `bound = max((1 + δ)·p̂, p̂ + Δ_abs)` with `p̂` the stable's rate at stage start:
 //! the ratio part (canary/stable ratio ≥ `r_m = bound / p̂`) and a one-sample part on the canary
 //! alone (canary rate ≥ `bound`). The second lets a service that never errs pass once the
-//! canary has served enough error-free requests (at the defaults between 4 / bound and
-//! 5.6 / bound: 4,000-5,600 requests for a bound of 0.1%), and never with fewer. The
+//! canary has served enough error-free requests (at the defaults, with p̂ = 0 where the
+//! one-sample part is the whole score, between 3 / bound and 4.4 / bound: 3,000-4,400 requests
+//! for a bound of 0.1%), and never with fewer. The
 //! one-sample part trusts `p̂`; a stable whose real rate is below its estimate makes it a little
 //! lenient (the note's design fixes `p̂` too). With no canary requests nothing passes.
 //!
@@ -346,6 +347,13 @@ pub struct StageMargin {
 }
 
 impl StageMargin {
+    /// Whether the ratio part of the pass score counts: not when p̂ is 0, where no ratio
+    /// margin follows from the bound (a canary far above a stable that merely had no errors
+    /// yet could look "under 1000x" and pass).
+    pub fn has_ratio_part(&self) -> bool {
+        self.stable_rate > 0.0
+    }
+
     fn new(config: &SequentialConfig, stable_rate: f64) -> StageMargin {
         let stable_rate = if stable_rate.is_finite() {
             stable_rate.clamp(0.0, 1.0)
@@ -415,7 +423,7 @@ impl RatioTest {
                 let r = tolerated * multiple;
                 *sum += ratio_log_lr(r, tolerated, rho, stable_errors, canary_errors).min(cap);
             }
-            if let Some(margin) = self.stage {
+            if let Some(margin) = self.stage.filter(StageMargin::has_ratio_part) {
                 for (sum, fraction) in self.pass_log_evidence.iter_mut().zip(PASS_GRID) {
                     let r = margin.ratio * fraction;
                     let lr = ratio_log_lr(r, margin.ratio, rho, stable_errors, canary_errors);
@@ -474,14 +482,18 @@ impl RatioTest {
 
     /// ln of the pass score.
     pub fn log_pass_score(&self) -> f64 {
-        if self.stage.is_none() {
-            return 0.0;
+        match self.stage {
+            None => 0.0,
+            Some(margin) if margin.has_ratio_part() => {
+                log_mean_exp(&[self.log_ratio_pass_score(), self.log_absolute_pass_score()])
+            }
+            Some(_) => self.log_absolute_pass_score(),
         }
-        log_mean_exp(&[self.log_ratio_pass_score(), self.log_absolute_pass_score()])
     }
 
-    /// The pass score of the stage: mean of the ratio part and the one-sample part; 1 with no
-    /// evidence; the stage may pass at `1 / alpha_pass`.
+    /// The pass score of the stage: mean of the ratio part and the one-sample part (the
+    /// one-sample part alone when the stable had no errors at stage start); 1 with no evidence;
+    /// the stage may pass at `1 / alpha_pass`.
     pub fn pass_score(&self) -> f64 {
         self.log_pass_score().exp()
     }
@@ -976,14 +988,14 @@ mod tests {
 
     #[test]
     fn without_errors_only_enough_error_free_canary_requests_can_pass() {
-        // Stable never erred: p̂ = 0, so the acceptable canary rate is Δ_abs = 0.1%. The best
-        // alternative (0.01%) gains g = ln((1 − 0.0001) / (1 − 0.001)) ≈ 0.0009 nats a request.
-        // The pass score is (1 + one-sample score) / 2, so it needs a one-sample score of
-        // 2 · 20 − 1 = 39: at least ln(39) / g requests (all four alternatives at the best's
-        // level) and at most ln(4 · 39) / g (the best one alone).
+        // Stable never erred: p̂ = 0, so the acceptable canary rate is Δ_abs = 0.1% and the
+        // pass score is the one-sample part alone. The best alternative (0.01%) gains
+        // g = ln((1 − 0.0001) / (1 − 0.001)) ≈ 0.0009 nats a request, so reaching 20 takes at
+        // least ln(20) / g requests (all four alternatives at the best's level) and at most
+        // ln(4 · 20) / g (the best one alone).
         let config = SequentialConfig::default();
         let per_tick = 100.0 * ((-0.0001f64).ln_1p() - (-0.001f64).ln_1p());
-        let needed = 2.0 * config.pass_threshold() - 1.0;
+        let needed = config.pass_threshold();
         let earliest = (needed.ln() / per_tick).floor() as u64;
         let latest = ((4.0 * needed).ln() / per_tick).ceil() as u64;
         let mut test = ratio_test(config);
@@ -1010,7 +1022,26 @@ mod tests {
             (earliest..=latest).contains(&passed_at),
             "passed at {passed_at}, expected {earliest}..={latest}"
         );
-        assert!(earliest >= 40, "not with fewer than 4,000 requests");
+        assert!(earliest >= 30, "not with fewer than 3,000 requests");
+    }
+
+    #[test]
+    fn a_stable_without_errors_at_stage_start_gives_no_ratio_pass_evidence() {
+        let mut test = default_ratio_test();
+        test.start_stage(0.0);
+        for _ in 0..1000 {
+            // Stable errs a little after all (0.005%); the canary at 0.5% (> Δ_abs) is worse: the
+            // old ratio part (r_m capped at 1000) would have passed it within 20 ticks.
+            test.observe(Counts::new(9900, 1), Counts::new(100, 0));
+            test.observe(Counts::new(9900, 0), Counts::new(100, 1));
+        }
+        assert_eq!(test.log_ratio_pass_score(), 0.0);
+        assert_ne!(
+            test.decision(),
+            SequentialDecision::Pass,
+            "{}",
+            test.report()
+        );
     }
 
     #[test]
