@@ -12,6 +12,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::strategy::{Check, Metric, Rule};
+pub mod sequential;
 
 /// Counts of one variant over a span of time. Histogram buckets are cumulative by upper bound
 /// (Prometheus `le`), in seconds, and must share one layout to be merged exactly.
