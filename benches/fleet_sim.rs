@@ -481,7 +481,9 @@ async fn main() {
     coordinator.stop().await;
 }
 
-/// The strategy of the measured rollout: one long 10% stage and a critical error trigger.
+/// The strategy of the measured rollout: one long 10% stage and a critical error trigger over
+/// the last second (a longer window would measure how long bad reports take to outweigh the
+/// good ones before them, not the leader's reaction).
 const ROLLOUT_STRATEGY: &str = r#"
 [[stages]]
 weight = 10
@@ -495,8 +497,8 @@ max = 0.05
 [[triggers]]
 name = "hard-down"
 metric = "error_rate"
-max = 0.5
-window = "30s"
+max = 0.1
+window = "1s"
 severity = "critical"
 "#;
 

@@ -226,6 +226,51 @@ async fn bad_canary_is_rolled_back_by_its_trigger() {
     );
 }
 
+/// A sequential check decides from its scores, second by second: a canary failing 5% of its
+/// requests (under the 20% trigger, and judged by the threshold checks only at the end of the
+/// 60 s stage) is rolled back by the check's fail score well before the stage's minimum time,
+/// and the reason carries the score.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sequential_check_rolls_back_a_worse_canary_long_before_the_stage_ends() {
+    let stack = Stack::start().await;
+    let admin = format!("http://{}/admin", stack.canary_addr);
+    assert_eq!(
+        common::post_json(&admin, r#"{"error_rate": 0.05}"#).await,
+        200,
+        "the canary refused the error-rate change"
+    );
+    let long = |weight| StageSpec {
+        weight,
+        min_duration: "60s",
+        manual_gate: false,
+    };
+    let sequential = "\n[[checks]]\nname = \"errors-sequential\"\nmetric = \"error_rate\"\ntest = \"sequential\"\n";
+    let started = std::time::Instant::now();
+    let id = stack
+        .start_rollout(&strategy(&[long(25), long(50)], sequential))
+        .await;
+    let done = stack
+        .wait_terminal(&id, Duration::from_secs(55), |_| {})
+        .await;
+    let took = started.elapsed();
+    assert_eq!(
+        str_of(&done, "state"),
+        "rolled_back",
+        "the worse canary was not rolled back:\n{}",
+        stack.diagnostics()
+    );
+    let reason = str_of(&done, "last_reason");
+    eprintln!("rolled back after {took:?}: {reason}");
+    assert!(
+        reason.contains("errors-sequential: fail (fail: fail score") && reason.contains("≥ 100"),
+        "the reason should name the sequential check and its score: {reason:?}"
+    );
+    assert!(
+        took < Duration::from_secs(55),
+        "the rollback must come before the 60 s stage could end: {took:?}"
+    );
+}
+
 /// At a 25% stage held by a manual gate, nginx really sends a quarter of new connections to
 /// the canary; `rollout abort` then returns everything to stable.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,6 +12,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::strategy::{Check, Metric, Rule};
+pub mod scores;
 pub mod sequential;
 
 /// Counts of one variant over a span of time. Histogram buckets are cumulative by upper bound
@@ -242,6 +243,12 @@ pub enum Verdict {
         /// Why, e.g. "canary has 12 of 50 requests".
         reason: String,
     },
+    /// Data, but its evidence decides neither way yet (a sequential check whose scores are
+    /// both under their thresholds). Holds the stage like missing data.
+    Inconclusive {
+        /// The scores, e.g. "fail score 3.1 < 100, pass score 4.2 < 20".
+        reason: String,
+    },
     /// The check does not apply here: a comparison with stable at a 100% stage, where stable
     /// serves nothing. Neither passes nor holds the stage; absolute checks and triggers still
     /// watch the canary.
@@ -258,6 +265,7 @@ impl Verdict {
             Verdict::Pass { .. } => "pass",
             Verdict::Fail { .. } => "fail",
             Verdict::NoData { .. } => "no_data",
+            Verdict::Inconclusive { .. } => "inconclusive",
             Verdict::Skipped { .. } => "skipped",
         }
     }
@@ -272,12 +280,19 @@ pub struct CheckResult {
     pub metric: Metric,
     /// The answer.
     pub verdict: Verdict,
+    /// How a score-based verdict was reached, e.g. "fail score 312.4 ≥ 100"; when set,
+    /// [`CheckResult::describe`] shows it instead of value and threshold.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
 }
 
 impl CheckResult {
     /// One line for humans: `errors-vs-stable: fail (error_rate 0.2 > 0.015)`.
     pub fn describe(&self) -> String {
         let unit = self.metric.unit();
+        if let Some(detail) = &self.detail {
+            return format!("{}: {} ({detail})", self.name, self.verdict.label());
+        }
         match &self.verdict {
             Verdict::Pass { value, threshold } if self.metric == Metric::CanaryShare => format!(
                 "{}: pass (canary_share {} within the tolerated {} edge)",
@@ -306,6 +321,7 @@ impl CheckResult {
                 round(*threshold)
             ),
             Verdict::NoData { reason } => format!("{}: not enough data ({reason})", self.name),
+            Verdict::Inconclusive { reason } => format!("{}: inconclusive ({reason})", self.name),
             Verdict::Skipped { reason } => format!("{}: skipped ({reason})", self.name),
         }
     }
@@ -323,6 +339,7 @@ pub fn evaluate_check(check: &Check, data: &Pair, canary_weight: u32) -> CheckRe
         name: check.name.clone(),
         metric: check.metric,
         verdict,
+        detail: None,
     }
 }
 
@@ -385,8 +402,16 @@ fn percent(v: f64) -> String {
 }
 
 fn verdict(check: &Check, data: &Pair, canary_weight: u32) -> Verdict {
-    if let Rule::NearWeight { tolerance } = check.rule {
-        return share_verdict(check, data, canary_weight, tolerance);
+    match check.rule {
+        Rule::NearWeight { tolerance } => {
+            return share_verdict(check, data, canary_weight, tolerance);
+        }
+        Rule::Sequential { .. } => {
+            return Verdict::NoData {
+                reason: "scored second by second by the leader; no score yet".to_owned(),
+            };
+        }
+        Rule::Max { .. } | Rule::RatioToStable { .. } => {}
     }
     let canary_support = data.canary.support(check.metric);
     if canary_support < check.min_requests {
@@ -404,7 +429,9 @@ fn verdict(check: &Check, data: &Pair, canary_weight: u32) -> Verdict {
     };
     let threshold = match check.rule {
         Rule::Max { limit } => limit,
-        Rule::NearWeight { .. } => unreachable!("judged by share_verdict above"),
+        Rule::NearWeight { .. } | Rule::Sequential { .. } => {
+            unreachable!("judged before the threshold rules above")
+        }
         Rule::RatioToStable { ratio, slack } => {
             let stable_support = data.stable.support(check.metric);
             if stable_support < check.min_requests {
@@ -456,13 +483,16 @@ pub fn analyse_stage(checks: &[Check], data: Pair, canary_weight: u32) -> StageA
     let checks = checks
         .iter()
         .map(|c| match c.rule {
-            Rule::RatioToStable { .. } if canary_weight >= 100 => CheckResult {
-                name: c.name.clone(),
-                metric: c.metric,
-                verdict: Verdict::Skipped {
-                    reason: "no stable traffic to compare with at 100%".into(),
-                },
-            },
+            Rule::RatioToStable { .. } | Rule::Sequential { .. } if canary_weight >= 100 => {
+                CheckResult {
+                    name: c.name.clone(),
+                    metric: c.metric,
+                    verdict: Verdict::Skipped {
+                        reason: "no stable traffic to compare with at 100%".into(),
+                    },
+                    detail: None,
+                }
+            }
             _ => evaluate_check(c, &data, canary_weight),
         })
         .collect();
@@ -479,11 +509,12 @@ pub fn judge_stage(analysis: &StageAnalysis) -> StageVerdict {
     {
         return StageVerdict::Fail(failed.clone());
     }
-    if analysis
-        .checks
-        .iter()
-        .any(|c| matches!(c.verdict, Verdict::NoData { .. }))
-    {
+    if analysis.checks.iter().any(|c| {
+        matches!(
+            c.verdict,
+            Verdict::NoData { .. } | Verdict::Inconclusive { .. }
+        )
+    }) {
         return StageVerdict::NotYet;
     }
     StageVerdict::Pass

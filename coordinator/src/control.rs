@@ -21,6 +21,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::agents::AgentRegistry;
+use crate::analysis::scores::RolloutScores;
 use crate::analysis::{Pair, StageAnalysis, analyse_stage, evaluate_check};
 use crate::hooks::{
     HookPayload, HookRun, HookRunner, HookTasks, HttpHookRunner, Step, gate, post_due,
@@ -42,6 +43,8 @@ pub const EARLY_WAKE_GAP: Duration = Duration::from_millis(50);
 pub const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 /// How long a scrape error stays in the live view.
 pub const SCRAPE_ERROR_WINDOW: Duration = Duration::from_secs(10);
+/// Span before a stage whose stable error rate is the baseline of its sequential pass scores.
+pub const BASELINE_SPAN: Duration = Duration::from_secs(60);
 /// Span of the request-rate figure in the live view.
 pub const RATE_WINDOW: Duration = Duration::from_secs(5);
 
@@ -137,6 +140,7 @@ pub async fn run_with_hooks<R: HookRunner>(
     shutdown: CancellationToken,
 ) {
     let mut memories: HashMap<RolloutId, TriggerMemory> = HashMap::new();
+    let mut scores: HashMap<RolloutId, RolloutScores> = HashMap::new();
     let mut checkpointed: HashMap<RolloutId, (Millis, Pair)> = HashMap::new();
     let mut hooks = HookTasks::new(runner, shared.raft.clone());
     // When this node last became the leader: a rollout it took over waits for fresh reports.
@@ -165,6 +169,7 @@ pub async fn run_with_hooks<R: HookRunner>(
         let view = shared.raft.view();
         if view.role != Role::Leader {
             memories.clear();
+            scores.clear();
             checkpointed.clear();
             hooks.abort_all();
             leader_since = None;
@@ -189,6 +194,7 @@ pub async fn run_with_hooks<R: HookRunner>(
         let active: Vec<Rollout> = view.registry.active().cloned().collect();
         shared.metrics().prune(now, retention(&active));
         memories.retain(|id, _| active.iter().any(|r| &r.id == id));
+        scores.retain(|id, _| active.iter().any(|r| &r.id == id));
         shared
             .live
             .lock()
@@ -197,7 +203,12 @@ pub async fn run_with_hooks<R: HookRunner>(
         checkpointed.retain(|id, _| active.iter().any(|r| &r.id == id));
         for rollout in active {
             let memory = memories.entry(rollout.id.clone()).or_default();
-            let (mut observation, mut live) = observe(&shared, &view.registry, &rollout, now);
+            // A leader that takes over a rollout scores it from the current stage on.
+            let rollout_scores = scores.entry(rollout.id.clone()).or_insert_with(|| {
+                RolloutScores::new(&rollout.strategy.checks, rollout.stage_started_at)
+            });
+            let (mut observation, mut live) =
+                observe(&shared, &view.registry, &rollout, rollout_scores, now);
             let longest = observation.triggers.iter().map(|t| t.window).max();
             observation.takeover = longest.and_then(|window| {
                 crate::rollout::takeover_wait(leader_since, rollout.started_at, window, now)
@@ -248,12 +259,12 @@ pub async fn run_with_hooks<R: HookRunner>(
 }
 
 /// How much history the metrics store must keep for `active` rollouts: their longest trigger
-/// window, and at least the rate figure's span.
+/// window, and at least the baseline span of sequential checks (longer than the rate's).
 pub fn retention(active: &[Rollout]) -> Duration {
     active
         .iter()
         .flat_map(|r| r.strategy.triggers.iter().map(|t| t.window))
-        .fold(RATE_WINDOW + Duration::from_secs(1), Duration::max)
+        .fold(BASELINE_SPAN + Duration::from_secs(1), Duration::max)
 }
 
 /// Where a trigger's sliding window starts: `window` before `now`, but never before the rollout
@@ -439,6 +450,7 @@ fn observe(
     shared: &Shared,
     registry: &crate::rollout::Registry,
     rollout: &Rollout,
+    scores: &mut RolloutScores,
     now: Millis,
 ) -> (Observation, LiveView) {
     let key = StageKey {
@@ -467,6 +479,24 @@ fn observe(
             this_second - RATE_WINDOW.as_millis() as Millis,
             this_second,
         );
+        if !scores.is_empty() {
+            let stage_start = rollout.stage_started_at;
+            let baseline = metrics
+                .span(
+                    &rollout.service,
+                    stage_start - BASELINE_SPAN.as_millis() as Millis,
+                    stage_start,
+                )
+                .stable
+                .error_rate()
+                .unwrap_or(0.0);
+            scores.advance(
+                (rollout.stage_index, stage_start),
+                baseline,
+                metrics.seconds(&rollout.service, stage_start - SECOND),
+                now,
+            );
+        }
         let since = now - SCRAPE_ERROR_WINDOW.as_millis() as Millis;
         let errors = (
             metrics
@@ -478,11 +508,13 @@ fn observe(
         );
         (stage_data, windows, recent, errors)
     };
-    let stage = analyse_stage(
-        &rollout.strategy.checks,
-        stage_data,
-        rollout.strategy.weight(rollout.stage_index),
-    );
+    let weight = rollout.strategy.weight(rollout.stage_index);
+    let mut stage = analyse_stage(&rollout.strategy.checks, stage_data, weight);
+    for scored in scores.results(weight) {
+        if let Some(slot) = stage.checks.iter_mut().find(|c| c.name == scored.name) {
+            *slot = scored;
+        }
+    }
     let triggers = rollout
         .strategy
         .triggers

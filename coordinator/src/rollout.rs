@@ -1743,6 +1743,17 @@ pub fn decide(
     if let Some(reason) = fired {
         return Some(roll_back(reason));
     }
+    // A sequential check's fail score is valid whenever it is read: it rolls back at once,
+    // before the stage's minimum time and while paused, as a critical trigger does.
+    let sequential_failure = observation.stage.checks.iter().find(|c| {
+        matches!(c.verdict, Verdict::Fail { .. })
+            && rollout.strategy.checks.iter().any(|k| {
+                k.name == c.name && matches!(k.rule, crate::strategy::Rule::Sequential { .. })
+            })
+    });
+    if let Some(failed) = sequential_failure {
+        return Some(roll_back(format!("check {} {at_stage}", failed.describe())));
+    }
     if rollout.state != RolloutState::Progressing {
         return None;
     }
@@ -1781,7 +1792,7 @@ pub fn decide(
                             .stage
                             .checks
                             .iter()
-                            .filter(|c| c.verdict.label() == "no_data")
+                            .filter(|c| matches!(c.verdict.label(), "no_data" | "inconclusive"))
                             .map(CheckResult::describe),
                     )
                     .collect();

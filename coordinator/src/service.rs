@@ -311,7 +311,9 @@ fn trigger_outcome(reading: &TriggerReading, failing_since: Option<Millis>) -> v
         Verdict::Pass { value, threshold } | Verdict::Fail { value, threshold } => {
             (Some(value), Some(threshold))
         }
-        Verdict::NoData { .. } | Verdict::Skipped { .. } => (None, None),
+        Verdict::NoData { .. } | Verdict::Inconclusive { .. } | Verdict::Skipped { .. } => {
+            (None, None)
+        }
     };
     let warning = reading.severity == Severity::Warning;
     v1::TriggerOutcome {

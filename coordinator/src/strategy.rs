@@ -7,6 +7,8 @@
 use std::fmt;
 use std::time::Duration;
 
+use crate::analysis::sequential::SequentialConfig;
+
 use serde::{Deserialize, Serialize};
 
 use crate::limits::{
@@ -177,6 +179,14 @@ pub enum Rule {
         /// Tolerated relative distance: 0.5 accepts 2.5%..7.5% at a 5% stage.
         tolerance: f64,
     },
+    /// Anytime-valid sequential comparison with stable, second by second
+    /// ([`crate::analysis::sequential::RatioTest`]): its fail score rolls back the moment it
+    /// crosses `1 / alpha_fail`, at any stage; a stage passes only once its pass score reaches
+    /// `1 / alpha_pass`.
+    Sequential {
+        /// The test's settings.
+        config: SequentialConfig,
+    },
 }
 
 /// A named pass criterion evaluated over the whole stage.
@@ -301,6 +311,39 @@ struct RawCheck {
     slack: Option<f64>,
     tolerance: Option<f64>,
     min_requests: Option<i64>,
+    test: Option<String>,
+    alpha_fail: Option<f64>,
+    alpha_pass: Option<f64>,
+    tolerated_ratio: Option<f64>,
+    margin: Option<f64>,
+    absolute_margin: Option<f64>,
+    evidence_cap: Option<f64>,
+}
+
+impl RawCheck {
+    /// The sequential settings given, over the defaults; whether any was given.
+    fn sequential(&self) -> (SequentialConfig, bool) {
+        let d = SequentialConfig::default();
+        let given = [
+            self.alpha_fail,
+            self.alpha_pass,
+            self.tolerated_ratio,
+            self.margin,
+            self.absolute_margin,
+            self.evidence_cap,
+        ]
+        .iter()
+        .any(Option::is_some);
+        let config = SequentialConfig {
+            alpha_fail: self.alpha_fail.unwrap_or(d.alpha_fail),
+            alpha_pass: self.alpha_pass.unwrap_or(d.alpha_pass),
+            tolerated_ratio: self.tolerated_ratio.unwrap_or(d.tolerated_ratio),
+            margin: self.margin.unwrap_or(d.margin),
+            absolute_margin: self.absolute_margin.unwrap_or(d.absolute_margin),
+            evidence_cap: self.evidence_cap.unwrap_or(d.evidence_cap),
+        };
+        (config, given)
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -418,6 +461,7 @@ impl Strategy {
         let mut checks = Vec::with_capacity(raw.checks.len());
         for (i, c) in raw.checks.iter().enumerate() {
             let field = format!("checks[{i}]");
+            let (sequential, sequential_given) = c.sequential();
             let spec = RuleFields {
                 name: c.name.as_deref(),
                 metric: &c.metric,
@@ -427,6 +471,8 @@ impl Strategy {
                 tolerance: c.tolerance,
                 min_requests: c.min_requests,
                 in_trigger: false,
+                test: c.test.as_deref(),
+                sequential: Some((sequential, sequential_given)),
             };
             if let Some(check) = spec.validate(&field, DEFAULT_MIN_REQUESTS, &mut p) {
                 if !names.insert(check.name.clone()) {
@@ -451,6 +497,8 @@ impl Strategy {
                 tolerance: None,
                 min_requests: t.min_requests,
                 in_trigger: true,
+                test: None,
+                sequential: None,
             };
             let check = spec.validate(&field, DEFAULT_TRIGGER_MIN_REQUESTS, &mut p);
             let window = p
@@ -586,9 +634,58 @@ struct RuleFields<'a> {
     min_requests: Option<i64>,
     /// Triggers watch a sliding window, which may span stages of different weights.
     in_trigger: bool,
+    /// `test = "..."`: the statistical test of a check (only `sequential`).
+    test: Option<&'a str>,
+    /// A check's sequential settings (over the defaults) and whether any was given.
+    sequential: Option<(SequentialConfig, bool)>,
 }
 
 impl RuleFields<'_> {
+    /// The rule of a check with `test = "sequential"`.
+    fn sequential_rule(
+        &self,
+        field: &str,
+        metric: Option<Metric>,
+        p: &mut Problems,
+    ) -> Option<Rule> {
+        let test = self.test.unwrap_or_default();
+        if test != "sequential" {
+            p.push(
+                format!("{field}.test"),
+                format!("unknown test \"{test}\"; expected \"sequential\""),
+            );
+            return None;
+        }
+        if metric.is_some_and(|m| m != Metric::ErrorRate) {
+            p.push(
+                format!("{field}.metric"),
+                "test = \"sequential\" compares error rates (metric = \"error_rate\"); latency on histogram buckets is planned",
+            );
+        }
+        if self.max.is_some()
+            || self.max_ratio.is_some()
+            || self.slack.is_some()
+            || self.tolerance.is_some()
+        {
+            p.push(
+                field,
+                "a sequential check decides by its scores: set alpha_fail, alpha_pass, tolerated_ratio, margin, absolute_margin or evidence_cap, not `max`, `max_ratio`, `slack` or `tolerance`",
+            );
+        }
+        if self.min_requests.is_some() {
+            p.push(
+                format!("{field}.min_requests"),
+                "a sequential check needs no minimum: with few requests its scores build no evidence, so it can neither pass nor fail",
+            );
+        }
+        let (config, _) = self.sequential.unwrap_or_default();
+        if let Err(e) = config.validate() {
+            let name = e.split_whitespace().next().unwrap_or_default();
+            p.push(format!("{field}.{name}"), e);
+        }
+        Some(Rule::Sequential { config })
+    }
+
     /// The rule of a `canary_share` check: a tolerance around the stage's weight.
     fn near_weight(&self, field: &str, p: &mut Problems) -> Option<Rule> {
         if self.in_trigger {
@@ -636,7 +733,15 @@ impl RuleFields<'_> {
                 "tolerance only applies to metric \"canary_share\"",
             );
         }
+        let sequential_given = self.sequential.is_some_and(|(_, given)| given);
+        if sequential_given && self.test != Some("sequential") {
+            p.push(
+                field,
+                "alpha_fail, alpha_pass, tolerated_ratio, margin, absolute_margin and evidence_cap only apply with test = \"sequential\"",
+            );
+        }
         let rule = match (self.max, self.max_ratio) {
+            _ if self.test.is_some() => self.sequential_rule(field, metric, p),
             _ if metric == Some(Metric::CanaryShare) => self.near_weight(field, p),
             (Some(_), Some(_)) => {
                 p.push(

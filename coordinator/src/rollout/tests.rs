@@ -556,6 +556,7 @@ fn trigger_reading(severity: Severity, fail: bool, grace_secs: u64) -> TriggerRe
             name: "hard-down".into(),
             metric: Metric::ErrorRate,
             verdict,
+            detail: None,
         },
         severity,
         grace: Duration::from_secs(grace_secs),

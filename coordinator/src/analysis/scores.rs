@@ -1,0 +1,259 @@
+//! The sequential checks of one rollout ([`Rule::Sequential`]), fed the leader's per-second
+//! totals as each second completes. Pure: the caller passes the seconds and the time.
+//!
+//! A second is fed once, when it has ended (reports are folded into the second they arrive
+//! in, so an ended second no longer changes). Its fail score carries across stages; at a new
+//! stage the pass scores restart against the stable's error rate before the stage
+//! ([`RolloutScores::advance`]'s `baseline`). A second that holds reports from before the
+//! rollout started is not fed (see [`Second::all_since`]).
+//!
+//! The scores live in the leader's memory: a new leader starts them again from its own
+//! reports, so a failover delays a decision (by as long as the evidence took to build), and
+//! never makes one.
+
+use crate::analysis::sequential::{Counts, RatioTest, SequentialDecision};
+use crate::analysis::{CheckResult, Verdict};
+use crate::metrics::{SECOND, Second};
+use crate::rollout::Millis;
+use crate::strategy::{Check, Rule};
+
+/// Which stage the scores are for: its index and when its observation started.
+pub type StageMark = (usize, Millis);
+
+/// The sequential tests of one rollout.
+#[derive(Debug, Clone)]
+pub struct RolloutScores {
+    /// The stage the pass scores belong to; `None` before the first second.
+    stage: Option<StageMark>,
+    /// Seconds starting before this were fed.
+    fed_until: Millis,
+    /// One per sequential check, in strategy order: (check, test).
+    tests: Vec<(Check, RatioTest)>,
+}
+
+impl RolloutScores {
+    /// Tests for the sequential checks among `checks`, for a rollout started at `started_at`
+    /// (checks whose settings do not validate are left out; the strategy was validated).
+    pub fn new(checks: &[Check], started_at: Millis) -> RolloutScores {
+        let tests = checks
+            .iter()
+            .filter_map(|c| match c.rule {
+                Rule::Sequential { config } => RatioTest::new(config).ok().map(|t| (c.clone(), t)),
+                _ => None,
+            })
+            .collect();
+        RolloutScores {
+            stage: None,
+            fed_until: started_at,
+            tests,
+        }
+    }
+
+    /// Whether the rollout has any sequential check.
+    pub fn is_empty(&self) -> bool {
+        self.tests.is_empty()
+    }
+
+    /// Feeds every second that has ended by `now` and was not fed yet, in order. Seconds from
+    /// `stage.1` on belong to `stage`: when it differs from the previous one the pass scores
+    /// restart, against `baseline` (the stable's error rate before the stage, 0 when unknown).
+    pub fn advance<'a>(
+        &mut self,
+        stage: StageMark,
+        baseline: f64,
+        seconds: impl IntoIterator<Item = &'a Second>,
+        now: Millis,
+    ) {
+        if self.stage.is_none() {
+            self.start_stage(stage, baseline);
+        }
+        for second in seconds {
+            if second.start < self.fed_until.div_euclid(SECOND) * SECOND {
+                continue;
+            }
+            if second.start + SECOND > now {
+                break;
+            }
+            if !second.all_since(self.fed_until) {
+                // Mixed with reports from before the rollout (or a skipped second).
+                self.fed_until = second.start + SECOND;
+                continue;
+            }
+            if self.stage != Some(stage) && second.all_since(stage.1) {
+                self.start_stage(stage, baseline);
+            }
+            let stable = Counts::from_window(&second.data.stable);
+            let canary = Counts::from_window(&second.data.canary);
+            for (_, test) in &mut self.tests {
+                test.observe(stable, canary);
+            }
+            self.fed_until = second.start + SECOND;
+        }
+        if self.stage != Some(stage) && self.fed_until >= stage.1 {
+            self.start_stage(stage, baseline);
+        }
+    }
+
+    fn start_stage(&mut self, stage: StageMark, baseline: f64) {
+        self.stage = Some(stage);
+        for (_, test) in &mut self.tests {
+            test.start_stage(baseline.clamp(0.0, 1.0));
+        }
+    }
+
+    /// The verdict of every sequential check at a stage sending `canary_weight`% to the
+    /// canary: fail once its fail score crossed, pass once its pass score did, inconclusive
+    /// with the scores in between; skipped at 100%, where stable serves nothing.
+    pub fn results(&self, canary_weight: u32) -> Vec<CheckResult> {
+        self.tests
+            .iter()
+            .map(|(check, test)| {
+                let report = test.report();
+                let (verdict, detail) = if canary_weight >= 100
+                    && report.decision != SequentialDecision::Fail
+                {
+                    let reason = "no stable traffic to compare with at 100%".to_owned();
+                    (Verdict::Skipped { reason }, None)
+                } else {
+                    let verdict = match report.decision {
+                        SequentialDecision::Fail => Verdict::Fail {
+                            value: report.fail_score,
+                            threshold: report.fail_threshold,
+                        },
+                        SequentialDecision::Pass => Verdict::Pass {
+                            value: report.pass_score,
+                            threshold: report.pass_threshold,
+                        },
+                        SequentialDecision::Continue => Verdict::Inconclusive {
+                            reason: report.to_string(),
+                        },
+                    };
+                    let detail = format!("{report}; {} s scored in this stage", test.stage_ticks());
+                    (verdict, Some(detail))
+                };
+                CheckResult {
+                    name: check.name.clone(),
+                    metric: check.metric,
+                    verdict,
+                    detail,
+                }
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::analysis::{Pair, Window};
+    use crate::strategy::Strategy;
+
+    fn checks() -> Vec<Check> {
+        Strategy::from_toml(
+            "[[stages]]\nweight = 10\n[[stages]]\nweight = 50\n\
+             [[checks]]\nname = \"errors\"\nmetric = \"error_rate\"\ntest = \"sequential\"\n\
+             [[checks]]\nname = \"ceiling\"\nmetric = \"error_rate\"\nmax = 0.5\n",
+        )
+        .unwrap()
+        .checks
+    }
+
+    fn second(start: Millis, stable: (u64, u64), canary: (u64, u64)) -> Second {
+        let w = |(n, x): (u64, u64)| Window::from_counts(n, x, &[], 0.0);
+        Second {
+            start,
+            received: (start, start + 999),
+            data: Pair {
+                stable: w(stable),
+                canary: w(canary),
+            },
+        }
+    }
+
+    fn verdict(scores: &RolloutScores, weight: u32) -> &'static str {
+        let results = scores.results(weight);
+        assert_eq!(results.len(), 1, "only the sequential check is scored here");
+        results[0].verdict.label()
+    }
+
+    #[test]
+    fn a_canary_ten_times_worse_fails_within_seconds_and_says_why() {
+        let mut scores = RolloutScores::new(&checks(), 0);
+        assert!(!scores.is_empty());
+        let seconds: Vec<_> = (0..30)
+            .map(|t| second(t * SECOND, (9_000, 9), (1_000, 10)))
+            .collect();
+        let mut failed_at = None;
+        for now in 1..=30 {
+            scores.advance((0, 0), 0.001, &seconds, now * SECOND);
+            if verdict(&scores, 10) == "fail" {
+                failed_at = Some(now);
+                break;
+            }
+        }
+        let failed_at = failed_at.expect("a 10x worse canary fails");
+        assert!(failed_at <= 10, "failed after {failed_at} s");
+        let text = scores.results(10)[0].describe();
+        assert!(text.starts_with("errors: fail (fail: fail score"), "{text}");
+    }
+
+    #[test]
+    fn an_equal_canary_passes_the_stage_and_the_pass_score_restarts_at_the_next() {
+        let mut scores = RolloutScores::new(&checks(), 0);
+        // 1% errors on both sides, 20% canary share, for ten minutes.
+        let seconds: Vec<_> = (0..600)
+            .map(|t| second(t * SECOND, (8_000, 80), (2_000, 20)))
+            .collect();
+        scores.advance((0, 0), 0.01, &seconds, 600 * SECOND);
+        assert_eq!(verdict(&scores, 20), "pass");
+        // A new stage: nothing fed for it yet, so its pass score starts again.
+        scores.advance((1, 600 * SECOND), 0.01, &seconds, 600 * SECOND);
+        assert_eq!(verdict(&scores, 50), "inconclusive");
+        let text = scores.results(50)[0].describe();
+        assert!(text.contains("0 s scored in this stage"), "{text}");
+    }
+
+    #[test]
+    fn seconds_are_fed_once_and_only_when_they_have_ended() {
+        let mut scores = RolloutScores::new(&checks(), 0);
+        let seconds: Vec<_> = (0..5)
+            .map(|t| second(t * SECOND, (900, 1), (100, 0)))
+            .collect();
+        scores.advance((0, 0), 0.0, &seconds, 2_500);
+        assert_eq!(scores.tests[0].1.ticks(), 2, "seconds 0 and 1 have ended");
+        scores.advance((0, 0), 0.0, &seconds, 2_600);
+        assert_eq!(scores.tests[0].1.ticks(), 2, "nothing new ended");
+        scores.advance((0, 0), 0.0, &seconds, 10_000);
+        assert_eq!(scores.tests[0].1.ticks(), 5);
+    }
+
+    #[test]
+    fn a_second_holding_reports_from_before_the_rollout_is_not_fed() {
+        let mut scores = RolloutScores::new(&checks(), 1_500);
+        let mut mixed = second(1_000, (100, 50), (100, 100));
+        mixed.received = (1_200, 1_900);
+        let after = second(2_000, (900, 1), (100, 0));
+        scores.advance((0, 1_500), 0.0, [&mixed, &after], 5_000);
+        assert_eq!(scores.tests[0].1.ticks(), 1);
+    }
+
+    #[test]
+    fn no_traffic_never_passes_and_a_full_canary_is_skipped_unless_it_failed() {
+        let mut scores = RolloutScores::new(&checks(), 0);
+        let empty: Vec<_> = (0..600)
+            .map(|t| second(t * SECOND, (0, 0), (0, 0)))
+            .collect();
+        scores.advance((0, 0), 0.0, &empty, 600 * SECOND);
+        assert_eq!(verdict(&scores, 10), "inconclusive");
+        assert_eq!(verdict(&scores, 100), "skipped");
+        let bad: Vec<_> = (600..660)
+            .map(|t| second(t * SECOND, (9_000, 9), (1_000, 500)))
+            .collect();
+        scores.advance((0, 0), 0.0, &bad, 660 * SECOND);
+        assert_eq!(
+            verdict(&scores, 100),
+            "fail",
+            "a crossed fail score stays crossed"
+        );
+    }
+}
