@@ -1245,4 +1245,49 @@ sticky_key = "cookie uid"
         ));
         assert!(p[0].contains("put it in [[checks]]"), "{p:?}");
     }
+
+    #[test]
+    fn a_sequential_check_takes_its_settings_over_the_defaults() {
+        let s = Strategy::from_toml(
+            "[[stages]]\nweight = 5\n[[checks]]\nmetric = \"error_rate\"\ntest = \"sequential\"\n\
+             alpha_fail = 0.001\nevidence_cap = 2.0\n",
+        )
+        .unwrap();
+        let Rule::Sequential { config } = s.checks[0].rule else {
+            panic!("expected a sequential rule: {:?}", s.checks[0].rule);
+        };
+        assert_eq!(config.alpha_fail, 0.001);
+        assert_eq!(config.evidence_cap, 2.0);
+        assert_eq!(config.alpha_pass, SequentialConfig::default().alpha_pass);
+    }
+
+    #[test]
+    fn a_sequential_check_names_every_bad_setting() {
+        let stage = "[[stages]]\nweight = 5\n[[checks]]\nmetric = \"error_rate\"\n";
+        let p = problems(&format!("{stage}test = \"bayes\"\n"));
+        assert!(
+            p[0].starts_with("checks[0].test: unknown test \"bayes\""),
+            "{p:?}"
+        );
+        let p = problems(&format!("{stage}test = \"sequential\"\nalpha_fail = 1.5\n"));
+        assert!(
+            p[0].starts_with("checks[0].alpha_fail: alpha_fail must be a probability"),
+            "{p:?}"
+        );
+        let p = problems(&format!("{stage}test = \"sequential\"\nmax = 0.1\n"));
+        assert!(p[0].contains("decides by its scores"), "{p:?}");
+        let p = problems(&format!(
+            "{stage}test = \"sequential\"\nmin_requests = 10\n"
+        ));
+        assert!(p[0].starts_with("checks[0].min_requests"), "{p:?}");
+        let p = problems(&format!("{stage}max = 0.1\nalpha_fail = 0.01\n"));
+        assert!(
+            p[0].contains("only apply with test = \"sequential\""),
+            "{p:?}"
+        );
+        let p = problems(
+            "[[stages]]\nweight = 5\n[[checks]]\nmetric = \"latency_p95\"\ntest = \"sequential\"\n",
+        );
+        assert!(p[0].starts_with("checks[0].metric"), "{p:?}");
+    }
 }
