@@ -294,18 +294,6 @@ impl CheckResult {
             return format!("{}: {} ({detail})", self.name, self.verdict.label());
         }
         match &self.verdict {
-            Verdict::Pass { value, threshold } if self.metric == Metric::CanaryShare => format!(
-                "{}: pass (canary_share {} within the tolerated {} edge)",
-                self.name,
-                percent(*value),
-                percent(*threshold)
-            ),
-            Verdict::Fail { value, threshold } if self.metric == Metric::CanaryShare => format!(
-                "{}: fail (canary_share {} beyond the tolerated {} edge of the stage's weight)",
-                self.name,
-                percent(*value),
-                percent(*threshold)
-            ),
             Verdict::Pass { value, threshold } => format!(
                 "{}: pass ({} {}{unit} <= {}{unit})",
                 self.name,
@@ -335,12 +323,41 @@ fn round(v: f64) -> f64 {
 /// `canary_weight`% of traffic.
 pub fn evaluate_check(check: &Check, data: &Pair, canary_weight: u32) -> CheckResult {
     let verdict = verdict(check, data, canary_weight);
+    let detail = match (&check.rule, &verdict) {
+        (
+            Rule::NearWeight { tolerance },
+            Verdict::Pass { value, .. } | Verdict::Fail { value, .. },
+        ) => {
+            let (low, high) = share_band(canary_weight, *tolerance);
+            let position = if (low..=high).contains(value) {
+                "within"
+            } else {
+                "outside"
+            };
+            Some(format!(
+                "canary_share {} {position} {}..{} around the stage's {canary_weight}%",
+                percent(*value),
+                percent(low),
+                percent(high)
+            ))
+        }
+        _ => None,
+    };
     CheckResult {
         name: check.name.clone(),
         metric: check.metric,
         verdict,
-        detail: None,
+        detail,
     }
+}
+
+/// The tolerated band of a canary's share at `canary_weight`%: weight × (1 ± tolerance).
+fn share_band(canary_weight: u32, tolerance: f64) -> (f64, f64) {
+    let weight = f64::from(canary_weight) / 100.0;
+    (
+        weight * (1.0 - tolerance),
+        (weight * (1.0 + tolerance)).min(1.0),
+    )
 }
 
 /// A `canary_share` check: pass inside the band `weight × (1 ± tolerance)`, fail when the share
@@ -398,7 +415,7 @@ fn share_verdict(check: &Check, data: &Pair, canary_weight: u32, tolerance: f64)
 }
 
 fn percent(v: f64) -> String {
-    format!("{}%", round(v * 100.0))
+    format!("{}%", (v * 10_000.0).round() / 100.0)
 }
 
 fn verdict(check: &Check, data: &Pair, canary_weight: u32) -> Verdict {
@@ -863,12 +880,12 @@ mod tests {
         let result = evaluate_check(&c, &split(1_000, 0), 5);
         assert_eq!(
             result.describe(),
-            "c: fail (canary_share 0% beyond the tolerated 2.5% edge of the stage's weight)"
+            "c: fail (canary_share 0% outside 2.5%..7.5% around the stage's 5%)"
         );
         let result = evaluate_check(&c, &split(950, 50), 5);
         assert_eq!(
             result.describe(),
-            "c: pass (canary_share 5% within the tolerated 7.5% edge)"
+            "c: pass (canary_share 5% within 2.5%..7.5% around the stage's 5%)"
         );
     }
 }

@@ -223,6 +223,14 @@ metric = "latency_p95"
 max = 200
 min_requests = 10
 
+# The split itself: the canary's share of requests within half of the stage's weight either
+# way; a canary that crashes, or routing gone wrong, fails here (4 standard errors outside).
+[[checks]]
+name = "traffic-split"
+metric = "canary_share"
+tolerance = 0.5
+min_requests = 100
+
 # A canary failing more than 20% of requests over 3 s is rolled back at once.
 [[triggers]]
 name = "canary-error-spike"
