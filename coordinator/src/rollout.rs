@@ -1796,15 +1796,21 @@ pub fn decide(
                             .map(CheckResult::describe),
                     )
                     .collect();
-                Some(Command::Pause {
-                    id: rollout.id.clone(),
-                    actor: Actor::Controller,
-                    reason: format!(
-                        "inconclusive {at_stage} after {}: {}",
-                        humantime::format_duration(max),
-                        waiting.join("; ")
-                    ),
-                    at: now,
+                let reason = format!(
+                    "inconclusive {at_stage} after {}: {}",
+                    humantime::format_duration(max),
+                    waiting.join("; ")
+                );
+                Some(match rollout.strategy.on_inconclusive {
+                    crate::strategy::OnInconclusive::Pause => Command::Pause {
+                        id: rollout.id.clone(),
+                        actor: Actor::Controller,
+                        reason,
+                        at: now,
+                    },
+                    crate::strategy::OnInconclusive::RollBack => {
+                        roll_back(format!("{reason} (on_inconclusive = roll_back)"))
+                    }
                 })
             }
             _ => None,

@@ -55,6 +55,20 @@ pub struct Strategy {
     /// deploys nothing and only moves traffic.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deploy: Option<Deploy>,
+    /// What a stage does when its `max_duration` passes before its checks decided.
+    #[serde(default)]
+    pub on_inconclusive: OnInconclusive,
+}
+
+/// What an inconclusive stage leads to (`[analysis] on_inconclusive`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnInconclusive {
+    /// Pause and wait for an operator (`serin rollout resume` or `abort`).
+    #[default]
+    Pause,
+    /// Roll back: a canary that cannot be shown good enough in time does not ship.
+    RollBack,
 }
 
 /// One step of a rollout.
@@ -281,6 +295,14 @@ struct RawStrategy {
     #[serde(default)]
     hooks: Vec<hook::RawHook>,
     deploy: Option<deploy::RawDeploy>,
+    #[serde(default)]
+    analysis: RawAnalysis,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAnalysis {
+    on_inconclusive: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -581,11 +603,31 @@ impl Strategy {
             .as_ref()
             .and_then(|d| deploy::validate_deploy(d, raw.traffic.sticky_key.is_some(), &mut p));
 
+        let on_inconclusive = match raw.analysis.on_inconclusive.as_deref() {
+            None | Some("pause") => OnInconclusive::Pause,
+            Some("roll_back") => OnInconclusive::RollBack,
+            Some(other) => {
+                p.push(
+                    "analysis.on_inconclusive",
+                    format!("expected \"pause\" or \"roll_back\", got \"{other}\""),
+                );
+                OnInconclusive::Pause
+            }
+        };
+        if raw.analysis.on_inconclusive.is_some() && stages.iter().all(|s| s.max_duration.is_none())
+        {
+            p.push(
+                "analysis.on_inconclusive",
+                "no stage has a max_duration, so no stage can become inconclusive",
+            );
+        }
+
         if p.0.is_empty() {
             Ok(Strategy {
                 stages,
                 checks,
                 triggers,
+                on_inconclusive,
                 traffic: Traffic {
                     sticky_key: raw.traffic.sticky_key,
                     override_header: raw.traffic.override_header,
@@ -1289,5 +1331,26 @@ sticky_key = "cookie uid"
             "[[stages]]\nweight = 5\n[[checks]]\nmetric = \"latency_p95\"\ntest = \"sequential\"\n",
         );
         assert!(p[0].starts_with("checks[0].metric"), "{p:?}");
+    }
+
+    #[test]
+    fn on_inconclusive_is_pause_by_default_and_roll_back_when_asked() {
+        let stage = "[[stages]]\nweight = 5\nmax_duration = \"10m\"\n";
+        assert_eq!(
+            Strategy::from_toml(stage).unwrap().on_inconclusive,
+            OnInconclusive::Pause
+        );
+        let s = Strategy::from_toml(&format!(
+            "{stage}[analysis]\non_inconclusive = \"roll_back\"\n"
+        ))
+        .unwrap();
+        assert_eq!(s.on_inconclusive, OnInconclusive::RollBack);
+        let p = problems(&format!("{stage}[analysis]\non_inconclusive = \"retry\"\n"));
+        assert_eq!(
+            p,
+            ["analysis.on_inconclusive: expected \"pause\" or \"roll_back\", got \"retry\""]
+        );
+        let p = problems("[[stages]]\nweight = 5\n[analysis]\non_inconclusive = \"roll_back\"\n");
+        assert!(p[0].contains("no stage has a max_duration"), "{p:?}");
     }
 }

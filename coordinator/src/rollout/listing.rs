@@ -125,6 +125,7 @@ mod tests {
             traffic: Traffic::default(),
             hooks: Vec::new(),
             deploy: None,
+            on_inconclusive: crate::strategy::OnInconclusive::Pause,
         }
     }
 

@@ -30,6 +30,7 @@ fn strategy(weights: &[u32]) -> Strategy {
         traffic: Traffic::default(),
         hooks: Vec::new(),
         deploy: None,
+        on_inconclusive: crate::strategy::OnInconclusive::Pause,
     }
 }
 
@@ -642,6 +643,25 @@ fn an_inconclusive_stage_pauses_at_its_maximum_time() {
                 "{reason}"
             );
             assert!(reason.contains("canary has 3 of 10"), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn an_inconclusive_stage_rolls_back_when_the_strategy_says_so() {
+    let mut r = rollout();
+    r.strategy.stages[0].max_duration = Some(Duration::from_secs(60));
+    r.strategy.on_inconclusive = crate::strategy::OnInconclusive::RollBack;
+    let mut m = TriggerMemory::default();
+    assert_eq!(decide(&r, &observation(3, 0), &mut m, T0 + 59_000), None);
+    match decide(&r, &observation(3, 0), &mut m, T0 + 60_000).unwrap() {
+        Command::RollBack { reason, .. } => {
+            assert!(
+                reason.starts_with("inconclusive at stage 1 (10%) after 1m")
+                    && reason.ends_with("(on_inconclusive = roll_back)"),
+                "{reason}"
+            );
         }
         other => panic!("{other:?}"),
     }

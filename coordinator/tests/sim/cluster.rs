@@ -847,6 +847,7 @@ impl Sim {
                     traffic: Traffic::default(),
                     hooks: Vec::new(),
                     deploy: None,
+                    on_inconclusive: serin_coordinator::strategy::OnInconclusive::Pause,
                 },
                 actor: Actor::Operator(reason),
                 at,

@@ -24,6 +24,7 @@ fn strategy() -> Strategy {
         traffic: Traffic::default(),
         hooks: Vec::new(),
         deploy: None,
+        on_inconclusive: crate::strategy::OnInconclusive::Pause,
     }
 }
 
