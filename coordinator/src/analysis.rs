@@ -423,7 +423,7 @@ fn verdict(check: &Check, data: &Pair, canary_weight: u32) -> Verdict {
         Rule::NearWeight { tolerance } => {
             return share_verdict(check, data, canary_weight, tolerance);
         }
-        Rule::Sequential { .. } => {
+        Rule::Sequential { .. } | Rule::Ceiling { .. } => {
             return Verdict::NoData {
                 reason: "scored second by second by the leader; no score yet".to_owned(),
             };
@@ -446,7 +446,7 @@ fn verdict(check: &Check, data: &Pair, canary_weight: u32) -> Verdict {
     };
     let threshold = match check.rule {
         Rule::Max { limit } => limit,
-        Rule::NearWeight { .. } | Rule::Sequential { .. } => {
+        Rule::NearWeight { .. } | Rule::Sequential { .. } | Rule::Ceiling { .. } => {
             unreachable!("judged before the threshold rules above")
         }
         Rule::RatioToStable { ratio, slack } => {

@@ -1743,8 +1743,9 @@ pub fn decide(
     if let Some(reason) = fired {
         return Some(roll_back(reason));
     }
-    // A sequential check's fail score is valid whenever it is read: it rolls back at once,
-    // before the stage's minimum time and while paused, as a critical trigger does.
+    // A scored check's failure is valid whenever it is read (an anytime-valid fail score, or a
+    // ceiling detector): it rolls back at once, before the stage's minimum time and while
+    // paused, as a critical trigger does.
     let sequential_failure = observation.stage.checks.iter().find(|c| {
         matches!(c.verdict, Verdict::Fail { .. })
             && rollout.strategy.checks.iter().any(|k| {

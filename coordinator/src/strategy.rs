@@ -7,7 +7,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use crate::analysis::sequential::SequentialConfig;
+use crate::analysis::sequential::{CeilingConfig, SequentialConfig};
 
 use serde::{Deserialize, Serialize};
 
@@ -201,6 +201,20 @@ pub enum Rule {
         /// The test's settings.
         config: SequentialConfig,
     },
+    /// The canary alone against an error-rate ceiling, second by second
+    /// ([`crate::analysis::sequential::CeilingTest`]): rolls back the moment its score shows
+    /// the canary above the ceiling; passes whenever the canary has served requests.
+    Ceiling {
+        /// The test's settings.
+        config: CeilingConfig,
+    },
+}
+
+impl Rule {
+    /// Whether the leader scores this rule second by second (its failure rolls back at once).
+    pub fn is_scored(&self) -> bool {
+        matches!(self, Rule::Sequential { .. } | Rule::Ceiling { .. })
+    }
 }
 
 /// A named pass criterion evaluated over the whole stage.
@@ -343,10 +357,33 @@ struct RawCheck {
 }
 
 impl RawCheck {
-    /// The sequential settings given, over the defaults; whether any was given.
-    fn sequential(&self) -> (SequentialConfig, bool) {
-        let d = SequentialConfig::default();
-        let given = [
+    /// The settings of score-based tests, as given.
+    fn score_fields(&self) -> ScoreFields {
+        ScoreFields {
+            alpha_fail: self.alpha_fail,
+            alpha_pass: self.alpha_pass,
+            tolerated_ratio: self.tolerated_ratio,
+            margin: self.margin,
+            absolute_margin: self.absolute_margin,
+            evidence_cap: self.evidence_cap,
+        }
+    }
+}
+
+/// The settings of a check's `test`, as given in the file.
+#[derive(Debug, Clone, Copy, Default)]
+struct ScoreFields {
+    alpha_fail: Option<f64>,
+    alpha_pass: Option<f64>,
+    tolerated_ratio: Option<f64>,
+    margin: Option<f64>,
+    absolute_margin: Option<f64>,
+    evidence_cap: Option<f64>,
+}
+
+impl ScoreFields {
+    fn any(&self) -> bool {
+        [
             self.alpha_fail,
             self.alpha_pass,
             self.tolerated_ratio,
@@ -355,16 +392,20 @@ impl RawCheck {
             self.evidence_cap,
         ]
         .iter()
-        .any(Option::is_some);
-        let config = SequentialConfig {
+        .any(Option::is_some)
+    }
+
+    /// The settings of a sequential test, over the defaults.
+    fn sequential(&self) -> SequentialConfig {
+        let d = SequentialConfig::default();
+        SequentialConfig {
             alpha_fail: self.alpha_fail.unwrap_or(d.alpha_fail),
             alpha_pass: self.alpha_pass.unwrap_or(d.alpha_pass),
             tolerated_ratio: self.tolerated_ratio.unwrap_or(d.tolerated_ratio),
             margin: self.margin.unwrap_or(d.margin),
             absolute_margin: self.absolute_margin.unwrap_or(d.absolute_margin),
             evidence_cap: self.evidence_cap.unwrap_or(d.evidence_cap),
-        };
-        (config, given)
+        }
     }
 }
 
@@ -483,7 +524,6 @@ impl Strategy {
         let mut checks = Vec::with_capacity(raw.checks.len());
         for (i, c) in raw.checks.iter().enumerate() {
             let field = format!("checks[{i}]");
-            let (sequential, sequential_given) = c.sequential();
             let spec = RuleFields {
                 name: c.name.as_deref(),
                 metric: &c.metric,
@@ -494,7 +534,7 @@ impl Strategy {
                 min_requests: c.min_requests,
                 in_trigger: false,
                 test: c.test.as_deref(),
-                sequential: Some((sequential, sequential_given)),
+                scores: c.score_fields(),
             };
             if let Some(check) = spec.validate(&field, DEFAULT_MIN_REQUESTS, &mut p) {
                 if !names.insert(check.name.clone()) {
@@ -520,7 +560,7 @@ impl Strategy {
                 min_requests: t.min_requests,
                 in_trigger: true,
                 test: None,
-                sequential: None,
+                scores: ScoreFields::default(),
             };
             let check = spec.validate(&field, DEFAULT_TRIGGER_MIN_REQUESTS, &mut p);
             let window = p
@@ -676,14 +716,14 @@ struct RuleFields<'a> {
     min_requests: Option<i64>,
     /// Triggers watch a sliding window, which may span stages of different weights.
     in_trigger: bool,
-    /// `test = "..."`: the statistical test of a check (only `sequential`).
+    /// `test = "..."`: the statistical test of a check (`sequential` or `ceiling`).
     test: Option<&'a str>,
-    /// A check's sequential settings (over the defaults) and whether any was given.
-    sequential: Option<(SequentialConfig, bool)>,
+    /// A check's test settings, as given.
+    scores: ScoreFields,
 }
 
 impl RuleFields<'_> {
-    /// The rule of a check with `test = "sequential"`.
+    /// The rule of a check with a `test`.
     fn sequential_rule(
         &self,
         field: &str,
@@ -691,18 +731,27 @@ impl RuleFields<'_> {
         p: &mut Problems,
     ) -> Option<Rule> {
         let test = self.test.unwrap_or_default();
-        if test != "sequential" {
+        if test != "sequential" && test != "ceiling" {
             p.push(
                 format!("{field}.test"),
-                format!("unknown test \"{test}\"; expected \"sequential\""),
+                format!("unknown test \"{test}\"; expected \"sequential\" or \"ceiling\""),
             );
             return None;
         }
         if metric.is_some_and(|m| m != Metric::ErrorRate) {
             p.push(
                 format!("{field}.metric"),
-                "test = \"sequential\" compares error rates (metric = \"error_rate\"); latency on histogram buckets is planned",
+                format!("test = \"{test}\" reads error rates (metric = \"error_rate\"); latency on histogram buckets is planned"),
             );
+        }
+        if self.min_requests.is_some() {
+            p.push(
+                format!("{field}.min_requests"),
+                "a score-based check needs no minimum: with few requests its score builds no evidence, so it can neither pass nor fail",
+            );
+        }
+        if test == "ceiling" {
+            return self.ceiling_rule(field, p);
         }
         if self.max.is_some()
             || self.max_ratio.is_some()
@@ -714,18 +763,55 @@ impl RuleFields<'_> {
                 "a sequential check decides by its scores: set alpha_fail, alpha_pass, tolerated_ratio, margin, absolute_margin or evidence_cap, not `max`, `max_ratio`, `slack` or `tolerance`",
             );
         }
-        if self.min_requests.is_some() {
-            p.push(
-                format!("{field}.min_requests"),
-                "a sequential check needs no minimum: with few requests its scores build no evidence, so it can neither pass nor fail",
-            );
-        }
-        let (config, _) = self.sequential.unwrap_or_default();
+        let config = self.scores.sequential();
         if let Err(e) = config.validate() {
             let name = e.split_whitespace().next().unwrap_or_default();
             p.push(format!("{field}.{name}"), e);
         }
         Some(Rule::Sequential { config })
+    }
+
+    /// The rule of a check with `test = "ceiling"`: `max` is the ceiling.
+    fn ceiling_rule(&self, field: &str, p: &mut Problems) -> Option<Rule> {
+        let extra = [
+            self.scores.alpha_pass,
+            self.scores.tolerated_ratio,
+            self.scores.margin,
+            self.scores.absolute_margin,
+        ];
+        if self.max_ratio.is_some()
+            || self.slack.is_some()
+            || self.tolerance.is_some()
+            || extra.iter().any(Option::is_some)
+        {
+            p.push(
+                field,
+                "a ceiling check takes `max` (the ceiling), `alpha_fail` and `evidence_cap` only",
+            );
+        }
+        let Some(ceiling) = self.max else {
+            p.push(
+                format!("{field}.max"),
+                "a ceiling check needs `max`, the canary's highest acceptable error rate (e.g. 0.05)",
+            );
+            return None;
+        };
+        let d = CeilingConfig::default();
+        let config = CeilingConfig {
+            ceiling,
+            alpha: self.scores.alpha_fail.unwrap_or(d.alpha),
+            horizon_ticks: d.horizon_ticks,
+            evidence_cap: self.scores.evidence_cap.unwrap_or(d.evidence_cap),
+        };
+        if let Err(e) = config.validate() {
+            let name = match e.split_whitespace().next().unwrap_or_default() {
+                "ceiling" => "max",
+                "alpha" => "alpha_fail",
+                other => other,
+            };
+            p.push(format!("{field}.{name}"), e);
+        }
+        Some(Rule::Ceiling { config })
     }
 
     /// The rule of a `canary_share` check: a tolerance around the stage's weight.
@@ -775,11 +861,10 @@ impl RuleFields<'_> {
                 "tolerance only applies to metric \"canary_share\"",
             );
         }
-        let sequential_given = self.sequential.is_some_and(|(_, given)| given);
-        if sequential_given && self.test != Some("sequential") {
+        if self.scores.any() && self.test.is_none() {
             p.push(
                 field,
-                "alpha_fail, alpha_pass, tolerated_ratio, margin, absolute_margin and evidence_cap only apply with test = \"sequential\"",
+                "alpha_fail, alpha_pass, tolerated_ratio, margin, absolute_margin and evidence_cap only apply with test = \"sequential\" (or alpha_fail and evidence_cap with test = \"ceiling\")",
             );
         }
         let rule = match (self.max, self.max_ratio) {

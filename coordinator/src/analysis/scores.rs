@@ -1,5 +1,6 @@
-//! The sequential checks of one rollout ([`Rule::Sequential`]), fed the leader's per-second
-//! totals as each second completes. Pure: the caller passes the seconds and the time.
+//! The scored checks of one rollout ([`Rule::Sequential`], [`Rule::Ceiling`]), fed the leader's
+//! per-second totals as each second completes. Pure: the caller passes the seconds and the
+//! time.
 //!
 //! A second is fed once, when it has ended (reports are folded into the second they arrive
 //! in, so an ended second no longer changes). Its fail score carries across stages; at a new
@@ -11,7 +12,7 @@
 //! reports, so a failover delays a decision (by as long as the evidence took to build), and
 //! never makes one.
 
-use crate::analysis::sequential::{Counts, RatioTest, SequentialDecision};
+use crate::analysis::sequential::{CeilingTest, Counts, RatioTest, SequentialDecision};
 use crate::analysis::{CheckResult, Verdict};
 use crate::metrics::{SECOND, Second};
 use crate::rollout::Millis;
@@ -20,26 +21,52 @@ use crate::strategy::{Check, Rule};
 /// Which stage the scores are for: its index and when its observation started.
 pub type StageMark = (usize, Millis);
 
-/// The sequential tests of one rollout.
+/// One scored check's test.
+#[derive(Debug, Clone)]
+enum ScoreTest {
+    Ratio(RatioTest),
+    Ceiling(CeilingTest),
+}
+
+#[cfg(test)]
+impl ScoreTest {
+    /// Seconds fed.
+    fn ticks(&self) -> u64 {
+        match self {
+            ScoreTest::Ratio(t) => t.ticks(),
+            ScoreTest::Ceiling(t) => t.ticks().0,
+        }
+    }
+}
+
+/// The scored tests of one rollout.
 #[derive(Debug, Clone)]
 pub struct RolloutScores {
     /// The stage the pass scores belong to; `None` before the first second.
     stage: Option<StageMark>,
     /// Seconds starting before this were fed.
     fed_until: Millis,
-    /// One per sequential check, in strategy order: (check, test).
-    tests: Vec<(Check, RatioTest)>,
+    /// One per scored check, in strategy order: (check, test).
+    tests: Vec<(Check, ScoreTest)>,
 }
 
 impl RolloutScores {
-    /// Tests for the sequential checks among `checks`, for a rollout started at `started_at`
+    /// Tests for the scored checks among `checks`, for a rollout started at `started_at`
     /// (checks whose settings do not validate are left out; the strategy was validated).
     pub fn new(checks: &[Check], started_at: Millis) -> RolloutScores {
         let tests = checks
             .iter()
-            .filter_map(|c| match c.rule {
-                Rule::Sequential { config } => RatioTest::new(config).ok().map(|t| (c.clone(), t)),
-                _ => None,
+            .filter_map(|c| {
+                let test = match c.rule {
+                    Rule::Sequential { config } => {
+                        RatioTest::new(config).ok().map(ScoreTest::Ratio)
+                    }
+                    Rule::Ceiling { config } => {
+                        CeilingTest::new(config).ok().map(ScoreTest::Ceiling)
+                    }
+                    _ => None,
+                };
+                test.map(|t| (c.clone(), t))
             })
             .collect();
         RolloutScores {
@@ -85,7 +112,10 @@ impl RolloutScores {
             let stable = Counts::from_window(&second.data.stable);
             let canary = Counts::from_window(&second.data.canary);
             for (_, test) in &mut self.tests {
-                test.observe(stable, canary);
+                match test {
+                    ScoreTest::Ratio(t) => t.observe(stable, canary),
+                    ScoreTest::Ceiling(t) => t.observe(stable, canary),
+                }
             }
             self.fed_until = second.start + SECOND;
         }
@@ -97,39 +127,24 @@ impl RolloutScores {
     fn start_stage(&mut self, stage: StageMark, baseline: f64) {
         self.stage = Some(stage);
         for (_, test) in &mut self.tests {
-            test.start_stage(baseline.clamp(0.0, 1.0));
+            if let ScoreTest::Ratio(t) = test {
+                t.start_stage(baseline.clamp(0.0, 1.0));
+            }
         }
     }
 
-    /// The verdict of every sequential check at a stage sending `canary_weight`% to the
-    /// canary: fail once its fail score crossed, pass once its pass score did, inconclusive
-    /// with the scores in between; skipped at 100%, where stable serves nothing.
+    /// The verdict of every scored check at a stage sending `canary_weight`% to the canary.
+    /// A sequential check: fail once its fail score crossed, pass once its pass score did,
+    /// inconclusive in between; skipped at 100%, where stable serves nothing (unless it had
+    /// failed). A ceiling check: fail when its detector fires, pass once the canary served
+    /// requests, no data before.
     pub fn results(&self, canary_weight: u32) -> Vec<CheckResult> {
         self.tests
             .iter()
             .map(|(check, test)| {
-                let report = test.report();
-                let (verdict, detail) = if canary_weight >= 100
-                    && report.decision != SequentialDecision::Fail
-                {
-                    let reason = "no stable traffic to compare with at 100%".to_owned();
-                    (Verdict::Skipped { reason }, None)
-                } else {
-                    let verdict = match report.decision {
-                        SequentialDecision::Fail => Verdict::Fail {
-                            value: report.fail_score,
-                            threshold: report.fail_threshold,
-                        },
-                        SequentialDecision::Pass => Verdict::Pass {
-                            value: report.pass_score,
-                            threshold: report.pass_threshold,
-                        },
-                        SequentialDecision::Continue => Verdict::Inconclusive {
-                            reason: report.to_string(),
-                        },
-                    };
-                    let detail = format!("{report}; {} s scored in this stage", test.stage_ticks());
-                    (verdict, Some(detail))
+                let (verdict, detail) = match test {
+                    ScoreTest::Ratio(test) => ratio_verdict(test, canary_weight),
+                    ScoreTest::Ceiling(test) => ceiling_verdict(test),
                 };
                 CheckResult {
                     name: check.name.clone(),
@@ -140,6 +155,54 @@ impl RolloutScores {
             })
             .collect()
     }
+}
+
+fn ratio_verdict(test: &RatioTest, canary_weight: u32) -> (Verdict, Option<String>) {
+    let report = test.report();
+    if canary_weight >= 100 && report.decision != SequentialDecision::Fail {
+        let reason = "no stable traffic to compare with at 100%".to_owned();
+        return (Verdict::Skipped { reason }, None);
+    }
+    let verdict = match report.decision {
+        SequentialDecision::Fail => Verdict::Fail {
+            value: report.fail_score,
+            threshold: report.fail_threshold,
+        },
+        SequentialDecision::Pass => Verdict::Pass {
+            value: report.pass_score,
+            threshold: report.pass_threshold,
+        },
+        SequentialDecision::Continue => Verdict::Inconclusive {
+            reason: report.to_string(),
+        },
+    };
+    let detail = format!("{report}; {} s scored in this stage", test.stage_ticks());
+    (verdict, Some(detail))
+}
+
+fn ceiling_verdict(test: &CeilingTest) -> (Verdict, Option<String>) {
+    let report = test.report();
+    let (ticks, skipped) = test.ticks();
+    let detail = format!("{report}; {ticks} s scored, {skipped} skipped as stable breached too");
+    let verdict = if report.fired {
+        Verdict::Fail {
+            value: report.score,
+            threshold: report.threshold,
+        }
+    } else if ticks > skipped && test.canary_seen() {
+        Verdict::Pass {
+            value: report.score,
+            threshold: report.threshold,
+        }
+    } else {
+        return (
+            Verdict::NoData {
+                reason: "no canary requests scored yet".to_owned(),
+            },
+            None,
+        );
+    };
+    (verdict, Some(detail))
 }
 
 #[cfg(test)]
@@ -255,5 +318,59 @@ mod tests {
             "fail",
             "a crossed fail score stays crossed"
         );
+    }
+
+    fn ceiling_checks() -> Vec<Check> {
+        Strategy::from_toml(
+            "[[stages]]\nweight = 10\n\
+             [[checks]]\nname = \"ceiling\"\nmetric = \"error_rate\"\ntest = \"ceiling\"\nmax = 0.05\n",
+        )
+        .unwrap()
+        .checks
+    }
+
+    #[test]
+    fn a_ceiling_check_fires_on_a_hard_down_canary_within_two_seconds_and_passes_a_healthy_one() {
+        let mut healthy = RolloutScores::new(&ceiling_checks(), 0);
+        assert_eq!(verdict(&healthy, 10), "no_data");
+        let good: Vec<_> = (0..600)
+            .map(|t| second(t * SECOND, (9_000, 90), (1_000, 10)))
+            .collect();
+        healthy.advance((0, 0), 0.01, &good, 600 * SECOND);
+        assert_eq!(verdict(&healthy, 10), "pass");
+        // The same canary after ten healthy minutes goes hard-down: the detector restarts, so
+        // the history does not slow it.
+        let down: Vec<_> = (600..610)
+            .map(|t| second(t * SECOND, (9_000, 90), (1_000, 500)))
+            .collect();
+        let mut fired_after = None;
+        for s in 1..=10 {
+            healthy.advance((0, 0), 0.01, &down, (600 + s) * SECOND);
+            if verdict(&healthy, 10) == "fail" {
+                fired_after = Some(s);
+                break;
+            }
+        }
+        assert!(
+            fired_after.is_some_and(|s| s <= 2),
+            "fired after {fired_after:?} s"
+        );
+        let text = healthy.results(10)[0].describe();
+        assert!(
+            text.starts_with("ceiling: fail (ceiling 5%: score"),
+            "{text}"
+        );
+        // At 100% the ceiling still watches the canary alone.
+        assert_eq!(verdict(&healthy, 100), "fail");
+    }
+
+    #[test]
+    fn a_ceiling_check_does_not_blame_the_canary_when_stable_breaches_too() {
+        let mut scores = RolloutScores::new(&ceiling_checks(), 0);
+        let outage: Vec<_> = (0..30)
+            .map(|t| second(t * SECOND, (9_000, 4_500), (1_000, 500)))
+            .collect();
+        scores.advance((0, 0), 0.0, &outage, 30 * SECOND);
+        assert_eq!(verdict(&scores, 10), "no_data");
     }
 }

@@ -584,6 +584,9 @@ pub struct CeilingTest {
     log_evidence: Vec<f64>,
     ticks: u64,
     skipped_ticks: u64,
+    /// Canary requests in the ticks that counted.
+    #[serde(default)]
+    canary_requests: u64,
 }
 
 /// A ceiling test's state for the evidence record.
@@ -616,7 +619,13 @@ impl CeilingTest {
             log_evidence: vec![0.0; CEILING_ODDS_GRID.len()],
             ticks: 0,
             skipped_ticks: 0,
+            canary_requests: 0,
         })
+    }
+
+    /// Whether any counted tick had canary requests.
+    pub fn canary_seen(&self) -> bool {
+        self.canary_requests > 0
     }
 
     /// Folds one tick in; `stable` only decides whether the tick counts.
@@ -631,6 +640,7 @@ impl CeilingTest {
         if canary.requests == 0 {
             return;
         }
+        self.canary_requests += canary.requests;
         let p0 = self.config.ceiling;
         let odds0 = p0 / (1.0 - p0);
         let (requests, errors) = (canary.requests as f64, canary.errors as f64);
