@@ -45,7 +45,10 @@ async fn good_canary_walks_every_stage_and_is_promoted() {
     let stack = Stack::start().await;
     let weights = [1, 5, 25, 50, 100];
     let stages: Vec<StageSpec> = weights.iter().map(|&w| stage(w)).collect();
-    let id = stack.start_rollout(&strategy(&stages, "")).await;
+    // The agent's own host samples (sysinfo) reach the checks: without them this check has no
+    // data and no stage could pass.
+    let host_check = "\n[[checks]]\nname = \"host-memory\"\nmetric = \"host_memory\"\nmax = 0.999\nmin_requests = 1\n";
+    let id = stack.start_rollout(&strategy(&stages, host_check)).await;
 
     let first = stack.status_json(&id).await;
     assert_eq!(str_of(&first, "service"), common::SERVICE);

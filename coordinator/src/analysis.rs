@@ -32,6 +32,42 @@ pub struct Window {
     pub latency_sum: f64,
     /// Intervals whose scrape failed (missing data).
     pub missing: u64,
+    /// Host samples of the variant's hosts: how many, and the highest memory use (0..=1) and
+    /// CPU use (0..=1 of the host) among them.
+    #[serde(default, skip_serializing_if = "HostPeak::is_empty")]
+    pub hosts: HostPeak,
+}
+
+/// The peak of host gauges over hosts and time, mergeable (a max).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct HostPeak {
+    /// Host samples merged in.
+    pub samples: u64,
+    /// Highest memory use, as a fraction of the host's memory.
+    pub memory: f64,
+    /// Highest CPU use, as a fraction of the host.
+    pub cpu: f64,
+}
+
+impl HostPeak {
+    /// One host sample; `None` when the host reported no memory total.
+    pub fn sample(cpu_percent: f64, memory_used: u64, memory_total: u64) -> Option<HostPeak> {
+        (memory_total > 0).then(|| HostPeak {
+            samples: 1,
+            memory: (memory_used as f64 / memory_total as f64).clamp(0.0, 1.0),
+            cpu: (cpu_percent / 100.0).clamp(0.0, 1.0),
+        })
+    }
+
+    fn is_empty(&self) -> bool {
+        self.samples == 0
+    }
+
+    fn merge(&mut self, other: &HostPeak) {
+        self.samples += other.samples;
+        self.memory = self.memory.max(other.memory);
+        self.cpu = self.cpu.max(other.cpu);
+    }
 }
 
 impl Window {
@@ -44,6 +80,7 @@ impl Window {
             counts: buckets.iter().map(|b| b.1).collect(),
             latency_sum: sum,
             missing: 0,
+            hosts: HostPeak::default(),
         }
     }
 
@@ -63,6 +100,7 @@ impl Window {
         self.errors += other.errors;
         self.latency_sum += other.latency_sum;
         self.missing += other.missing;
+        self.hosts.merge(&other.hosts);
         if other.bounds.is_empty() {
             return;
         }
@@ -135,6 +173,8 @@ impl Window {
         match metric {
             Metric::CanaryShare => None,
             Metric::ErrorRate => self.error_rate(),
+            Metric::HostMemory => (self.hosts.samples > 0).then_some(self.hosts.memory),
+            Metric::HostCpu => (self.hosts.samples > 0).then_some(self.hosts.cpu),
             _ => metric
                 .quantile()
                 .and_then(|q| self.quantile(q))
@@ -147,6 +187,7 @@ impl Window {
     pub fn support(&self, metric: Metric) -> u64 {
         match metric {
             Metric::ErrorRate | Metric::CanaryShare => self.requests,
+            Metric::HostMemory | Metric::HostCpu => self.hosts.samples,
             _ => self.observed(),
         }
     }
@@ -887,5 +928,44 @@ mod tests {
             result.describe(),
             "c: pass (canary_share 5% within 2.5%..7.5% around the stage's 5%)"
         );
+    }
+
+    #[test]
+    fn host_gauges_merge_as_peaks_and_a_check_reads_the_highest() {
+        let mut a = window(10, 0, [10; 5]);
+        a.hosts = HostPeak::sample(35.0, 3 << 30, 4 << 30).unwrap();
+        let mut b = window(10, 0, [10; 5]);
+        b.hosts = HostPeak::sample(90.0, 1 << 30, 4 << 30).unwrap();
+        a.merge(&b);
+        assert_eq!(a.hosts.samples, 2);
+        assert_eq!(a.metric(Metric::HostMemory), Some(0.75));
+        assert_eq!(a.metric(Metric::HostCpu), Some(0.9));
+        assert_eq!(
+            HostPeak::sample(10.0, 1, 0),
+            None,
+            "no memory total, no sample"
+        );
+        let memory = check(Metric::HostMemory, Rule::Max { limit: 0.8 }, 2);
+        let data = Pair {
+            stable: Window::default(),
+            canary: a.clone(),
+        };
+        assert_eq!(evaluate_check(&memory, &data, 10).verdict.label(), "pass");
+        let cpu = check(Metric::HostCpu, Rule::Max { limit: 0.8 }, 2);
+        assert_eq!(evaluate_check(&cpu, &data, 10).verdict.label(), "fail");
+        // Without host samples there is no data, whatever the requests.
+        let none = Pair {
+            stable: Window::default(),
+            canary: window(100, 0, [100; 5]),
+        };
+        assert_eq!(
+            evaluate_check(&memory, &none, 10).verdict.label(),
+            "no_data"
+        );
+        // Serialized windows without host samples read as before.
+        let json = serde_json::to_string(&window(1, 0, [1; 5])).unwrap();
+        assert!(!json.contains("hosts"), "{json}");
+        let back: Window = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.hosts, HostPeak::default());
     }
 }

@@ -17,8 +17,7 @@ use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::agents::{AgentInfo, ForgetError, SessionOrigin};
-use crate::analysis::Verdict;
-use crate::analysis::{Pair, Window};
+use crate::analysis::{HostPeak, Pair, Verdict, Window};
 use crate::control::{LiveView, RATE_WINDOW, Shared, now_millis};
 use crate::limits::{
     DEFAULT_LIST_LIMIT, KEEP_FIRST_EVENTS, KEEP_LAST_EVENTS, MAX_ACTOR, MAX_LIST_LIMIT,
@@ -1119,6 +1118,11 @@ fn handle_agent_message(shared: &Shared, name: &str, message: AgentMessage) {
                 .reported(name, now, report.interval_ms as Millis, &scrapes, workloads);
             let mut metrics = shared.metrics();
             let mut breach = false;
+            // The host's sample counts once per service and variant it hosts in this report.
+            let host = report.host.and_then(|h| {
+                HostPeak::sample(h.cpu_percent, h.memory_used_bytes, h.memory_total_bytes)
+            });
+            let mut sampled: Vec<(String, Side)> = Vec::new();
             for w in report.instances {
                 let side = if w.variant == v1::Variant::Canary as i32 {
                     Side::Canary
@@ -1140,6 +1144,13 @@ fn handle_agent_message(shared: &Shared, name: &str, message: AgentMessage) {
                     );
                     Window::missing()
                 };
+                let mut window = window;
+                if let Some(host) = host
+                    && !sampled.iter().any(|(s, v)| *s == w.service && *v == side)
+                {
+                    sampled.push((w.service.clone(), side));
+                    window.hosts = host;
+                }
                 breach |= side == Side::Canary && (window.errors > 0 || window.missing > 0);
                 metrics.record(&w.service, side, window, now);
             }

@@ -119,17 +119,23 @@ pub enum Metric {
     /// The canary's share of all requests, 0..=1, judged against the stage's weight (a
     /// sample-ratio check: a crashing canary or broken routing serves far from its weight).
     CanaryShare,
+    /// The highest memory use (0..=1) among the variant's hosts, from the agents' host samples.
+    HostMemory,
+    /// The highest CPU use (0..=1 of a host) among the variant's hosts.
+    HostCpu,
 }
 
 impl Metric {
     /// All metrics with their TOML names.
-    pub const ALL: [(&'static str, Metric); 6] = [
+    pub const ALL: [(&'static str, Metric); 8] = [
         ("error_rate", Metric::ErrorRate),
         ("latency_p50", Metric::LatencyP50),
         ("latency_p90", Metric::LatencyP90),
         ("latency_p95", Metric::LatencyP95),
         ("latency_p99", Metric::LatencyP99),
         ("canary_share", Metric::CanaryShare),
+        ("host_memory", Metric::HostMemory),
+        ("host_cpu", Metric::HostCpu),
     ];
 
     fn parse(name: &str) -> Option<Metric> {
@@ -148,7 +154,7 @@ impl Metric {
     /// The latency quantile this metric asks for, if it is a latency metric.
     pub fn quantile(self) -> Option<f64> {
         match self {
-            Metric::ErrorRate | Metric::CanaryShare => None,
+            Metric::ErrorRate | Metric::CanaryShare | Metric::HostMemory | Metric::HostCpu => None,
             Metric::LatencyP50 => Some(0.50),
             Metric::LatencyP90 => Some(0.90),
             Metric::LatencyP95 => Some(0.95),
@@ -156,10 +162,18 @@ impl Metric {
         }
     }
 
+    /// Whether values are fractions in 0..=1.
+    pub fn is_fraction(self) -> bool {
+        matches!(
+            self,
+            Metric::ErrorRate | Metric::CanaryShare | Metric::HostMemory | Metric::HostCpu
+        )
+    }
+
     /// Unit for display.
     pub fn unit(self) -> &'static str {
         match self {
-            Metric::ErrorRate | Metric::CanaryShare => "",
+            Metric::ErrorRate | Metric::CanaryShare | Metric::HostMemory | Metric::HostCpu => "",
             _ => "ms",
         }
     }
@@ -867,6 +881,12 @@ impl RuleFields<'_> {
                 "alpha_fail, alpha_pass, tolerated_ratio, margin, absolute_margin and evidence_cap only apply with test = \"sequential\" (or alpha_fail and evidence_cap with test = \"ceiling\")",
             );
         }
+        if self.in_trigger && matches!(metric, Some(Metric::HostMemory | Metric::HostCpu)) {
+            p.push(
+                format!("{field}.metric"),
+                "host gauges are judged over a stage, never as a per-second rollback trigger on their own (a GC pause or a backup would roll back); put it in [[checks]]",
+            );
+        }
         let rule = match (self.max, self.max_ratio) {
             _ if self.test.is_some() => self.sequential_rule(field, metric, p),
             _ if metric == Some(Metric::CanaryShare) => self.near_weight(field, p),
@@ -890,10 +910,10 @@ impl RuleFields<'_> {
                         format!("{field}.max"),
                         format!("must be a finite number >= 0, got {limit}"),
                     );
-                } else if metric == Some(Metric::ErrorRate) && limit > 1.0 {
+                } else if let Some(m) = metric.filter(|m| m.is_fraction() && limit > 1.0) {
                     p.push(
                         format!("{field}.max"),
-                        format!("error_rate is a fraction in 0..=1 (0.01 = 1%), got {limit}"),
+                        format!("{m} is a fraction in 0..=1 (0.01 = 1%), got {limit}"),
                     );
                 }
                 if self.slack.is_some() {
@@ -1437,5 +1457,26 @@ sticky_key = "cookie uid"
         );
         let p = problems("[[stages]]\nweight = 5\n[analysis]\non_inconclusive = \"roll_back\"\n");
         assert!(p[0].contains("no stage has a max_duration"), "{p:?}");
+    }
+
+    #[test]
+    fn host_gauges_are_checks_with_fractions_never_triggers() {
+        let stage = "[[stages]]\nweight = 5\n";
+        let s = Strategy::from_toml(&format!(
+            "{stage}[[checks]]\nmetric = \"host_memory\"\nmax = 0.8\n"
+        ))
+        .unwrap();
+        assert_eq!(s.checks[0].metric, Metric::HostMemory);
+        let p = problems(&format!(
+            "{stage}[[checks]]\nmetric = \"host_cpu\"\nmax = 80\n"
+        ));
+        assert!(p[0].contains("host_cpu is a fraction in 0..=1"), "{p:?}");
+        let p = problems(&format!(
+            "{stage}[[triggers]]\nmetric = \"host_memory\"\nmax = 0.8\nwindow = \"10s\"\n"
+        ));
+        assert!(
+            p[0].contains("never as a per-second rollback trigger"),
+            "{p:?}"
+        );
     }
 }
