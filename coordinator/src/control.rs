@@ -487,12 +487,10 @@ fn observe(
                     stage_start - BASELINE_SPAN.as_millis() as Millis,
                     stage_start,
                 )
-                .stable
-                .error_rate()
-                .unwrap_or(0.0);
+                .stable;
             scores.advance(
                 (rollout.stage_index, stage_start),
-                baseline,
+                &baseline,
                 metrics.seconds(&rollout.service, stage_start - SECOND),
                 now,
             );

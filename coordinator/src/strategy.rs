@@ -32,6 +32,8 @@ pub const DEFAULT_MIN_REQUESTS: u64 = 50;
 pub const DEFAULT_TRIGGER_WINDOW: Duration = Duration::from_secs(10);
 /// Default number of requests a trigger window needs before the trigger may fire.
 pub const DEFAULT_TRIGGER_MIN_REQUESTS: u64 = 20;
+/// Most bucket bounds a latency sequential check compares.
+pub const MAX_SLOWER_THAN: usize = 8;
 /// Default relative tolerance of a `canary_share` check.
 pub const DEFAULT_SHARE_TOLERANCE: f64 = 0.5;
 /// Longest trigger window accepted (the coordinator keeps this much recent data per service).
@@ -186,7 +188,7 @@ impl fmt::Display for Metric {
 }
 
 /// The condition a metric must meet.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "kind")]
 pub enum Rule {
     /// Canary value must be at most this.
@@ -214,6 +216,10 @@ pub enum Rule {
     Sequential {
         /// The test's settings.
         config: SequentialConfig,
+        /// For latency: the histogram bucket bounds (seconds) whose slower requests are
+        /// compared ([`crate::analysis::sequential::LatencyTest`]); empty for error rates.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        slower_than: Vec<f64>,
     },
     /// The canary alone against an error-rate ceiling, second by second
     /// ([`crate::analysis::sequential::CeilingTest`]): rolls back the moment its score shows
@@ -362,6 +368,7 @@ struct RawCheck {
     tolerance: Option<f64>,
     min_requests: Option<i64>,
     test: Option<String>,
+    slower_than: Option<Vec<f64>>,
     alpha_fail: Option<f64>,
     alpha_pass: Option<f64>,
     tolerated_ratio: Option<f64>,
@@ -549,6 +556,7 @@ impl Strategy {
                 in_trigger: false,
                 test: c.test.as_deref(),
                 scores: c.score_fields(),
+                slower_than: c.slower_than.as_deref(),
             };
             if let Some(check) = spec.validate(&field, DEFAULT_MIN_REQUESTS, &mut p) {
                 if !names.insert(check.name.clone()) {
@@ -575,6 +583,7 @@ impl Strategy {
                 in_trigger: true,
                 test: None,
                 scores: ScoreFields::default(),
+                slower_than: None,
             };
             let check = spec.validate(&field, DEFAULT_TRIGGER_MIN_REQUESTS, &mut p);
             let window = p
@@ -734,6 +743,8 @@ struct RuleFields<'a> {
     test: Option<&'a str>,
     /// A check's test settings, as given.
     scores: ScoreFields,
+    /// A latency sequential check's bucket bounds, in seconds.
+    slower_than: Option<&'a [f64]>,
 }
 
 impl RuleFields<'_> {
@@ -752,10 +763,47 @@ impl RuleFields<'_> {
             );
             return None;
         }
-        if metric.is_some_and(|m| m != Metric::ErrorRate) {
+        let latency = metric.is_some_and(|m| m.quantile().is_some());
+        if metric.is_some_and(|m| m != Metric::ErrorRate) && !(latency && test == "sequential") {
             p.push(
                 format!("{field}.metric"),
-                format!("test = \"{test}\" reads error rates (metric = \"error_rate\"); latency on histogram buckets is planned"),
+                format!(
+                    "test = \"{test}\" reads error rates (metric = \"error_rate\"){}",
+                    if test == "sequential" {
+                        " or latency (latency_p50 ... latency_p99, with slower_than)"
+                    } else {
+                        ""
+                    }
+                ),
+            );
+        }
+        let slower_than = self.slower_than.unwrap_or_default().to_vec();
+        if latency && test == "sequential" {
+            if slower_than.is_empty() {
+                p.push(
+                    format!("{field}.slower_than"),
+                    "a latency sequential check needs slower_than: histogram bucket bounds in seconds (e.g. [0.25, 1.0]) whose slower requests are compared with stable's",
+                );
+            }
+            if let Some(bad) = slower_than.iter().find(|b| !b.is_finite() || **b <= 0.0) {
+                p.push(
+                    format!("{field}.slower_than"),
+                    format!("bounds must be finite numbers of seconds above 0, got {bad}"),
+                );
+            }
+            if slower_than.len() > MAX_SLOWER_THAN {
+                p.push(
+                    format!("{field}.slower_than"),
+                    format!(
+                        "at most {MAX_SLOWER_THAN} bounds, got {}",
+                        slower_than.len()
+                    ),
+                );
+            }
+        } else if self.slower_than.is_some() {
+            p.push(
+                format!("{field}.slower_than"),
+                "slower_than only applies to a latency metric with test = \"sequential\"",
             );
         }
         if self.min_requests.is_some() {
@@ -782,7 +830,10 @@ impl RuleFields<'_> {
             let name = e.split_whitespace().next().unwrap_or_default();
             p.push(format!("{field}.{name}"), e);
         }
-        Some(Rule::Sequential { config })
+        Some(Rule::Sequential {
+            config,
+            slower_than,
+        })
     }
 
     /// The rule of a check with `test = "ceiling"`: `max` is the ceiling.
@@ -1400,7 +1451,7 @@ sticky_key = "cookie uid"
              alpha_fail = 0.001\nevidence_cap = 2.0\n",
         )
         .unwrap();
-        let Rule::Sequential { config } = s.checks[0].rule else {
+        let Rule::Sequential { config, .. } = s.checks[0].rule else {
             panic!("expected a sequential rule: {:?}", s.checks[0].rule);
         };
         assert_eq!(config.alpha_fail, 0.001);
@@ -1435,7 +1486,28 @@ sticky_key = "cookie uid"
         let p = problems(
             "[[stages]]\nweight = 5\n[[checks]]\nmetric = \"latency_p95\"\ntest = \"sequential\"\n",
         );
+        assert!(
+            p[0].starts_with("checks[0].slower_than: a latency sequential check needs"),
+            "{p:?}"
+        );
+        let p = problems(
+            "[[stages]]\nweight = 5\n[[checks]]\nmetric = \"canary_share\"\ntest = \"sequential\"\n",
+        );
         assert!(p[0].starts_with("checks[0].metric"), "{p:?}");
+        let p = problems(&format!(
+            "{stage}test = \"sequential\"\nslower_than = [0.5]\n"
+        ));
+        assert!(
+            p[0].starts_with("checks[0].slower_than: slower_than only applies"),
+            "{p:?}"
+        );
+        let s = Strategy::from_toml(
+            "[[stages]]\nweight = 5\n[[checks]]\nmetric = \"latency_p99\"\ntest = \"sequential\"\nslower_than = [0.25, 1.0]\n",
+        )
+        .unwrap();
+        assert!(
+            matches!(&s.checks[0].rule, Rule::Sequential { slower_than, .. } if slower_than == &[0.25, 1.0])
+        );
     }
 
     #[test]

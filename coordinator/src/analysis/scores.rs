@@ -12,8 +12,10 @@
 //! reports, so a failover delays a decision (by as long as the evidence took to build), and
 //! never makes one.
 
-use crate::analysis::sequential::{CeilingTest, Counts, RatioTest, SequentialDecision};
-use crate::analysis::{CheckResult, Verdict};
+use crate::analysis::sequential::{
+    CeilingTest, Counts, LatencyTest, RatioTest, ScoreReport, SequentialDecision,
+};
+use crate::analysis::{CheckResult, Verdict, Window};
 use crate::metrics::{SECOND, Second};
 use crate::rollout::Millis;
 use crate::strategy::{Check, Rule};
@@ -25,6 +27,7 @@ pub type StageMark = (usize, Millis);
 #[derive(Debug, Clone)]
 enum ScoreTest {
     Ratio(RatioTest),
+    Latency(LatencyTest),
     Ceiling(CeilingTest),
 }
 
@@ -34,6 +37,7 @@ impl ScoreTest {
     fn ticks(&self) -> u64 {
         match self {
             ScoreTest::Ratio(t) => t.ticks(),
+            ScoreTest::Latency(t) => t.tests().first().map_or(0, RatioTest::ticks),
             ScoreTest::Ceiling(t) => t.ticks().0,
         }
     }
@@ -57,12 +61,18 @@ impl RolloutScores {
         let tests = checks
             .iter()
             .filter_map(|c| {
-                let test = match c.rule {
-                    Rule::Sequential { config } => {
-                        RatioTest::new(config).ok().map(ScoreTest::Ratio)
+                let test = match &c.rule {
+                    Rule::Sequential {
+                        config,
+                        slower_than,
+                    } if !slower_than.is_empty() => LatencyTest::new(*config, slower_than.clone())
+                        .ok()
+                        .map(ScoreTest::Latency),
+                    Rule::Sequential { config, .. } => {
+                        RatioTest::new(*config).ok().map(ScoreTest::Ratio)
                     }
                     Rule::Ceiling { config } => {
-                        CeilingTest::new(config).ok().map(ScoreTest::Ceiling)
+                        CeilingTest::new(*config).ok().map(ScoreTest::Ceiling)
                     }
                     _ => None,
                 };
@@ -83,11 +93,12 @@ impl RolloutScores {
 
     /// Feeds every second that has ended by `now` and was not fed yet, in order. Seconds from
     /// `stage.1` on belong to `stage`: when it differs from the previous one the pass scores
-    /// restart, against `baseline` (the stable's error rate before the stage, 0 when unknown).
+    /// restart, against `baseline` (the stable's window before the stage: its error rate, and
+    /// its share of requests slower than each latency bound).
     pub fn advance<'a>(
         &mut self,
         stage: StageMark,
-        baseline: f64,
+        baseline: &Window,
         seconds: impl IntoIterator<Item = &'a Second>,
         now: Millis,
     ) {
@@ -114,6 +125,7 @@ impl RolloutScores {
             for (_, test) in &mut self.tests {
                 match test {
                     ScoreTest::Ratio(t) => t.observe(stable, canary),
+                    ScoreTest::Latency(t) => t.observe(&second.data.stable, &second.data.canary),
                     ScoreTest::Ceiling(t) => t.observe(stable, canary),
                 }
             }
@@ -124,11 +136,14 @@ impl RolloutScores {
         }
     }
 
-    fn start_stage(&mut self, stage: StageMark, baseline: f64) {
+    fn start_stage(&mut self, stage: StageMark, baseline: &Window) {
         self.stage = Some(stage);
+        let error_rate = baseline.error_rate().unwrap_or(0.0).clamp(0.0, 1.0);
         for (_, test) in &mut self.tests {
-            if let ScoreTest::Ratio(t) = test {
-                t.start_stage(baseline.clamp(0.0, 1.0));
+            match test {
+                ScoreTest::Ratio(t) => t.start_stage(error_rate),
+                ScoreTest::Latency(t) => t.start_stage(baseline),
+                ScoreTest::Ceiling(_) => {}
             }
         }
     }
@@ -143,7 +158,13 @@ impl RolloutScores {
             .iter()
             .map(|(check, test)| {
                 let (verdict, detail) = match test {
-                    ScoreTest::Ratio(test) => ratio_verdict(test, canary_weight),
+                    ScoreTest::Ratio(test) => {
+                        ratio_verdict(test.report(), test.stage_ticks(), canary_weight)
+                    }
+                    ScoreTest::Latency(test) => {
+                        let ticks = test.tests().first().map_or(0, RatioTest::stage_ticks);
+                        ratio_verdict(test.report(), ticks, canary_weight)
+                    }
                     ScoreTest::Ceiling(test) => ceiling_verdict(test),
                 };
                 CheckResult {
@@ -157,8 +178,11 @@ impl RolloutScores {
     }
 }
 
-fn ratio_verdict(test: &RatioTest, canary_weight: u32) -> (Verdict, Option<String>) {
-    let report = test.report();
+fn ratio_verdict(
+    report: ScoreReport,
+    stage_ticks: u64,
+    canary_weight: u32,
+) -> (Verdict, Option<String>) {
     if canary_weight >= 100 && report.decision != SequentialDecision::Fail {
         let reason = "no stable traffic to compare with at 100%".to_owned();
         return (Verdict::Skipped { reason }, None);
@@ -176,7 +200,7 @@ fn ratio_verdict(test: &RatioTest, canary_weight: u32) -> (Verdict, Option<Strin
             reason: report.to_string(),
         },
     };
-    let detail = format!("{report}; {} s scored in this stage", test.stage_ticks());
+    let detail = format!("{report}; {stage_ticks} s scored in this stage");
     (verdict, Some(detail))
 }
 
@@ -233,6 +257,11 @@ mod tests {
         }
     }
 
+    /// A stable window with error rate `p` (over a million requests).
+    fn rate(p: f64) -> Window {
+        Window::from_counts(1_000_000, (p * 1_000_000.0) as u64, &[], 0.0)
+    }
+
     fn verdict(scores: &RolloutScores, weight: u32) -> &'static str {
         let results = scores.results(weight);
         assert_eq!(results.len(), 1, "only the sequential check is scored here");
@@ -248,7 +277,7 @@ mod tests {
             .collect();
         let mut failed_at = None;
         for now in 1..=30 {
-            scores.advance((0, 0), 0.001, &seconds, now * SECOND);
+            scores.advance((0, 0), &rate(0.001), &seconds, now * SECOND);
             if verdict(&scores, 10) == "fail" {
                 failed_at = Some(now);
                 break;
@@ -267,10 +296,10 @@ mod tests {
         let seconds: Vec<_> = (0..600)
             .map(|t| second(t * SECOND, (8_000, 80), (2_000, 20)))
             .collect();
-        scores.advance((0, 0), 0.01, &seconds, 600 * SECOND);
+        scores.advance((0, 0), &rate(0.01), &seconds, 600 * SECOND);
         assert_eq!(verdict(&scores, 20), "pass");
         // A new stage: nothing fed for it yet, so its pass score starts again.
-        scores.advance((1, 600 * SECOND), 0.01, &seconds, 600 * SECOND);
+        scores.advance((1, 600 * SECOND), &rate(0.01), &seconds, 600 * SECOND);
         assert_eq!(verdict(&scores, 50), "inconclusive");
         let text = scores.results(50)[0].describe();
         assert!(text.contains("0 s scored in this stage"), "{text}");
@@ -282,11 +311,11 @@ mod tests {
         let seconds: Vec<_> = (0..5)
             .map(|t| second(t * SECOND, (900, 1), (100, 0)))
             .collect();
-        scores.advance((0, 0), 0.0, &seconds, 2_500);
+        scores.advance((0, 0), &rate(0.0), &seconds, 2_500);
         assert_eq!(scores.tests[0].1.ticks(), 2, "seconds 0 and 1 have ended");
-        scores.advance((0, 0), 0.0, &seconds, 2_600);
+        scores.advance((0, 0), &rate(0.0), &seconds, 2_600);
         assert_eq!(scores.tests[0].1.ticks(), 2, "nothing new ended");
-        scores.advance((0, 0), 0.0, &seconds, 10_000);
+        scores.advance((0, 0), &rate(0.0), &seconds, 10_000);
         assert_eq!(scores.tests[0].1.ticks(), 5);
     }
 
@@ -296,7 +325,7 @@ mod tests {
         let mut mixed = second(1_000, (100, 50), (100, 100));
         mixed.received = (1_200, 1_900);
         let after = second(2_000, (900, 1), (100, 0));
-        scores.advance((0, 1_500), 0.0, [&mixed, &after], 5_000);
+        scores.advance((0, 1_500), &rate(0.0), [&mixed, &after], 5_000);
         assert_eq!(scores.tests[0].1.ticks(), 1);
     }
 
@@ -306,13 +335,13 @@ mod tests {
         let empty: Vec<_> = (0..600)
             .map(|t| second(t * SECOND, (0, 0), (0, 0)))
             .collect();
-        scores.advance((0, 0), 0.0, &empty, 600 * SECOND);
+        scores.advance((0, 0), &rate(0.0), &empty, 600 * SECOND);
         assert_eq!(verdict(&scores, 10), "inconclusive");
         assert_eq!(verdict(&scores, 100), "skipped");
         let bad: Vec<_> = (600..660)
             .map(|t| second(t * SECOND, (9_000, 9), (1_000, 500)))
             .collect();
-        scores.advance((0, 0), 0.0, &bad, 660 * SECOND);
+        scores.advance((0, 0), &rate(0.0), &bad, 660 * SECOND);
         assert_eq!(
             verdict(&scores, 100),
             "fail",
@@ -336,7 +365,7 @@ mod tests {
         let good: Vec<_> = (0..600)
             .map(|t| second(t * SECOND, (9_000, 90), (1_000, 10)))
             .collect();
-        healthy.advance((0, 0), 0.01, &good, 600 * SECOND);
+        healthy.advance((0, 0), &rate(0.01), &good, 600 * SECOND);
         assert_eq!(verdict(&healthy, 10), "pass");
         // The same canary after ten healthy minutes goes hard-down: the detector restarts, so
         // the history does not slow it.
@@ -345,7 +374,7 @@ mod tests {
             .collect();
         let mut fired_after = None;
         for s in 1..=10 {
-            healthy.advance((0, 0), 0.01, &down, (600 + s) * SECOND);
+            healthy.advance((0, 0), &rate(0.01), &down, (600 + s) * SECOND);
             if verdict(&healthy, 10) == "fail" {
                 fired_after = Some(s);
                 break;
@@ -370,7 +399,62 @@ mod tests {
         let outage: Vec<_> = (0..30)
             .map(|t| second(t * SECOND, (9_000, 4_500), (1_000, 500)))
             .collect();
-        scores.advance((0, 0), 0.0, &outage, 30 * SECOND);
+        scores.advance((0, 0), &rate(0.0), &outage, 30 * SECOND);
         assert_eq!(verdict(&scores, 10), "no_data");
+    }
+
+    /// A second whose histograms put `slow` of every 1,000 requests over 100 ms.
+    fn latency_second(start: Millis, stable_slow: u64, canary_slow: u64) -> Second {
+        let w = |n: u64, slow: u64| {
+            Window::from_counts(
+                n,
+                0,
+                &[(0.1, n - n * slow / 1_000), (f64::INFINITY, n)],
+                0.0,
+            )
+        };
+        Second {
+            start,
+            received: (start, start + 999),
+            data: Pair {
+                stable: w(9_000, stable_slow),
+                canary: w(1_000, canary_slow),
+            },
+        }
+    }
+
+    #[test]
+    fn a_latency_sequential_check_compares_slow_requests_at_its_bounds() {
+        let checks = Strategy::from_toml(
+            "[[stages]]\nweight = 10\n[[checks]]\nname = \"p99\"\nmetric = \"latency_p99\"\n\
+             test = \"sequential\"\nslower_than = [0.1]\n",
+        )
+        .unwrap()
+        .checks;
+        // The canary is five times as often slower than 100 ms as stable (5% vs 1%).
+        let slow: Vec<_> = (0..60)
+            .map(|t| latency_second(t * SECOND, 10, 50))
+            .collect();
+        let mut scores = RolloutScores::new(&checks, 0);
+        let baseline = latency_second(0, 10, 10).data.stable;
+        let mut failed_at = None;
+        for now in 1..=60 {
+            scores.advance((0, 0), &baseline, &slow, now * SECOND);
+            if verdict(&scores, 10) == "fail" {
+                failed_at = Some(now);
+                break;
+            }
+        }
+        assert!(
+            failed_at.is_some_and(|t| t <= 15),
+            "failed after {failed_at:?} s"
+        );
+        // As slow as stable: no failure over ten minutes.
+        let same: Vec<_> = (0..600)
+            .map(|t| latency_second(t * SECOND, 10, 10))
+            .collect();
+        let mut scores = RolloutScores::new(&checks, 0);
+        scores.advance((0, 0), &baseline, &same, 600 * SECOND);
+        assert_ne!(verdict(&scores, 10), "fail");
     }
 }
