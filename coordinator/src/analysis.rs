@@ -248,6 +248,12 @@ pub struct Pair {
 }
 
 impl Pair {
+    /// Adds both of `other`'s windows into this pair's.
+    pub fn merge(&mut self, other: &Pair) {
+        self.stable.merge(&other.stable);
+        self.canary.merge(&other.canary);
+    }
+
     /// The canary's share of all requests, 0..=1, and the number of requests it is read from;
     /// `None` with no requests.
     pub fn canary_share(&self) -> Option<(f64, u64)> {

@@ -183,8 +183,7 @@ impl MetricsStore {
                 .iter()
                 .filter(|s| s.received.1 >= key.started_at)
             {
-                data.stable.merge(&s.data.stable);
-                data.canary.merge(&s.data.canary);
+                data.merge(&s.data);
             }
             entry.stage = Some(key.clone());
             entry.stage_data = data;
@@ -201,8 +200,7 @@ impl MetricsStore {
         let mut data = Pair::default();
         let seconds = self.seconds(service, since.div_euclid(SECOND) * SECOND);
         for s in seconds.filter(|s| s.all_since(since)) {
-            data.stable.merge(&s.data.stable);
-            data.canary.merge(&s.data.canary);
+            data.merge(&s.data);
         }
         data
     }
@@ -214,8 +212,7 @@ impl MetricsStore {
             if s.start >= until {
                 break;
             }
-            data.stable.merge(&s.data.stable);
-            data.canary.merge(&s.data.canary);
+            data.merge(&s.data);
         }
         data
     }
